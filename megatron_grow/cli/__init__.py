@@ -1,0 +1,1 @@
+"""Subcommands of ``megatron-grow``; one module each (see ``megatron_grow/__main__.py``)."""

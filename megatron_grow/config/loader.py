@@ -1,0 +1,237 @@
+"""Load recipes: YAML (with ``include:``) plus ``key.sub=value`` overrides -> typed dataclasses.
+
+Format: a YAML mapping of sections. A top-level ``include:`` (a path or a list of paths,
+relative to the including file) names base recipes; they are merged first, in order, and
+the including file's values win (mappings merge key by key, everything else replaces).
+Command-line overrides (``model.num_layers=8``) are applied last, their values parsed as
+YAML scalars.
+
+All problems are collected and raised together as one :class:`ConfigError` whose lines
+each name the key path, what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+
+from megatron_grow.config.schema import Recipe
+
+
+class ConfigError(ValueError):
+    """A recipe problem; ``str()`` lists every problem, one per line, each naming its key."""
+
+    def __init__(self, problems: list[str], source: Optional[str] = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"invalid recipe {source}" if source else "invalid recipe"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def read_yaml_with_includes(path: str, _seen: tuple = ()) -> dict:
+    """Read one YAML file and merge the files it includes underneath it."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError([f"include cycle: {' -> '.join(_seen + (path,))}"])
+    if not os.path.isfile(path):
+        raise ConfigError([f"recipe file not found: {path}"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], source=path) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], path)
+    includes = raw.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
+        merged = deep_merge(merged, read_yaml_with_includes(inc_path, _seen + (path,)))
+    return deep_merge(merged, raw)
+
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """Mappings merge key by key; any other value in ``override`` replaces the base value."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``section.key=value`` strings; values are YAML scalars (``null``, ``1e-3``, ``[1,2]``)."""
+    out = dict(raw)
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override '{item}' is not of the form key.sub=value")
+            continue
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        patch: Any = value
+        for key in reversed(keys):
+            patch = {key: patch}
+        out = deep_merge(out, patch)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def load_recipe(path: Optional[str] = None, overrides: Iterable[str] = (),
+                raw: Optional[dict] = None) -> Recipe:
+    """Load a recipe file (or an already-read mapping), apply overrides, type-check and validate."""
+    from megatron_grow.config.validate import check_recipe  # cross-section rules
+
+    data = read_yaml_with_includes(path) if path is not None else dict(raw or {})
+    data = apply_overrides(data, overrides)
+    problems: list[str] = []
+    recipe = build_dataclass(Recipe, data, "", problems)
+    if not problems:
+        problems.extend(check_recipe(recipe))
+    if problems:
+        raise ConfigError(problems, source=path)
+    return recipe
+
+
+def recipe_to_dict(recipe: Any) -> dict:
+    """The inverse of loading: plain types only, suitable for YAML/JSON (saved with checkpoints)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(recipe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking against the dataclass annotations.
+
+def _allowed(meta: Mapping) -> str:
+    parts = []
+    if meta.get("choices") is not None:
+        parts.append("one of " + ", ".join("null" if c is None else repr(c) for c in meta["choices"]))
+    if meta.get("ge") is not None:
+        parts.append(f">= {meta['ge']}")
+    if meta.get("gt") is not None:
+        parts.append(f"> {meta['gt']}")
+    if meta.get("le") is not None:
+        parts.append(f"<= {meta['le']}")
+    return " and ".join(parts)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; return the converted value or record a problem."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, arg, path, trial)
+            if not trial:
+                return out
+        problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
+        return None
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: expected a mapping of {tp.__name__} keys, got {type(value).__name__}")
+            return None
+        return build_dataclass(tp, value, path, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp in (tuple, list) or origin in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        if isinstance(value, str):
+            return (value,)
+    elif tp is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    elif tp is Any:
+        return value
+    problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
+    return None
+
+
+def build_dataclass(cls, data: Mapping, prefix: str, problems: list[str]):
+    """Build ``cls`` from ``data``: unknown keys, wrong types and out-of-range values are problems."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            where = f"section '{prefix}'" if prefix else "a recipe"
+            problems.append(f"{path}: unknown key in {where}{hint} (valid: {', '.join(fields)})")
+            continue
+        before = len(problems)
+        converted = _coerce(value, hints[key], path, problems)
+        if len(problems) > before:
+            continue
+        meta = fields[key].metadata
+        if not _in_range(converted, meta):
+            problems.append(f"{path}: {converted!r} is not allowed; must be {_allowed(meta)}")
+            continue
+        kwargs[key] = converted
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all keys were checked above
+        problems.append(f"{prefix or 'recipe'}: {e}")
+        return None
+
+
+def _in_range(value: Any, meta: Mapping) -> bool:
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        return False
+    if value is None or isinstance(value, (bool, str, tuple)):
+        return True
+    if meta.get("ge") is not None and value < meta["ge"]:
+        return False
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        return False
+    if meta.get("le") is not None and value > meta["le"]:
+        return False
+    return True

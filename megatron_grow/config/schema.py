@@ -1,0 +1,215 @@
+"""Typed recipe sections.
+
+A recipe is YAML with one mapping per section (``model``, ``parallel``, ``training``,
+``data``, ``checkpoint``, ``logging``, ``growth``). Each section loads into one frozen
+dataclass below. ``model`` uses Megatron-Core ``TransformerConfig`` field names verbatim
+(plus the few ``GPTModel`` arguments), ``parallel`` uses MCore's parallel-size names, so
+the translation in ``megatron_grow.models.mcore_config`` is a checked pass-through.
+
+Every field carries its documentation and its constraints in ``field(metadata=...)``:
+``doc`` (one line), ``choices`` (allowed values), ``ge``/``gt``/``le`` (numeric bounds).
+``megatron_grow.config.loader`` reads that metadata to validate and to explain errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def spec(default: Any = None, doc: str = "", *, choices=None, ge=None, gt=None, le=None,
+         factory=None) -> Any:
+    """A dataclass field with its documentation and constraints attached."""
+    metadata = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder-only MoE of arXiv 2510.08008 (NOTES.md section 4)."""
+
+    num_layers: int = spec(2, "decoder layers; every layer is an MoE layer", ge=1)
+    hidden_size: int = spec(64, "model width H", ge=1)
+    num_attention_heads: int = spec(4, "query heads", ge=1)
+    num_query_groups: int = spec(2, "key/value heads (GQA groups); must divide num_attention_heads", ge=1)
+    kv_channels: int = spec(16, "head dimension; the paper uses 128, so query width may exceed hidden_size", ge=1)
+    num_moe_experts: int = spec(4, "routed experts per layer E", ge=1)
+    moe_router_topk: int = spec(2, "experts activated per token k", ge=1)
+    moe_ffn_hidden_size: int = spec(32, "FFN width F of one SwiGLU expert", ge=1)
+    moe_shared_expert_intermediate_size: Optional[int] = spec(
+        None, "FFN width of an always-on shared expert; null for none (the paper has none)", ge=1)
+    moe_router_score_function: str = spec(
+        "sigmoid", "router score function", choices=("sigmoid", "softmax"))
+    moe_router_enable_expert_bias: bool = spec(
+        True, "aux-loss-free load balancing through a per-expert routing bias (DeepSeek-V3 style)")
+    moe_router_bias_update_rate: float = spec(1e-3, "expert-bias update rate", ge=0.0)
+    moe_router_load_balancing_type: str = spec(
+        "global_aux_loss", "auxiliary load-balancing loss",
+        choices=("global_aux_loss", "aux_loss", "seq_aux_loss", "none"))
+    moe_aux_loss_coeff: float = spec(1e-3, "coefficient of the load-balancing aux loss", ge=0.0)
+    moe_router_topk_scaling_factor: Optional[float] = spec(
+        None, "scale applied to routing weights; null for none", gt=0.0)
+    moe_router_dtype: Optional[str] = spec("fp32", "router compute dtype", choices=("fp32", "fp64", None))
+    moe_token_dispatcher_type: str = spec(
+        "alltoall", "token dispatcher; CPU mode switches alltoall to allgather",
+        choices=("alltoall", "allgather"))
+    moe_grouped_gemm: bool = spec(False, "fuse experts into one grouped GEMM (GPU)")
+    qk_layernorm: bool = spec(True, "RMSNorm on queries and keys")
+    normalization: str = spec("RMSNorm", "norm type (pre-norm)", choices=("RMSNorm", "LayerNorm"))
+    layernorm_epsilon: float = spec(1e-6, "norm epsilon", gt=0.0)
+    gated_linear_unit: bool = spec(True, "SwiGLU experts (gate and up projection fused in fc1)")
+    add_bias_linear: bool = spec(False, "biases in linear layers (the paper has none)")
+    hidden_dropout: float = spec(0.0, "dropout after attention/MLP", ge=0.0, le=1.0)
+    attention_dropout: float = spec(0.0, "dropout on attention probabilities", ge=0.0, le=1.0)
+    init_method_std: float = spec(0.0125, "std of the normal weight init", gt=0.0)
+    vocab_size: int = spec(256, "tokenizer vocabulary size before padding", ge=1)
+    make_vocab_size_divisible_by: int = spec(
+        128, "pad the vocabulary to a multiple of this (times TP), as Megatron-LM does", ge=1)
+    seq_length: int = spec(128, "training sequence length (also the RoPE table length)", ge=1)
+    position_embedding_type: str = spec("rope", "position embedding", choices=("rope",))
+    rotary_base: int = spec(10000, "RoPE base", ge=1)
+    rotary_percent: float = spec(1.0, "fraction of the head dimension rotated", gt=0.0, le=1.0)
+    untie_embeddings_and_output_weights: bool = spec(True, "separate input embedding and output layer")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout, Megatron-LM names. Data parallelism is what the world size leaves."""
+
+    tensor_model_parallel_size: int = spec(1, "TP degree", ge=1)
+    pipeline_model_parallel_size: int = spec(1, "PP degree", ge=1)
+    virtual_pipeline_model_parallel_size: Optional[int] = spec(
+        None, "model chunks per pipeline stage (interleaved 1F1B); null for none", ge=2)
+    expert_model_parallel_size: int = spec(1, "EP degree", ge=1)
+    expert_tensor_parallel_size: Optional[int] = spec(
+        None, "TP degree inside experts; null means the same as tensor_model_parallel_size", ge=1)
+    context_parallel_size: int = spec(1, "CP degree", ge=1)
+    sequence_parallel: Optional[bool] = spec(
+        None, "sequence parallelism; null turns it on exactly when TP > 1 (MoE with TP requires it)")
+    use_distributed_optimizer: bool = spec(True, "shard optimizer state over data-parallel ranks (ZeRO-1)")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimizer, schedule and batch sizes (defaults from NOTES.md section 5)."""
+
+    micro_batch_size: int = spec(1, "sequences per micro batch per data-parallel rank", ge=1)
+    global_batch_size: int = spec(8, "sequences per optimizer step", ge=1)
+    train_iters: int = spec(100, "optimizer steps to train to (absolute iteration)", ge=0)
+    lr: float = spec(3e-4, "peak learning rate", gt=0.0)
+    min_lr: float = spec(3e-5, "learning rate at the end of decay", ge=0.0)
+    lr_decay_style: str = spec("WSD", "schedule shape", choices=("WSD", "cosine", "constant", "linear"))
+    lr_warmup_iters: int = spec(0, "linear warmup steps", ge=0)
+    lr_wsd_decay_iters: int = spec(0, "WSD: length of the final decay phase", ge=0)
+    lr_wsd_decay_style: str = spec("linear", "WSD decay shape",
+                                   choices=("linear", "cosine", "exponential", "minus_sqrt"))
+    weight_decay: float = spec(0.1, "AdamW weight decay", ge=0.0)
+    adam_beta1: float = spec(0.9, "AdamW beta1", ge=0.0, le=1.0)
+    adam_beta2: float = spec(0.95, "AdamW beta2", ge=0.0, le=1.0)
+    adam_eps: float = spec(5e-10, "AdamW epsilon", gt=0.0)
+    clip_grad: float = spec(1.0, "global gradient-norm clip; 0 disables", ge=0.0)
+    bf16: bool = spec(True, "bf16 weights with fp32 main grads on GPU; CPU runs always use fp32")
+    seed: int = spec(1234, "base random seed", ge=0)
+    eval_interval: int = spec(100, "validate every N steps", ge=1)
+    eval_iters: int = spec(10, "validation batches per evaluation", ge=0)
+    recompute_granularity: Optional[str] = spec(
+        None, "activation recomputation; null for none", choices=(None, "full", "selective"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Indexed datasets (``.bin``/``.idx``) and the tokenizer."""
+
+    data_path: tuple = spec(factory=tuple, doc="dataset prefixes, optionally as [weight, prefix, weight, prefix, ...]")
+    split: str = spec("98,1,1", "train,valid,test proportions")
+    tokenizer_model: Optional[str] = spec(None, "sentencepiece .model file")
+    num_workers: int = spec(0, "data-loader worker processes", ge=0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Megatron-LM checkpoint layout, torch_dist format."""
+
+    save: Optional[str] = spec(None, "directory to save checkpoints in")
+    load: Optional[str] = spec(None, "directory to resume from (its latest_checkpointed_iteration.txt)")
+    save_interval: int = spec(100, "save every N steps", ge=1)
+    keep_last: int = spec(3, "keep the newest N checkpoints; older ones are deleted after a save", ge=1)
+    ckpt_format: str = spec("torch_dist", "checkpoint format", choices=("torch_dist",))
+    save_optim: bool = spec(True, "save optimizer state")
+    load_optim: bool = spec(True, "load optimizer state on resume")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Console, tensorboard and wandb sinks."""
+
+    log_interval: int = spec(10, "console line every N steps", ge=1)
+    tensorboard_dir: Optional[str] = spec(None, "tensorboard event directory; null disables")
+    wandb_project: Optional[str] = spec(None, "wandb project; null disables wandb")
+    wandb_mode: str = spec("offline", "wandb mode", choices=("offline", "online", "disabled"))
+    wandb_exp_name: Optional[str] = spec(None, "wandb run name")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe. ``growth`` stays None unless the recipe grows a checkpoint."""
+
+    model: ModelConfig = spec(factory=ModelConfig, doc="model architecture")
+    parallel: ParallelConfig = spec(factory=ParallelConfig, doc="parallel layout")
+    training: TrainingConfig = spec(factory=TrainingConfig, doc="optimizer and schedule")
+    data: DataConfig = spec(factory=DataConfig, doc="data and tokenizer")
+    checkpoint: CheckpointConfig = spec(factory=CheckpointConfig, doc="checkpointing")
+    logging: LoggingConfig = spec(factory=LoggingConfig, doc="logging sinks")
+    growth: Optional[GrowthConfig] = spec(None, "grow the loaded checkpoint before training; null for none")
+
+
+@dataclass(frozen=True)
+class DepthGrowthConfig:
+    """Depth growth: copy decoder layers (NOTES.md section 1). Copies are exact; no noise."""
+
+    mode: str = spec("interposition", "interposition (l1,l1,l2,l2,...; the paper) or stack (l1..ln,l1..ln)",
+                     choices=("interposition", "stack"))
+    factor: int = spec(2, "growth factor k: layers L -> k*L (less the ignored layers)", ge=2)
+    ignore_first: int = spec(0, "the first N source layers appear once, not duplicated (paper scripts use 2)",
+                             ge=0)
+    ignore_last: int = spec(0, "the last N source layers appear once, not duplicated", ge=0)
+    identity_init: bool = spec(
+        False, "new copies start with attention linear_proj and (shared-)expert linear_fc2 at zero (LLaMA-Pro)")
+
+
+@dataclass(frozen=True)
+class WidthGrowthConfig:
+    """Width growth: duplicate experts with noise and raise top-k (NOTES.md section 2)."""
+
+    factor: int = spec(2, "growth factor m: experts E -> m*E", ge=2)
+    topk_factor: Optional[int] = spec(
+        None, "top-k k -> topk_factor*k; null means the same as factor (the paper); 1 is the E-only ablation",
+        ge=1)
+    expert_layout: str = spec("append", "append (copies after all originals; the paper) or interleave "
+                              "([e0, e0', e1, e1', ...])", choices=("append", "interleave"))
+    noise: str = spec("gaussian", "gaussian (copies get N(0,(alpha*std)^2)), antithetic (zero-sum fc2 noise "
+                      "within each copy group; function-preserving), none (exact copies)",
+                      choices=("gaussian", "antithetic", "none"))
+    alpha: float = spec(0.01, "noise std relative to the copied tensor's std (the paper: 0.01)", ge=0.0)
+    noise_granularity: str = spec(
+        "per_expert", "std of one expert's tensor (per_expert) or of all experts of the layer for that tensor "
+        "(per_layer; the paper's fused-GEMM runs)", choices=("per_expert", "per_layer"))
+    zero_expert_bias: bool = spec(False, "reset the whole enlarged router expert_bias to zero")
+    new_experts: str = spec("copy", "copy (the paper) or random (ablation: new experts and their router rows "
+                            "re-initialised)", choices=("copy", "random"))
+
+
+@dataclass(frozen=True)
+class GrowthConfig:
+    """Grow a converged checkpoint (arXiv 2510.08008); a null operator section means that operator is off."""
+
+    order: tuple = spec(factory=tuple, doc="operators in the order applied, e.g. [depth, width]; each at most "
+                        "once and exactly the non-null sections; empty means depth then width")
+    depth: Optional[DepthGrowthConfig] = spec(None, "depth growth; null for none")
+    width: Optional[WidthGrowthConfig] = spec(None, "width growth; null for none")
+    seed: int = spec(1234, "seed of the growth noise (keyed with tensor, layer and expert, never with rank)",
+                     ge=0)
+    optimizer: str = spec("reset", "reset (fresh Adam moments; the paper) or carry (grow the moments too)",
+                          choices=("reset", "carry"))

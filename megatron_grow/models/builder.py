@@ -1,0 +1,44 @@
+"""Build the paper's MoE as a Megatron-Core ``GPTModel``.
+
+Parallel state must already be initialised (``megatron_grow.parallel.init``) unless
+``meta=True``, which builds on the meta device for counting parameters without memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_grow.config.schema import ModelConfig, ParallelConfig
+from megatron_grow.models.mcore_config import padded_vocab_size, to_transformer_config
+from megatron_grow.models.specs import decoder_block_spec
+
+
+def build_gpt_model(model: ModelConfig, parallel: Optional[ParallelConfig] = None, *,
+                    params_dtype: torch.dtype = torch.float32, pre_process: Optional[bool] = None,
+                    post_process: Optional[bool] = None, vp_stage: Optional[int] = None,
+                    use_te: Optional[bool] = None) -> GPTModel:
+    """One pipeline stage (or model chunk) of the model, on this rank's slice of TP/EP."""
+    from megatron.core import parallel_state as ps
+
+    parallel = parallel or ParallelConfig()
+    config = to_transformer_config(model, parallel, params_dtype)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage),
+        vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
+        max_sequence_length=model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_base=model.rotary_base,
+        rotary_percent=model.rotary_percent,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,67 @@
+"""The one translation point from our ``model:``/``parallel:`` sections to Megatron-Core.
+
+``ModelConfig`` field names are ``TransformerConfig`` names, so this is a pass-through
+plus the settings the paper's architecture fixes (SwiGLU, every layer MoE, fp32 router)
+and the ones the platform forces (no fused kernels, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_grow.config.schema import ModelConfig, ParallelConfig
+from megatron_grow.parallel.topology import sequence_parallel_enabled
+
+# ModelConfig fields that are GPTModel arguments or our own, not TransformerConfig fields.
+NON_TRANSFORMER_FIELDS = {
+    "vocab_size", "make_vocab_size_divisible_by", "seq_length", "position_embedding_type",
+    "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
+}
+
+
+def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
+    """Megatron-LM's padding: round up to a multiple of make_vocab_size_divisible_by x TP."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
+                          params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """Map the recipe's model and parallel sections onto MCore's ``TransformerConfig``."""
+    parallel = parallel or ParallelConfig()
+    passthrough = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                   if f.name not in NON_TRANSFORMER_FIELDS}
+    if passthrough["moe_router_load_balancing_type"] == "none":
+        passthrough["moe_router_load_balancing_type"] = "none"
+        passthrough["moe_aux_loss_coeff"] = 0.0
+    bf16 = params_dtype == torch.bfloat16
+    return TransformerConfig(
+        **passthrough,
+        ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_layer_freq=1,  # every layer is an MoE layer
+        activation_func=F.silu,  # SwiGLU with gated_linear_unit=True
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=sequence_parallel_enabled(parallel),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=bf16,
+        # Fused kernels need CUDA/TE; the local spec runs unfused everywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )

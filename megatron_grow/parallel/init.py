@@ -1,0 +1,91 @@
+"""Process groups: the only place that initialises torch.distributed and MCore parallel state.
+
+Backend: NCCL with CUDA, gloo without (CPU mode, see ``megatron_grow.platform.cpu``).
+Works under torchrun (env:// rendezvous) and as a single process with no launcher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_grow.config.schema import ParallelConfig
+from megatron_grow.parallel.topology import Layout, resolve_layout, world_layout_problems
+
+
+class LayoutError(ValueError):
+    """The requested parallel layout does not fit the world size or the model."""
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """What a component needs to know about where it runs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    layout: Layout
+    device: torch.device
+
+
+def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
+                           timeout_minutes: int = 30) -> DistributedContext:
+    """Start torch.distributed (if needed) and MCore model-parallel groups for ``parallel``."""
+    from datetime import timedelta
+
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from megatron_grow.platform import cpu
+
+    cpu.apply_cpu_adaptations()
+    use_cuda = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    world = torch.distributed.get_world_size()
+    problems = world_layout_problems(parallel, world)
+    if problems:
+        raise LayoutError("; ".join(problems))
+    layout = resolve_layout(parallel, world)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return DistributedContext(torch.distributed.get_rank(), world, local_rank, layout, device)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

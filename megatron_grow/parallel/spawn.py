@@ -1,0 +1,110 @@
+"""Run a function in N local processes with torch.distributed set up (gloo on CPU).
+
+Used by the multi-process tests and benchmarks: each process gets RANK/WORLD_SIZE/
+LOCAL_RANK/MASTER_ADDR/MASTER_PORT (a free port), runs ``fn(*args)``, and its return
+value comes back to the caller. Any failure in any rank, or the timeout, kills every
+process and raises :class:`SpawnError` carrying the failing rank's traceback.
+
+``fn`` must be importable (a module-level function), since processes are started with
+the ``spawn`` method (``fork`` is unsafe with torch threads).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+
+class SpawnError(RuntimeError):
+    """A rank failed or timed out."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable, args: Sequence, rank: int, world_size: int, port: int, result_dir: str,
+               threads: int, extra_env: dict) -> None:
+    os.environ.update({
+        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    })
+    os.environ.update(extra_env)
+    import torch
+
+    torch.set_num_threads(threads)
+    path = os.path.join(result_dir, f"rank{rank}.pkl")
+    try:
+        result = fn(*args)
+        with open(path, "wb") as f:
+            pickle.dump(("ok", result), f)
+    except BaseException:  # report every failure, including SystemExit from CLIs
+        with open(path, "wb") as f:
+            pickle.dump(("error", traceback.format_exc()), f)
+        raise
+    finally:
+        try:
+            from megatron_grow.parallel.init import destroy_distributed
+
+            destroy_distributed()
+        except Exception:
+            pass
+
+
+def run_in_processes(fn: Callable, world_size: int, args: Sequence = (), *, timeout: float = 300.0,
+                     threads_per_rank: int | None = None, env: dict | None = None) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` ranks; return the list of per-rank results."""
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="mg_spawn_") as result_dir:
+        procs = [ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, result_dir,
+                                                      threads, dict(env or {})), daemon=False)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        failed = None
+        try:
+            while any(p.is_alive() for p in procs):
+                for r, p in enumerate(procs):
+                    if not p.is_alive() and p.exitcode not in (0, None):
+                        failed = r
+                if failed is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise SpawnError(f"timed out after {timeout:.0f}s; "
+                                     f"ranks still running: {[r for r, p in enumerate(procs) if p.is_alive()]}")
+                time.sleep(0.05)
+            if failed is None:
+                failed = next((r for r, p in enumerate(procs) if p.exitcode != 0), None)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=10)
+        results = []
+        errors = []
+        for r in range(world_size):
+            path = os.path.join(result_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                results.append(None)
+                continue
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                errors.append(f"--- rank {r} ---\n{value}")
+            results.append(value)
+        if errors or failed is not None:
+            detail = "\n".join(errors) or f"rank {failed} exited with code {procs[failed].exitcode}"
+            raise SpawnError(f"distributed run failed:\n{detail}")
+        return results

@@ -1,0 +1,367 @@
+"""CPU mode: every adaptation Megatron-Core 0.16.1 needs to train and checkpoint on CPU with gloo.
+
+Megatron-Core assumes CUDA in a handful of places. Each item below is one such place, with
+the smallest change that lets the *same* MCore code path (models, token dispatchers,
+pipeline schedules, DDP, the distributed optimizer, dist_checkpointing) run on CPU:
+
+====  ===============================================  =========================================
+item  where MCore assumes CUDA                          what CPU mode does
+====  ===============================================  =========================================
+1     ``torch.cuda.current_device()`` as a device      returns ``torch.device("cpu")``
+2     ``torch.cuda.synchronize()`` (checkpoint writer)  no-op
+3     CUDA RNG tracker state get/set, manual seed       tracker states are CPU generator states
+4     ``moe_utils.te_general_gemm`` undefined w/o TE    defined as ``None`` (router uses torch)
+5     ``device="cuda"`` literals in schedules, p2p,     those modules see a ``torch`` whose tensor
+      optimizer, clip_grads, DDP buffers, utils         factories map ``"cuda"`` to ``"cpu"``
+6     CUDA streams/events (alltoall dispatcher, DDP)    stand-in stream/event objects (CPU is
+                                                        synchronous)
+7     alltoall split sizes kept as tensors; gloo's      split sizes converted to lists before
+      ``all_to_all_single`` wants lists                 ``all_to_all_single``
+8     ``param.grad.type() == 'torch.cuda.FloatTensor'``  ``Tensor.type()`` (no argument) on a CPU
+      (clip_grads, distributed optimizer)               tensor answers with the ``torch.cuda`` name
+9     ``tensor.cuda()`` / ``.to("cuda")`` on optimizer  ``Tensor.cuda`` returns the tensor on CPU
+      state and buffers
+====  ===============================================  =========================================
+
+``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available.
+Items are individually testable through :data:`ADAPTATIONS`. Written for megatron-core
+0.16.1 (pinned in setup.py); a different version is refused rather than half-patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+from typing import Any, Callable
+
+import torch
+
+MCORE_VERSION = "0.16.1"
+CPU = torch.device("cpu")
+
+_applied = False
+
+
+def cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1, 2: current_device and synchronize
+
+
+def _patch_current_device() -> None:
+    torch.cuda.current_device = lambda: CPU  # used as `device=torch.cuda.current_device()`
+
+
+def _patch_synchronize() -> None:
+    torch.cuda.synchronize = lambda device=None: None
+
+
+# ----------------------------------------------------------------------------------------------
+# 3: RNG tracker on the CPU generator
+
+
+def _get_cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    base = mcore_random.CudaRNGStatesTracker
+
+    class CpuRNGStatesTracker(base):
+        """The MCore tracker with its named states kept as CPU generator states.
+
+        On CPU the "device" generator *is* the CPU generator, so forking swaps its state in
+        and out; MCore's check that the CPU state is unchanged inside a fork does not apply.
+        """
+
+        def __init__(self, *args, **kwargs):
+            kwargs["use_cudagraphable_rng"] = False
+            super().__init__(*args, **kwargs)
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mcore_random._get_cuda_rng_state = _get_cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    # model_parallel_cuda_manual_seed seeds "the device": on CPU that is the CPU generator.
+    mcore_random.torch = _torch_for(mcore_random.torch, cuda_overrides={
+        "manual_seed": torch.manual_seed,
+        "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+        "set_rng_state": lambda state, device="cuda": torch.set_rng_state(state),
+    })
+    # Trackers built before this call (module import time) are replaced on next initialise.
+    mcore_random.initialize_rng_tracker(force_reset=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4: te_general_gemm
+
+
+def _patch_te_general_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# ----------------------------------------------------------------------------------------------
+# 5, 6: a `torch` stand-in for modules that hard-code CUDA
+
+
+def _cpu_device(device: Any) -> Any:
+    if isinstance(device, str) and device.startswith("cuda"):
+        return CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return CPU
+    if isinstance(device, int):  # a CUDA ordinal
+        return CPU
+    return device
+
+
+def _wrap_factory(fn: Callable) -> Callable:
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+    factory.__wrapped__ = fn
+    return factory
+
+
+class _NullStream:
+    """A CUDA stream stand-in: CPU work is synchronous, so waiting and recording do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NullEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+@contextlib.contextmanager
+def _null_stream_context(stream=None):
+    yield
+
+
+_FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange", "rand", "randn", "randint",
+              "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor", "linspace")
+
+
+def _torch_for(real_torch: Any, cuda_overrides: dict | None = None) -> types.SimpleNamespace:
+    """A module-like object that is ``torch`` except for CUDA-pinned factories and ``torch.cuda``."""
+
+    class TorchOnCPU(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(real_torch, name)
+
+    stand_in = TorchOnCPU("torch")
+    for name in _FACTORIES:
+        setattr(stand_in, name, _wrap_factory(getattr(real_torch, name)))
+
+    class CudaOnCPU(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(real_torch.cuda, name)
+
+    cuda = CudaOnCPU("torch.cuda")
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.default_stream = lambda device=None: _NullStream()
+    cuda.stream = _null_stream_context
+    cuda.current_device = lambda: CPU
+    cuda.synchronize = lambda device=None: None
+    cuda.is_available = lambda: False
+    for name, fn in (cuda_overrides or {}).items():
+        setattr(cuda, name, fn)
+    stand_in.cuda = cuda
+    return stand_in
+
+
+# Modules that create tensors with a literal device="cuda" or use CUDA streams/events.
+CUDA_PINNED_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.rerun_state_machine",
+)
+
+
+def _patch_cuda_pinned_modules() -> None:
+    for name in CUDA_PINNED_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = _torch_for(torch)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7: alltoall split sizes
+
+
+def _patch_alltoall_split_sizes() -> None:
+    """gloo's all_to_all_single needs Python lists; MCore may pass CPU tensors or numpy arrays."""
+    from megatron.core.tensor_parallel import mappings
+
+    original = torch.distributed.all_to_all_single
+
+    def to_list(sizes):
+        if sizes is None:
+            return None
+        if isinstance(sizes, torch.Tensor):
+            return [int(x) for x in sizes.tolist()]
+        return [int(x) for x in sizes]
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
+                          group=None, async_op=False):
+        return original(output, input, to_list(output_split_sizes), to_list(input_split_sizes),
+                        group=group, async_op=async_op)
+
+    # mappings calls torch.distributed.all_to_all_single through its (stand-in) torch.
+    dist = types.ModuleType("torch.distributed")
+    dist.__getattr__ = lambda name: getattr(torch.distributed, name)  # type: ignore[method-assign]
+    dist.all_to_all_single = all_to_all_single
+    stand_in = mappings.torch if isinstance(mappings.torch, types.ModuleType) and mappings.torch is not torch \
+        else _torch_for(torch)
+    stand_in.distributed = _DistributedView(all_to_all_single)
+    mappings.torch = stand_in
+
+
+class _DistributedView(types.ModuleType):
+    def __init__(self, all_to_all_single):
+        super().__init__("torch.distributed")
+        self.all_to_all_single = all_to_all_single
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8, 9: tensor type names and .cuda()
+
+_real_tensor_type = torch.Tensor.type
+_real_tensor_cuda = torch.Tensor.cuda
+
+
+def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        # MCore compares against 'torch.cuda.FloatTensor' etc. to pick fp32/fp16/bf16 params.
+        return _real_tensor_type(self).replace("torch.", "torch.cuda.", 1)
+    return _real_tensor_type(self, dtype, non_blocking, **kwargs)
+
+
+def _tensor_cuda(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+    return self
+
+
+def _patch_tensor_methods() -> None:
+    torch.Tensor.type = _tensor_type
+    torch.Tensor.cuda = _tensor_cuda
+
+
+# ----------------------------------------------------------------------------------------------
+
+ADAPTATIONS: dict[str, Callable[[], None]] = {
+    "current_device": _patch_current_device,
+    "synchronize": _patch_synchronize,
+    "rng_tracker": _patch_rng_tracker,
+    "te_general_gemm": _patch_te_general_gemm,
+    "cuda_pinned_modules": _patch_cuda_pinned_modules,
+    "alltoall_split_sizes": _patch_alltoall_split_sizes,
+    "tensor_methods": _patch_tensor_methods,
+}
+
+
+def apply_cpu_adaptations() -> bool:
+    """Apply every CPU adaptation once. Returns True when CPU mode is active."""
+    global _applied
+    if cuda_present():
+        return False
+    if _applied:
+        return True
+    import megatron.core
+
+    version = getattr(megatron.core, "__version__", "unknown")
+    if version != MCORE_VERSION:
+        raise RuntimeError(f"megatron_grow's CPU mode is written for megatron-core {MCORE_VERSION}; "
+                           f"found {version}. Install megatron-core=={MCORE_VERSION}.")
+    for patch in ADAPTATIONS.values():
+        patch()
+    _applied = True
+    return True
+
+
+def cpu_mode_active() -> bool:
+    return _applied

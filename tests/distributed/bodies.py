@@ -1,0 +1,76 @@
+"""Test bodies that run inside gloo processes (module-level so ``spawn`` can import them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.config.schema import ModelConfig, ParallelConfig
+from megatron_grow.models.builder import build_gpt_model
+from megatron_grow.models.forward import forward_logits
+from megatron_grow.parallel.init import initialize_distributed
+
+
+def tiny_model(**overrides) -> ModelConfig:
+    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, vocab_size=256,
+                make_vocab_size_divisible_by=128, seq_length=32)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def probe_batches(model: ModelConfig, n_micro: int = 2, micro_batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.vocab_size, (micro_batch, model.seq_length), generator=g)
+            for _ in range(n_micro)]
+
+
+def build_chunks(model: ModelConfig, parallel: ParallelConfig):
+    from megatron.core import parallel_state as ps
+
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    if vpp:
+        return [build_gpt_model(model, parallel, vp_stage=i) for i in range(vpp)]
+    del ps
+    return [build_gpt_model(model, parallel)]
+
+
+def _last_stage_result(logits, losses):
+    from megatron.core import parallel_state as ps
+
+    if logits is None or ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
+        return None
+    return {"logits": logits, "losses": losses}
+
+
+def build_save_forward(model: ModelConfig, parallel: ParallelConfig, root: str, seed: int = 1234):
+    """Build a freshly initialised model in ``parallel``, save it to ``root``, return its logits."""
+    initialize_distributed(parallel, seed=seed)
+    chunks = build_chunks(model, parallel)
+    io.save_checkpoint(root, 1, io.model_sharded_state_dict(chunks), {"test": True})
+    batches = probe_batches(model)
+    return _last_stage_result(*forward_logits(chunks, batches, labels=batches))
+
+
+def load_forward(model: ModelConfig, parallel: ParallelConfig, root: str, resave_root: str | None = None):
+    """Build in ``parallel``, load the checkpoint under ``root``, return logits (and optionally re-save)."""
+    initialize_distributed(parallel, seed=99)  # a different init seed: everything must come from the load
+    chunks = build_chunks(model, parallel)
+    ckpt, _ = layout.resolve_checkpoint_dir(root)
+    io.load_checkpoint(ckpt, io.model_sharded_state_dict(chunks))
+    if resave_root:
+        io.save_checkpoint(resave_root, 1, io.model_sharded_state_dict(chunks), {"test": True})
+    batches = probe_batches(model)
+    return _last_stage_result(*forward_logits(chunks, batches, labels=batches))
+
+
+def first_result(results):
+    found = [r for r in results if r is not None]
+    assert found, "no rank returned last-stage logits"
+    return found[0]
+
+
+def replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)
