@@ -15,8 +15,9 @@ item  where MCore assumes CUDA                          what CPU mode does
       optimizer, clip_grads, DDP buffers, utils         factories map ``"cuda"`` to ``"cpu"``
 6     CUDA streams/events (alltoall dispatcher, DDP)    stand-in stream/event objects (CPU is
                                                         synchronous)
-7     alltoall split sizes kept as tensors; gloo's      split sizes converted to lists before
-      ``all_to_all_single`` wants lists                 ``all_to_all_single``
+7     collectives gloo lacks: split sizes kept as      split sizes become lists; uneven
+      tensors, uneven ``all_gather``, list              all_gather pads; reduce_scatter is
+      ``reduce_scatter`` (MoE token dispatch, TP x EP)  all_reduce + own slice
 8     ``param.grad.type() == 'torch.cuda.FloatTensor'``  ``Tensor.type()`` (no argument) on a CPU
       (clip_grads, distributed optimizer)               tensor answers with the ``torch.cuda`` name
 9     ``tensor.cuda()`` / ``.to("cuda")`` on optimizer  ``Tensor.cuda`` returns the tensor on CPU
@@ -268,44 +269,68 @@ def _patch_cuda_pinned_modules() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7: alltoall split sizes
+# 7: collectives gloo lacks or takes differently (tensor_parallel/mappings.py, used by the MoE
+#    token dispatchers): split sizes as tensors, uneven all_gather, list reduce_scatter.
 
 
-def _patch_alltoall_split_sizes() -> None:
-    """gloo's all_to_all_single needs Python lists; MCore may pass CPU tensors or numpy arrays."""
-    from megatron.core.tensor_parallel import mappings
-
-    original = torch.distributed.all_to_all_single
-
-    def to_list(sizes):
-        if sizes is None:
-            return None
-        if isinstance(sizes, torch.Tensor):
-            return [int(x) for x in sizes.tolist()]
-        return [int(x) for x in sizes]
-
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
-                          group=None, async_op=False):
-        return original(output, input, to_list(output_split_sizes), to_list(input_split_sizes),
-                        group=group, async_op=async_op)
-
-    # mappings calls torch.distributed.all_to_all_single through its (stand-in) torch.
-    dist = types.ModuleType("torch.distributed")
-    dist.__getattr__ = lambda name: getattr(torch.distributed, name)  # type: ignore[method-assign]
-    dist.all_to_all_single = all_to_all_single
-    stand_in = mappings.torch if isinstance(mappings.torch, types.ModuleType) and mappings.torch is not torch \
-        else _torch_for(torch)
-    stand_in.distributed = _DistributedView(all_to_all_single)
-    mappings.torch = stand_in
+def _as_int_list(sizes):
+    if sizes is None:
+        return None
+    if isinstance(sizes, torch.Tensor):
+        return [int(x) for x in sizes.tolist()]
+    return [int(x) for x in sizes]
 
 
-class _DistributedView(types.ModuleType):
-    def __init__(self, all_to_all_single):
+def _gloo_all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                            async_op=False):
+    return torch.distributed.all_to_all_single(output, input, _as_int_list(output_split_sizes),
+                                               _as_int_list(input_split_sizes), group=group, async_op=async_op)
+
+
+def _gloo_all_gather(tensor_list, tensor, group=None, async_op=False):
+    """all_gather into a list whose entries may differ in their first dimension (gloo needs equal)."""
+    sizes = [t.shape[0] for t in tensor_list]
+    if len(set(sizes)) == 1 and tensor.shape[0] == sizes[0]:
+        return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in tensor_list]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    for out, full, n in zip(tensor_list, gathered, sizes):
+        out.copy_(full[:n])
+    return None
+
+
+def _gloo_reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+    """Reduce-scatter over a list of (possibly uneven) inputs as all-reduce + own slice (gloo has none)."""
+    rank = torch.distributed.get_rank(group)
+    flat = torch.cat([t.reshape(t.shape[0], -1) for t in input_list]).contiguous()
+    torch.distributed.all_reduce(flat, op=op, group=group)
+    start = sum(t.shape[0] for t in input_list[:rank])
+    output.copy_(flat[start:start + input_list[rank].shape[0]].view_as(output))
+    return None
+
+
+class _GlooDistributed(types.ModuleType):
+    """``torch.distributed`` with the three collectives above replaced."""
+
+    def __init__(self):
         super().__init__("torch.distributed")
-        self.all_to_all_single = all_to_all_single
+        self.all_to_all_single = _gloo_all_to_all_single
+        self.all_gather = _gloo_all_gather
+        self.reduce_scatter = _gloo_reduce_scatter
 
     def __getattr__(self, name):
         return getattr(torch.distributed, name)
+
+
+def _patch_gloo_collectives() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    if not isinstance(mappings.torch, types.ModuleType) or mappings.torch is torch:
+        mappings.torch = _torch_for(torch)
+    mappings.torch.distributed = _GlooDistributed()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +364,7 @@ ADAPTATIONS: dict[str, Callable[[], None]] = {
     "rng_tracker": _patch_rng_tracker,
     "te_general_gemm": _patch_te_general_gemm,
     "cuda_pinned_modules": _patch_cuda_pinned_modules,
-    "alltoall_split_sizes": _patch_alltoall_split_sizes,
+    "gloo_collectives": _patch_gloo_collectives,
     "tensor_methods": _patch_tensor_methods,
 }
 
