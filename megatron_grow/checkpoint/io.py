@@ -34,7 +34,8 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _broadcast(obj: Any) -> Any:
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (identity without torch.distributed)."""
     if not torch.distributed.is_initialized():
         return obj
     box = [obj]
@@ -60,7 +61,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     final = layout.iteration_dir(root, iteration)
-    staging = _broadcast(f"{final}{layout.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if _rank() == 0 else None)
+    staging = broadcast_object(f"{final}{layout.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if _rank() == 0 else None)
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         for stale in layout.incomplete_dirs(root):

@@ -152,6 +152,10 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if isinstance(value, Mapping):  # Optional[Section]: report the section's own problems by key
+            sections = [a for a in args if dataclasses.is_dataclass(a)]
+            if len(sections) == 1:
+                return _coerce(value, sections[0], path, problems)
         for arg in args:
             if arg is type(None):
                 continue

@@ -26,4 +26,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
         out.append(f"training.lr_warmup_iters + training.lr_wsd_decay_iters ({t.lr_warmup_iters} + "
                    f"{t.lr_wsd_decay_iters}) must not exceed training.train_iters ({t.train_iters})")
     out.extend(model_layout_problems(m, recipe.parallel))
+    if recipe.growth is not None:
+        from megatron_grow.growth.plan import growth_problems
+
+        out.extend(growth_problems(recipe.growth, m))
     return out

@@ -22,6 +22,8 @@ item  where MCore assumes CUDA                          what CPU mode does
       (clip_grads, distributed optimizer)               tensor answers with the ``torch.cuda`` name
 9     ``tensor.cuda()`` / ``.to("cuda")`` on optimizer  ``Tensor.cuda`` returns the tensor on CPU
       state and buffers
+10    checkpoint writer's results queue from a spawn    a fork Manager (startup cost only: ~7 s
+      Manager                                           per process on 2 cores otherwise)
 ====  ===============================================  =========================================
 
 ``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available.
@@ -357,6 +359,26 @@ def _patch_tensor_methods() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# 10: the checkpoint writer's results queue
+
+
+def _patch_writer_results_queue() -> None:
+    """dist_checkpointing creates its writer results queue with a *spawn* Manager, whose server
+    re-imports torch and megatron (~7 s on 2 cores, once per process). MCore forks its writer
+    processes anyway; a fork Manager serves the same queue in milliseconds."""
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def fork_queue():
+        if filesystem_async._results_queue is None:
+            filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = fork_queue
+
+
+# ----------------------------------------------------------------------------------------------
 
 ADAPTATIONS: dict[str, Callable[[], None]] = {
     "current_device": _patch_current_device,
@@ -366,6 +388,7 @@ ADAPTATIONS: dict[str, Callable[[], None]] = {
     "cuda_pinned_modules": _patch_cuda_pinned_modules,
     "gloo_collectives": _patch_gloo_collectives,
     "tensor_methods": _patch_tensor_methods,
+    "writer_results_queue": _patch_writer_results_queue,
 }
 
 

@@ -45,11 +45,19 @@ def _last_stage_result(logits, losses):
     return {"logits": logits, "losses": losses}
 
 
+def test_manifest(model: ModelConfig) -> dict:
+    from megatron_grow.checkpoint.manifest import build_manifest
+
+    counters = {"iteration": 1, "consumed_samples": 16, "consumed_tokens": 16 * model.seq_length,
+                "flops_so_far": 1.5e12, "sunk_flops": 0}
+    return build_manifest(model=model, layout={}, counters=counters, lineage=[])
+
+
 def build_save_forward(model: ModelConfig, parallel: ParallelConfig, root: str, seed: int = 1234):
     """Build a freshly initialised model in ``parallel``, save it to ``root``, return its logits."""
     initialize_distributed(parallel, seed=seed)
     chunks = build_chunks(model, parallel)
-    io.save_checkpoint(root, 1, io.model_sharded_state_dict(chunks), {"test": True})
+    io.save_checkpoint(root, 1, io.model_sharded_state_dict(chunks), test_manifest(model))
     batches = probe_batches(model)
     return _last_stage_result(*forward_logits(chunks, batches, labels=batches))
 
@@ -61,7 +69,7 @@ def load_forward(model: ModelConfig, parallel: ParallelConfig, root: str, resave
     ckpt, _ = layout.resolve_checkpoint_dir(root)
     io.load_checkpoint(ckpt, io.model_sharded_state_dict(chunks))
     if resave_root:
-        io.save_checkpoint(resave_root, 1, io.model_sharded_state_dict(chunks), {"test": True})
+        io.save_checkpoint(resave_root, 1, io.model_sharded_state_dict(chunks), test_manifest(model))
     batches = probe_batches(model)
     return _last_stage_result(*forward_logits(chunks, batches, labels=batches))
 

@@ -1,0 +1,33 @@
+"""Arguments shared by several subcommands: parallel-layout flags and recipe overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from megatron_grow.config.schema import ParallelConfig
+
+LAYOUT_FLAGS = {
+    "tensor_model_parallel_size": "--tensor-model-parallel-size",
+    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+    "virtual_pipeline_model_parallel_size": "--virtual-pipeline-model-parallel-size",
+    "expert_model_parallel_size": "--expert-model-parallel-size",
+    "expert_tensor_parallel_size": "--expert-tensor-parallel-size",
+}
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallel layout (overrides the recipe's parallel: section)")
+    for field, flag in LAYOUT_FLAGS.items():
+        group.add_argument(flag, dest=field, type=int, default=None, metavar="N")
+
+
+def layout_from_args(args: argparse.Namespace, base: ParallelConfig) -> ParallelConfig:
+    """The recipe's layout with any command-line flags applied (and re-validated by the caller)."""
+    changes = {f: getattr(args, f) for f in LAYOUT_FLAGS if getattr(args, f, None) is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="recipe overrides, e.g. growth.width.alpha=0.05")

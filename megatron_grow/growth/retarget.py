@@ -1,0 +1,175 @@
+"""Rewrite a grown model's sharded state dict into read requests against the source checkpoint.
+
+Assumed on-disk format: Megatron-Core ``torch_dist`` checkpoints of ``GPTModel``, where
+per-layer tensors are stacked over layers (prepended axis 0 = global layer index) and
+routed-expert tensors over layers and experts (prepended axes 0, 1)::
+
+    decoder.layers.self_attention.linear_qkv.weight        [L, 3*Hq, H]   (TP on dim 1)
+    decoder.layers.mlp.router.weight                        [L, E, H]      (one shard per layer)
+    decoder.layers.mlp.router.expert_bias                   [L, E]
+    decoder.layers.mlp.experts.experts.linear_fc1.weight    [L, E, 2F, H]  (EP on dim 1, TP on 2)
+    decoder.layers.mlp.experts.experts.linear_fc2.weight    [L, E, H, F]   (EP on dim 1, TP on 3)
+    embedding.word_embeddings.weight, output_layer.weight, decoder.final_layernorm.weight
+
+For every target :class:`ShardedTensor` (after ``apply_factories``) this module builds a
+:class:`SliceTask`: the *source* request (same key, the layer/expert axes moved through the
+growth plan's index maps, a fresh buffer) and how to turn the loaded bytes into the target
+slice (copy, or router/bias/expert growth with noise). Several target slices may share one
+source request (layers 4 and 5 both read layer 2): requests are deduplicated by
+``(key, global_offset, local_shape)``.
+
+No I/O and no torch.distributed here: ``growth.grow`` loads the requests and applies the tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+
+from megatron_grow.errors import GrowthError
+from megatron_grow.growth import noise
+from megatron_grow.growth.plan import GrowthPlan
+
+LAYER_PREFIX = "decoder.layers."
+
+# Kinds of target slices.
+UNCHANGED = "unchanged"   # outside the layers: embedding, output layer, final norm
+LAYER = "layer"           # a per-layer tensor moved with its layer (norms, attention, shared expert)
+EXPERT = "expert"         # one routed expert's slice (EP/TP-local)
+ROUTER = "router"         # [E, H] of one layer, grown as a whole
+EXPERT_BIAS = "expert_bias"
+
+
+@dataclass
+class SliceTask:
+    """One target ShardedTensor and where its values come from."""
+
+    target: Any                 # ShardedTensor; .data is (a view of) the model parameter
+    kind: str
+    request_id: tuple           # key into the deduplicated source requests
+    target_layer: Optional[int] = None
+    target_expert: Optional[int] = None
+    source_layer: Optional[int] = None
+    source_expert: Optional[int] = None
+    logical_key: Optional[str] = None   # noise.FC1_KEY / FC2_KEY for routed experts
+
+    @property
+    def region(self) -> tuple:
+        """This slice's position inside its full per-expert tensor (dims after the prepended axes)."""
+        st = self.target
+        off = st.global_offset[st.prepend_axis_num:]
+        return tuple(slice(o, o + n) for o, n in zip(off, st.local_shape))
+
+    @property
+    def full_shape(self) -> tuple:
+        st = self.target
+        return tuple(st.global_shape[st.prepend_axis_num:])
+
+
+def expert_logical_key(storage_key: str) -> Optional[str]:
+    if storage_key.endswith("linear_fc1.weight"):
+        return noise.FC1_KEY
+    if storage_key.endswith("linear_fc2.weight"):
+        return noise.FC2_KEY
+    return None  # biases (add_bias_linear) are copied exactly
+
+
+def classify(st) -> str:
+    if not st.key.startswith(LAYER_PREFIX):
+        return UNCHANGED
+    if st.key.endswith("mlp.router.weight"):
+        return ROUTER
+    if st.key.endswith("mlp.router.expert_bias"):
+        return EXPERT_BIAS
+    if st.prepend_axis_num == 2 and ".mlp.experts." in st.key:
+        return EXPERT
+    if st.prepend_axis_num == 1:
+        return LAYER
+    raise GrowthError(f"cannot grow tensor {st.key}: layer-indexed with {st.prepend_axis_num} prepended axes "
+                      "(only the local and TE per-expert layouts are supported, not legacy GroupedMLP weight1/2)")
+
+
+def _request(st, offset: tuple, global_shape: tuple, local_shape: tuple):
+    """A ShardedTensor asking the source checkpoint for ``local_shape`` at ``offset`` (fresh buffer)."""
+    prepend = st.prepend_axis_num
+    fragments = tuple(g // (1 if i < prepend else n)
+                      for i, (g, n) in enumerate(zip(global_shape, (1,) * prepend + tuple(local_shape))))
+    buf = torch.empty(local_shape, dtype=st.dtype, device="cpu")
+    return dataclasses.replace(st, data=buf, local_shape=tuple(local_shape), global_shape=tuple(global_shape),
+                               global_offset=tuple(offset), axis_fragmentations=fragments, replica_id=0,
+                               flattened_range=None)
+
+
+def build_tasks(target_sharded: Iterable, plan: GrowthPlan) -> tuple[list[SliceTask], dict[tuple, Any]]:
+    """Tasks for every target ShardedTensor, and the deduplicated source requests they read."""
+    L_src, E_src = plan.source.num_layers, plan.source.num_moe_experts
+    tasks: list[SliceTask] = []
+    requests: dict[tuple, Any] = {}
+    for st in target_sharded:
+        if st.flattened_range is not None:
+            raise GrowthError(f"{st.key}: flattened (optimizer-format) tensors cannot be grown as model weights")
+        kind = classify(st)
+        if kind == UNCHANGED:
+            req = _request(st, st.global_offset, st.global_shape, st.local_shape)
+            task = SliceTask(st, kind, ())
+        else:
+            j = st.global_offset[0]
+            ls = plan.layer_source[j]
+            rest_off, rest_shape = st.global_offset[1:], st.global_shape[1:]
+            if kind == LAYER:
+                req = _request(st, (ls,) + rest_off, (L_src,) + rest_shape, st.local_shape)
+                task = SliceTask(st, kind, (), target_layer=j, source_layer=ls)
+            elif kind == ROUTER:
+                # One shard per layer: read the whole source [E_src, H] and grow it here.
+                shape = (E_src,) + tuple(st.global_shape[2:])
+                req = _request(st, (ls, 0) + tuple(0 for _ in shape[1:]), (L_src,) + shape, shape)
+                task = SliceTask(st, kind, (), target_layer=j, source_layer=ls)
+            elif kind == EXPERT_BIAS:
+                req = _request(st, (ls, 0), (L_src, E_src), (E_src,))
+                task = SliceTask(st, kind, (), target_layer=j, source_layer=ls)
+            else:  # EXPERT
+                e = st.global_offset[1]
+                es = plan.expert_source[e]
+                req = _request(st, (ls, es) + st.global_offset[2:], (L_src, E_src) + tuple(st.global_shape[2:]),
+                               st.local_shape)
+                task = SliceTask(st, kind, (), target_layer=j, target_expert=e, source_layer=ls,
+                                 source_expert=es, logical_key=expert_logical_key(st.key))
+        rid = (req.key, tuple(req.global_offset), tuple(req.local_shape))
+        requests.setdefault(rid, req)
+        task.request_id = rid
+        tasks.append(task)
+    return tasks, requests
+
+
+def needs_expert_stats(plan: GrowthPlan) -> bool:
+    """Whether noise scales depend on the std of source expert tensors (a statistics pass)."""
+    w = plan.growth.width
+    return bool(w is not None and w.new_experts == "copy" and w.noise in ("gaussian", "antithetic")
+                and w.alpha > 0)
+
+
+def grown_slice(task: SliceTask, source: torch.Tensor, plan: GrowthPlan,
+                expert_std: Optional[dict] = None) -> torch.Tensor:
+    """The target slice's values, from its loaded source request."""
+    if task.kind in (UNCHANGED,):
+        return source
+    if task.kind == LAYER:
+        if noise.identity_zeroed(plan, task.target_layer, task.target.key):
+            return torch.zeros_like(source)
+        return source
+    if task.kind == ROUTER:
+        return noise.grow_router(plan, task.target_layer, source)
+    if task.kind == EXPERT_BIAS:
+        return noise.grow_expert_bias(plan, task.target_layer, source)
+    # EXPERT
+    if task.logical_key is None:
+        return torch.zeros_like(source) if noise.identity_zeroed(plan, task.target_layer, task.target.key) \
+            else source
+    std = 0.0
+    if expert_std is not None:
+        std = expert_std[(task.logical_key, task.source_layer, task.source_expert)]
+    return noise.grow_expert_tensor(plan, task.logical_key, task.target_layer, task.target_expert, source, std,
+                                    full_shape=task.full_shape, region=task.region)

@@ -1,0 +1,104 @@
+"""Depth and width index maps on small shapes, against hand-written expected tuples."""
+
+import pytest
+
+from megatron_grow.growth.mapping import build_depth_map, build_width_map, grown_depth
+
+
+def test_interposition_k2():
+    m = build_depth_map(3, "interposition", 2)
+    assert m.source_layer == (0, 0, 1, 1, 2, 2)
+    assert m.is_new_copy == (False, True, False, True, False, True)
+
+
+def test_interposition_k3():
+    m = build_depth_map(2, "interposition", 3)
+    assert m.source_layer == (0, 0, 0, 1, 1, 1)
+    assert m.is_new_copy == (False, True, True, False, True, True)
+
+
+def test_interposition_is_j_div_k():
+    for L in (1, 2, 5):
+        for k in (2, 3, 4):
+            assert build_depth_map(L, "interposition", k).source_layer == tuple(j // k for j in range(k * L))
+
+
+def test_interposition_ignores():
+    m = build_depth_map(5, "interposition", 2, ignore_first=1, ignore_last=2)
+    assert m.source_layer == (0, 1, 1, 2, 2, 3, 4)
+    assert m.is_new_copy == (False, False, True, False, True, False, False)
+
+
+def test_stack_k2():
+    m = build_depth_map(3, "stack", 2)
+    assert m.source_layer == (0, 1, 2, 0, 1, 2)
+    assert m.is_new_copy == (False, False, False, True, True, True)
+
+
+def test_stack_k3():
+    assert build_depth_map(2, "stack", 3).source_layer == (0, 1, 0, 1, 0, 1)
+
+
+def test_stack_ignores_k2():
+    # copy 0 leaves out the last layer, copy 1 leaves out the first (the paper's scripts)
+    m = build_depth_map(4, "stack", 2, ignore_first=1, ignore_last=1)
+    assert m.source_layer == (0, 1, 2, 1, 2, 3)
+    assert m.is_new_copy == (False, False, False, True, True, False)
+
+
+def test_stack_ignores_k3():
+    m = build_depth_map(5, "stack", 3, ignore_first=1, ignore_last=1)
+    assert m.source_layer == (0, 1, 2, 3, 1, 2, 3, 1, 2, 3, 4)
+    assert m.is_new_copy == (False,) * 4 + (True,) * 6 + (False,)
+
+
+@pytest.mark.parametrize("mode", ["interposition", "stack"])
+@pytest.mark.parametrize("L,k,first,last", [(28, 2, 0, 0), (28, 2, 2, 2), (20, 4, 0, 0), (6, 3, 1, 2)])
+def test_target_depth_formula(mode, L, k, first, last):
+    m = build_depth_map(L, mode, k, first, last)
+    assert m.num_layers == grown_depth(L, k, first, last) == k * L - (k - 1) * (first + last)
+    # every source layer present; ignored ones exactly once, the rest k times
+    for i in range(L):
+        expected = 1 if (i < first or i >= L - last) else k
+        assert m.source_layer.count(i) == expected
+    assert sum(not c for c in m.is_new_copy) == L
+
+
+def test_paper_17b_to_35b():
+    assert build_depth_map(28, "interposition", 2).num_layers == 56
+
+
+def test_depth_rejects_bad_input():
+    with pytest.raises(ValueError):
+        build_depth_map(4, "sandwich", 2)
+    with pytest.raises(ValueError):
+        build_depth_map(4, "stack", 2, ignore_first=2, ignore_last=2)
+
+
+def test_width_append():
+    m = build_width_map(3, 2, "append")
+    assert m.source_expert == (0, 1, 2, 0, 1, 2)
+    assert m.copy_index == (0, 0, 0, 1, 1, 1)
+
+
+def test_width_append_m3():
+    m = build_width_map(2, 3, "append")
+    assert m.source_expert == (0, 1, 0, 1, 0, 1)
+    assert m.copy_index == (0, 0, 1, 1, 2, 2)
+
+
+def test_width_interleave():
+    m = build_width_map(3, 2, "interleave")
+    assert m.source_expert == (0, 0, 1, 1, 2, 2)
+    assert m.copy_index == (0, 1, 0, 1, 0, 1)
+
+
+def test_width_interleave_m3():
+    m = build_width_map(2, 3, "interleave")
+    assert m.source_expert == (0, 0, 0, 1, 1, 1)
+    assert m.copy_index == (0, 1, 2, 0, 1, 2)
+
+
+def test_width_rejects_unknown_layout():
+    with pytest.raises(ValueError):
+        build_width_map(4, 2, "shuffle")
