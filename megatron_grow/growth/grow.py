@@ -139,17 +139,41 @@ def _target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
     return list(io.iter_sharded_tensors(sd))
 
 
-def _collective_load(requests: dict, ckpt_dir: str) -> None:
-    """One dist_checkpointing load of this rank's requests (possibly none); every rank calls it."""
+def _collective_load(requests: dict, ckpt_dir: str, whole_tensors: Optional[dict] = None) -> None:
+    """One dist_checkpointing load of this rank's requests (possibly none); every rank calls it.
+
+    With a single rank, MCore's torch_dist loader cannot read part of a tensor (torch's
+    ShardedTensor needs the shard grid to cover the tensor, and MCore places the cells it was
+    not asked for on rank ``(rank + 1) % world_size``, i.e. this rank). So one rank reads each
+    source tensor whole, once (cached in ``whole_tensors``), and slices it: a 1-rank growth
+    holds the source tensors it reads beside the grown model.
+    """
     from megatron.core import dist_checkpointing
 
-    if not requests and _world() == 1:
+    if _world() == 1:
+        cache = whole_tensors if whole_tensors is not None else {}
+        missing = {st.key: st for st in requests.values() if st.key not in cache}
+        if missing:
+            whole = {key: _whole_request(st) for key, st in missing.items()}
+            cache.update(dist_checkpointing.load(whole, ckpt_dir, validate_access_integrity=False))
+        for st in requests.values():
+            region = tuple(slice(o, o + n) for o, n in
+                           zip(st.global_offset, (1,) * st.prepend_axis_num + tuple(st.local_shape)))
+            st.data = cache[st.key][region].reshape(st.local_shape).clone()
         return
     sd = {f"r{i}": st for i, st in enumerate(requests.values())}
     # Several ranks (and target layers) read the same source region: integrity checks are for resumes.
     loaded = dist_checkpointing.load(sd, ckpt_dir, validate_access_integrity=False)
     for i, st in enumerate(requests.values()):
         st.data = loaded[f"r{i}"]  # the request buffers are ours: adopt whatever tensor the load returned
+
+
+def _whole_request(st):
+    """A request for the whole stored tensor ``st.key`` (prepended axes become real dims)."""
+    shape = tuple(st.global_shape)
+    return dataclasses.replace(st, data=torch.empty(shape, dtype=st.dtype), local_shape=shape,
+                               global_offset=(0,) * len(shape), axis_fragmentations=(1,) * len(shape),
+                               prepend_axis_num=0, replica_id=0, flattened_range=None)
 
 
 def _expert_stds(tasks: list, plan: GrowthPlan, ckpt_dir: str) -> dict:
@@ -169,6 +193,7 @@ def _expert_stds(tasks: list, plan: GrowthPlan, ckpt_dir: str) -> dict:
     keys = sorted(templates)
     # Every rank must agree on the key list (all ranks hold expert layers, since every layer is MoE).
     moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
+    whole: dict = {}
     units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) for es in range(E)]
     mine = units[_rank()::_world()]
     world_rounds = math.ceil(len(units) / _world())
@@ -180,7 +205,7 @@ def _expert_stds(tasks: list, plan: GrowthPlan, ckpt_dir: str) -> dict:
             st = templates[keys[k]]
             full = tuple(st.global_shape[2:])
             requests[(k, ls, es)] = retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
-        _collective_load(requests, ckpt_dir)
+        _collective_load(requests, ckpt_dir, whole)
         for (k, ls, es), st in requests.items():
             moments[k, ls, es] = torch.tensor(noise.tensor_moments(st.data), dtype=torch.float64)
     if torch.distributed.is_initialized():
@@ -226,11 +251,12 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
         n = torch.tensor([rounds], dtype=torch.long)
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
         rounds = int(n.item())
+    whole: dict = {}
     for r in range(rounds):
         group_tasks = groups[order[r]] if r < len(order) else []
         group_requests = {t.request_id: requests[t.request_id] for t in group_tasks}
         tg = time.perf_counter()
-        _collective_load(group_requests, source.ckpt_dir)
+        _collective_load(group_requests, source.ckpt_dir, whole)
         for t in group_tasks:
             value = retarget.grown_slice(t, requests[t.request_id].data, plan, expert_std)
             t.target.data.copy_(value.to(t.target.data.dtype))
@@ -252,6 +278,7 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
                 label = f"source layer {name[1]} -> target layers {targets}"
             log(f"group {r + 1}/{rounds}: {label}: {len(group_tasks)} tensors, {nbytes / 2**20:.1f} MiB "
                 f"in {time.perf_counter() - tg:.2f}s")
+    whole.clear()
     verify_all_sourced(model_chunks)
     stats.seconds = time.perf_counter() - t0
     return stats
@@ -347,12 +374,14 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
     prepare_destination(save, overwrite, load)
     source = prepare_growth(load, growth, source_model)
     plan = source.plan
-    ctx = initialize_distributed(parallel, seed=seed)
     from megatron_grow.parallel.topology import model_layout_problems
 
+    # Before initialize_distributed: its world-size check would otherwise hide the real problem
+    # (e.g. 16 grown experts on EP=3 reported as "world size 1 is not divisible by 3").
     problems = model_layout_problems(plan.target, parallel)
     if problems:
         raise GrowthError("target layout does not fit the grown model: " + "; ".join(problems))
+    ctx = initialize_distributed(parallel, seed=seed)
     log(f"source {source.ckpt_dir} (iteration {source.info.iteration}); "
         f"{' then '.join(plan.order)}: layers {plan.source.num_layers} -> {plan.target.num_layers}, "
         f"experts {plan.source.num_moe_experts} -> {plan.target.num_moe_experts}, "
@@ -371,6 +400,11 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
                               counters=counters, lineage=source.info.lineage + [record])
     manifest = io.broadcast_object(manifest)  # the common state must be identical on every rank
     if _rank() == 0 and overwrite and os.path.isdir(save):
+        # Tracker first: a kill during the removal must not leave it naming a half-deleted iteration.
+        tracker = os.path.join(save, layout.TRACKER_FILENAME)
+        if os.path.isfile(tracker):
+            os.remove(tracker)
+            layout.fsync_dir(save)
         shutil.rmtree(save)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

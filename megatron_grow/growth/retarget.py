@@ -169,7 +169,7 @@ def grown_slice(task: SliceTask, source: torch.Tensor, plan: GrowthPlan,
         return torch.zeros_like(source) if noise.identity_zeroed(plan, task.target_layer, task.target.key) \
             else source
     std = 0.0
-    if expert_std is not None:
+    if needs_expert_stats(plan):
         std = expert_std[(task.logical_key, task.source_layer, task.source_expert)]
     return noise.grow_expert_tensor(plan, task.logical_key, task.target_layer, task.target_expert, source, std,
                                     full_shape=task.full_shape, region=task.region)

@@ -237,7 +237,8 @@ def memory_per_gpu(model: ModelConfig, parallel: ParallelConfig, training: Train
 
     Activations per layer: ``activation_elements_per_token x 2 bytes x s x b / (tp x cp)``
     (sequence parallelism shards every activation over TP). Under 1F1B the first stage keeps
-    ``min(pp, micro batches)`` micro batches in flight, the last one. With full recompute a
+    ``min(pp, micro batches)`` micro batches in flight, the last one (the extra held by
+    interleaved schedules is ignored). With full recompute a
     layer keeps only its input (``H`` elements per token) plus one layer's full working set
     during recomputation; selective recompute is treated as none (flash attention stores no
     s^2 scores already). Logits on the last stage: ``s x b x V / tp x 6`` bytes (bf16 logits

@@ -82,3 +82,41 @@ def first_result(results):
 
 def replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
+
+
+def grow_body(source_root: str, grown_root: str, growth, parallel: ParallelConfig):
+    """Offline growth of ``source_root`` into ``parallel`` (collective)."""
+    from megatron_grow.growth.grow import grow_checkpoint
+
+    return grow_checkpoint(source_root, grown_root, growth, parallel, progress=False)
+
+
+def plain_tensors(ckpt_root: str) -> dict:
+    """Every stored tensor of a checkpoint, whole (one process with a 1-rank gloo group)."""
+    from megatron.core import dist_checkpointing
+
+    initialize_distributed(ParallelConfig())
+    ckpt, _ = layout.resolve_checkpoint_dir(ckpt_root)
+    return {k: v.clone() for k, v in dist_checkpointing.load_plain_tensors(ckpt).items()
+            if isinstance(v, torch.Tensor)}
+
+
+def oracle_vs_sharded(source_root: str, grown_root: str, growth) -> dict:
+    """Grow the source model's plain state dict with the oracle; load the grown checkpoint into a
+    1-process model; return both state dicts (tensors only)."""
+    from megatron_grow.checkpoint.manifest import read_checkpoint_info
+    from megatron_grow.growth.plan import make_growth_plan
+    from megatron_grow.growth.reference import grow_state_dict
+
+    initialize_distributed(ParallelConfig())
+    src_dir, it = layout.resolve_checkpoint_dir(source_root)
+    src_model = read_checkpoint_info(src_dir, it).model
+    plan = make_growth_plan(src_model, growth)
+    source = build_gpt_model(src_model)
+    io.load_checkpoint(src_dir, io.model_sharded_state_dict([source]))
+    oracle = grow_state_dict(source.state_dict(), plan)
+    grown = build_gpt_model(plan.target)
+    io.load_checkpoint(layout.resolve_checkpoint_dir(grown_root)[0], io.model_sharded_state_dict([grown]))
+    sharded = grown.state_dict()
+    keep = lambda sd: {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+    return {"oracle": keep(oracle), "sharded": keep(sharded)}

@@ -1,0 +1,447 @@
+"""``megatron-grow grow`` on bad input: one clear error, exit 2, nothing written, source untouched.
+
+Every case runs the real CLI as a subprocess (one process, no torchrun) against its own copy
+of one tiny source checkpoint and checks that
+
+* the exit status is 2 and stderr is exactly the error (``megatron-grow: error: ...``, no
+  traceback; a recipe error lists its single problem on an indented ``  - `` line),
+* the message names the problem (the recipe key, the file, the tensor and both shapes ...),
+* nothing was written to --save (it does not exist afterwards, or is unchanged when it was
+  there before), and the source tree is byte-for-byte unchanged (file list + content hashes).
+
+Then a grow into a non-empty --save with --overwrite succeeds, and a grow SIGKILLed at random
+moments never leaves a destination that looks valid but is not: after each kill either the
+tracker is absent (``read_tracker`` raises) or the iteration it names passes
+``check_shard_files``; a later ``--overwrite`` grow into the same destination succeeds.
+
+    .venv/bin/pytest -q tests/distributed/test_grow_bad_input.py
+
+The error cases run two at a time (each process spends most of its ~5-10 s importing torch
+and Megatron-Core); the kill runs run alone so their timing means something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pytest
+
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint.manifest import read_checkpoint_info
+from megatron_grow.config.loader import load_recipe
+from megatron_grow.config.schema import ParallelConfig
+from megatron_grow.errors import CheckpointError
+from megatron_grow.parallel.spawn import run_in_processes
+from tests.distributed.bodies import build_save_forward
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPE = "configs/growth/tiny_depth_width.yaml"     # 4 -> 8 layers, 8 -> 16 experts, top-2 -> top-4
+MODEL_RECIPE = os.path.join(REPO, "configs/models/tiny.yaml")
+PREFIX = "megatron-grow: error: "
+CLI_TIMEOUT = 300
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def cli_env(threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONWARNINGS"] = "ignore"  # Megatron's import-time warnings; our error is what is checked
+    env["OMP_NUM_THREADS"] = str(threads)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def grow_argv(load: str, save: str, *extra: str, overrides: tuple = ()) -> list[str]:
+    return [sys.executable, "-m", "megatron_grow", "grow", "--load", load, "--save", save,
+            "--recipe", RECIPE, "--no-verify", "--quiet", *extra, *overrides]
+
+
+def run_cli(argv: list[str], threads: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=REPO, env=cli_env(threads), capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT)
+
+
+def tree_digest(root: str) -> Optional[dict]:
+    """{relative path: sha256} for every file under ``root`` (directories as ``path/``); None if absent."""
+    if not os.path.exists(root):
+        return None
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for d in dirnames:
+            out[os.path.normpath(os.path.join(rel_dir, d)) + "/"] = "dir"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.normpath(os.path.join(rel_dir, name))] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def assert_complete_checkpoint(root: str) -> tuple[str, int]:
+    """The tracker names an iteration whose every shard byte range exists; returns (dir, iteration)."""
+    iteration = layout.read_tracker(root)
+    ckpt = layout.iteration_dir(root, iteration)
+    io.check_shard_files(ckpt)
+    assert os.path.isfile(os.path.join(ckpt, layout.MANIFEST_FILENAME)), f"{ckpt} has no manifest"
+    assert os.path.isfile(os.path.join(ckpt, "common.pt")), f"{ckpt} has no common.pt"
+    return ckpt, iteration
+
+
+def assert_grown(root: str) -> None:
+    ckpt, iteration = assert_complete_checkpoint(root)
+    model = read_checkpoint_info(ckpt, iteration).model
+    assert (model.num_layers, model.num_moe_experts, model.moe_router_topk) == (8, 16, 4), model
+
+
+def shards(ckpt_dir: str) -> list[str]:
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.endswith(".distcp"))
+    assert names, f"no .distcp shards in {ckpt_dir}"
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# The source checkpoint (one per module)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("grow_bad_input_src") / "ckpt")
+    model = load_recipe(MODEL_RECIPE).model
+    run_in_processes(build_save_forward, 1, (model, ParallelConfig(), root))
+    assert_complete_checkpoint(root)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------
+# The bad-input cases
+
+
+@dataclass
+class Ctx:
+    """Paths of one case: its private source copy, the --save path, a scratch directory."""
+
+    src: str
+    dst: str
+    tmp: str
+    load: str = ""
+    save: str = ""
+    args: list = field(default_factory=list)
+    overrides: tuple = ()
+    expect: list = field(default_factory=list)
+    recipe_error: bool = False   # a ConfigError: header line + one indented problem line
+
+
+def _model_yaml(ctx: Ctx, name: str, **model) -> str:
+    path = os.path.join(ctx.tmp, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"include: {MODEL_RECIPE}\n")
+        if model:
+            f.write("model:\n" + "".join(f"  {k}: {v}\n" for k, v in model.items()))
+    return path
+
+
+def _ckpt(ctx: Ctx) -> str:
+    return layout.iteration_dir(ctx.src, 1)
+
+
+def case_depth_factor_1(ctx):
+    ctx.overrides, ctx.recipe_error = ("growth.depth.factor=1",), True
+    ctx.expect = ["growth.depth.factor", ">= 2"]
+
+
+def case_width_factor_1(ctx):
+    ctx.overrides, ctx.recipe_error = ("growth.width.factor=1",), True
+    ctx.expect = ["growth.width.factor", ">= 2"]
+
+
+def case_negative_alpha(ctx):
+    ctx.overrides, ctx.recipe_error = ("growth.width.alpha=-0.1",), True
+    ctx.expect = ["growth.width.alpha", "-0.1", ">= 0"]
+
+
+def case_unknown_noise(ctx):
+    ctx.overrides, ctx.recipe_error = ("growth.width.noise=uniformish",), True
+    ctx.expect = ["growth.width.noise", "uniformish", "gaussian"]
+
+
+def case_ignore_covers_all_layers(ctx):
+    ctx.overrides, ctx.recipe_error = ("growth.depth.ignore_first=2", "growth.depth.ignore_last=2"), True
+    ctx.expect = ["growth.depth.ignore_first", "growth.depth.ignore_last", "num_layers (4)"]
+
+
+def case_experts_not_divisible_by_ep(ctx):
+    # 8 experts x 2 = 16 grown experts on EP=3; must be named before torch.distributed starts (world 1).
+    ctx.args = ["--expert-model-parallel-size", "3"]
+    ctx.expect = ["expert_model_parallel_size (3)", "num_moe_experts (16)"]
+
+
+def case_heads_not_divisible_by_tp(ctx):
+    ctx.args = ["--tensor-model-parallel-size", "3"]
+    ctx.expect = ["tensor_model_parallel_size (3)", "num_attention_heads (4)"]
+
+
+def case_source_missing(ctx):
+    ctx.load = os.path.join(ctx.tmp, "no_such_checkpoint")
+    ctx.expect = ["does not exist", ctx.load]
+
+
+def case_no_tracker(ctx):
+    os.remove(os.path.join(ctx.src, layout.TRACKER_FILENAME))
+    ctx.expect = [layout.TRACKER_FILENAME, ctx.src]
+
+
+def case_tracker_names_missing_iteration(ctx):
+    layout.write_tracker(ctx.src, 7)
+    ctx.expect = ["iteration 7", "iter_0000007"]
+
+
+def case_truncated_shard(ctx):
+    path = os.path.join(_ckpt(ctx), shards(_ckpt(ctx))[0])
+    size = os.path.getsize(path)
+    os.truncate(path, size // 2)
+    ctx.expect = ["truncated", os.path.basename(path), str(size // 2)]
+
+
+def case_missing_shard(ctx):
+    name = shards(_ckpt(ctx))[-1]
+    os.remove(os.path.join(_ckpt(ctx), name))
+    ctx.expect = ["missing", name]
+
+
+def case_garbage_metadata_json(ctx):
+    with open(os.path.join(_ckpt(ctx), "metadata.json"), "w", encoding="utf-8") as f:
+        f.write("{this is not json\x00")
+    ctx.expect = ["metadata.json", "unreadable"]
+
+
+def case_source_config_hidden_size(ctx):
+    ctx.args = ["--source-config", _model_yaml(ctx, "hidden128.yaml", hidden_size=128)]
+    ctx.expect = ["embedding.word_embeddings.weight", "(256, 64)", "(256, 128)"]
+
+
+def case_source_config_expert_count(ctx):
+    ctx.args = ["--source-config", _model_yaml(ctx, "experts4.yaml", num_moe_experts=4)]
+    ctx.expect = ["decoder.layers.mlp.router.weight", "(4, 8, 64)", "(4, 4, 64)"]
+
+
+def case_dst_not_empty(ctx):
+    os.makedirs(os.path.join(ctx.dst, "iter_0000003"))
+    with open(os.path.join(ctx.dst, "notes.txt"), "w", encoding="utf-8") as f:
+        f.write("somebody's files\n")
+    ctx.expect = ["--overwrite", "not empty", ctx.dst]
+
+
+def case_recipe_without_growth(ctx):
+    recipe = _model_yaml(ctx, "no_growth.yaml")
+    ctx.args = ["--recipe", recipe]  # argparse: the last --recipe wins
+    ctx.expect = ["no growth: section", recipe]
+
+
+def case_save_inside_load(ctx):
+    ctx.save = os.path.join(ctx.src, "grown")
+    ctx.expect = ["inside the source checkpoint", ctx.save]
+
+
+CASES: dict[str, Callable[[Ctx], None]] = {
+    "depth_factor_1": case_depth_factor_1,
+    "width_factor_1": case_width_factor_1,
+    "negative_alpha": case_negative_alpha,
+    "unknown_noise": case_unknown_noise,
+    "ignore_covers_all_layers": case_ignore_covers_all_layers,
+    "experts_not_divisible_by_ep": case_experts_not_divisible_by_ep,
+    "heads_not_divisible_by_tp": case_heads_not_divisible_by_tp,
+    "source_missing": case_source_missing,
+    "no_tracker": case_no_tracker,
+    "tracker_names_missing_iteration": case_tracker_names_missing_iteration,
+    "truncated_shard": case_truncated_shard,
+    "missing_shard": case_missing_shard,
+    "garbage_metadata_json": case_garbage_metadata_json,
+    "source_config_hidden_size": case_source_config_hidden_size,
+    "source_config_expert_count": case_source_config_expert_count,
+    "dst_not_empty": case_dst_not_empty,
+    "recipe_without_growth": case_recipe_without_growth,
+    "save_inside_load": case_save_inside_load,
+}
+
+
+@dataclass
+class Outcome:
+    ctx: Ctx
+    proc: subprocess.CompletedProcess
+    src_before: Optional[dict]
+    src_after: Optional[dict]
+    dst_before: Optional[dict]
+    dst_after: Optional[dict]
+    load_existed: bool
+
+
+def _run_case(name: str, source: str, base: str) -> Outcome:
+    tmp = os.path.join(base, name)
+    os.makedirs(tmp)
+    src = os.path.join(tmp, "src")
+    shutil.copytree(source, src)
+    ctx = Ctx(src=src, dst=os.path.join(tmp, "dst"), tmp=tmp)
+    CASES[name](ctx)
+    ctx.load, ctx.save = ctx.load or ctx.src, ctx.save or ctx.dst
+    src_before, dst_before = tree_digest(ctx.src), tree_digest(ctx.save)
+    load_existed = os.path.exists(ctx.load)
+    proc = run_cli(grow_argv(ctx.load, ctx.save, *ctx.args, overrides=ctx.overrides))
+    return Outcome(ctx, proc, src_before, tree_digest(ctx.src), dst_before, tree_digest(ctx.save),
+                   load_existed)
+
+
+@pytest.fixture(scope="module")
+def bad_input_outcomes(request, source, tmp_path_factory) -> dict:
+    """Run every selected case (two CLI processes at a time); {name: Outcome}."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if hasattr(item, "callspec") and item.module.__name__ == __name__
+                and "case" in item.callspec.params]
+    names = [n for n in CASES if n in selected] or list(CASES)
+    base = str(tmp_path_factory.mktemp("grow_bad_input_cases"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {n: pool.submit(_run_case, n, source, base) for n in names}
+        return {n: f.result() for n, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_cleanly_before_writing(case, bad_input_outcomes):
+    out = bad_input_outcomes[case]
+    ctx, proc = out.ctx, out.proc
+    where = f"\nargv tail: {proc.args[4:]}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, f"exit status {proc.returncode}, expected 2{where}"
+    assert "Traceback" not in proc.stderr, where
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[0].startswith(PREFIX), where
+    if ctx.recipe_error:  # "invalid recipe FILE:" then exactly one "  - key: problem" line
+        assert len(lines) == 2 and lines[1].startswith("  - "), where
+    else:
+        assert len(lines) == 1, f"the error must be one line{where}"
+    message = "\n".join(lines)
+    for fragment in ctx.expect:
+        assert fragment in message, f"error does not mention {fragment!r}{where}"
+    assert proc.stdout.strip() == "", f"the command got past validation{where}"
+    # Nothing written: --save is as it was (absent, or untouched when it existed), SRC unchanged.
+    assert out.dst_after == out.dst_before, f"--save {ctx.save} was written to{where}"
+    if case != "dst_not_empty":
+        assert out.dst_after is None, where
+    assert out.src_after == out.src_before, f"source checkpoint {ctx.src} changed{where}"
+    assert os.path.exists(ctx.load) == out.load_existed, f"--load {ctx.load} was created{where}"
+
+
+# ------------------------------------------------------------------------------------------------
+# --overwrite, and interrupted grows
+
+
+@dataclass
+class FullRun:
+    proc: subprocess.CompletedProcess
+    dst: str
+    seconds: float
+    src_before: dict
+    src_after: dict
+
+
+@pytest.fixture(scope="module")
+def overwrite_run(source, tmp_path_factory) -> FullRun:
+    """A complete grow with --overwrite into a non-empty --save; also times one full run."""
+    dst = str(tmp_path_factory.mktemp("grow_overwrite") / "dst")
+    os.makedirs(os.path.join(dst, "iter_0000003"))
+    with open(os.path.join(dst, "notes.txt"), "w", encoding="utf-8") as f:
+        f.write("stale\n")
+    before = tree_digest(source)
+    t0 = time.perf_counter()
+    proc = run_cli(grow_argv(source, dst, "--overwrite"), threads=2)
+    seconds = time.perf_counter() - t0
+    return FullRun(proc, dst, seconds, before, tree_digest(source))
+
+
+def test_overwrite_replaces_non_empty_destination(overwrite_run):
+    run = overwrite_run
+    assert run.proc.returncode == 0, f"stdout:\n{run.proc.stdout}\nstderr:\n{run.proc.stderr}"
+    assert_grown(run.dst)
+    left = sorted(os.listdir(run.dst))
+    assert left == sorted([layout.TRACKER_FILENAME, "iter_0000001"]), f"stale files survived: {left}"
+    assert run.src_after == run.src_before, "the source checkpoint changed"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group this test started for ``proc`` (it and any writer children)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def test_killed_grow_leaves_no_valid_looking_partial_destination(source, overwrite_run, tmp_path):
+    """SIGKILL at random moments; the destination is either not a checkpoint or a complete one.
+
+    Odd runs overwrite a complete grown checkpoint (so a kill can land while the old one is
+    being removed); even runs grow into a fresh directory. Delays are stratified over
+    [0.5 s, one full run] so that kills land in every phase (imports, load, save, rename).
+    """
+    assert overwrite_run.proc.returncode == 0, overwrite_run.proc.stderr
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    n = 5
+    full = max(overwrite_run.seconds, 1.0)
+    delays = [0.5 + (i + rng.random()) * (full - 0.5) / n for i in range(n)]
+    source_digest = tree_digest(source)
+    report = []
+    for i, delay in enumerate(delays):
+        dst = str(tmp_path / f"kill{i}")
+        extra = []
+        if i % 2:
+            shutil.copytree(overwrite_run.dst, dst)
+            extra = ["--overwrite"]
+        with open(str(tmp_path / f"kill{i}.stderr"), "w") as err:
+            proc = subprocess.Popen(grow_argv(source, dst, *extra), cwd=REPO, env=cli_env(2),
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=delay)
+                killed = False
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                rc, killed = proc.returncode, True
+        tracker = os.path.join(dst, layout.TRACKER_FILENAME)
+        context = f"run {i} (seed {seed}, delay {delay:.2f}s of a {full:.2f}s run, killed={killed}, rc={rc})"
+        if not killed:
+            assert rc == 0, f"{context}: {open(str(tmp_path / f'kill{i}.stderr')).read()}"
+        if os.path.exists(tracker):
+            try:
+                assert_complete_checkpoint(dst)
+            except CheckpointError as e:
+                pytest.fail(f"{context}: {dst} has a tracker but is not a complete checkpoint: {e}")
+            state = "complete"
+        else:
+            with pytest.raises(CheckpointError):
+                layout.read_tracker(dst)
+            state = "no tracker" + (f" ({len(os.listdir(dst))} entries)" if os.path.isdir(dst) else ", absent")
+        report.append(f"{context}: {state}")
+        assert tree_digest(source) == source_digest, f"{context}: the source checkpoint changed"
+    print("\n".join(report))
+    assert any("killed=True" in r for r in report), report
+
+    # A later grow with --overwrite into a destination a kill left behind succeeds.
+    leftovers = [i for i in range(n) if os.path.isdir(str(tmp_path / f"kill{i}"))
+                 and not os.path.exists(str(tmp_path / f"kill{i}" / layout.TRACKER_FILENAME))]
+    dst = str(tmp_path / f"kill{(leftovers or [0])[0]}")
+    proc = run_cli(grow_argv(source, dst, "--overwrite"), threads=2)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert_grown(dst)
+    assert not layout.incomplete_dirs(dst), os.listdir(dst)
+    assert tree_digest(source) == source_digest, "the source checkpoint changed"
