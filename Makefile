@@ -1,0 +1,35 @@
+# One-command entry points. Each creates .venv and installs what it needs on first use.
+#   make test   - the whole test suite (what CI runs, via .ci/run)
+#   make demo   - the main job
+# On a machine without a GPU the CPU build of torch 2.13.0 is pinned; with nvidia-smi present,
+# any torch in the supported range is accepted (keep your CUDA build: pip sees it installed).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6,<2.15' || echo 'torch==2.13.0')
+STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+
+.PHONY: test demo install lint clean
+
+$(STAMP): setup.py
+	@echo "[make] creating $(VENV) and installing megatron_grow (first use only)"
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/megatron-grow plan --config configs/models/70b.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megatron_grow tests benchmarks tools
+
+clean:
+	rm -rf $(VENV) .pytest_cache
