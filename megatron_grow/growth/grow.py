@@ -351,6 +351,17 @@ def grown_counters(source: GrowthSource) -> dict:
     return c
 
 
+def grow_load_into(model_chunks, source: GrowthSource, started: float, progress: bool = True) -> dict:
+    """Online growth (collective): fill ``model_chunks`` and return the counters and lineage the
+    grown model carries (what the trainer's first checkpoint records)."""
+    from megatron_grow.models.params import count_params
+
+    load_grown_weights(model_chunks, source, progress=progress)
+    before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
+    record = io.broadcast_object(growth_record(source, before, after, time.perf_counter() - started))
+    return {"counters": grown_counters(source), "lineage": source.info.lineage + [record]}
+
+
 def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
     """Refuse a non-empty DST (unless overwrite) and DST == SRC, before anything is written."""
     if os.path.abspath(save) == os.path.abspath(source_root) or \
@@ -387,7 +398,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
         f"experts {plan.source.num_moe_experts} -> {plan.target.num_moe_experts}, "
         f"top-k {plan.source.moe_router_topk} -> {plan.target.moe_router_topk}; target layout "
         f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}")
-    chunks = build_model_chunks(plan.target, parallel)
+    chunks = build_model_chunks(plan.target, parallel, initialize=False)  # every weight comes from SRC
     stats = load_grown_weights(chunks, source, progress=progress)
     before, after = count_params(plan.source).total, count_params(plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)
@@ -439,13 +450,12 @@ def common_state(counters: dict, manifest: dict) -> dict:
     }
 
 
-def build_model_chunks(model: ModelConfig, parallel) -> list:
+def build_model_chunks(model: ModelConfig, parallel, initialize: bool = True) -> list:
     from megatron_grow.models.builder import build_gpt_model
 
     vpp = parallel.virtual_pipeline_model_parallel_size
-    if vpp:
-        return [build_gpt_model(model, parallel, vp_stage=i) for i in range(vpp)]
-    return [build_gpt_model(model, parallel)]
+    stages = range(vpp) if vpp else [None]
+    return [build_gpt_model(model, parallel, vp_stage=v, initialize=initialize) for v in stages]
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:

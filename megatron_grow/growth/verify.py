@@ -20,6 +20,7 @@ from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.schema import DepthGrowthConfig, GrowthConfig, ParallelConfig, WidthGrowthConfig
 from megatron_grow.errors import CheckpointError
 from megatron_grow.growth.plan import make_growth_plan
+from megatron_grow.models.routing import RoutingCounter
 
 
 def _growth_from_record(record: dict) -> GrowthConfig:
@@ -27,36 +28,6 @@ def _growth_from_record(record: dict) -> GrowthConfig:
     width = WidthGrowthConfig(**record["width"]) if record.get("width") else None
     return GrowthConfig(order=tuple(record["operators"]), depth=depth, width=width, seed=record["seed"],
                         optimizer=record.get("optimizer", "reset"))
-
-
-class RoutingCounter:
-    """Counts tokens routed to each expert, per layer, from MCore router outputs."""
-
-    def __init__(self, model_chunks):
-        self.counts: dict[int, torch.Tensor] = {}
-        self.handles = []
-        for chunk in model_chunks:
-            for layer in chunk.decoder.layers:
-                router = layer.mlp.router
-                idx = layer.layer_number - 1  # MCore layer_number is 1-based and global
-                self.handles.append(router.register_forward_hook(self._hook(idx)))
-
-    def _hook(self, layer_idx):
-        def hook(module, inputs, output):
-            _, routing_map = output
-            c = routing_map.sum(dim=0).to(torch.float64).cpu()
-            self.counts[layer_idx] = self.counts.get(layer_idx, 0) + c
-        return hook
-
-    def gathered(self, num_layers: int, num_experts: int) -> torch.Tensor:
-        table = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        for i, c in self.counts.items():
-            table[i] += c
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(table)
-        for h in self.handles:
-            h.remove()
-        return table
 
 
 def _probe_batches(vocab: int, seq: int, n_micro: int, micro: int, seed: int) -> list:
@@ -91,7 +62,7 @@ def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *
 
     results = {}
     for name, model_cfg, ckpt in (("source", source.model, src_dir), ("grown", plan.target, grown_dir)):
-        chunks = build_model_chunks(model_cfg, parallel)
+        chunks = build_model_chunks(model_cfg, parallel, initialize=False)
         io.load_checkpoint(ckpt, io.model_sharded_state_dict(chunks))
         counter = RoutingCounter(chunks)
         logits, _ = forward_logits(chunks, batches)

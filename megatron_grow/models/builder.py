@@ -21,14 +21,18 @@ from megatron_grow.models.specs import decoder_block_spec
 def build_gpt_model(model: ModelConfig, parallel: Optional[ParallelConfig] = None, *,
                     params_dtype: torch.dtype = torch.float32, pre_process: Optional[bool] = None,
                     post_process: Optional[bool] = None, vp_stage: Optional[int] = None,
-                    use_te: Optional[bool] = None, meta: bool = False) -> GPTModel:
-    """One pipeline stage (or model chunk) of the model, on this rank's slice of TP/EP."""
+                    use_te: Optional[bool] = None, meta: bool = False, initialize: bool = True) -> GPTModel:
+    """One pipeline stage (or model chunk) of the model, on this rank's slice of TP/EP.
+
+    ``initialize=False`` leaves weights uninitialised (``torch.empty``): for models whose every
+    weight is about to be loaded, e.g. growth on load, where MCore's init would be wasted time.
+    """
     from megatron.core import parallel_state as ps
 
     parallel = parallel or ParallelConfig()
     config = to_transformer_config(model, parallel, params_dtype)
-    if meta:
-        # Initialising meta tensors does nothing but takes ~80% of the build time.
+    if meta or not initialize:
+        # Initialising meta tensors, or weights about to be overwritten, is wasted time.
         config.perform_initialization = False
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)

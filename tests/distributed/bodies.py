@@ -120,3 +120,24 @@ def oracle_vs_sharded(source_root: str, grown_root: str, growth) -> dict:
     sharded = grown.state_dict()
     keep = lambda sd: {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
     return {"oracle": keep(oracle), "sharded": keep(sharded)}
+
+
+def train_body(recipe_path: str, overrides: list, grow_from: str | None = None):
+    """Run the trainer (as ``megatron-grow train`` would) and return its RunResult fields."""
+    import argparse
+
+    from megatron_grow.cli import train as train_cli
+
+    result = {}
+    args = argparse.Namespace(config=recipe_path, grow_from=grow_from, source_config=None, overrides=list(overrides))
+    from megatron_grow.config.loader import load_recipe
+    from megatron_grow.training.trainer import Trainer
+
+    recipe = load_recipe(recipe_path, overrides)
+    model, initialize = recipe.model, None
+    if grow_from:
+        model, initialize = train_cli._growth_initializer(args, recipe)
+    run = Trainer(recipe, model=model, initialize=initialize).run()
+    result.update(exit_code=run.exit_code, iteration=run.iteration, train_losses=run.train_losses,
+                  valid_losses=run.valid_losses, counters=run.counters, last_checkpoint=run.last_checkpoint)
+    return result

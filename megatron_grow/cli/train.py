@@ -1,0 +1,86 @@
+"""Train (or resume, or grow then train) a model from a recipe.
+
+    torchrun --nproc-per-node 2 -m megatron_grow train --config RECIPE.yaml [key.sub=value ...]
+    torchrun --nproc-per-node 2 -m megatron_grow train --config GROWTH_RECIPE.yaml --grow-from SRC
+
+Resumes from the tracker under ``checkpoint.load`` when there is one. Otherwise, with
+``--grow-from``, the recipe's ``growth:`` section is applied to SRC at start-up, in this
+run's layout (growth on load, no intermediate checkpoint), and training continues from
+SRC's counters; the first save writes the grown model. Exit codes: 0 done, 2 bad input,
+3 stopped by SIGTERM/SIGUSR1 after saving (requeue).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="recipe YAML")
+    parser.add_argument("--grow-from", default=None, metavar="SRC",
+                        help="grow this checkpoint with the recipe's growth: section, then train")
+    parser.add_argument("--source-config", default=None,
+                        help="recipe whose model: section describes SRC (when SRC does not record it)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_grow.config.loader import load_recipe
+    from megatron_grow.errors import GrowthError
+    from megatron_grow.parallel.init import destroy_distributed
+    from megatron_grow.training.checkpointing import has_checkpoint
+    from megatron_grow.training.trainer import Trainer
+
+    recipe = load_recipe(args.config, args.overrides)
+    model, initialize = recipe.model, None
+    if has_checkpoint(recipe.checkpoint.load) and recipe.growth is not None:
+        # Resuming a grown run (after an offline grow, or a requeue after online growth): the
+        # weights are the grown model's, whose architecture the checkpoint records.
+        model = _resumed_model(recipe)
+        if args.grow_from:
+            print(f"[train] {recipe.checkpoint.load} has a checkpoint: resuming it, --grow-from is not applied "
+                  "again", flush=True)
+    elif args.grow_from:
+        if recipe.growth is None:
+            raise GrowthError(f"--grow-from needs a growth: section in {args.config}")
+        model, initialize = _growth_initializer(args, recipe)
+    elif recipe.growth is not None and not has_checkpoint(recipe.checkpoint.load):
+        raise GrowthError(f"{args.config} has a growth: section; pass --grow-from SRC (or use megatron-grow grow)")
+    try:
+        result = Trainer(recipe, model=model, initialize=initialize).run()
+    finally:
+        destroy_distributed()
+    return result.exit_code
+
+
+def _resumed_model(recipe):
+    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint.manifest import read_checkpoint_info
+    from megatron_grow.growth.plan import make_growth_plan
+
+    ckpt_dir, iteration = layout.resolve_checkpoint_dir(recipe.checkpoint.load)
+    recorded = read_checkpoint_info(ckpt_dir, iteration).model
+    return recorded if recorded is not None else make_growth_plan(recipe.model, recipe.growth).target
+
+
+def _growth_initializer(args, recipe):
+    """Growth on load as the trainer's weight initializer (the CLI composes growth and training)."""
+    import time
+
+    from megatron_grow.config.loader import load_recipe
+    from megatron_grow.errors import GrowthError
+    from megatron_grow.growth.grow import grow_load_into
+    from megatron_grow.growth.grow import prepare_growth
+    from megatron_grow.parallel.topology import model_layout_problems
+
+    source_model = load_recipe(args.source_config).model if args.source_config else None
+    source = prepare_growth(args.grow_from, recipe.growth, source_model)
+    problems = model_layout_problems(source.plan.target, recipe.parallel)
+    if problems:
+        raise GrowthError("this run's layout does not fit the grown model: " + "; ".join(problems))
+    started = time.perf_counter()
+
+    def initialize(raw_chunks):
+        return grow_load_into(raw_chunks, source, started)
+
+    return source.plan.target, initialize

@@ -1,0 +1,214 @@
+"""Read tensors, or rectangular parts of them, from a ``torch_dist`` checkpoint in one plain process.
+
+The analysis tools (``inspect --stats``, ``weight-norms``) must work on checkpoints far larger
+than the machine they run on, without building the model and without torch.distributed. This
+module talks to ``torch.distributed.checkpoint`` directly:
+
+* the ``.metadata`` file (read once) lists every stored tensor with its global shape, dtype and
+  the chunks (shards) it was saved as;
+* :meth:`CheckpointReader.read` asks for one region (offsets + sizes in the global tensor) and
+  lets DCP's own resharding helper (``create_read_items_for_chunk_list``) work out which stored
+  chunks overlap it; ``FileSystemReader.read_data`` then copies those overlaps into a buffer of
+  the region's shape.
+
+Why not Megatron-Core's loader: with a 1-rank gloo group it cannot read part of a tensor (see
+``growth.grow._collective_load``), and it needs torch.distributed. Why not ``dcp.load`` with a
+full-shape tensor: that reads whole stacked tensors (``[L, E, 2F, H]`` is a third of an MoE).
+
+Memory: ``FileSystemReader`` deserialises each stored chunk that overlaps the request whole and
+then narrows it, so the peak is the request buffer plus one stored chunk. Megatron-Core stores
+per-layer tensors one chunk per layer (and per expert, and per TP/EP shard), so a request for
+one layer, or one expert of one layer, holds at most that much. :meth:`iter_slabs` splits a
+tensor along its leading dims into requests of at most ``max_bytes``.
+
+On-disk format assumed: Megatron-Core ``torch_dist`` (``metadata.json`` with
+``sharded_backend: torch_dist``, ``.metadata`` + ``__R_I.distcp`` files). Storage keys of
+per-layer tensors are stacked over layers (``decoder.layers.mlp.experts.experts.linear_fc1.weight``
+is ``[L, E, 2F, H]``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.errors import CheckpointError
+
+DEFAULT_MAX_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as the checkpoint's metadata describes it."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    num_chunks: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class _RegionPlanner:
+    """The two planner hooks ``FileSystemReader.read_data`` calls, writing into one buffer.
+
+    DCP's ``ReadItem.dest_offsets`` are relative to the requested chunk, i.e. to ``buffer``.
+    """
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        return _narrow(self.buffer, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item, tensor: torch.Tensor) -> None:
+        pass
+
+    def load_bytes(self, read_item, value) -> None:
+        raise CheckpointError(f"{read_item.dest_index.fqn} is stored as bytes, not as a tensor")
+
+
+def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    for dim, (start, length) in enumerate(zip(offsets, lengths)):
+        if start != 0 or length != tensor.size(dim):
+            tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
+class CheckpointReader:
+    """Tensor-by-tensor (or region-by-region) reads from one ``iter_N`` directory.
+
+    ``path`` may be a run root (the tracker picks the iteration) or an ``iter_N`` directory.
+    ``progress``: a callable taking a message, called on long reads (see :meth:`iter_slabs`).
+    """
+
+    def __init__(self, path: str, iteration: int | None = None,
+                 progress: Callable[[str], None] | None = None):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.ckpt_dir, self.iteration = layout.resolve_checkpoint_dir(path, iteration)
+        self.metadata = io.read_storage_metadata(self.ckpt_dir)
+        io.check_shard_files(self.ckpt_dir, self.metadata)
+        self._reader = FileSystemReader(self.ckpt_dir)
+        self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self.tensors: dict[str, StoredTensor] = {}
+        for key, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                self.tensors[key] = StoredTensor(key, tuple(md.size), md.properties.dtype, len(md.chunks))
+        self.progress = progress
+        self.bytes_read = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def find(self, predicate: Callable[[str], bool]) -> list[str]:
+        return sorted(k for k in self.tensors if predicate(k))
+
+    def stored(self, key: str) -> StoredTensor:
+        if key not in self.tensors:
+            raise CheckpointError(f"tensor {key} is not in checkpoint {self.ckpt_dir}")
+        return self.tensors[key]
+
+    def read(self, key: str, offsets: Sequence[int] | None = None,
+             sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """The region ``[offsets, offsets + sizes)`` of stored tensor ``key`` (whole tensor by default)."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        st = self.stored(key)
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(st.shape)
+        sizes = tuple(sizes) if sizes is not None else st.shape
+        if len(offsets) != len(st.shape) or len(sizes) != len(st.shape) or any(
+                o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, st.shape)):
+            raise ValueError(f"region offsets={offsets} sizes={sizes} is outside {key} of shape {st.shape}")
+        buffer = torch.empty(sizes, dtype=st.dtype)
+        if buffer.numel() == 0:
+            return buffer
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        items = create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        covered = sum(math.prod(item.lengths) for item in items)
+        if covered != buffer.numel():
+            raise CheckpointError(f"{self.ckpt_dir}: the stored chunks of {key} cover {covered} of the "
+                                  f"{buffer.numel()} elements requested (offsets {offsets}, sizes {sizes}); "
+                                  "the metadata is inconsistent")
+        plan = self._reader.prepare_local_plan(LoadPlan(items))
+        plan = self._reader.prepare_global_plan([plan])[0]
+        try:
+            self._reader.read_data(plan, _RegionPlanner(buffer)).wait()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"reading {key} from {self.ckpt_dir} failed ({type(e).__name__}: {e})") from None
+        self.bytes_read += buffer.numel() * buffer.element_size()
+        return buffer
+
+    def slab_extent(self, key: str, lead_dims: int, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+        """How many indices of the last of ``lead_dims`` leading dims fit in ``max_bytes`` (at least 1)."""
+        st = self.stored(key)
+        inner = math.prod(st.shape[lead_dims:]) * torch.empty((), dtype=st.dtype).element_size()
+        return max(1, min(st.shape[lead_dims - 1], max_bytes // max(inner, 1)))
+
+    def iter_slabs(self, key: str, lead_dims: int = 1, max_bytes: int = DEFAULT_MAX_BYTES
+                   ) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+        """Yield ``(index, slab)`` covering ``key``: ``index`` fixes the first ``lead_dims - 1`` dims and
+        the start along dim ``lead_dims - 1``; ``slab`` has shape ``[n, *shape[lead_dims:]]``, at most
+        ``max_bytes`` unless one index alone is larger. ``lead_dims=0`` yields the whole tensor once."""
+        st = self.stored(key)
+        if lead_dims == 0 or not st.shape:
+            yield (), self.read(key)
+            return
+        step = self.slab_extent(key, lead_dims, max_bytes)
+        outer = st.shape[:lead_dims - 1]
+        last = st.shape[lead_dims - 1]
+        rest = st.shape[lead_dims:]
+        for prefix in _product(outer):
+            for start in range(0, last, step):
+                n = min(step, last - start)
+                offsets = prefix + (start,) + (0,) * len(rest)
+                sizes = (1,) * len(prefix) + (n,) + rest
+                yield prefix + (start,), self.read(key, offsets, sizes).reshape((n,) + rest)
+
+
+def _product(dims: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    if not dims:
+        yield ()
+        return
+    for i in range(dims[0]):
+        for tail in _product(dims[1:]):
+            yield (i,) + tail
+
+
+def stderr_progress(prefix: str, min_interval_s: float = 0.0) -> Callable[[str], None]:
+    """A progress sink printing ``[prefix] message`` to stderr, at most every ``min_interval_s``."""
+    last = [0.0]
+
+    def emit(message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= min_interval_s:
+            last[0] = now
+            print(f"[{prefix}] {message}", file=sys.stderr, flush=True)
+    return emit
+
+
+def checkpoint_name(path: str) -> str:
+    """A short label for a checkpoint path: the run directory's name (and ``@iter`` for an iter_N dir)."""
+    norm = os.path.normpath(os.path.abspath(path))
+    base = os.path.basename(norm)
+    if base.startswith("iter_") and base[5:].isdigit():
+        return f"{os.path.basename(os.path.dirname(norm))}@{int(base[5:])}"
+    return base

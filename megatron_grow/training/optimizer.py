@@ -1,0 +1,86 @@
+"""Megatron-Core DDP, optimizer and LR schedule from a recipe.
+
+The optimizer is MCore's ``get_megatron_optimizer`` (AdamW; the distributed optimizer
+shards its state over data-parallel ranks), wrapped around MCore
+``DistributedDataParallel`` chunks, on GPU and on CPU alike: CPU mode
+(``megatron_grow.platform.cpu``) makes its CUDA-only calls run on CPU tensors, so CPU tests
+exercise the same code path as GPU runs. What differs on CPU: fp32 instead of bf16, and no
+TE/apex fused kernels (MCore falls back to ``torch.optim.AdamW``).
+
+The LR schedule is MCore's ``OptimizerParamScheduler`` stepped once per iteration, counting
+from the start of the schedule: a fresh run, or -- after growth -- the first step of the
+grown model (the recipe's warmup is then a re-warmup, and its decay spans the remaining
+iterations).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megatron_grow.config.schema import Recipe
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], recipe: Recipe) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=recipe.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # NaN is caught on the loss, with a clear message
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(chunk.config, ddp_config, chunk,
+                                               disable_bucketing=i > 0))
+    return wrapped
+
+
+def build_optimizer(chunks: Sequence[torch.nn.Module], recipe: Recipe, params_dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    t = recipe.training
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        use_distributed_optimizer=recipe.parallel.use_distributed_optimizer,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=False,
+        params_dtype=params_dtype,
+    )
+    return get_megatron_optimizer(config, list(chunks))
+
+
+def build_scheduler(optimizer, recipe: Recipe, schedule_steps: int):
+    """LR/WD schedule over ``schedule_steps`` iterations (counted from the schedule's start)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = recipe.training
+    steps = max(schedule_steps, 1)
+    warmup = min(t.lr_warmup_iters, steps)
+    style = t.lr_decay_style
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=steps,
+        lr_decay_style=style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=t.lr_wsd_decay_iters if style == "WSD" else None,
+        lr_wsd_decay_style=t.lr_wsd_decay_style if style == "WSD" else None,
+    )

@@ -1,0 +1,157 @@
+"""The trainer on CPU with gloo: learning, bitwise resume (1 process, PP=2, EP=2), signals,
+crash-safe saves, growth at start-up, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.config.schema import ParallelConfig
+from megatron_grow.parallel.spawn import SpawnError, run_in_processes
+from tests.distributed.bodies import build_save_forward, train_body
+from tests.distributed.conftest import REPO, write_recipe
+
+
+def test_validation_loss_falls(kjv_dataset, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, tmp_path / "run",
+                          training={"train_iters": 40, "eval_interval": 10, "eval_iters": 4})
+    out = run_in_processes(train_body, 1, (recipe, []))[0]
+    valid = [v for _, v, _ in out["valid_losses"]]
+    print("validation losses:", [round(v, 3) for v in valid])
+    assert len(valid) == 4
+    assert valid[-1] < valid[0] - 0.5, valid  # from ~ln(512) = 6.24 at init
+    assert out["counters"]["consumed_samples"] == 40 * 8
+    assert out["counters"]["flops_so_far"] > 0
+
+
+@pytest.mark.parametrize("name,world,parallel", [
+    ("serial", 1, {}),
+    ("pp2", 2, {"pipeline_model_parallel_size": 2}),
+    ("ep2", 2, {"expert_model_parallel_size": 2}),
+])
+def test_resume_is_bitwise(kjv_dataset, tmp_path, name, world, parallel):
+    straight = write_recipe(tmp_path / "a.yaml", kjv_dataset, tmp_path / "a", parallel=parallel,
+                            training={"train_iters": 6}, checkpoint={"save_interval": 3})
+    first = run_in_processes(train_body, world, (straight, []))[0]
+    split = write_recipe(tmp_path / "b.yaml", kjv_dataset, tmp_path / "b", parallel=parallel,
+                         training={"train_iters": 6}, checkpoint={"save_interval": 3})
+    part1 = run_in_processes(train_body, world, (split, ["training.train_iters=3"]))[0]
+    part2 = run_in_processes(train_body, world, (split, []))[0]
+    losses = [loss for _, loss in first["train_losses"]]
+    resumed = [loss for _, loss in part1["train_losses"] + part2["train_losses"]]
+    assert [i for i, _ in part2["train_losses"]] == [4, 5, 6]
+    assert resumed == losses, f"{name}: straight {losses} vs resumed {resumed}"
+    assert part2["counters"] == first["counters"]
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.Popen([sys.executable, "-m", "megatron_grow", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigterm_saves_and_exits(kjv_dataset, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, tmp_path / "run",
+                          training={"train_iters": 100000}, checkpoint={"save_interval": 100000})
+    proc = _cli(["train", "--config", recipe])
+    deadline = time.time() + 240
+    seen = ""
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if "iter       2" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 3, err[-2000:]
+    iteration = layout.read_tracker(str(tmp_path / "run"))
+    assert iteration >= 2
+    io.check_shard_files(layout.iteration_dir(str(tmp_path / "run"), iteration))
+    assert "exiting with code 3" in out
+
+
+def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(kjv_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, run_dir,
+                          training={"train_iters": 100000}, checkpoint={"save_interval": 1, "keep_last": 2})
+    rng = random.Random(1234)
+    for attempt in range(4):
+        proc = _cli(["train", "--config", recipe], start_new_session=True)
+        # Wait for the first save of this attempt, then kill at a random moment (saves every step).
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if "saved" in proc.stdout.readline():
+                break
+        time.sleep(rng.uniform(0.0, 1.5))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        iteration = layout.read_tracker(str(run_dir))  # the tracker names a complete checkpoint
+        io.check_shard_files(layout.iteration_dir(str(run_dir), iteration))
+        assert io.read_manifest(layout.iteration_dir(str(run_dir), iteration))["counters"]["iteration"] == iteration
+    out = run_in_processes(train_body, 1, (recipe, [f"training.train_iters={iteration + 1}"]))[0]
+    assert out["train_losses"][0][0] == iteration + 1
+
+
+def test_grow_from_trains_and_verifies(kjv_dataset, tmp_path):
+    from megatron_grow.config.loader import load_recipe
+    from megatron_grow.growth.verify import verify_growth
+
+    base_recipe = write_recipe(tmp_path / "base.yaml", kjv_dataset, tmp_path / "base", training={"train_iters": 3})
+    run_in_processes(train_body, 1, (base_recipe, []))
+    grow_recipe = write_recipe(tmp_path / "grow.yaml", kjv_dataset, tmp_path / "grown",
+                               training={"train_iters": 5, "lr_warmup_iters": 1},
+                               parallel={"expert_model_parallel_size": 2})
+    with open(grow_recipe, "a") as f:
+        f.write("growth:\n  order: [depth, width]\n  depth: {mode: interposition, factor: 2}\n"
+                "  width: {factor: 2, noise: gaussian, alpha: 0.01}\n")
+    out = run_in_processes(train_body, 2, (grow_recipe, [], str(tmp_path / "base")))[0]
+    assert [i for i, _ in out["train_losses"]] == [4, 5]  # continues from the base's iteration 3
+    assert out["counters"]["sunk_flops"] > 0 and out["counters"]["flops_so_far"] > out["counters"]["sunk_flops"]
+    manifest = io.read_manifest(layout.iteration_dir(str(tmp_path / "grown"), 5))
+    assert manifest["model"]["num_layers"] == 8 and manifest["model"]["num_moe_experts"] == 16
+    assert manifest["lineage"][-1]["source_iteration"] == 3
+    metrics = run_in_processes(verify_growth, 2, (str(tmp_path / "base"), str(tmp_path / "grown"),
+                                                  ParallelConfig(expert_model_parallel_size=2)))[0]
+    assert 0.3 < metrics["routing_share_copies"] < 0.7
+    assert metrics["kl_mean"] < 0.5
+    del load_recipe
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing_prefix", "nope"),
+    ("vocab_mismatch", "vocab"),
+    ("batch_not_divisible", "global_batch_size"),
+])
+def test_bad_training_inputs(kjv_dataset, tmp_path, case, expect):
+    overrides = {
+        "missing_prefix": [f"data.data_path=[{tmp_path}/nope]"],
+        "vocab_mismatch": ["model.vocab_size=256"],
+        "batch_not_divisible": ["training.global_batch_size=7", "training.micro_batch_size=7",
+                                "parallel.expert_model_parallel_size=1"],
+    }[case]
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, tmp_path / "run")
+    if case == "batch_not_divisible":
+        overrides = ["training.global_batch_size=6", "training.micro_batch_size=4"]
+    proc = _cli(["train", "--config", recipe, *overrides])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert expect in err and "Traceback" not in err, err[-3000:]
+
+
+def test_architecture_mismatch_on_load_names_the_tensor(kjv_dataset, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, tmp_path / "run", training={"train_iters": 1})
+    run_in_processes(train_body, 1, (recipe, []))
+    proc = _cli(["train", "--config", recipe, "model.moe_ffn_hidden_size=16", "training.train_iters=2"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "linear_fc" in err and "global shape" in err, err[-2000:]
+    del SpawnError, build_save_forward
