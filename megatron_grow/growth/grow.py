@@ -77,6 +77,12 @@ class LoadStats:
 def prepare_growth(source_path: str, growth: GrowthConfig, source_model: Optional[ModelConfig] = None,
                    iteration: Optional[int] = None) -> GrowthSource:
     """Resolve the source checkpoint and the plan; every problem is raised before any tensor is read."""
+    if growth.optimizer == "carry":
+        raise GrowthError(
+            "growth.optimizer: carry is not available: it needs the optimizer state in model space (MCore's "
+            "fully_reshardable distributed-optimizer format), and with megatron-core 0.16.1 and torch AdamW "
+            "(no TE/apex) that format saves but cannot be loaded back (KeyError: 'step'); the dp_reshardable "
+            "format we resume from is tied to the parameter layout. Use optimizer: reset (the paper's choice).")
     ckpt_dir, it = layout.resolve_checkpoint_dir(source_path, iteration)
     storage = io.read_storage_metadata(ckpt_dir)
     io.check_shard_files(ckpt_dir, storage)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ from megatron_grow.errors import CheckpointError
 from megatron_grow.models.routing import unwrap
 
 OPTIMIZER_FORMAT = "dp_reshardable"
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
 def megatron_args(recipe: Recipe, model: ModelConfig, counters: dict, world_size: int) -> argparse.Namespace:
@@ -153,7 +155,10 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     io.check_against_checkpoint(state, ckpt_dir, md)  # names the first mismatching tensor
     stored = set(md.state_dict_metadata)
     model_sd = state["model"] if len(models) == 1 else state
-    with_optim = load_optim and optimizer is not None and any(k.startswith("optimizer.") for k in stored)
+    # Optimizer keys are "optimizer...." or, for a ChainedOptimizer (dense + expert), "chained_<i>.optimizer...."
+    with_optim = load_optim and optimizer is not None and any(_OPTIMIZER_KEY.match(k) for k in stored)
+    if load_optim and optimizer is not None and not with_optim and torch.distributed.get_rank() == 0:
+        print(f"[train] {ckpt_dir} has no optimizer state: Adam moments start fresh", flush=True)
     if with_optim:
         allocate_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(

@@ -1,6 +1,7 @@
 """``megatron-grow grow`` on bad input: one clear error, exit 2, nothing written, source untouched.
 
-Every case runs the real CLI as a subprocess (one process, no torchrun) against its own copy
+Every case runs the real CLI entry point (in this process; one test checks that a real
+subprocess agrees) against its own copy
 of one tiny source checkpoint and checks that
 
 * the exit status is 2 and stderr is exactly the error (``megatron-grow: error: ...``, no
@@ -30,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -73,6 +73,24 @@ def grow_argv(load: str, save: str, *extra: str, overrides: tuple = ()) -> list[
 def run_cli(argv: list[str], threads: int = 1) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=REPO, env=cli_env(threads), capture_output=True, text=True,
                           timeout=CLI_TIMEOUT)
+
+
+def run_cli_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``megatron_grow.__main__.main`` in this process: the same code as the CLI without paying the
+    torch/megatron import per case. Every case here fails before torch.distributed starts;
+    ``test_in_process_matches_subprocess`` checks both ways agree."""
+    import contextlib
+    import io as _io
+
+    from megatron_grow.__main__ import main
+
+    out, err = _io.StringIO(), _io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv[3:])
+        except SystemExit as e:  # argparse errors
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def tree_digest(root: str) -> Optional[dict]:
@@ -299,22 +317,30 @@ def _run_case(name: str, source: str, base: str) -> Outcome:
     ctx.load, ctx.save = ctx.load or ctx.src, ctx.save or ctx.dst
     src_before, dst_before = tree_digest(ctx.src), tree_digest(ctx.save)
     load_existed = os.path.exists(ctx.load)
-    proc = run_cli(grow_argv(ctx.load, ctx.save, *ctx.args, overrides=ctx.overrides))
+    proc = run_cli_in_process(grow_argv(ctx.load, ctx.save, *ctx.args, overrides=ctx.overrides))
     return Outcome(ctx, proc, src_before, tree_digest(ctx.src), dst_before, tree_digest(ctx.save),
                    load_existed)
 
 
 @pytest.fixture(scope="module")
 def bad_input_outcomes(request, source, tmp_path_factory) -> dict:
-    """Run every selected case (two CLI processes at a time); {name: Outcome}."""
+    """Run every selected case (in this process, one after another); {name: Outcome}."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if hasattr(item, "callspec") and item.module.__name__ == __name__
                 and "case" in item.callspec.params]
     names = [n for n in CASES if n in selected] or list(CASES)
     base = str(tmp_path_factory.mktemp("grow_bad_input_cases"))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {n: pool.submit(_run_case, n, source, base) for n in names}
-        return {n: f.result() for n, f in futures.items()}
+    return {n: _run_case(n, source, base) for n in names}
+
+
+def test_in_process_matches_subprocess(source, tmp_path):
+    """The real CLI process gives the same exit code and message as the in-process runs."""
+    src = str(tmp_path / "src")
+    shutil.copytree(source, src)
+    argv = grow_argv(src, str(tmp_path / "dst"), "--tensor-model-parallel-size", "3")
+    real, here = run_cli(argv), run_cli_in_process(argv)
+    assert real.returncode == here.returncode == 2, real.stderr
+    assert real.stderr.strip().splitlines()[-1] == here.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("case", list(CASES))

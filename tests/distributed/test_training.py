@@ -14,8 +14,8 @@ import pytest
 
 from megatron_grow.checkpoint import io, layout
 from megatron_grow.config.schema import ParallelConfig
-from megatron_grow.parallel.spawn import SpawnError, run_in_processes
-from tests.distributed.bodies import build_save_forward, train_body
+from megatron_grow.parallel.spawn import run_in_processes
+from tests.distributed.bodies import train_body
 from tests.distributed.conftest import REPO, write_recipe
 
 
@@ -102,7 +102,6 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(kjv_dataset, t
 
 
 def test_grow_from_trains_and_verifies(kjv_dataset, tmp_path):
-    from megatron_grow.config.loader import load_recipe
     from megatron_grow.growth.verify import verify_growth
 
     base_recipe = write_recipe(tmp_path / "base.yaml", kjv_dataset, tmp_path / "base", training={"train_iters": 3})
@@ -123,7 +122,6 @@ def test_grow_from_trains_and_verifies(kjv_dataset, tmp_path):
                                                   ParallelConfig(expert_model_parallel_size=2)))[0]
     assert 0.3 < metrics["routing_share_copies"] < 0.7
     assert metrics["kl_mean"] < 0.5
-    del load_recipe
 
 
 @pytest.mark.parametrize("case,expect", [
@@ -154,4 +152,3 @@ def test_architecture_mismatch_on_load_names_the_tensor(kjv_dataset, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err[-3000:]
     assert "linear_fc" in err and "global shape" in err, err[-2000:]
-    del SpawnError, build_save_forward

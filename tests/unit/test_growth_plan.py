@@ -175,3 +175,18 @@ def test_paper_yaml_targets():
     r = load_recipe(os.path.join(CONFIGS, "35b_to_70b.yaml"))
     t = make_growth_plan(r.model, r.growth).target
     assert (t.num_layers, t.num_moe_experts, t.moe_router_topk) == (56, 192, 12)
+
+
+def test_optimizer_carry_is_refused_with_the_reason(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from megatron_grow.config.loader import load_recipe
+    from megatron_grow.errors import GrowthError
+    from megatron_grow.growth.grow import prepare_growth
+
+    growth = dataclasses.replace(load_recipe("configs/growth/tiny_depth.yaml").growth, optimizer="carry")
+    with pytest.raises(GrowthError, match="fully_reshardable"):
+        prepare_growth(str(tmp_path / "never-read"), growth)
+    assert not (tmp_path / "never-read").exists()
