@@ -539,7 +539,7 @@ def write_plot(r: dict, path: str) -> str:
     ax1.axvline(sunk, color="k", linewidth=0.8, linestyle=":")
     ax1.annotate("growth (sunk cost)", (sunk, ax1.get_ylim()[1]), textcoords="offset points", xytext=(3, -12),
                  fontsize=8)
-    ax1.set_xlabel("total training FLOPs (grown curve includes the base's sunk FLOPs)")
+    ax1.set_xlabel("total training FLOPs\n(the grown curve starts at the base's sunk FLOPs)")
     ax1.set_ylabel("validation loss (nats/token)")
     ax1.set_title("validation loss vs total FLOPs")
     ax1.legend(fontsize=8)
@@ -548,7 +548,7 @@ def write_plot(r: dict, path: str) -> str:
         xs, ys = zip(*pts)
         ax2.plot(xs, ys, marker=".", label=labels[name], **style[name])
     ax2.axhline(c["base"][-1][1], color="tab:blue", linewidth=0.8, linestyle=":", label="base, final")
-    ax2.set_xlabel("additional FLOPs after growth (sunk cost not counted)")
+    ax2.set_xlabel("additional FLOPs after growth\n(the base's sunk cost not counted)")
     ax2.set_ylabel("validation loss (nats/token)")
     ax2.set_title("grown vs scratch at equal additional FLOPs")
     ax2.legend(fontsize=8)

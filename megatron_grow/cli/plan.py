@@ -180,6 +180,22 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     recipe = load_recipe(args.config, args.overrides)
+    if recipe.growth is not None:
+        # A growth recipe's model: is the source; its parallel:/training: sections are the grown run's.
+        import dataclasses
+
+        from megatron_grow.growth.plan import make_growth_plan
+        from megatron_grow.parallel.topology import model_layout_problems
+
+        grown = make_growth_plan(recipe.model, recipe.growth).target
+        layout_problems = model_layout_problems(grown, recipe.parallel)
+        if layout_problems:
+            raise LayoutError("; ".join(layout_problems))
+        recipe = dataclasses.replace(recipe, model=grown)
+        if not args.json:
+            print(f"planning the grown model ({' then '.join(recipe.growth.order or ('depth', 'width'))} growth of "
+                  f"the recipe's model: section): {grown.num_layers} layers, {grown.num_moe_experts} experts, "
+                  f"top-{grown.moe_router_topk}")
     if args.nodes is not None:
         world, choice = args.nodes * args.gpus_per_node, ""
     else:
