@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_grow.errors import GrowthError
     from megatron_grow.parallel.init import destroy_distributed
     from megatron_grow.training.checkpointing import has_checkpoint
-    from megatron_grow.training.trainer import Trainer
+    from megatron_grow.training.trainer import Trainer, check_data_inputs
 
     recipe = load_recipe(args.config, args.overrides)
     model, initialize = recipe.model, None
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         model, initialize = _growth_initializer(args, recipe)
     elif recipe.growth is not None and not has_checkpoint(recipe.checkpoint.load):
         raise GrowthError(f"{args.config} has a growth: section; pass --grow-from SRC (or use megatron-grow grow)")
+    check_data_inputs(recipe, model)  # before any process group, model or growth load
     try:
         result = Trainer(recipe, model=model, initialize=initialize).run()
     finally:

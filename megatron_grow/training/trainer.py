@@ -78,6 +78,21 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def check_data_inputs(recipe: Recipe, model: Optional[ModelConfig] = None) -> None:
+    """Every data problem that can be found without building anything (missing tokenizer or
+    dataset files, a vocabulary the model cannot hold): raised before any process group or model."""
+    from megatron_grow.data.datasets import check_prefixes, check_tokenizer, parse_data_path
+    from megatron_grow.data.tokenizer import load_tokenizer
+
+    d = recipe.data
+    if not d.tokenizer_model:
+        raise TrainingError("data.tokenizer_model is not set: training needs a sentencepiece model")
+    if not d.data_path:
+        raise TrainingError("data.data_path is empty: give one or more indexed-dataset prefixes")
+    check_prefixes(parse_data_path(list(d.data_path))[0])
+    check_tokenizer(load_tokenizer(d.tokenizer_model), model or recipe.model)
+
+
 class Trainer:
     """Build everything from a recipe, then ``run()``."""
 
@@ -85,6 +100,7 @@ class Trainer:
                  initialize: Optional[Callable[[list], dict]] = None, progress: bool = True):
         from megatron_grow.parallel.init import initialize_distributed
 
+        check_data_inputs(recipe, model)
         self.recipe = recipe
         self.model_cfg = model or recipe.model
         self.initialize = initialize
@@ -126,10 +142,6 @@ class Trainer:
         from megatron_grow.data.tokenizer import load_tokenizer
 
         d = self.recipe.data
-        if not d.tokenizer_model:
-            raise TrainingError("data.tokenizer_model is not set: training needs a sentencepiece model")
-        if not d.data_path:
-            raise TrainingError("data.data_path is empty: give one or more indexed-dataset prefixes")
         tokenizer = load_tokenizer(d.tokenizer_model)
         recipe = self.recipe
         if self.model_cfg is not recipe.model:

@@ -141,3 +141,12 @@ def train_body(recipe_path: str, overrides: list, grow_from: str | None = None):
     result.update(exit_code=run.exit_code, iteration=run.iteration, train_losses=run.train_losses,
                   valid_losses=run.valid_losses, counters=run.counters, last_checkpoint=run.last_checkpoint)
     return result
+
+
+def train_sequence(runs: list):
+    """Several trainer runs one after another in the same processes: [(recipe, overrides), ...].
+
+    Each run builds a new Trainer (new model, optimizer and data iterators); state crosses runs
+    only through the checkpoint on disk, as it does across jobs.
+    """
+    return [train_body(recipe, overrides) for recipe, overrides in runs]

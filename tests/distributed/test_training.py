@@ -15,7 +15,7 @@ import pytest
 from megatron_grow.checkpoint import io, layout
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
-from tests.distributed.bodies import train_body
+from tests.distributed.bodies import train_body, train_sequence
 from tests.distributed.conftest import REPO, write_recipe
 
 
@@ -39,11 +39,11 @@ def test_validation_loss_falls(kjv_dataset, tmp_path):
 def test_resume_is_bitwise(kjv_dataset, tmp_path, name, world, parallel):
     straight = write_recipe(tmp_path / "a.yaml", kjv_dataset, tmp_path / "a", parallel=parallel,
                             training={"train_iters": 6}, checkpoint={"save_interval": 3})
-    first = run_in_processes(train_body, world, (straight, []))[0]
     split = write_recipe(tmp_path / "b.yaml", kjv_dataset, tmp_path / "b", parallel=parallel,
                          training={"train_iters": 6}, checkpoint={"save_interval": 3})
-    part1 = run_in_processes(train_body, world, (split, ["training.train_iters=3"]))[0]
-    part2 = run_in_processes(train_body, world, (split, []))[0]
+    # One set of processes: straight 6 steps; then 3 steps, stop; then a new Trainer resumes from disk.
+    first, part1, part2 = run_in_processes(train_sequence, world, ([(straight, []), (split, ["training.train_iters=3"]),
+                                                                    (split, [])],))[0]
     losses = [loss for _, loss in first["train_losses"]]
     resumed = [loss for _, loss in part1["train_losses"] + part2["train_losses"]]
     assert [i for i, _ in part2["train_losses"]] == [4, 5, 6]
@@ -124,25 +124,34 @@ def test_grow_from_trains_and_verifies(kjv_dataset, tmp_path):
     assert metrics["kl_mean"] < 0.5
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("missing_prefix", "nope"),
-    ("vocab_mismatch", "vocab"),
-    ("batch_not_divisible", "global_batch_size"),
+def _main_in_process(argv: list) -> tuple[int, str]:
+    """The CLI entry point in this process (these errors come before any process group starts)."""
+    import contextlib
+    import io as _io
+
+    from megatron_grow.__main__ import main
+
+    err = _io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(_io.StringIO()):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("case,overrides,expect", [
+    ("missing_prefix", ["data.data_path=[{tmp}/nope]"], "nope"),
+    ("vocab_mismatch", ["model.vocab_size=256"], "model.vocab_size (256) is smaller"),
+    ("batch_not_divisible", ["training.global_batch_size=6", "training.micro_batch_size=4"], "global_batch_size"),
+    ("unknown_key", ["training.lrr=1"], "did you mean 'lr'"),
 ])
-def test_bad_training_inputs(kjv_dataset, tmp_path, case, expect):
-    overrides = {
-        "missing_prefix": [f"data.data_path=[{tmp_path}/nope]"],
-        "vocab_mismatch": ["model.vocab_size=256"],
-        "batch_not_divisible": ["training.global_batch_size=7", "training.micro_batch_size=7",
-                                "parallel.expert_model_parallel_size=1"],
-    }[case]
+def test_bad_training_inputs(kjv_dataset, tmp_path, case, overrides, expect):
+    import torch
+
     recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, tmp_path / "run")
-    if case == "batch_not_divisible":
-        overrides = ["training.global_batch_size=6", "training.micro_batch_size=4"]
-    proc = _cli(["train", "--config", recipe, *overrides])
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err[-3000:]
-    assert expect in err and "Traceback" not in err, err[-3000:]
+    code, err = _main_in_process(["train", "--config", recipe, *[o.format(tmp=tmp_path) for o in overrides]])
+    assert code == 2, err
+    assert expect in err and "Traceback" not in err, err
+    assert not torch.distributed.is_initialized()
+    assert not (tmp_path / "run").exists()
 
 
 def test_architecture_mismatch_on_load_names_the_tensor(kjv_dataset, tmp_path):
