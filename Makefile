@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/megatron-grow plan --config configs/models/70b.yaml
+	$(VENV)/bin/megatron-grow demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_grow tests benchmarks tools

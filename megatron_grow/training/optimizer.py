@@ -29,7 +29,7 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], recipe: Recipe) -> list:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=recipe.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,  # NaN is caught on the loss, with a clear message
+        check_for_nan_in_grad=True,  # MCore raises before the optimizer step; the trainer reports it
     )
     wrapped = []
     for i, chunk in enumerate(chunks):

@@ -288,11 +288,20 @@ class Trainer:
                 for c in self.chunks:
                     c.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                loss = self._forward_backward(micro, forward_only=False)
+                where = f"the last good checkpoint is {last_saved or ck.load or '(none saved yet)'}"
+                try:
+                    loss = self._forward_backward(micro, forward_only=False)
+                except RuntimeError as e:  # DDP's check_for_nan_in_grad, raised before any update
+                    if "NaN" not in str(e) and "Inf" not in str(e):
+                        raise
+                    raise TrainingError(f"non-finite gradients at iteration {iteration}; stopping without "
+                                        f"saving: {where}") from None
                 if not math.isfinite(loss):
-                    where = f"the last good checkpoint is {last_saved or ck.load or '(none saved yet)'}"
                     raise TrainingError(f"loss is {loss} at iteration {iteration}; stopping without saving: {where}")
                 ok, grad_norm, _ = self.optimizer.step()
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise TrainingError(f"gradient norm is {grad_norm} at iteration {iteration}; stopping without "
+                                        f"saving (this step's update is discarded with the process): {where}")
                 scheduler.step(increment=1)
                 counters["iteration"] = iteration
                 counters["consumed_samples"] += t.global_batch_size

@@ -161,3 +161,19 @@ def test_architecture_mismatch_on_load_names_the_tensor(kjv_dataset, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err[-3000:]
     assert "linear_fc" in err and "global shape" in err, err[-2000:]
+
+
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(kjv_dataset, tmp_path):
+    # An absurd learning rate without clipping makes the gradients non-finite within a few steps.
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, tmp_path / "run",
+                          training={"train_iters": 20, "lr": 1.0e4, "min_lr": 0.0, "clip_grad": 0.0},
+                          checkpoint={"save_interval": 1})
+    proc = _cli(["train", "--config", recipe])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    message = err.strip().splitlines()[-1]
+    assert "non-finite" in message or "loss is nan" in message or "gradient norm is" in message, message
+    assert "Traceback" not in err
+    last_good = layout.read_tracker(str(tmp_path / "run"))
+    assert f"iter_{last_good:07d}" in message  # the message names the checkpoint left in place
+    io.check_shard_files(layout.iteration_dir(str(tmp_path / "run"), last_good))
