@@ -175,6 +175,25 @@ def parallel_section(size: DemoSize, ranks: int) -> dict:
     return {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": ep}
 
 
+def training_section(size: DemoSize, seed: int = 1234) -> dict:
+    """The ``training:`` section without ``train_iters``: constant LR, no warmup (shared with repro)."""
+    return {
+        "micro_batch_size": size.micro_batch_size, "global_batch_size": size.global_batch_size,
+        "lr": size.lr, "min_lr": size.lr, "lr_decay_style": "constant", "lr_warmup_iters": 0,
+        "eval_interval": size.eval_interval, "eval_iters": size.eval_iters, "bf16": size.name == "gpu",
+        "seed": seed,
+    }
+
+
+def common_sections(size: DemoSize, ranks: int, data: dict) -> dict:
+    """The ``parallel:``, ``data:`` and ``logging:`` sections every run of the demo shares."""
+    return {
+        "parallel": parallel_section(size, ranks),
+        "data": {"data_path": [data["prefix"]], "tokenizer_model": data["tokenizer_model"], "split": "98,2,0"},
+        "logging": {"log_interval": max(1, size.eval_interval // 2)},
+    }
+
+
 def build_recipes(workdir: str, size: DemoSize, ranks: int, data: dict) -> dict:
     """Write the three training recipes (and the growth recipe) as YAML; return their paths."""
     import yaml
@@ -185,17 +204,8 @@ def build_recipes(workdir: str, size: DemoSize, ranks: int, data: dict) -> dict:
     runs = os.path.join(workdir, "runs")
     rdir = os.path.join(workdir, "recipes")
     os.makedirs(rdir, exist_ok=True)
-    training = {
-        "micro_batch_size": size.micro_batch_size, "global_batch_size": size.global_batch_size,
-        "lr": size.lr, "min_lr": size.lr, "lr_decay_style": "constant", "lr_warmup_iters": 0,
-        "eval_interval": size.eval_interval, "eval_iters": size.eval_iters, "bf16": size.name == "gpu",
-        "seed": 1234,
-    }
-    common = {
-        "parallel": parallel_section(size, ranks),
-        "data": {"data_path": [data["prefix"]], "tokenizer_model": data["tokenizer_model"], "split": "98,2,0"},
-        "logging": {"log_interval": max(1, size.eval_interval // 2)},
-    }
+    training = training_section(size)
+    common = common_sections(size, ranks, data)
 
     def ckpt(name, interval):
         d = os.path.join(runs, name)

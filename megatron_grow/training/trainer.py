@@ -101,6 +101,10 @@ class Trainer:
         from megatron_grow.parallel.init import initialize_distributed
 
         check_data_inputs(recipe, model)
+        from megatron.core.transformer.moe import moe_utils
+
+        # MCore's aux-loss tracker is process-global and sized by the first model's layer count.
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
         self.recipe = recipe
         self.model_cfg = model or recipe.model
         self.initialize = initialize

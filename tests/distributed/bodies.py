@@ -101,6 +101,11 @@ def plain_tensors(ckpt_root: str) -> dict:
             if isinstance(v, torch.Tensor)}
 
 
+def plain_tensors_of_many(ckpt_roots: list) -> list:
+    """``plain_tensors`` for several checkpoints in one process."""
+    return [plain_tensors(root) for root in ckpt_roots]
+
+
 def oracle_vs_sharded(source_root: str, grown_root: str, growth) -> dict:
     """Grow the source model's plain state dict with the oracle; load the grown checkpoint into a
     1-process model; return both state dicts (tensors only)."""

@@ -20,6 +20,7 @@ from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed.bodies import (
     build_save_forward, first_result, grow_body, load_forward, oracle_vs_sharded, plain_tensors,
+    plain_tensors_of_many,
 )
 
 RECIPE = load_recipe("configs/growth/tiny_depth_width.yaml")
@@ -54,13 +55,21 @@ def grown(source, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def grown_tensors(grown):
-    return {name: run_in_processes(plain_tensors, 1, (dst,))[0] for name, dst in grown.items()}
+def all_tensors(source, grown):
+    """Plain tensors of the source and of every grown checkpoint, read in one process."""
+    names = list(grown)
+    loaded = run_in_processes(plain_tensors_of_many, 1, ([source[0]] + [grown[n] for n in names],))[0]
+    return loaded[0], dict(zip(names, loaded[1:]))
 
 
 @pytest.fixture(scope="module")
-def source_tensors(source):
-    return run_in_processes(plain_tensors, 1, (source[0],))[0]
+def grown_tensors(all_tensors):
+    return all_tensors[1]
+
+
+@pytest.fixture(scope="module")
+def source_tensors(all_tensors):
+    return all_tensors[0]
 
 
 def test_grown_checkpoints_identical_across_layouts(grown_tensors):
