@@ -17,7 +17,8 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifest: dict,
-                    keep_last: Optional[int] = None) -> str:
+                    keep_last: int | None = None) -> str:
     """Write one checkpoint atomically; returns the final ``iter_N`` directory."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy

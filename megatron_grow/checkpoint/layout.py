@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
 from megatron_grow.errors import CheckpointError
 
@@ -67,7 +66,7 @@ def read_tracker(root: str) -> int:
     return iteration
 
 
-def resolve_checkpoint_dir(path: str, iteration: Optional[int] = None) -> tuple[str, int]:
+def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> tuple[str, int]:
     """Accept a run root (uses the tracker, or ``iteration``) or an ``iter_N`` directory."""
     m = _ITER_RE.match(os.path.basename(os.path.normpath(path)))
     if m and iteration is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any
 
 from megatron_grow.checkpoint import io
 from megatron_grow.config.schema import ModelConfig
@@ -35,7 +35,7 @@ def empty_counters() -> dict:
 
 
 def build_manifest(*, model: ModelConfig, layout: dict, counters: dict, lineage: list,
-                   recipe: Optional[dict] = None) -> dict:
+                   recipe: dict | None = None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "created": io.now(),
@@ -87,7 +87,7 @@ class CheckpointInfo:
 
     ckpt_dir: str
     iteration: int
-    model: Optional[ModelConfig]
+    model: ModelConfig | None
     counters: dict
     lineage: list
     layout: dict

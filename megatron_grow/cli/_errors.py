@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # Errors that describe bad input; anything else is a bug and keeps its traceback.
 USER_ERROR_EXIT = 2

@@ -70,8 +70,7 @@ def _growth_initializer(args, recipe):
 
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.errors import GrowthError
-    from megatron_grow.growth.grow import grow_load_into
-    from megatron_grow.growth.grow import prepare_growth
+    from megatron_grow.growth.grow import grow_load_into, prepare_growth
     from megatron_grow.parallel.topology import model_layout_problems
 
     source_model = load_recipe(args.source_config).model if args.source_config else None

@@ -17,7 +17,8 @@ import difflib
 import os
 import types
 import typing
-from typing import Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -27,7 +28,7 @@ from megatron_grow.config.schema import Recipe
 class ConfigError(ValueError):
     """A recipe problem; ``str()`` lists every problem, one per line, each naming its key."""
 
-    def __init__(self, problems: list[str], source: Optional[str] = None):
+    def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
         self.source = source
         head = f"invalid recipe {source}" if source else "invalid recipe"
@@ -93,8 +94,8 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
     return out
 
 
-def load_recipe(path: Optional[str] = None, overrides: Iterable[str] = (),
-                raw: Optional[dict] = None) -> Recipe:
+def load_recipe(path: str | None = None, overrides: Iterable[str] = (),
+                raw: dict | None = None) -> Recipe:
     """Load a recipe file (or an already-read mapping), apply overrides, type-check and validate."""
     from megatron_grow.config.validate import check_recipe  # cross-section rules
 

@@ -14,7 +14,7 @@ Every field carries its documentation and its constraints in ``field(metadata=..
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 def spec(default: Any = None, doc: str = "", *, choices=None, ge=None, gt=None, le=None,
@@ -38,7 +38,7 @@ class ModelConfig:
     num_moe_experts: int = spec(4, "routed experts per layer E", ge=1)
     moe_router_topk: int = spec(2, "experts activated per token k", ge=1)
     moe_ffn_hidden_size: int = spec(32, "FFN width F of one SwiGLU expert", ge=1)
-    moe_shared_expert_intermediate_size: Optional[int] = spec(
+    moe_shared_expert_intermediate_size: int | None = spec(
         None, "FFN width of an always-on shared expert; null for none (the paper has none)", ge=1)
     moe_router_score_function: str = spec(
         "sigmoid", "router score function", choices=("sigmoid", "softmax"))
@@ -49,9 +49,9 @@ class ModelConfig:
         "global_aux_loss", "auxiliary load-balancing loss",
         choices=("global_aux_loss", "aux_loss", "seq_aux_loss", "none"))
     moe_aux_loss_coeff: float = spec(1e-3, "coefficient of the load-balancing aux loss", ge=0.0)
-    moe_router_topk_scaling_factor: Optional[float] = spec(
+    moe_router_topk_scaling_factor: float | None = spec(
         None, "scale applied to routing weights; null for none", gt=0.0)
-    moe_router_dtype: Optional[str] = spec("fp32", "router compute dtype", choices=("fp32", "fp64", None))
+    moe_router_dtype: str | None = spec("fp32", "router compute dtype", choices=("fp32", "fp64", None))
     moe_token_dispatcher_type: str = spec(
         "alltoall", "token dispatcher; CPU mode switches alltoall to allgather",
         choices=("alltoall", "allgather"))
@@ -80,13 +80,13 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = spec(1, "TP degree", ge=1)
     pipeline_model_parallel_size: int = spec(1, "PP degree", ge=1)
-    virtual_pipeline_model_parallel_size: Optional[int] = spec(
+    virtual_pipeline_model_parallel_size: int | None = spec(
         None, "model chunks per pipeline stage (interleaved 1F1B); null for none", ge=2)
     expert_model_parallel_size: int = spec(1, "EP degree", ge=1)
-    expert_tensor_parallel_size: Optional[int] = spec(
+    expert_tensor_parallel_size: int | None = spec(
         None, "TP degree inside experts; null means the same as tensor_model_parallel_size", ge=1)
     context_parallel_size: int = spec(1, "CP degree", ge=1)
-    sequence_parallel: Optional[bool] = spec(
+    sequence_parallel: bool | None = spec(
         None, "sequence parallelism; null turns it on exactly when TP > 1 (MoE with TP requires it)")
     use_distributed_optimizer: bool = spec(True, "shard optimizer state over data-parallel ranks (ZeRO-1)")
 
@@ -114,7 +114,7 @@ class TrainingConfig:
     seed: int = spec(1234, "base random seed", ge=0)
     eval_interval: int = spec(100, "validate every N steps", ge=1)
     eval_iters: int = spec(10, "validation batches per evaluation", ge=0)
-    recompute_granularity: Optional[str] = spec(
+    recompute_granularity: str | None = spec(
         None, "activation recomputation; null for none", choices=(None, "full", "selective"))
 
 
@@ -124,7 +124,7 @@ class DataConfig:
 
     data_path: tuple = spec(factory=tuple, doc="dataset prefixes, optionally as [weight, prefix, weight, prefix, ...]")
     split: str = spec("98,1,1", "train,valid,test proportions")
-    tokenizer_model: Optional[str] = spec(None, "sentencepiece .model file")
+    tokenizer_model: str | None = spec(None, "sentencepiece .model file")
     num_workers: int = spec(0, "data-loader worker processes", ge=0)
 
 
@@ -132,8 +132,8 @@ class DataConfig:
 class CheckpointConfig:
     """Megatron-LM checkpoint layout, torch_dist format."""
 
-    save: Optional[str] = spec(None, "directory to save checkpoints in")
-    load: Optional[str] = spec(None, "directory to resume from (its latest_checkpointed_iteration.txt)")
+    save: str | None = spec(None, "directory to save checkpoints in")
+    load: str | None = spec(None, "directory to resume from (its latest_checkpointed_iteration.txt)")
     save_interval: int = spec(100, "save every N steps", ge=1)
     keep_last: int = spec(3, "keep the newest N checkpoints; older ones are deleted after a save", ge=1)
     ckpt_format: str = spec("torch_dist", "checkpoint format", choices=("torch_dist",))
@@ -146,10 +146,10 @@ class LoggingConfig:
     """Console, tensorboard and wandb sinks."""
 
     log_interval: int = spec(10, "console line every N steps", ge=1)
-    tensorboard_dir: Optional[str] = spec(None, "tensorboard event directory; null disables")
-    wandb_project: Optional[str] = spec(None, "wandb project; null disables wandb")
+    tensorboard_dir: str | None = spec(None, "tensorboard event directory; null disables")
+    wandb_project: str | None = spec(None, "wandb project; null disables wandb")
     wandb_mode: str = spec("offline", "wandb mode", choices=("offline", "online", "disabled"))
-    wandb_exp_name: Optional[str] = spec(None, "wandb run name")
+    wandb_exp_name: str | None = spec(None, "wandb run name")
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Recipe:
     data: DataConfig = spec(factory=DataConfig, doc="data and tokenizer")
     checkpoint: CheckpointConfig = spec(factory=CheckpointConfig, doc="checkpointing")
     logging: LoggingConfig = spec(factory=LoggingConfig, doc="logging sinks")
-    growth: Optional[GrowthConfig] = spec(None, "grow the loaded checkpoint before training; null for none")
+    growth: GrowthConfig | None = spec(None, "grow the loaded checkpoint before training; null for none")
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class WidthGrowthConfig:
     """Width growth: duplicate experts with noise and raise top-k (NOTES.md section 2)."""
 
     factor: int = spec(2, "growth factor m: experts E -> m*E", ge=2)
-    topk_factor: Optional[int] = spec(
+    topk_factor: int | None = spec(
         None, "top-k k -> topk_factor*k; null means the same as factor (the paper); 1 is the E-only ablation",
         ge=1)
     expert_layout: str = spec("append", "append (copies after all originals; the paper) or interleave "
@@ -207,8 +207,8 @@ class GrowthConfig:
 
     order: tuple = spec(factory=tuple, doc="operators in the order applied, e.g. [depth, width]; each at most "
                         "once and exactly the non-null sections; empty means depth then width")
-    depth: Optional[DepthGrowthConfig] = spec(None, "depth growth; null for none")
-    width: Optional[WidthGrowthConfig] = spec(None, "width growth; null for none")
+    depth: DepthGrowthConfig | None = spec(None, "depth growth; null for none")
+    width: WidthGrowthConfig | None = spec(None, "width growth; null for none")
     seed: int = spec(1234, "seed of the growth noise (keyed with tensor, layer and expert, never with rank)",
                      ge=0)
     optimizer: str = spec("reset", "reset (fresh Adam moments; the paper) or carry (grow the moments too)",

@@ -25,8 +25,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -74,8 +75,8 @@ class LoadStats:
     per_group: list = field(default_factory=list)
 
 
-def prepare_growth(source_path: str, growth: GrowthConfig, source_model: Optional[ModelConfig] = None,
-                   iteration: Optional[int] = None) -> GrowthSource:
+def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelConfig | None = None,
+                   iteration: int | None = None) -> GrowthSource:
     """Resolve the source checkpoint and the plan; every problem is raised before any tensor is read."""
     if growth.optimizer == "carry":
         raise GrowthError(
@@ -145,7 +146,7 @@ def _target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
     return list(io.iter_sharded_tensors(sd))
 
 
-def _collective_load(requests: dict, ckpt_dir: str, whole_tensors: Optional[dict] = None) -> None:
+def _collective_load(requests: dict, ckpt_dir: str, whole_tensors: dict | None = None) -> None:
     """One dist_checkpointing load of this rank's requests (possibly none); every rank calls it.
 
     With a single rank, MCore's torch_dist loader cannot read part of a tensor (torch's
@@ -299,8 +300,7 @@ def _check_target_model(model_chunks, target: ModelConfig) -> None:
 
 
 def _persistent_tensors(module: torch.nn.Module):
-    for name, p in module.named_parameters():
-        yield name, p
+    yield from module.named_parameters()
     for mod_name, mod in module.named_modules():
         for b_name, b in mod._buffers.items():
             if b is not None and b_name not in mod._non_persistent_buffers_set and b.is_floating_point():
@@ -381,7 +381,7 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
 
 
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, source_model=None,
-                    recipe_dict: Optional[dict] = None, overwrite: bool = False, seed: int = 1234,
+                    recipe_dict: dict | None = None, overwrite: bool = False, seed: int = 1234,
                     progress: bool = True) -> dict:
     """Offline growth (collective): returns a summary dict (rank 0's numbers)."""
     from megatron_grow.models.params import count_params
@@ -404,6 +404,8 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
         f"experts {plan.source.num_moe_experts} -> {plan.target.num_moe_experts}, "
         f"top-k {plan.source.moe_router_topk} -> {plan.target.moe_router_topk}; target layout "
         f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}")
+    from megatron_grow.models.builder import build_model_chunks
+
     chunks = build_model_chunks(plan.target, parallel, initialize=False)  # every weight comes from SRC
     stats = load_grown_weights(chunks, source, progress=progress)
     before, after = count_params(plan.source).total, count_params(plan.target).total
@@ -454,14 +456,6 @@ def common_state(counters: dict, manifest: dict) -> dict:
         "num_floating_point_operations_so_far": counters.get("flops_so_far", 0),
         "megatron_grow": manifest,
     }
-
-
-def build_model_chunks(model: ModelConfig, parallel, initialize: bool = True) -> list:
-    from megatron_grow.models.builder import build_gpt_model
-
-    vpp = parallel.virtual_pipeline_model_parallel_size
-    stages = range(vpp) if vpp else [None]
-    return [build_gpt_model(model, parallel, vp_stage=v, initialize=initialize) for v in stages]
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:

@@ -24,8 +24,9 @@ No I/O and no torch.distributed here: ``growth.grow`` loads the requests and app
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 
@@ -50,11 +51,11 @@ class SliceTask:
     target: Any                 # ShardedTensor; .data is (a view of) the model parameter
     kind: str
     request_id: tuple           # key into the deduplicated source requests
-    target_layer: Optional[int] = None
-    target_expert: Optional[int] = None
-    source_layer: Optional[int] = None
-    source_expert: Optional[int] = None
-    logical_key: Optional[str] = None   # noise.FC1_KEY / FC2_KEY for routed experts
+    target_layer: int | None = None
+    target_expert: int | None = None
+    source_layer: int | None = None
+    source_expert: int | None = None
+    logical_key: str | None = None   # noise.FC1_KEY / FC2_KEY for routed experts
 
     @property
     def region(self) -> tuple:
@@ -69,7 +70,7 @@ class SliceTask:
         return tuple(st.global_shape[st.prepend_axis_num:])
 
 
-def expert_logical_key(storage_key: str) -> Optional[str]:
+def expert_logical_key(storage_key: str) -> str | None:
     if storage_key.endswith("linear_fc1.weight"):
         return noise.FC1_KEY
     if storage_key.endswith("linear_fc2.weight"):
@@ -152,7 +153,7 @@ def needs_expert_stats(plan: GrowthPlan) -> bool:
 
 
 def grown_slice(task: SliceTask, source: torch.Tensor, plan: GrowthPlan,
-                expert_std: Optional[dict] = None) -> torch.Tensor:
+                expert_std: dict | None = None) -> torch.Tensor:
     """The target slice's values, from its loaded source request."""
     if task.kind in (UNCHANGED,):
         return source

@@ -11,7 +11,7 @@ The probe batch is seeded random tokens unless token batches are passed in.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,10 +36,10 @@ def _probe_batches(vocab: int, seq: int, n_micro: int, micro: int, seed: int) ->
 
 
 def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *,
-                  batches: Optional[Sequence[torch.Tensor]] = None, seq_length: Optional[int] = None,
+                  batches: Sequence[torch.Tensor] | None = None, seq_length: int | None = None,
                   seed: int = 0) -> dict:
     """Compare logits and routing; returns the metrics (the same dict on every rank)."""
-    from megatron_grow.growth.grow import build_model_chunks
+    from megatron_grow.models.builder import build_model_chunks
     from megatron_grow.models.forward import forward_logits
     from megatron_grow.parallel.init import initialize_distributed
 

@@ -8,7 +8,6 @@ without memory.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -18,10 +17,10 @@ from megatron_grow.models.mcore_config import padded_vocab_size, to_transformer_
 from megatron_grow.models.specs import decoder_block_spec
 
 
-def build_gpt_model(model: ModelConfig, parallel: Optional[ParallelConfig] = None, *,
-                    params_dtype: torch.dtype = torch.float32, pre_process: Optional[bool] = None,
-                    post_process: Optional[bool] = None, vp_stage: Optional[int] = None,
-                    use_te: Optional[bool] = None, meta: bool = False, initialize: bool = True) -> GPTModel:
+def build_gpt_model(model: ModelConfig, parallel: ParallelConfig | None = None, *,
+                    params_dtype: torch.dtype = torch.float32, pre_process: bool | None = None,
+                    post_process: bool | None = None, vp_stage: int | None = None,
+                    use_te: bool | None = None, meta: bool = False, initialize: bool = True) -> GPTModel:
     """One pipeline stage (or model chunk) of the model, on this rank's slice of TP/EP.
 
     ``initialize=False`` leaves weights uninitialised (``torch.empty``): for models whose every
@@ -52,3 +51,13 @@ def build_gpt_model(model: ModelConfig, parallel: Optional[ParallelConfig] = Non
             rotary_percent=model.rotary_percent,
             vp_stage=vp_stage,
         )
+
+
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig | None = None, *,
+                       params_dtype: torch.dtype = torch.float32, initialize: bool = True) -> list:
+    """This rank's model chunks: one per virtual pipeline stage (one without virtual PP)."""
+    parallel = parallel or ParallelConfig()
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp else [None]
+    return [build_gpt_model(model, parallel, params_dtype=params_dtype, vp_stage=v, initialize=initialize)
+            for v in stages]

@@ -11,7 +11,7 @@ MCore's default causal mask is built on ``"cuda"``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,8 +36,8 @@ def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def forward_logits(model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[torch.Tensor],
-                   labels: Optional[Sequence[torch.Tensor]] = None
-                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                   labels: Sequence[torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Logits ``[n_micro * b, s, vocab]`` (and per-token loss if labels given) on the last stage."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func

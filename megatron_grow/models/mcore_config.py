@@ -8,7 +8,6 @@ and the ones the platform forces (no fused kernels, fp32 on CPU).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
     return -(-model.vocab_size // multiple) * multiple
 
 
-def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
+def to_transformer_config(model: ModelConfig, parallel: ParallelConfig | None = None,
                           params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """Map the recipe's model and parallel sections onto MCore's ``TransformerConfig``."""
     parallel = parallel or ParallelConfig()

@@ -18,7 +18,8 @@ import socket
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class SpawnError(RuntimeError):

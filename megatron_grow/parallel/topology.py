@@ -8,7 +8,6 @@ These functions say whether a layout fits a model and a world size, and why not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig
 
@@ -23,7 +22,7 @@ class Layout:
     ep: int
     etp: int
     cp: int
-    vpp: Optional[int]
+    vpp: int | None
 
     @property
     def dp(self) -> int:
@@ -87,7 +86,7 @@ def model_layout_problems(model: ModelConfig, parallel: ParallelConfig) -> list[
 
 
 def world_layout_problems(parallel: ParallelConfig, world_size: int,
-                          training: Optional[TrainingConfig] = None) -> list[str]:
+                          training: TrainingConfig | None = None) -> list[str]:
     """Problems that appear once the world size is known."""
     layout = resolve_layout(parallel, world_size)
     out = []

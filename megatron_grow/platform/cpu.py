@@ -36,7 +36,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

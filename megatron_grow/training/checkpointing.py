@@ -25,7 +25,7 @@ import argparse
 import os
 import random
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,8 @@ def megatron_args(recipe: Recipe, model: ModelConfig, counters: dict, world_size
         untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type, rotary_base=model.rotary_base,
         rotary_percent=model.rotary_percent, seq_length=model.seq_length,
-        max_position_embeddings=model.seq_length, padded_vocab_size=padded_vocab_size(model, p.tensor_model_parallel_size),
+        max_position_embeddings=model.seq_length,
+        padded_vocab_size=padded_vocab_size(model, p.tensor_model_parallel_size),
         make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, init_method_std=model.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -102,7 +103,7 @@ def restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _rng_sharded_object(state: Optional[dict]):
+def _rng_sharded_object(state: dict | None):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -111,7 +112,7 @@ def _rng_sharded_object(state: Optional[dict]):
 
 def save_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optimizer, scheduler, recipe: Recipe,
                              model: ModelConfig, counters: dict, lineage: list, layout_info: dict,
-                             keep_last: Optional[int] = None) -> str:
+                             keep_last: int | None = None) -> str:
     models = [unwrap(c) for c in chunks]
     state = io.model_sharded_state_dict(models)
     model_sd = state["model"] if len(models) == 1 else state
@@ -132,7 +133,7 @@ def save_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     return io.save_checkpoint(root, counters["iteration"], state, manifest, keep_last=keep_last)
 
 
-def has_checkpoint(root: Optional[str]) -> bool:
+def has_checkpoint(root: str | None) -> bool:
     return bool(root) and os.path.isfile(os.path.join(root, layout.TRACKER_FILENAME))
 
 

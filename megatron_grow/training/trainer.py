@@ -15,11 +15,10 @@ random init.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -41,7 +40,7 @@ class RunResult:
     train_losses: list = field(default_factory=list)   # (iteration, loss)
     valid_losses: list = field(default_factory=list)   # (iteration, loss, flops_so_far)
     counters: dict = field(default_factory=dict)
-    last_checkpoint: Optional[str] = None
+    last_checkpoint: str | None = None
 
 
 class _SignalFlag:
@@ -78,7 +77,7 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def check_data_inputs(recipe: Recipe, model: Optional[ModelConfig] = None) -> None:
+def check_data_inputs(recipe: Recipe, model: ModelConfig | None = None) -> None:
     """Every data problem that can be found without building anything (missing tokenizer or
     dataset files, a vocabulary the model cannot hold): raised before any process group or model."""
     from megatron_grow.data.datasets import check_prefixes, check_tokenizer, parse_data_path
@@ -96,8 +95,8 @@ def check_data_inputs(recipe: Recipe, model: Optional[ModelConfig] = None) -> No
 class Trainer:
     """Build everything from a recipe, then ``run()``."""
 
-    def __init__(self, recipe: Recipe, *, model: Optional[ModelConfig] = None,
-                 initialize: Optional[Callable[[list], dict]] = None, progress: bool = True):
+    def __init__(self, recipe: Recipe, *, model: ModelConfig | None = None,
+                 initialize: Callable[[list], dict] | None = None, progress: bool = True):
         from megatron_grow.parallel.init import initialize_distributed
 
         check_data_inputs(recipe, model)
@@ -124,14 +123,12 @@ class Trainer:
     def _build(self):
         from megatron.core.distributed import finalize_model_grads
 
-        from megatron_grow.models.builder import build_gpt_model
+        from megatron_grow.models.builder import build_model_chunks
         from megatron_grow.training.optimizer import build_optimizer, wrap_ddp
 
-        vpp = self.recipe.parallel.virtual_pipeline_model_parallel_size
-        stages = range(vpp) if vpp else [None]
         # Weights that are about to be overwritten (growth on load) skip MCore's random init.
-        raw = [build_gpt_model(self.model_cfg, self.recipe.parallel, params_dtype=self.params_dtype, vp_stage=v,
-                               initialize=self.initialize is None) for v in stages]
+        raw = build_model_chunks(self.model_cfg, self.recipe.parallel, params_dtype=self.params_dtype,
+                                 initialize=self.initialize is None)
         if self.ctx.device.type == "cuda":
             raw = [m.cuda() for m in raw]
         self.raw_chunks = raw
@@ -207,7 +204,7 @@ class Trainer:
         torch.distributed.all_reduce(value)
         return float(value[0] / value[1]) if value[1] > 0 else float("nan")
 
-    def _evaluate(self) -> Optional[float]:
+    def _evaluate(self) -> float | None:
         valid = self.datasets.valid
         t = self.recipe.training
         if valid is None or t.eval_iters == 0:
@@ -231,7 +228,11 @@ class Trainer:
     def run(self) -> RunResult:
         from megatron_grow.checkpoint.manifest import empty_counters
         from megatron_grow.models.routing import RoutingCounter
-        from megatron_grow.training.checkpointing import has_checkpoint, load_training_checkpoint, save_training_checkpoint
+        from megatron_grow.training.checkpointing import (
+            has_checkpoint,
+            load_training_checkpoint,
+            save_training_checkpoint,
+        )
         from megatron_grow.training.flops import training_flops_per_step
         from megatron_grow.training.metrics import MetricSinks
         from megatron_grow.training.optimizer import build_scheduler

@@ -8,7 +8,7 @@ import torch
 
 from megatron_grow.checkpoint import io, layout
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
-from megatron_grow.models.builder import build_gpt_model
+from megatron_grow.models.builder import build_gpt_model, build_model_chunks
 from megatron_grow.models.forward import forward_logits
 from megatron_grow.parallel.init import initialize_distributed
 
@@ -25,16 +25,6 @@ def probe_batches(model: ModelConfig, n_micro: int = 2, micro_batch: int = 2, se
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, model.vocab_size, (micro_batch, model.seq_length), generator=g)
             for _ in range(n_micro)]
-
-
-def build_chunks(model: ModelConfig, parallel: ParallelConfig):
-    from megatron.core import parallel_state as ps
-
-    vpp = parallel.virtual_pipeline_model_parallel_size
-    if vpp:
-        return [build_gpt_model(model, parallel, vp_stage=i) for i in range(vpp)]
-    del ps
-    return [build_gpt_model(model, parallel)]
 
 
 def _last_stage_result(logits, losses):
@@ -56,7 +46,7 @@ def test_manifest(model: ModelConfig) -> dict:
 def build_save_forward(model: ModelConfig, parallel: ParallelConfig, root: str, seed: int = 1234):
     """Build a freshly initialised model in ``parallel``, save it to ``root``, return its logits."""
     initialize_distributed(parallel, seed=seed)
-    chunks = build_chunks(model, parallel)
+    chunks = build_model_chunks(model, parallel)
     io.save_checkpoint(root, 1, io.model_sharded_state_dict(chunks), test_manifest(model))
     batches = probe_batches(model)
     return _last_stage_result(*forward_logits(chunks, batches, labels=batches))
@@ -65,7 +55,7 @@ def build_save_forward(model: ModelConfig, parallel: ParallelConfig, root: str, 
 def load_forward(model: ModelConfig, parallel: ParallelConfig, root: str, resave_root: str | None = None):
     """Build in ``parallel``, load the checkpoint under ``root``, return logits (and optionally re-save)."""
     initialize_distributed(parallel, seed=99)  # a different init seed: everything must come from the load
-    chunks = build_chunks(model, parallel)
+    chunks = build_model_chunks(model, parallel)
     ckpt, _ = layout.resolve_checkpoint_dir(root)
     io.load_checkpoint(ckpt, io.model_sharded_state_dict(chunks))
     if resave_root:

@@ -31,8 +31,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import pytest
 
@@ -93,7 +93,7 @@ def run_cli_in_process(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def tree_digest(root: str) -> Optional[dict]:
+def tree_digest(root: str) -> dict | None:
     """{relative path: sha256} for every file under ``root`` (directories as ``path/``); None if absent."""
     if not os.path.exists(root):
         return None
@@ -300,10 +300,10 @@ CASES: dict[str, Callable[[Ctx], None]] = {
 class Outcome:
     ctx: Ctx
     proc: subprocess.CompletedProcess
-    src_before: Optional[dict]
-    src_after: Optional[dict]
-    dst_before: Optional[dict]
-    dst_after: Optional[dict]
+    src_before: dict | None
+    src_after: dict | None
+    dst_before: dict | None
+    dst_after: dict | None
     load_existed: bool
 
 

@@ -19,7 +19,12 @@ from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed.bodies import (
-    build_save_forward, first_result, grow_body, load_forward, oracle_vs_sharded, plain_tensors,
+    build_save_forward,
+    first_result,
+    grow_body,
+    load_forward,
+    oracle_vs_sharded,
+    plain_tensors,
     plain_tensors_of_many,
 )
 

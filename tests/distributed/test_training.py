@@ -84,7 +84,7 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(kjv_dataset, t
     recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, run_dir,
                           training={"train_iters": 100000}, checkpoint={"save_interval": 1, "keep_last": 2})
     rng = random.Random(1234)
-    for attempt in range(3):
+    for _attempt in range(3):
         proc = _cli(["train", "--config", recipe], start_new_session=True)
         # Wait for the first save of this attempt, then kill at a random moment (saves every step).
         deadline = time.time() + 240

@@ -79,8 +79,8 @@ def test_te_general_gemm_defined_without_te():
 
 
 def test_cuda_pinned_factories_land_on_cpu():
-    from megatron.core.pipeline_parallel import schedules
     from megatron.core.optimizer import clip_grads
+    from megatron.core.pipeline_parallel import schedules
 
     for module in (schedules, clip_grads):
         t = module.torch.zeros(2, device="cuda")
