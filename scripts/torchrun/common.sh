@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shared by scripts/torchrun/*.sh: GPU count and command printing. Sourced, never run.
+# Shared by scripts/torchrun/*.sh: GPU count (and, from ../slurm/lib.sh, command printing).
+# Sourced, never run.
 
 # Processes per node: $NPROC, else the number of GPUs `nvidia-smi -L` lists, else 1.
 mg_nproc() {
@@ -14,15 +15,7 @@ mg_nproc() {
     if [[ "$n" =~ ^[0-9]+$ && "$n" -gt 0 ]]; then echo "$n"; else echo 1; fi
 }
 
-# Print one command on one line, quoting (POSIX single quotes) only the arguments that need it.
-mg_print_cmd() {
-    local out="" arg q="'"
-    for arg in "$@"; do
-        if [[ -n "$arg" && "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-            out+="$arg "
-        else
-            out+="$q${arg//$q/$q\\$q$q}$q "
-        fi
-    done
-    echo "${out% }"
-}
+# mg_print_cmd (one command on one line, quoted only where needed) is shared with the SLURM
+# launchers; lib.sh only defines functions, so sourcing it has no side effects.
+# shellcheck source=scripts/slurm/lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../slurm" && pwd)/lib.sh"
