@@ -1,13 +1,48 @@
-"""Exception types for bad input: the CLI prints them as one line and exits non-zero."""
+"""Every exception this package raises on purpose, in one hierarchy.
+
+``UserInputError`` and its subclasses describe bad input (a recipe, a path, a checkpoint, a
+layout): the CLI prints them as one line and exits with code 2. Other ``MegatronGrowError``
+subclasses (``SpawnError``) report failures of the machinery and keep their details.
+"""
 
 
 class MegatronGrowError(Exception):
-    """Base class for user-facing errors (bad checkpoint, bad recipe combination, ...)."""
+    """Base class of every error raised on purpose by megatron_grow."""
 
 
-class CheckpointError(MegatronGrowError):
+class UserInputError(MegatronGrowError):
+    """Bad input: printed as one line naming the problem, exit code 2."""
+
+
+class ConfigError(UserInputError, ValueError):
+    """A recipe problem; ``str()`` lists every problem, one per line, each naming its key."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"invalid recipe {source}" if source else "invalid recipe"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class LayoutError(UserInputError, ValueError):
+    """The requested parallel layout does not fit the world size or the model."""
+
+
+class CheckpointError(UserInputError):
     """A checkpoint is missing, incomplete, unreadable or does not match the architecture."""
 
 
-class GrowthError(MegatronGrowError):
+class GrowthError(UserInputError):
     """A growth recipe cannot be applied to this source or target."""
+
+
+class DataError(UserInputError):
+    """A data input (text, tokenizer, indexed dataset) is missing or unusable."""
+
+
+class TrainingError(UserInputError):
+    """Training cannot start or go on (bad data inputs, non-finite loss or gradients)."""
+
+
+class SpawnError(MegatronGrowError, RuntimeError):
+    """A process started by ``parallel.spawn`` failed; the message carries its traceback."""

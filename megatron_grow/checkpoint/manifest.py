@@ -48,7 +48,8 @@ def build_manifest(*, model: ModelConfig, layout: dict, counters: dict, lineage:
 
 
 def model_config_from_dict(d: dict, where: str) -> ModelConfig:
-    from megatron_grow.config.loader import ConfigError, build_dataclass
+    from megatron_grow.config.loader import build_dataclass
+    from megatron_grow.errors import ConfigError
 
     problems: list[str] = []
     cfg = build_dataclass(ModelConfig, d, "model", problems)

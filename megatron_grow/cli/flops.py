@@ -41,11 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.errors import MegatronGrowError
+    from megatron_grow.errors import UserInputError
     from megatron_grow.tools.sunk_cost import flops_report, format_flops_report
 
     if args.overrides and not args.grow_recipe:
-        raise MegatronGrowError("recipe overrides given without --grow-recipe")
+        raise UserInputError("recipe overrides given without --grow-recipe")
     report = flops_report(args.checkpoint, args.grow_recipe, args.extra_tokens, args.overrides)
     print(json.dumps(report, sort_keys=True) if args.json else format_flops_report(report))
     return 0

@@ -24,12 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.errors import MegatronGrowError
+    from megatron_grow.errors import UserInputError
     from megatron_grow.tools.inspection import format_inspect, inspect_checkpoint
     from megatron_grow.tools.reader import stderr_progress
 
     if args.max_mib <= 0:
-        raise MegatronGrowError(f"--max-mib must be > 0, got {args.max_mib}")
+        raise UserInputError(f"--max-mib must be > 0, got {args.max_mib}")
     progress = None if args.quiet or not args.stats else stderr_progress("inspect", 2.0)
     report = inspect_checkpoint(args.checkpoint, stats=args.stats, max_bytes=int(args.max_mib * 2**20),
                                 progress=progress)

@@ -26,12 +26,12 @@ import json
 import math
 from typing import Any
 
-from megatron_grow.config.loader import ConfigError, load_recipe
+from megatron_grow.config.layout_rules import resolve_layout, sequence_parallel_enabled, world_layout_problems
+from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import Recipe
+from megatron_grow.errors import ConfigError, LayoutError
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params, memory_per_gpu
-from megatron_grow.parallel.init import LayoutError
-from megatron_grow.parallel.topology import resolve_layout, sequence_parallel_enabled, world_layout_problems
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_token
 
 H100_BF16_PEAK_FLOPS = 989e12
@@ -184,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
         # A growth recipe's model: is the source; its parallel:/training: sections are the grown run's.
         import dataclasses
 
+        from megatron_grow.config.layout_rules import model_layout_problems
         from megatron_grow.growth.plan import make_growth_plan
-        from megatron_grow.parallel.topology import model_layout_problems
 
         grown = make_growth_plan(recipe.model, recipe.growth).target
         layout_problems = model_layout_problems(grown, recipe.parallel)

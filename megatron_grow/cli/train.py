@@ -68,10 +68,10 @@ def _growth_initializer(args, recipe):
     """Growth on load as the trainer's weight initializer (the CLI composes growth and training)."""
     import time
 
+    from megatron_grow.config.layout_rules import model_layout_problems
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.errors import GrowthError
     from megatron_grow.growth.grow import grow_load_into, prepare_growth
-    from megatron_grow.parallel.topology import model_layout_problems
 
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)

@@ -30,16 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from megatron_grow.errors import MegatronGrowError
+    from megatron_grow.errors import UserInputError
     from megatron_grow.tools.reader import stderr_progress
     from megatron_grow.tools.weight_norms import format_profiles, norm_profile, plot_profiles
 
     if args.max_mib <= 0:
-        raise MegatronGrowError(f"--max-mib must be > 0, got {args.max_mib}")
+        raise UserInputError(f"--max-mib must be > 0, got {args.max_mib}")
     if args.plot:
         out_dir = os.path.dirname(os.path.abspath(args.plot))
         if not os.path.isdir(out_dir):
-            raise MegatronGrowError(f"--plot {args.plot}: directory {out_dir} does not exist")
+            raise UserInputError(f"--plot {args.plot}: directory {out_dir} does not exist")
     progress = None if args.quiet else stderr_progress("weight-norms", 2.0)
     profiles = [norm_profile(p, max_bytes=int(args.max_mib * 2**20), progress=progress)
                 for p in [args.checkpoint, *args.compare]]

@@ -22,17 +22,9 @@ from typing import Any
 
 import yaml
 
-from megatron_grow.config.schema import Recipe
-
-
-class ConfigError(ValueError):
-    """A recipe problem; ``str()`` lists every problem, one per line, each naming its key."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
-        self.source = source
-        head = f"invalid recipe {source}" if source else "invalid recipe"
-        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+from megatron_grow.config.check import check_recipe
+from megatron_grow.config.schema import Recipe, field_problem
+from megatron_grow.errors import ConfigError
 
 
 def read_yaml_with_includes(path: str, _seen: tuple = ()) -> dict:
@@ -97,8 +89,6 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
 def load_recipe(path: str | None = None, overrides: Iterable[str] = (),
                 raw: dict | None = None) -> Recipe:
     """Load a recipe file (or an already-read mapping), apply overrides, type-check and validate."""
-    from megatron_grow.config.validate import check_recipe  # cross-section rules
-
     data = read_yaml_with_includes(path) if path is not None else dict(raw or {})
     data = apply_overrides(data, overrides)
     problems: list[str] = []
@@ -123,19 +113,6 @@ def recipe_to_dict(recipe: Any) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Type checking against the dataclass annotations.
-
-def _allowed(meta: Mapping) -> str:
-    parts = []
-    if meta.get("choices") is not None:
-        parts.append("one of " + ", ".join("null" if c is None else repr(c) for c in meta["choices"]))
-    if meta.get("ge") is not None:
-        parts.append(f">= {meta['ge']}")
-    if meta.get("gt") is not None:
-        parts.append(f"> {meta['gt']}")
-    if meta.get("le") is not None:
-        parts.append(f"<= {meta['le']}")
-    return " and ".join(parts)
-
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
@@ -216,9 +193,9 @@ def build_dataclass(cls, data: Mapping, prefix: str, problems: list[str]):
         converted = _coerce(value, hints[key], path, problems)
         if len(problems) > before:
             continue
-        meta = fields[key].metadata
-        if not _in_range(converted, meta):
-            problems.append(f"{path}: {converted!r} is not allowed; must be {_allowed(meta)}")
+        problem = field_problem(converted, fields[key].metadata, path)
+        if problem:
+            problems.append(problem)
             continue
         kwargs[key] = converted
     try:
@@ -226,17 +203,3 @@ def build_dataclass(cls, data: Mapping, prefix: str, problems: list[str]):
     except TypeError as e:  # pragma: no cover - all keys were checked above
         problems.append(f"{prefix or 'recipe'}: {e}")
         return None
-
-
-def _in_range(value: Any, meta: Mapping) -> bool:
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        return False
-    if value is None or isinstance(value, (bool, str, tuple)):
-        return True
-    if meta.get("ge") is not None and value < meta["ge"]:
-        return False
-    if meta.get("gt") is not None and value <= meta["gt"]:
-        return False
-    if meta.get("le") is not None and value > meta["le"]:
-        return False
-    return True

@@ -13,6 +13,8 @@ Every field carries its documentation and its constraints in ``field(metadata=..
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,34 @@ def spec(default: Any = None, doc: str = "", *, choices=None, ge=None, gt=None, 
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def allowed_values(meta: Mapping) -> str:
+    """What a field's metadata admits, in words (``one of 'a', 'b' and >= 0``)."""
+    parts = []
+    if meta.get("choices") is not None:
+        parts.append("one of " + ", ".join("null" if c is None else repr(c) for c in meta["choices"]))
+    for key, word in (("ge", ">="), ("gt", ">"), ("le", "<=")):
+        if meta.get(key) is not None:
+            parts.append(f"{word} {meta[key]}")
+    return " and ".join(parts)
+
+
+def field_problem(value: Any, meta: Mapping, path: str) -> str | None:
+    """The one place a field's value is checked against its metadata; ``None`` when allowed.
+
+    Non-finite floats are never allowed: a NaN passes every ``<``/``>`` bound.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path}: {value!r} is not allowed; must be a finite number"
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        return f"{path}: {value!r} is not allowed; must be {allowed_values(meta)}"
+    if value is None or isinstance(value, (bool, str, tuple)) or not isinstance(value, (int, float)):
+        return None
+    for key, bad in (("ge", lambda v, b: v < b), ("gt", lambda v, b: v <= b), ("le", lambda v, b: v > b)):
+        if meta.get(key) is not None and bad(value, meta[key]):
+            return f"{path}: {value!r} is not allowed; must be {allowed_values(meta)}"
+    return None
 
 
 @dataclass(frozen=True)

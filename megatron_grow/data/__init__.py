@@ -10,6 +10,6 @@ Heavy imports (torch, megatron.core) happen inside the functions that need them,
 package and the tokenizer CLI stay quick to import.
 """
 
-from megatron_grow.data.text import DataError
+from megatron_grow.errors import DataError
 
 __all__ = ["DataError"]

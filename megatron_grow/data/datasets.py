@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from megatron_grow.config.schema import DataConfig, ModelConfig, TrainingConfig
-from megatron_grow.data.text import DataError
 from megatron_grow.data.tokenizer import Tokenizer
+from megatron_grow.errors import DataError
 
 SPLIT_NAMES = ("train", "valid", "test")
 

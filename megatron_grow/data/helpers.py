@@ -27,7 +27,7 @@ import sysconfig
 import tempfile
 from types import ModuleType
 
-from megatron_grow.data.text import DataError
+from megatron_grow.errors import DataError
 
 HELPERS_MODULE = "megatron.core.datasets.helpers_cpp"
 

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_grow.data.text import DataError, check_inputs, iter_documents
+from megatron_grow.data.text import check_inputs, iter_documents
 from megatron_grow.data.tokenizer import Tokenizer
+from megatron_grow.errors import DataError
 
 DTYPES = ("auto", "uint16", "int32")
 # MCore's DType.optimal_dtype switches to int32 from this cardinality on.

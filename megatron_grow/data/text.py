@@ -24,13 +24,9 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import IO
 
-from megatron_grow.errors import MegatronGrowError
+from megatron_grow.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
-
-
-class DataError(MegatronGrowError):
-    """Training data or a tokenizer is missing, empty, malformed or inconsistent."""
 
 
 def is_jsonl(path: str) -> bool:

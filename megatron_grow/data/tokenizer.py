@@ -30,7 +30,8 @@ from typing import Any
 
 import sentencepiece as spm
 
-from megatron_grow.data.text import DataError, check_inputs, iter_lines
+from megatron_grow.data.text import check_inputs, iter_lines
+from megatron_grow.errors import DataError
 
 MODEL_TYPES = ("bpe", "unigram")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3

@@ -391,7 +391,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
     prepare_destination(save, overwrite, load)
     source = prepare_growth(load, growth, source_model)
     plan = source.plan
-    from megatron_grow.parallel.topology import model_layout_problems
+    from megatron_grow.config.layout_rules import model_layout_problems
 
     # Before initialize_distributed: its world-size check would otherwise hide the real problem
     # (e.g. 16 grown experts on EP=3 reported as "world size 1 is not divisible by 3").

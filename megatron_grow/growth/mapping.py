@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_grow.config.growth_rules import grown_depth
+
 DEPTH_MODES = ("interposition", "stack")
 EXPERT_LAYOUTS = ("append", "interleave")
 
@@ -44,11 +46,6 @@ class WidthMap:
     @property
     def num_experts(self) -> int:
         return len(self.source_expert)
-
-
-def grown_depth(num_layers: int, factor: int, ignore_first: int = 0, ignore_last: int = 0) -> int:
-    """Target depth ``k*L - (k-1)*(first+last)``: the ignored layers appear once, the rest k times."""
-    return factor * num_layers - (factor - 1) * (ignore_first + ignore_last)
 
 
 def build_depth_map(num_layers: int, mode: str, factor: int, ignore_first: int = 0,

@@ -19,23 +19,19 @@ last (after width noise), so it gives the same tensors in both orders.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-from megatron_grow.config.loader import ConfigError
+from megatron_grow.config.growth_rules import grown_model, growth_problems, resolved_order, topk_factor
 from megatron_grow.config.schema import GrowthConfig, ModelConfig
+from megatron_grow.errors import ConfigError
 from megatron_grow.growth.mapping import (
     DepthMap,
     WidthMap,
     build_depth_map,
     build_width_map,
-    grown_depth,
     identity_depth_map,
     identity_width_map,
 )
-
-OPERATORS = ("depth", "width")
 
 
 @dataclass(frozen=True)
@@ -87,68 +83,6 @@ class GrowthPlan:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation
-
-
-def _bounds_problems(obj: Any, prefix: str) -> list[str]:
-    """The schema's choices/ge/gt/le metadata, re-checked for dataclasses built in code (not YAML)."""
-    out = []
-    for f in dataclasses.fields(obj):
-        value, meta, path = getattr(obj, f.name), f.metadata, f"{prefix}.{f.name}"
-        if meta.get("choices") is not None and value not in meta["choices"]:
-            allowed = ", ".join("null" if c is None else repr(c) for c in meta["choices"])
-            out.append(f"{path}: {value!r} is not allowed; must be one of {allowed}")
-            continue
-        if value is None or isinstance(value, (bool, str, tuple)) or dataclasses.is_dataclass(value):
-            continue
-        for key, bad, word in (("ge", lambda v, b: v < b, ">="), ("gt", lambda v, b: v <= b, ">"),
-                               ("le", lambda v, b: v > b, "<=")):
-            bound = meta.get(key)
-            if bound is not None and bad(value, bound):
-                out.append(f"{path}: {value!r} is not allowed; must be {word} {bound}")
-    return out
-
-
-def growth_problems(growth: GrowthConfig, model: ModelConfig | None = None,
-                    prefix: str = "growth") -> list[str]:
-    """Every problem of ``growth`` (against ``model`` when given), one line each naming its key."""
-    out = _bounds_problems(growth, prefix)
-    for name in OPERATORS:
-        section = getattr(growth, name)
-        if section is not None:
-            out.extend(_bounds_problems(section, f"{prefix}.{name}"))
-    active = [name for name in OPERATORS if getattr(growth, name) is not None]
-    if not active:
-        out.append(f"{prefix}: at least one of {prefix}.depth and {prefix}.width must be set")
-    order = tuple(growth.order)
-    unknown = [o for o in order if o not in OPERATORS]
-    if unknown:
-        out.append(f"{prefix}.order: unknown operator(s) {unknown}; allowed: {', '.join(OPERATORS)}")
-    elif len(set(order)) != len(order):
-        out.append(f"{prefix}.order: {list(order)} names an operator more than once")
-    elif order and set(order) != set(active):
-        out.append(f"{prefix}.order: {list(order)} must name exactly the non-null sections {active}")
-    if model is not None:
-        d, w = growth.depth, growth.width
-        if d is not None and d.ignore_first + d.ignore_last >= model.num_layers:
-            out.append(f"{prefix}.depth.ignore_first + {prefix}.depth.ignore_last ({d.ignore_first} + "
-                       f"{d.ignore_last}) must be < the source model's num_layers ({model.num_layers})")
-        if w is not None:
-            tf = w.topk_factor if w.topk_factor is not None else w.factor
-            if model.moe_router_topk * tf > model.num_moe_experts * w.factor:
-                out.append(f"{prefix}.width.topk_factor ({tf}): grown top-k {model.moe_router_topk * tf} "
-                           f"exceeds grown experts {model.num_moe_experts * w.factor}")
-    return out
-
-
-def resolved_order(growth: GrowthConfig) -> tuple[str, ...]:
-    """The explicit order, or depth-then-width over the non-null sections when left empty."""
-    if growth.order:
-        return tuple(growth.order)
-    return tuple(name for name in OPERATORS if getattr(growth, name) is not None)
-
-
-# ----------------------------------------------------------------------------------------------
 # Plan
 
 
@@ -158,25 +92,16 @@ def make_growth_plan(source: ModelConfig, growth: GrowthConfig) -> GrowthPlan:
     if problems:
         raise ConfigError(problems)
     d, w = growth.depth, growth.width
-    if d is not None:
-        dmap: DepthMap = build_depth_map(source.num_layers, d.mode, d.factor, d.ignore_first, d.ignore_last)
-        assert dmap.num_layers == grown_depth(source.num_layers, d.factor, d.ignore_first, d.ignore_last)
-    else:
-        dmap = identity_depth_map(source.num_layers)
-    if w is not None:
-        wmap: WidthMap = build_width_map(source.num_moe_experts, w.factor, w.expert_layout)
-        topk_factor = w.topk_factor if w.topk_factor is not None else w.factor
-    else:
-        wmap = identity_width_map(source.num_moe_experts)
-        topk_factor = 1
+    target = grown_model(source, growth)
+    dmap: DepthMap = (build_depth_map(source.num_layers, d.mode, d.factor, d.ignore_first, d.ignore_last)
+                      if d is not None else identity_depth_map(source.num_layers))
+    wmap: WidthMap = (build_width_map(source.num_moe_experts, w.factor, w.expert_layout)
+                      if w is not None else identity_width_map(source.num_moe_experts))
+    # The rules (config.growth_rules) and the index maps must agree on the grown sizes.
+    assert (dmap.num_layers, wmap.num_experts) == (target.num_layers, target.num_moe_experts)
+    assert target.moe_router_topk == source.moe_router_topk * topk_factor(growth)
     # Depth and width act on different axes, so the composition is the pair of maps in either
     # order; only the noise keying (noise_layer) depends on the order.
-    target = dataclasses.replace(
-        source,
-        num_layers=dmap.num_layers,
-        num_moe_experts=wmap.num_experts,
-        moe_router_topk=source.moe_router_topk * topk_factor,
-    )
     return GrowthPlan(
         source=source,
         target=target,

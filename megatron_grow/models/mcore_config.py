@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_grow.config.layout_rules import sequence_parallel_enabled
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
-from megatron_grow.parallel.topology import sequence_parallel_enabled
 
 # ModelConfig fields that are GPTModel arguments or our own, not TransformerConfig fields.
 NON_TRANSFORMER_FIELDS = {

@@ -33,9 +33,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from megatron_grow.config.layout_rules import Layout
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig
 from megatron_grow.models.mcore_config import padded_vocab_size
-from megatron_grow.parallel.topology import Layout
 
 
 @dataclass(frozen=True)

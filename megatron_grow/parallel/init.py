@@ -11,12 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_grow.config.layout_rules import Layout, resolve_layout, world_layout_problems
 from megatron_grow.config.schema import ParallelConfig
-from megatron_grow.parallel.topology import Layout, resolve_layout, world_layout_problems
-
-
-class LayoutError(ValueError):
-    """The requested parallel layout does not fit the world size or the model."""
+from megatron_grow.errors import LayoutError
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
-class SpawnError(RuntimeError):
-    """A rank failed or timed out."""
+from megatron_grow.errors import SpawnError
 
 
 def free_port() -> int:

@@ -23,14 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_grow.config.schema import ModelConfig, Recipe
-from megatron_grow.errors import MegatronGrowError
+from megatron_grow.errors import TrainingError
 
 EXIT_PREEMPTED = 3  # saved after SIGUSR1/SIGTERM; the launcher may requeue
 H100_BF16_PEAK_FLOPS = 989e12
-
-
-class TrainingError(MegatronGrowError):
-    """Training cannot go on (NaN loss, data exhausted, ...)."""
 
 
 @dataclass
@@ -110,7 +106,7 @@ class Trainer:
         self.progress = progress
         self.ctx = initialize_distributed(recipe.parallel, seed=recipe.training.seed)
         self.params_dtype = torch.bfloat16 if (recipe.training.bf16 and torch.cuda.is_available()) else torch.float32
-        from megatron_grow.parallel.topology import world_layout_problems
+        from megatron_grow.config.layout_rules import world_layout_problems
 
         problems = world_layout_problems(recipe.parallel, self.ctx.world_size, recipe.training)
         if problems:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from megatron_grow.cli.plan import choose_world_size
+from megatron_grow.config.layout_rules import world_layout_problems
 from megatron_grow.config.loader import load_recipe, recipe_to_dict
-from megatron_grow.parallel.topology import world_layout_problems
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml"))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_grow.config.loader import ConfigError, load_recipe
+from megatron_grow.config.loader import load_recipe
+from megatron_grow.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

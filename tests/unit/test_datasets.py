@@ -17,8 +17,9 @@ from megatron_grow.data.datasets import (
 )
 from megatron_grow.data.helpers import ensure_dataset_helpers
 from megatron_grow.data.preprocess import preprocess
-from megatron_grow.data.text import DataError, iter_documents
+from megatron_grow.data.text import iter_documents
 from megatron_grow.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_grow.errors import DataError
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "kjv.txt.gz"
 VOCAB = 500

@@ -2,7 +2,8 @@
 
 import pytest
 
-from megatron_grow.growth.mapping import build_depth_map, build_width_map, grown_depth
+from megatron_grow.config.growth_rules import grown_depth
+from megatron_grow.growth.mapping import build_depth_map, build_width_map
 
 
 def test_interposition_k2():

@@ -6,9 +6,11 @@ import os
 
 import pytest
 
-from megatron_grow.config.loader import ConfigError, load_recipe
+from megatron_grow.config.growth_rules import growth_problems
+from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import DepthGrowthConfig, GrowthConfig, ModelConfig, WidthGrowthConfig
-from megatron_grow.growth.plan import growth_problems, make_growth_plan
+from megatron_grow.errors import ConfigError
+from megatron_grow.growth.plan import make_growth_plan
 
 SRC = ModelConfig(num_layers=4, num_moe_experts=4, moe_router_topk=2)
 
@@ -160,7 +162,7 @@ def test_growth_yamls_exist():
 
 @pytest.mark.parametrize("path", GROWTH_YAMLS, ids=lambda p: p.rsplit("/", 1)[-1])
 def test_growth_yaml_loads_and_plans(path):
-    from megatron_grow.config.validate import check_recipe
+    from megatron_grow.config.check import check_recipe
 
     r = load_recipe(path)
     assert r.growth is not None

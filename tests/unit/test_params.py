@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_grow.config.layout_rules import resolve_layout
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig, TrainingConfig
 from megatron_grow.models.params import count_params, layer_params, memory_per_gpu
-from megatron_grow.parallel.topology import resolve_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "configs" / "models"

@@ -12,8 +12,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_grow.__main__ import main
 from megatron_grow.data.preprocess import choose_dtype, preprocess
-from megatron_grow.data.text import DataError, iter_documents
+from megatron_grow.data.text import iter_documents
 from megatron_grow.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_grow.errors import DataError
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "kjv.txt.gz"
 N_DOCS = 40

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from megatron_grow.__main__ import main
-from megatron_grow.data.text import DataError, iter_documents, iter_lines
+from megatron_grow.data.text import iter_documents, iter_lines
 from megatron_grow.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_grow.errors import DataError
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "kjv.txt.gz"
 VOCAB = 400

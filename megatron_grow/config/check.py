@@ -1,0 +1,61 @@
+"""Cross-section rules: the checks that need more than one field of a recipe.
+
+In a growth recipe, ``model:`` is the *source* and ``parallel:`` describes the run that
+holds the *grown* model, so the layout is checked against :func:`built_model` (the model
+that will actually be built), here and for command-line layout flags alike
+(:func:`layout_problems`).
+"""
+
+from __future__ import annotations
+
+from megatron_grow.config.growth_rules import grown_model, growth_problems
+from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.schema import ModelConfig, ParallelConfig, Recipe
+
+
+def built_model(recipe: Recipe) -> ModelConfig:
+    """The architecture a run of ``recipe`` builds: the grown model when it grows, else ``model:``."""
+    if recipe.growth is None or growth_problems(recipe.growth, recipe.model):
+        return recipe.model
+    return grown_model(recipe.model, recipe.growth)
+
+
+def layout_problems(recipe: Recipe, parallel: ParallelConfig | None = None) -> list[str]:
+    """Problems of ``parallel`` (default: the recipe's) against the model the recipe builds."""
+    return model_layout_problems(built_model(recipe), parallel if parallel is not None else recipe.parallel)
+
+
+def _model_problems(m: ModelConfig) -> list[str]:
+    out = []
+    if m.num_attention_heads % m.num_query_groups:
+        out.append(f"model.num_query_groups ({m.num_query_groups}) must divide model.num_attention_heads "
+                   f"({m.num_attention_heads})")
+    if m.moe_router_topk > m.num_moe_experts:
+        out.append(f"model.moe_router_topk ({m.moe_router_topk}) must be <= model.num_moe_experts "
+                   f"({m.num_moe_experts})")
+    if m.kv_channels % 2:
+        out.append(f"model.kv_channels ({m.kv_channels}) must be even for RoPE")
+    return out
+
+
+def _training_problems(recipe: Recipe) -> list[str]:
+    t = recipe.training
+    out = []
+    if t.min_lr > t.lr:
+        out.append(f"training.min_lr ({t.min_lr}) must be <= training.lr ({t.lr})")
+    if t.global_batch_size % t.micro_batch_size:
+        out.append(f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+                   f"training.micro_batch_size ({t.micro_batch_size})")
+    if t.lr_decay_style == "WSD" and t.lr_warmup_iters + t.lr_wsd_decay_iters > t.train_iters:
+        out.append(f"training.lr_warmup_iters + training.lr_wsd_decay_iters ({t.lr_warmup_iters} + "
+                   f"{t.lr_wsd_decay_iters}) must not exceed training.train_iters ({t.train_iters})")
+    return out
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Every cross-section problem of ``recipe``, one line each naming its key."""
+    out = _model_problems(recipe.model) + _training_problems(recipe)
+    if recipe.growth is not None:
+        out.extend(growth_problems(recipe.growth, recipe.model))
+    out.extend(layout_problems(recipe))
+    return out
