@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/megatron-grow demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check megatron_grow tests benchmarks tools
+	$(VENV)/bin/ruff check megatron_grow tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

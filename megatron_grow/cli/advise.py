@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.tools.advice import advise_run, format_advice
+    from megatron_grow.analysis.advice import advise_run, format_advice
 
     report = advise_run(args.run_dir)
     print(json.dumps(report, sort_keys=True) if args.json else format_advice(report))

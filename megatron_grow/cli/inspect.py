@@ -24,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.analysis.inspection import format_inspect, inspect_checkpoint
+    from megatron_grow.checkpoint.reader import stderr_progress
     from megatron_grow.errors import UserInputError
-    from megatron_grow.tools.inspection import format_inspect, inspect_checkpoint
-    from megatron_grow.tools.reader import stderr_progress
 
     if args.max_mib <= 0:
         raise UserInputError(f"--max-mib must be > 0, got {args.max_mib}")

@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from megatron_grow.analysis.weight_norms import format_profiles, norm_profile, plot_profiles
+    from megatron_grow.checkpoint.reader import stderr_progress
     from megatron_grow.errors import UserInputError
-    from megatron_grow.tools.reader import stderr_progress
-    from megatron_grow.tools.weight_norms import format_profiles, norm_profile, plot_profiles
 
     if args.max_mib <= 0:
         raise UserInputError(f"--max-mib must be > 0, got {args.max_mib}")

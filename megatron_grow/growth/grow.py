@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, keys, layout
 from megatron_grow.checkpoint.manifest import CheckpointInfo, read_checkpoint_info
 from megatron_grow.config.schema import GrowthConfig, ModelConfig
 from megatron_grow.errors import CheckpointError, GrowthError
@@ -108,17 +108,17 @@ def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
     q = model.num_attention_heads * model.kv_channels
     kv = model.num_query_groups * model.kv_channels
     expected = {
-        "decoder.layers.self_attention.linear_qkv.weight": (L, q + 2 * kv, H),
-        "decoder.layers.self_attention.linear_proj.weight": (L, H, q),
-        "decoder.layers.mlp.router.weight": (L, E, H),
-        "decoder.layers.mlp.experts.experts.linear_fc1.weight": (L, E, 2 * F if model.gated_linear_unit else F, H),
-        "decoder.layers.mlp.experts.experts.linear_fc2.weight": (L, E, H, F),
+        keys.QKV: (L, q + 2 * kv, H),
+        keys.PROJ: (L, H, q),
+        keys.ROUTER: (L, E, H),
+        keys.EXPERT_FC1: (L, E, 2 * F if model.gated_linear_unit else F, H),
+        keys.EXPERT_FC2: (L, E, H, F),
     }
     if model.moe_router_enable_expert_bias:
-        expected["decoder.layers.mlp.router.expert_bias"] = (L, E)
+        expected[keys.EXPERT_BIAS] = (L, E)
     stored = {k: tuple(v.size) for k, v in storage.state_dict_metadata.items()
               if isinstance(v, TensorStorageMetadata)}
-    emb = stored.get("embedding.word_embeddings.weight")
+    emb = stored.get(keys.EMBEDDING)
     if emb is not None:
         vocab_ok = {padded_vocab_size(model, tp) for tp in (1, 2, 4, 8)} | {model.vocab_size}
         if emb[0] not in vocab_ok or emb[1] != H:

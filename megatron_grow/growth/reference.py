@@ -20,11 +20,11 @@ the sharded path is compared against, not a second implementation of the noise.
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any
 
 import torch
 
+from megatron_grow.checkpoint import keys
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth.noise import (
     FC1_KEY,
@@ -39,11 +39,7 @@ from megatron_grow.growth.noise import (
 )
 from megatron_grow.growth.plan import GrowthPlan
 
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
-_LOGICAL = {"linear_fc1.weight": FC1_KEY, "linear_fc2.weight": FC2_KEY}
-ROUTER_SUFFIX = "mlp.router.weight"
-EXPERT_BIAS_SUFFIX = "mlp.router.expert_bias"
+_LOGICAL = {keys.FC1_NAME: FC1_KEY, keys.FC2_NAME: FC2_KEY}
 
 
 def _copy(value: Any) -> Any:
@@ -55,7 +51,7 @@ def _split_layers(source_sd: dict[str, Any]) -> tuple[dict[int, dict[str, Any]],
     layers: dict[int, dict[str, Any]] = {}
     head, tail = [], []
     for key, value in source_sd.items():
-        m = _LAYER_RE.match(key)
+        m = keys.MODULE_LAYER_RE.match(key)
         if m:
             layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
         elif layers:
@@ -74,7 +70,7 @@ def _check_source(layers: dict[int, dict[str, Any]], plan: GrowthPlan) -> None:
         experts = set()
         for suffix in entries:
             if suffix.startswith("mlp.experts."):
-                m = _EXPERT_RE.match(suffix)
+                m = keys.MODULE_LOCAL_EXPERT_RE.match(suffix)
                 if not m:
                     raise GrowthError(f"decoder.layers.{i}.{suffix}: only the local spec's SequentialMLP "
                                       f"(mlp.experts.local_experts.<e>.*) is supported by the reference")
@@ -107,15 +103,15 @@ def grow_state_dict(source_sd: dict[str, Any], plan: GrowthPlan) -> dict[str, An
             moments[s] = _expert_moments(entries, plan.source.num_moe_experts)
         expert_suffixes: dict[int, list[str]] = {}
         for suffix, value in entries.items():
-            m = _EXPERT_RE.match(suffix)
+            m = keys.MODULE_LOCAL_EXPERT_RE.match(suffix)
             if m:
                 if int(m.group(1)) == 0:  # one template per expert-relative name
                     expert_suffixes.setdefault(0, []).append(m.group(2))
                 continue
-            key = f"decoder.layers.{j}.{suffix}"
-            if suffix == ROUTER_SUFFIX:
+            key = keys.module_layer_key(j, suffix)
+            if suffix == keys.ROUTER_SUFFIX:
                 out[key] = grow_router(plan, j, value)
-            elif suffix == EXPERT_BIAS_SUFFIX:
+            elif suffix == keys.EXPERT_BIAS_SUFFIX:
                 out[key] = grow_expert_bias(plan, j, value)
             elif isinstance(value, torch.Tensor) and identity_zeroed(plan, j, suffix):
                 out[key] = torch.zeros_like(value)
@@ -124,7 +120,7 @@ def grow_state_dict(source_sd: dict[str, Any], plan: GrowthPlan) -> dict[str, An
         for e_t, e_s in enumerate(plan.expert_source):
             for rest in expert_suffixes.get(0, []):
                 value = entries[f"mlp.experts.local_experts.{e_s}.{rest}"]
-                key = f"decoder.layers.{j}.mlp.experts.local_experts.{e_t}.{rest}"
+                key = keys.module_expert_key(j, e_t, rest)
                 logical = _LOGICAL.get(rest)
                 if logical is not None:
                     std = expert_noise_std(plan, moments[s][logical], e_s)

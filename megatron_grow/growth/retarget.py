@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 
+from megatron_grow.checkpoint import keys
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import noise
 from megatron_grow.growth.plan import GrowthPlan
-
-LAYER_PREFIX = "decoder.layers."
 
 # Kinds of target slices.
 UNCHANGED = "unchanged"   # outside the layers: embedding, output layer, final norm
@@ -71,21 +70,21 @@ class SliceTask:
 
 
 def expert_logical_key(storage_key: str) -> str | None:
-    if storage_key.endswith("linear_fc1.weight"):
+    if storage_key.endswith(keys.FC1_NAME):
         return noise.FC1_KEY
-    if storage_key.endswith("linear_fc2.weight"):
+    if storage_key.endswith(keys.FC2_NAME):
         return noise.FC2_KEY
     return None  # biases (add_bias_linear) are copied exactly
 
 
 def classify(st) -> str:
-    if not st.key.startswith(LAYER_PREFIX):
+    if not keys.is_layer_key(st.key):
         return UNCHANGED
-    if st.key.endswith("mlp.router.weight"):
+    if st.key.endswith(keys.ROUTER_SUFFIX):
         return ROUTER
-    if st.key.endswith("mlp.router.expert_bias"):
+    if st.key.endswith(keys.EXPERT_BIAS_SUFFIX):
         return EXPERT_BIAS
-    if st.prepend_axis_num == 2 and ".mlp.experts." in st.key:
+    if st.prepend_axis_num == 2 and keys.ROUTED_EXPERTS_MARKER in st.key:
         return EXPERT
     if st.prepend_axis_num == 1:
         return LAYER

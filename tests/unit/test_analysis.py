@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 
+from megatron_grow.analysis.advice import advise_run, decay_start, lr_phase
+from megatron_grow.analysis.weight_norms import largest_drop, rms
 from megatron_grow.checkpoint import layout
 from megatron_grow.checkpoint.manifest import build_manifest
+from megatron_grow.checkpoint.reader import CheckpointReader, checkpoint_name
 from megatron_grow.errors import CheckpointError
 from megatron_grow.models.params import count_params
-from megatron_grow.tools.advice import advise_run, decay_start, lr_phase
-from megatron_grow.tools.reader import CheckpointReader, checkpoint_name
-from megatron_grow.tools.weight_norms import largest_drop, rms
 from megatron_grow.training.flops import chinchilla_flops
 from tests.distributed.bodies import tiny_model
 
@@ -63,7 +63,7 @@ def test_reader_needs_no_process_group(tmp_path):
     tensors = {"a": torch.arange(24.0).view(2, 3, 4)}
     _dcp_checkpoint(tmp_path, tensors)
     code = ("import torch\n"
-            "from megatron_grow.tools.reader import CheckpointReader\n"
+            "from megatron_grow.checkpoint.reader import CheckpointReader\n"
             f"r = CheckpointReader({str(tmp_path)!r})\n"
             "x = r.read('a', (1, 0, 2), (1, 3, 2))\n"
             "assert not torch.distributed.is_initialized()\n"

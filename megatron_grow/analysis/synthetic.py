@@ -14,14 +14,12 @@ Runs in one process: a 1-rank gloo group is started if none exists (``parallel.i
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 
+from megatron_grow.checkpoint import keys
 from megatron_grow.config.schema import ParallelConfig, Recipe
-
-_LAYER_RE = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
 @torch.no_grad()
@@ -29,11 +27,11 @@ def scale_layers(model: torch.nn.Module, slope: float) -> int:
     """Multiply expert fc1/fc2 and attention qkv/proj weights of layer l by ``1 + slope * l``."""
     scaled = 0
     for name, p in model.named_parameters():
-        m = _LAYER_RE.match(name)
+        m = keys.MODULE_LAYER_RE.match(name)
         if not m:
             continue
-        expert = ".mlp.experts." in name and name.endswith(("linear_fc1.weight", "linear_fc2.weight"))
-        attention = name.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight"))
+        expert = keys.is_routed_expert_key(name) and name.endswith((keys.FC1_NAME, keys.FC2_NAME))
+        attention = name.endswith((keys.QKV_SUFFIX, keys.PROJ_SUFFIX))
         if expert or attention:
             p.mul_(1.0 + slope * int(m.group(1)))
             scaled += 1

@@ -29,14 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_grow.checkpoint import keys
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
+from megatron_grow.checkpoint.reader import DEFAULT_MAX_BYTES, CheckpointReader, checkpoint_name
 from megatron_grow.errors import CheckpointError
-from megatron_grow.tools.reader import DEFAULT_MAX_BYTES, CheckpointReader, checkpoint_name
 
-EXPERT_FC1_SUFFIX = "linear_fc1.weight"
-EXPERT_FC2_SUFFIX = "linear_fc2.weight"
-QKV_KEY = "decoder.layers.self_attention.linear_qkv.weight"
-PROJ_KEY = "decoder.layers.self_attention.linear_proj.weight"
+EXPERT_FC1_SUFFIX = keys.FC1_NAME
+EXPERT_FC2_SUFFIX = keys.FC2_NAME
+QKV_KEY = keys.QKV
+PROJ_KEY = keys.PROJ
 
 
 def rms(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -78,7 +79,7 @@ class NormProfile:
 def expert_keys(reader: CheckpointReader) -> tuple[str, str]:
     """The stacked routed-expert fc1/fc2 keys (4-D, under ``mlp.experts``, not shared experts)."""
     def pick(suffix: str) -> str:
-        found = [k for k in reader.find(lambda k: k.endswith(suffix) and ".mlp.experts." in k
+        found = [k for k in reader.find(lambda k: k.endswith(suffix) and keys.ROUTED_EXPERTS_MARKER in k
                                         and "shared_experts" not in k) if len(reader.tensors[k].shape) == 4]
         if len(found) != 1:
             raise CheckpointError(f"{reader.ckpt_dir}: expected one stacked routed-expert tensor ending in "

@@ -1,6 +1,6 @@
-"""Write a synthetic run with a rising layer-wise weight-norm profile (see megatron_grow/tools/synthetic.py).
+"""Write a synthetic run with a rising layer-wise weight-norm profile (see megatron_grow/analysis/synthetic.py).
 
-    python tools/make_synthetic_checkpoint.py --config configs/models/tiny.yaml --save /tmp/mg/base \
+    python scripts/make_synthetic_checkpoint.py --config configs/models/tiny.yaml --save /tmp/mg/base \
         --iterations 50,100,150,200,250,300 training.lr_decay_style=WSD training.train_iters=300 \
         training.lr_wsd_decay_iters=100 training.global_batch_size=512
 """
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     args = parser.parse_args(argv)
 
+    from megatron_grow.analysis.synthetic import save_synthetic_run
     from megatron_grow.cli._errors import run_with_clean_errors
     from megatron_grow.config.loader import load_recipe
-    from megatron_grow.tools.synthetic import save_synthetic_run
 
     def go(a):
         save_synthetic_run(load_recipe(a.config, a.overrides), a.save, a.iterations, a.slope)

@@ -23,16 +23,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from megatron_grow.checkpoint import io, layout
-from megatron_grow.checkpoint.manifest import read_checkpoint_info
-from megatron_grow.errors import CheckpointError
-from megatron_grow.tools.sunk_cost import (
+from megatron_grow.analysis.sunk_cost import (
     INTERPOSITION_FC_MULTIPLE,
     MIN_BUDGET_SUNK_MULTIPLE,
     SunkCost,
     describe_sunk,
     sunk_cost,
 )
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint.manifest import read_checkpoint_info
+from megatron_grow.errors import CheckpointError
 
 CONSTANT_LR_PHASES = ("stable", "constant")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from megatron_grow.checkpoint import io
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
-from megatron_grow.tools.reader import DEFAULT_MAX_BYTES, CheckpointReader
+from megatron_grow.checkpoint.reader import DEFAULT_MAX_BYTES, CheckpointReader
 
 _DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
 
