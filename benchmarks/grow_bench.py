@@ -363,6 +363,9 @@ def fmt_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from megatron_grow.platform import cpu
+
+    cpu.apply_cpu_adaptations()  # an entry point: CPU mode is installed here, a no-op with CUDA
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target-gib", type=float, default=1.0, help="size of the grown fp32 checkpoint")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])

@@ -1,7 +1,10 @@
 """The ``megatron-grow`` command (also ``python -m megatron_grow``).
 
-Each subcommand lives in ``megatron_grow/cli/<name>.py`` and exposes
-``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches.
+Each subcommand lives in ``megatron_grow/cli/<name>.py`` and exposes ``add_arguments(parser)``
+and ``run(args) -> int``; this file only dispatches. Only the chosen subcommand's module is
+imported (the command list and its one-line help are read from the modules' docstrings
+without importing them), so ``--help`` and argument errors answer before torch and
+Megatron-Core load. CPU mode (``platform.cpu``) is installed here, before any command runs.
 
     megatron-grow plan --config configs/models/70b.yaml
     torchrun --nproc-per-node 2 -m megatron_grow grow --load SRC --save DST --recipe R.yaml
@@ -10,37 +13,65 @@ Each subcommand lives in ``megatron_grow/cli/<name>.py`` and exposes
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
-import pkgutil
+import os
 import sys
+import warnings
 
-import megatron_grow.cli as cli_package
+DESCRIPTION = ("Grow converged Mixture-of-Experts checkpoints (depth and width) inside Megatron-Core "
+               "distributed checkpoints, and keep training them.")
+CLI_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-grow", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(cli_package.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
+def available_commands() -> dict[str, tuple[str, str]]:
+    """``{command: (module name, one-line help)}`` for every ``cli/<name>.py`` not starting with ``_``."""
+    out = {}
+    for filename in sorted(os.listdir(CLI_DIR)):
+        if not filename.endswith(".py") or filename.startswith("_"):
             continue
-        module = importlib.import_module(f"megatron_grow.cli.{info.name}")
-        name = getattr(module, "COMMAND", info.name.replace("_", "-"))
-        help_text = (module.__doc__ or "").strip().split("\n")[0]
-        sp = sub.add_parser(name, help=help_text, description=module.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sp)
-        sp.set_defaults(_run=module.run)
+        name = filename[:-3]
+        with open(os.path.join(CLI_DIR, filename), encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+        out[name.replace("_", "-")] = (name, doc.strip().split("\n")[0])
+    return out
+
+
+def _top_parser(commands: dict) -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {cmd:<16} {text}" for cmd, (_, text) in commands.items())
+    parser = argparse.ArgumentParser(prog="megatron-grow", description=DESCRIPTION,
+                                     epilog="commands:\n" + listing,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="megatron-grow [-h] COMMAND ...")
+    parser.add_argument("command", metavar="COMMAND", choices=list(commands), help=argparse.SUPPRESS)
+    return parser
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (imports that subcommand's module only)."""
+    module_name, _ = available_commands()[command]
+    module = importlib.import_module(f"megatron_grow.cli.{module_name}")
+    parser = argparse.ArgumentParser(prog=f"megatron-grow {command}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = available_commands()
+    if not argv or argv[0] not in commands:
+        _top_parser(commands).parse_args(argv[:1])  # prints help, or names the unknown command; exits
+        return 2
     # Megatron-Core warns at import time that Apex/TE are absent; the local spec is the design here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
-    from megatron_grow.cli._errors import run_with_clean_errors
+    args = build_parser(argv[0]).parse_args(argv[1:])
 
-    args = build_parser().parse_args(argv)
+    from megatron_grow.cli._errors import run_with_clean_errors
+    from megatron_grow.platform import cpu
+
+    cpu.apply_cpu_adaptations()
     return run_with_clean_errors(args._run, args)
 
 

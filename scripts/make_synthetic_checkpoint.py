@@ -22,6 +22,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_grow.platform import cpu
+
+    cpu.apply_cpu_adaptations()  # an entry point: CPU mode is installed here, a no-op with CUDA
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="recipe whose model: and training: sections to use")
     parser.add_argument("--save", required=True, help="run directory to write iter_* checkpoints into")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from megatron_grow.checkpoint import io
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import DEFAULT_MAX_BYTES, CheckpointReader
+from megatron_grow.models.params import count_params
 
 _DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
 
@@ -57,7 +58,6 @@ def saved_writers(ckpt_dir: str) -> dict:
 def inspect_checkpoint(path: str, *, stats: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
                        progress: Callable[[str], None] | None = None) -> dict:
     """Everything ``megatron-grow inspect`` prints, as plain data."""
-    from megatron_grow.models.params import count_params
 
     t0 = time.perf_counter()
     reader = CheckpointReader(path, progress=progress)

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 from megatron_grow.checkpoint import layout
 from megatron_grow.checkpoint.manifest import CheckpointInfo, read_checkpoint_info
+from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ModelConfig
-from megatron_grow.errors import CheckpointError
+from megatron_grow.errors import CheckpointError, GrowthError
+from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.models.params import count_params
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_token
 
@@ -94,9 +96,6 @@ def describe_sunk(sunk: SunkCost) -> str:
 
 def growth_target(model: ModelConfig, recipe_path: str, overrides: Iterable[str] = ()) -> tuple:
     """(recipe, plan) for applying ``recipe_path``'s growth section to ``model``."""
-    from megatron_grow.config.loader import load_recipe
-    from megatron_grow.errors import GrowthError
-    from megatron_grow.growth.plan import make_growth_plan
 
     recipe = load_recipe(recipe_path, list(overrides))
     if recipe.growth is None:

@@ -18,8 +18,13 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_grow.checkpoint import keys
+from megatron_grow.checkpoint import io, keys
+from megatron_grow.checkpoint.manifest import build_manifest
+from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import ParallelConfig, Recipe
+from megatron_grow.models.builder import build_gpt_model
+from megatron_grow.parallel.init import destroy_distributed, initialize_distributed
+from megatron_grow.training.flops import training_flops_per_token
 
 
 @torch.no_grad()
@@ -41,12 +46,6 @@ def scale_layers(model: torch.nn.Module, slope: float) -> int:
 def save_synthetic_run(recipe: Recipe, save: str, iterations: Sequence[int], slope: float = 1.0,
                        seed: int = 1234) -> list[str]:
     """Save the scaled model at each iteration in ``iterations`` under ``save``; returns the directories."""
-    from megatron_grow.checkpoint import io
-    from megatron_grow.checkpoint.manifest import build_manifest
-    from megatron_grow.config.loader import recipe_to_dict
-    from megatron_grow.models.builder import build_gpt_model
-    from megatron_grow.parallel.init import destroy_distributed, initialize_distributed
-    from megatron_grow.training.flops import training_flops_per_token
 
     parallel = ParallelConfig()
     model_cfg, training = recipe.model, recipe.training

@@ -24,24 +24,7 @@ import torch
 
 from megatron_grow.checkpoint import layout
 from megatron_grow.errors import CheckpointError
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (identity without torch.distributed)."""
-    if not torch.distributed.is_initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+from megatron_grow.parallel.collectives import barrier, broadcast_object, rank
 
 
 def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
@@ -62,17 +45,17 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     final = layout.iteration_dir(root, iteration)
-    staging = broadcast_object(f"{final}{layout.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if _rank() == 0 else None)
-    if _rank() == 0:
+    staging = broadcast_object(f"{final}{layout.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
+    if rank() == 0:
         os.makedirs(root, exist_ok=True)
         for stale in layout.incomplete_dirs(root):
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(staging)
-    _barrier()
+    barrier()
     dist_checkpointing.save(sharded_state_dict, staging,
                             sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         with open(os.path.join(staging, layout.MANIFEST_FILENAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
         layout.fsync_tree(staging)
@@ -89,7 +72,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
             for old in layout.list_iterations(root)[:-keep_last]:
                 if old != iteration:
                     shutil.rmtree(layout.iteration_dir(root, old), ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from megatron_grow.analysis.sunk_cost import flops_report, format_flops_report
+from megatron_grow.errors import UserInputError
+
 
 def _tokens(text: str) -> int:
     try:
@@ -41,8 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.analysis.sunk_cost import flops_report, format_flops_report
-    from megatron_grow.errors import UserInputError
 
     if args.overrides and not args.grow_recipe:
         raise UserInputError("recipe overrides given without --grow-recipe")

@@ -32,9 +32,18 @@ class Layout:
     def expert_dp(self) -> int:
         return self.world_size // (self.etp * self.ep * self.pp)
 
+    def as_record(self) -> dict:
+        """The layout as checkpoint manifests record it (``megatron_grow.json``'s ``layout``)."""
+        return dict(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, dp=self.dp, world_size=self.world_size)
+
+
+def expert_tensor_parallel_size(parallel: ParallelConfig) -> int:
+    """ETP as Megatron-Core resolves it: null means the same as TP."""
+    return parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+
 
 def resolve_layout(parallel: ParallelConfig, world_size: int) -> Layout:
-    etp = parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+    etp = expert_tensor_parallel_size(parallel)
     return Layout(world_size, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.expert_model_parallel_size, etp, parallel.context_parallel_size,
                   parallel.virtual_pipeline_model_parallel_size)
@@ -51,7 +60,7 @@ def model_layout_problems(model: ModelConfig, parallel: ParallelConfig) -> list[
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
     ep = parallel.expert_model_parallel_size
-    etp = parallel.expert_tensor_parallel_size or tp
+    etp = expert_tensor_parallel_size(parallel)
     vpp = parallel.virtual_pipeline_model_parallel_size
     out = []
     if model.num_attention_heads % tp:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from megatron_grow.config.schema import DataConfig, ModelConfig, TrainingConfig
+from megatron_grow.data.helpers import ensure_dataset_helpers
 from megatron_grow.data.tokenizer import Tokenizer
 from megatron_grow.errors import DataError
 
@@ -194,8 +195,6 @@ def build_datasets(data: DataConfig, model: ModelConfig, training: TrainingConfi
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
-
-    from megatron_grow.data.helpers import ensure_dataset_helpers
 
     config = build_dataset_config(data, model, training, tokenizer, cache_dir=cache_dir,
                                   create_attention_mask=create_attention_mask)

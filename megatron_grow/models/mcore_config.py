@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_grow.config.layout_rules import sequence_parallel_enabled
+from megatron_grow.config.layout_rules import expert_tensor_parallel_size, sequence_parallel_enabled
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
 
 # ModelConfig fields that are GPTModel arguments or our own, not TransformerConfig fields.
@@ -48,7 +48,7 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig | None = 
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(parallel),
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=sequence_parallel_enabled(parallel),
         params_dtype=params_dtype,

@@ -34,8 +34,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from megatron_grow.config.layout_rules import Layout
+from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig
+from megatron_grow.models.builder import build_gpt_model
 from megatron_grow.models.mcore_config import padded_vocab_size
+from megatron_grow.parallel.init import initialize_distributed
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,6 @@ def count_params_meta(model: ModelConfig) -> ParamCounts:
     from a process of its own (tests do, through ``python -m megatron_grow.models.params``).
     """
     import torch
-
-    from megatron_grow.models.builder import build_gpt_model
-    from megatron_grow.parallel.init import initialize_distributed
 
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
         raise RuntimeError("count_params_meta needs a single-process world")
@@ -301,8 +301,9 @@ def _main(argv: list | None = None) -> int:
     import json
     import sys
 
-    from megatron_grow.config.loader import load_recipe
+    from megatron_grow.platform import cpu
 
+    cpu.apply_cpu_adaptations()  # an entry point (tests run it as a process of its own)
     out = {}
     for path in (argv if argv is not None else sys.argv[1:]):
         model = load_recipe(path).model

@@ -14,6 +14,8 @@ import torch
 from megatron_grow.config.layout_rules import Layout, resolve_layout, world_layout_problems
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.errors import LayoutError
+from megatron_grow.parallel.spawn import free_port
+from megatron_grow.platform import cpu
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,13 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_grow.platform import cpu
-
-    cpu.apply_cpu_adaptations()
     use_cuda = torch.cuda.is_available()
+    if not use_cuda and not cpu.cpu_mode_active():
+        raise RuntimeError("no CUDA device and CPU mode is not installed: call "
+                           "megatron_grow.platform.cpu.apply_cpu_adaptations() at the entry point first")
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -77,11 +79,3 @@ def destroy_distributed() -> None:
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

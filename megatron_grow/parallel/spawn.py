@@ -39,6 +39,9 @@ def _rank_main(fn: Callable, args: Sequence, rank: int, world_size: int, port: i
     os.environ.update(extra_env)
     import torch
 
+    from megatron_grow.platform import cpu
+
+    cpu.apply_cpu_adaptations()  # each spawned rank is an entry point
     torch.set_num_threads(threads)
     path = os.path.join(result_dir, f"rank{rank}.pkl")
     try:

@@ -27,6 +27,9 @@ item  where MCore assumes CUDA                          what CPU mode does
 ====  ===============================================  =========================================
 
 ``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available.
+It is called explicitly by the entry points only (the CLI's ``main``, ranks started by
+``parallel.spawn``, the test fixtures); ``parallel.init.initialize_distributed`` refuses to
+start on CPU without it, so nothing is patched as a side effect of a library call.
 Items are individually testable through :data:`ADAPTATIONS`. Written for megatron-core
 0.16.1 (pinned in setup.py); a different version is refused rather than half-patched.
 """

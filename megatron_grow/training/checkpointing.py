@@ -32,6 +32,7 @@ import torch
 
 from megatron_grow.checkpoint import io, layout
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
+from megatron_grow.config.layout_rules import expert_tensor_parallel_size
 from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
@@ -70,7 +71,7 @@ def megatron_args(recipe: Recipe, model: ModelConfig, counters: dict, world_size
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(p),
         context_parallel_size=p.context_parallel_size, use_distributed_optimizer=p.use_distributed_optimizer,
         world_size=world_size, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         train_iters=t.train_iters, lr=t.lr, min_lr=t.min_lr, lr_decay_style=t.lr_decay_style,

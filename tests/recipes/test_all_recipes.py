@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_grow.cli.plan import choose_world_size
+from megatron_grow.analysis.run_estimate import choose_world_size
 from megatron_grow.config.layout_rules import world_layout_problems
 from megatron_grow.config.loader import load_recipe, recipe_to_dict
 

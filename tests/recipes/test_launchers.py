@@ -512,10 +512,10 @@ def test_70b_scratch_matches_the_grown_chain_compute():
 
 @pytest.mark.parametrize("name", ["17b_base", "17b_to_35b_depth", "35b_to_70b_width", "70b_scratch"])
 def test_paper_recipe_fits_h100_on_8_nodes(name):
-    from megatron_grow.cli.plan import make_plan
+    from megatron_grow.analysis.run_estimate import estimate_run
 
     recipe = _grown(f"configs/recipes/{name}.yaml")
-    plan = make_plan(recipe, 64)
+    plan = estimate_run(recipe, 64)
     assert plan["memory_fits_h100"], plan["memory_per_gpu_gib"]
     assert plan["layout"]["ep"] == 8 and plan["layout"]["tp"] == 1  # experts inside a node, no TP
 
