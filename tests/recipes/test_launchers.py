@@ -156,6 +156,7 @@ def _make_run_dir(root: Path, iterations) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_sunk_cost_sweep_dry_run(tmp_path):
     run_dir = _make_run_dir(tmp_path / "3b_base", [0, 500, 8000, 16000, 96000])
     out = tmp_path / "sweep"
@@ -444,6 +445,7 @@ def _node_launch(tmp_path, mode, send_usr1):
     return proc.returncode, out
 
 
+@pytest.mark.slow
 def test_node_sh_forwards_usr1_and_returns_preempted_code(tmp_path):
     rc, out = _node_launch(tmp_path, "wait", send_usr1=True)
     assert rc == 3, out
@@ -451,11 +453,13 @@ def test_node_sh_forwards_usr1_and_returns_preempted_code(tmp_path):
     assert not list(tmp_path.glob("mg-ranks.*")), "node.sh must remove its status directory"
 
 
+@pytest.mark.slow
 def test_node_sh_success_is_zero(tmp_path):
     rc, out = _node_launch(tmp_path, "0", send_usr1=False)
     assert rc == 0, out
 
 
+@pytest.mark.slow
 def test_node_sh_other_failures_are_not_preemption(tmp_path):
     # torchrun reports any worker failure as 1; only a recorded 3 becomes 3.
     rc, out = _node_launch(tmp_path, "5", send_usr1=False)

@@ -55,6 +55,7 @@ def test_region_reads_equal_slices(tmp_path):
         r.read("c")
 
 
+@pytest.mark.slow
 def test_reader_needs_no_process_group(tmp_path):
     """In a fresh interpreter with no torch.distributed group, the reader reads a region."""
     import subprocess

@@ -139,6 +139,7 @@ def test_hand_arithmetic_is_the_tiny_model():
 # inspect
 
 
+@pytest.mark.slow
 def test_inspect_shows_lineage_counters_and_layout(ckpts, capsys):
     rep = cli_json(capsys, "inspect", ckpts["interposition"])
     assert rep["iteration"] == GROW_FROM and rep["model"]["num_layers"] == 8
@@ -161,6 +162,7 @@ def test_inspect_shows_lineage_counters_and_layout(ckpts, capsys):
     assert "depth stack x2" in text and f"@ iteration {GROW_FROM}" in text and "lineage      1 growth(s)" in text
 
 
+@pytest.mark.slow
 def test_inspect_stats_match_the_saved_weights(ckpts, capsys):
     rep = cli_json(capsys, "inspect", ckpts["src"], "--stats", "--max-mib", "0.01")  # forces many small reads
     row = next(t for t in rep["tensors"] if t["key"] == "decoder.layers.mlp.experts.experts.linear_fc1.weight")
@@ -175,6 +177,7 @@ def test_inspect_stats_match_the_saved_weights(ckpts, capsys):
 # weight-norms
 
 
+@pytest.mark.slow
 def test_weight_norms_cliff_for_stack_smooth_for_interposition(ckpts, capsys, tmp_path):
     png = str(tmp_path / "norms.png")
     rep = cli_json(capsys, "weight-norms", ckpts["src"], "--compare", ckpts["interposition"], ckpts["stack"],
@@ -199,6 +202,7 @@ def test_weight_norms_cliff_for_stack_smooth_for_interposition(ckpts, capsys, tm
     assert [p["name"] for p in rep["profiles"]] == ["run@200", "interposition", "stack"]
 
 
+@pytest.mark.slow
 def test_weight_norms_text_table(ckpts, capsys):
     assert main(["weight-norms", ckpts["stack"], "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -209,6 +213,7 @@ def test_weight_norms_text_table(ckpts, capsys):
 # flops
 
 
+@pytest.mark.slow
 def test_flops_matches_hand_arithmetic(ckpts, capsys):
     extra = 5_000_000
     rep = cli_json(capsys, "flops", ckpts["src"], "--grow-recipe", DEPTH_RECIPE, "--extra-tokens", "5e6")
@@ -238,6 +243,7 @@ def test_flops_matches_hand_arithmetic(ckpts, capsys):
     assert f"{fc:.6g}" in text and "recorded counter" in text and f"{flops_per_token(8):.6g}" in text
 
 
+@pytest.mark.slow
 def test_flops_estimates_when_no_counter(ckpts, capsys):
     rep = cli_json(capsys, "flops", os.path.join(ckpts["run"], "iter_0000050"))
     tokens = 50 * GLOBAL_BATCH * S
@@ -247,6 +253,7 @@ def test_flops_estimates_when_no_counter(ckpts, capsys):
     assert "estimated" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_flops_of_grown_checkpoint_uses_grown_architecture(ckpts, capsys):
     rep = cli_json(capsys, "flops", ckpts["stack"])
     assert rep["sunk"]["activated_params"] == activated(8)
@@ -257,6 +264,7 @@ def test_flops_of_grown_checkpoint_uses_grown_architecture(ckpts, capsys):
 # advise
 
 
+@pytest.mark.slow
 def test_advise_picks_latest_constant_lr_checkpoint_past_one_fc(ckpts, capsys):
     rep = cli_json(capsys, "advise", ckpts["run"])
     rows = {r["iteration"]: r for r in rep["rows"]}
@@ -298,6 +306,7 @@ def test_bad_paths_are_one_line_errors(argv, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("megatron-grow: error: ")
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_a_clear_error(ckpts, tmp_path, capsys):
     import shutil
 

@@ -98,6 +98,7 @@ def test_cli_style_overrides(tmp_path):
     assert "key.sub=value" in problem
 
 
+@pytest.mark.slow
 def test_bad_recipe_via_cli_exits_2_with_one_clear_message(tmp_path):
     path = write(tmp_path, "bad.yaml", "model:\n  num_layres: 4\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}  # errors print on rank 0

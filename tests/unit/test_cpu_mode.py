@@ -123,6 +123,7 @@ def test_writer_results_queue_is_fast_fork_queue():
     del start  # speed is measured in benchmarks, not asserted here
 
 
+@pytest.mark.slow
 def test_gloo_collectives_handle_uneven_sizes():
     from megatron_grow.parallel.spawn import run_in_processes
 
@@ -158,6 +159,7 @@ def _uneven_collectives_body():
     return "ok"
 
 
+@pytest.mark.slow
 def test_no_op_when_cuda_is_available():
     code = (
         "import torch\n"

@@ -53,6 +53,7 @@ def samples_equal(x: dict, y: dict) -> bool:
     return x.keys() == y.keys() and all(torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k])) for k in x)
 
 
+@pytest.mark.slow
 def test_blend_follows_weights(data):
     config = DataConfig(data_path=(0.25, data["a"], 0.75, data["b"]), split="90,5,5")
     train, valid, test = build_datasets(config, MODEL, TRAINING, data["tok"])

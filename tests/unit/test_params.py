@@ -69,6 +69,7 @@ def meta_counts(tmp_path_factory) -> dict:
     return {by_path[p]: v for p, v in out.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER + list(VARIANTS))
 def test_analytic_count_equals_meta_device_model(meta_counts, name):
     counts = meta_counts[name]

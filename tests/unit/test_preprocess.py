@@ -80,6 +80,7 @@ def test_jsonl_inputs_in_order_and_empty_records(docs, tok, tmp_path):
     assert [tok.decode(ds[i]) for i in range(2)] == docs[:2]
 
 
+@pytest.mark.slow
 def test_bad_inputs_leave_no_files(tok, tmp_path, text_file):
     prefix = tmp_path / "bad"
     with pytest.raises(DataError, match="not found"):
