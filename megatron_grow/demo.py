@@ -1,5 +1,5 @@
 """The end-to-end demo: train a small MoE, grow it (depth then width), train on, and compare
-with the grown architecture trained from scratch at equal *additional* FLOPs (NOTES.md 6-7).
+with the grown architecture trained from scratch at equal *additional* FLOPs (docs/paper.md §6-7).
 
     megatron-grow demo                       # KJV corpus, sizes for this machine, 2 ranks on CPU
     megatron-grow demo --text my.txt --workdir runs/mine

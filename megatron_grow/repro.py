@@ -1,4 +1,4 @@
-"""Small-scale reproduction of the paper's four findings (arXiv 2510.08008; NOTES.md 1.3, 2.1, 6.2-6.3).
+"""Small-scale reproduction of the paper's four findings (arXiv 2510.08008; docs/paper.md §1.3, §2.1, §6.2-6.3).
 
     python scripts/repro/repro.py --tiny                 # CI scale: about 1-2 minutes on 2 CPU cores
     python scripts/repro/repro.py --size cpu             # longer CPU run (base past 1x F_c)
@@ -14,7 +14,7 @@ same *additional* FLOPs (checked from the trainer's counters):
     full recipe (depth interposition then width x2, alpha 0.01, top-k x2) vs its architecture
     from random init;
 (b) interposition vs stack (depth k=2) from the last base checkpoint, with the base's sunk
-    FLOPs in units of the Chinchilla reference F_c = 6 N_a (20 N_a) (NOTES.md 1.3, 7);
+    FLOPs in units of the Chinchilla reference F_c = 6 N_a (20 N_a) (docs/paper.md §1.3, §7);
 (c) width growth (experts x2, top-k x2, Gaussian noise) with alpha in {0, 0.01, 0.1};
 (d) final loss vs sunk cost: depth interposition from each of the three base checkpoints
     (and sunk cost 0 = the scratch run of (a)), each with the same additional budget.

@@ -1,6 +1,6 @@
 """Which checkpoint of a run to grow from: sunk cost, Chinchilla ratio and LR phase per checkpoint.
 
-The paper's recipe (NOTES.md sections 6.2, 8): grow from a **constant-LR (pre-decay)**
+The paper's recipe (docs/paper.md §6.2, §8): grow from a **constant-LR (pre-decay)**
 checkpoint (gains flatten once the base is annealing, because post-growth training re-raises
 the LR), that has seen at least **~1x Chinchilla compute** (then interposition clearly beats
 stacking), use **interposition**, and budget at least **~1x the sunk FLOPs** for continued

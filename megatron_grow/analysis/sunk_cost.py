@@ -1,6 +1,6 @@
 """Sunk cost of a checkpoint against Chinchilla compute, the paper's growth advice, and growth budgets.
 
-Conventions (NOTES.md sections 1.3, 6, 7):
+Conventions (docs/paper.md §1.3, §6, §7):
 
 * **sunk FLOPs**: all training FLOPs behind a checkpoint's weights, ``counters.flops_so_far``
   (Megatron-LM's ``num_floating_point_operations_so_far``). When a checkpoint does not record
@@ -32,7 +32,7 @@ from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.models.params import count_params
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_token
 
-# The paper's thresholds (NOTES.md sections 1.3 and 8).
+# The paper's thresholds (docs/paper.md §1.3 and §8).
 INTERPOSITION_FC_MULTIPLE = 1.0
 MIN_BUDGET_SUNK_MULTIPLE = 1.0
 

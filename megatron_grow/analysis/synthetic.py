@@ -1,7 +1,7 @@
 """Synthetic "converged-looking" checkpoints for demos and docs of the analysis tools.
 
 A CPU cannot train a model far enough for the paper's layer-wise weight-norm profile (rising
-with depth, NOTES.md section 1.3) to appear, so this writes a freshly initialised model whose
+with depth, docs/paper.md §1.3) to appear, so this writes a freshly initialised model whose
 routed-expert and attention matrices of layer ``l`` are multiplied by ``1 + slope * l`` (norms
 and routers untouched), and saves it as one or more checkpoints of a run with the counters a
 trainer would record: ``consumed_samples = iteration x global_batch_size``, ``consumed_tokens =

@@ -1,4 +1,4 @@
-"""The paper's layer-wise weight-norm profile (arXiv 2510.08008, Fig. 2; NOTES.md section 1.3).
+"""The paper's layer-wise weight-norm profile (arXiv 2510.08008, Fig. 2; docs/paper.md §1.3).
 
 For every decoder layer: each expert weight matrix (SwiGLU gate, up and down projection) gives
 ``||W||_F / sqrt(numel(W))`` (the RMS of its entries); the layer's value is the mean over the

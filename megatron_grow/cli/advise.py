@@ -7,7 +7,7 @@ Reads every complete iter_NNNNNNN in RUN_DIR (manifests and counters only, no te
 prints iteration, tokens, sunk FLOPs, sunk / F_c and the LR phase (warmup / stable / decay /
 constant, from the recipe saved in the manifest and the iteration). Recommends the latest
 constant-LR (pre-decay) checkpoint with sunk >= 1x F_c, depth interposition, and a
-continued-training budget of at least ~1x its sunk FLOPs (arXiv 2510.08008, NOTES.md 6-8).
+continued-training budget of at least ~1x its sunk FLOPs (arXiv 2510.08008, docs/paper.md §6-8).
 """
 
 from __future__ import annotations

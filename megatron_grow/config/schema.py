@@ -58,7 +58,7 @@ def field_problem(value: Any, meta: Mapping, path: str) -> str | None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The decoder-only MoE of arXiv 2510.08008 (NOTES.md section 4)."""
+    """The decoder-only MoE of arXiv 2510.08008 (docs/paper.md §4)."""
 
     num_layers: int = spec(2, "decoder layers; every layer is an MoE layer", ge=1)
     hidden_size: int = spec(64, "model width H", ge=1)
@@ -123,7 +123,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Optimizer, schedule and batch sizes (defaults from NOTES.md section 5)."""
+    """Optimizer, schedule and batch sizes (defaults from docs/paper.md §5)."""
 
     micro_batch_size: int = spec(1, "sequences per micro batch per data-parallel rank", ge=1)
     global_batch_size: int = spec(8, "sequences per optimizer step", ge=1)
@@ -197,7 +197,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class DepthGrowthConfig:
-    """Depth growth: copy decoder layers (NOTES.md section 1). Copies are exact; no noise."""
+    """Depth growth: copy decoder layers (docs/paper.md §1). Copies are exact; no noise."""
 
     mode: str = spec("interposition", "interposition (l1,l1,l2,l2,...; the paper) or stack (l1..ln,l1..ln)",
                      choices=("interposition", "stack"))
@@ -211,7 +211,7 @@ class DepthGrowthConfig:
 
 @dataclass(frozen=True)
 class WidthGrowthConfig:
-    """Width growth: duplicate experts with noise and raise top-k (NOTES.md section 2)."""
+    """Width growth: duplicate experts with noise and raise top-k (docs/paper.md §2)."""
 
     factor: int = spec(2, "growth factor m: experts E -> m*E", ge=2)
     topk_factor: int | None = spec(

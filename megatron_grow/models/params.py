@@ -17,7 +17,7 @@ d = kv_channels, E = experts, F = expert FFN, S = shared-expert FFN, V = padded 
     shared expert                         H x 2S + S x H        (none in the paper)
   plus final_layernorm H, input embedding V x H and an untied output layer V x H.
 
-Activated parameters follow the paper (NOTES.md section 4, Switch-Transformer convention):
+Activated parameters follow the paper (docs/paper.md §4, Switch-Transformer convention):
 every non-expert parameter plus the top-k routed experts of each layer. The paper's
 headline numbers (17B -> "2.1B activated") **include both the input embedding and the
 output layer**: that is :attr:`ParamCounts.activated`. "17B-A1.7B" in its Fig. 2 counts

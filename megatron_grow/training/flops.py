@@ -19,11 +19,11 @@ E = experts, k = top-k, F = expert FFN, S = shared-expert FFN, V = padded vocabu
 
 Attention scores are counted over the full s x s matrix, as Megatron-LM's
 ``num_floating_point_operations`` does (the counter stored in checkpoints and used for the
-paper's FLOPs axes, NOTES.md section 7); a causal kernel does about half of that work, pass
+paper's FLOPs axes, docs/paper.md §7); a causal kernel does about half of that work, pass
 ``causal=True`` for it. Megatron-LM's counter has no router term: with ``include_router=False``
 this module reproduces it exactly (for models without MTP and dense layers).
 
-Chinchilla reference (NOTES.md sections 1.3, 7): ``F_c = 6 N_a (20 N_a) = 120 N_a^2`` with
+Chinchilla reference (docs/paper.md §1.3, §7): ``F_c = 6 N_a (20 N_a) = 120 N_a^2`` with
 ``N_a`` the activated parameters (the paper's count, both embeddings included).
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Submit the paper's 17B -> 35B -> 70B chain (arXiv 2510.08008, NOTES.md section 5) as five
+# Submit the paper's 17B -> 35B -> 70B chain (arXiv 2510.08008, docs/paper.md §5) as five
 # dependent SLURM jobs; each starts only after the previous one finished with exit 0
 # (a preempted training job requeues itself and keeps its job id, so the chain waits for it):
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sunk-cost sweep (NOTES.md section 6.2): grow every checkpoint of a run and train each grown
+# Sunk-cost sweep (docs/paper.md §6.2): grow every checkpoint of a run and train each grown
 # model for the same extra compute, on one node.
 #
 #   scripts/torchrun/sunk_cost_sweep.sh --run-dir CKPT/3b_base --out CKPT/sunk_cost \

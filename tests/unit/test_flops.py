@@ -68,7 +68,7 @@ def test_seq_length_argument_overrides_recipe():
 
 
 def test_width_growth_adds_k_swiglu_experts_per_layer():
-    # NOTES section 7: width growth with 2k adds k x 3 x (2 H F) forward FLOPs per layer (+ router).
+    # docs/paper.md §7: width growth with 2k adds k x 3 x (2 H F) forward FLOPs per layer (+ router).
     base, wide = forward_flops_per_token(_model("3b")), forward_flops_per_token(_model("6b_width"))
     assert wide.experts - base.experts == 20 * 4 * 3 * 2 * 1024 * 768
     assert wide.router - base.router == 20 * 2 * 1024 * 64

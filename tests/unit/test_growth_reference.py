@@ -2,7 +2,7 @@
 
 Checks that the oracle moves tensors where the index maps say, and that width growth is
 function-preserving with exact or antithetic copies under sigmoid top-k routing with an
-expert bias (NOTES.md section 2.2): the grown model's logits equal the source's.
+expert bias (docs/paper.md §2.2): the grown model's logits equal the source's.
 """
 
 import dataclasses

@@ -91,7 +91,7 @@ def test_tiny_by_hand():
     assert c.activated_without_embedding == c.activated - 256 * 64
 
 
-# Paper numbers (NOTES.md section 4), in billions, all +-0.1B; None where the paper gives none.
+# Paper numbers (docs/paper.md §4), in billions, all +-0.1B; None where the paper gives none.
 PAPER_NUMBERS = {
     # name: (total, activated incl. both embeddings, activated counting only the head)
     "3b": (3.5, 0.70, 0.50),
@@ -114,9 +114,9 @@ def test_paper_parameter_counts(name):
 
 
 def test_exact_counts_from_the_megatron_logs():
-    # [L] run_model_size_test.log: the 128-expert top-8 3B-family model has 6,557,054,976 parameters.
+    # The authors' size-test log (docs/paper.md §4): the 128-expert top-8 3B-family model has 6,557,054,976 parameters.
     assert count_params(load_recipe(str(MODELS / "6b_width.yaml")).model).total == 6_557_054_976
-    # [L] 17BA2B log: 1,118,692,352 non-expert parameters; experts 28 x 96 x 3 x 2048 x 1024.
+    # The authors' 17B launch log: 1,118,692,352 non-expert parameters; experts 28 x 96 x 3 x 2048 x 1024.
     c17 = count_params(load_recipe(str(MODELS / "17b.yaml")).model)
     assert c17.non_expert == 1_118_692_352
     assert c17.expert == 28 * 96 * 3 * 2048 * 1024
