@@ -110,6 +110,26 @@ def _chunks(paths: Sequence[str], json_key: str, chunk_size: int) -> Iterator[li
         yield chunk
 
 
+def _write_documents(builder, encoded_chunks, progress: bool | None) -> tuple[int, int, int]:
+    """Add every non-empty encoded document to ``builder``; returns (documents, skipped, tokens)."""
+    from tqdm import tqdm
+
+    documents = skipped = tokens = 0
+    with tqdm(desc="preprocess", unit=" docs", disable=(None if progress is None else not progress),
+              mininterval=1.0) as bar:
+        for chunk in encoded_chunks:
+            for ids in chunk:
+                if ids.size == 0:
+                    skipped += 1
+                    continue
+                builder.add_document(ids, [ids.size])
+                documents += 1
+                tokens += int(ids.size)
+            bar.update(len(chunk))
+            bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+    return documents, skipped, tokens
+
+
 def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, *, workers: int = 1,
                append_eod: bool = False, json_key: str = "text", dtype: str = "auto", chunk_size: int = 64,
                progress: bool | None = None) -> PreprocessSummary:
@@ -117,10 +137,10 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
 
     ``workers`` processes tokenize (1 tokenizes in this process). ``progress`` shows a tqdm
     bar on stderr (None: only when stderr is a terminal). Raises ``DataError`` for missing
-    or empty input, a bad tokenizer or a dtype too small for its vocabulary.
+    or empty input, a bad tokenizer or a dtype too small for its vocabulary. The outputs are
+    written under ``.tmp`` names and renamed only when complete.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
-    from tqdm import tqdm
 
     paths = check_inputs(inputs)
     if workers < 1:
@@ -131,34 +151,20 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
     if append_eod:
         tokenizer.eod  # noqa: B018 -- raises a clear error for a model without an end-of-sentence piece
     token_dtype = choose_dtype(tokenizer.vocab_size, dtype)
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     bin_path, idx_path = get_bin_path(output_prefix), get_idx_path(output_prefix)
     tmp_bin, tmp_idx = bin_path + ".tmp", idx_path + ".tmp"
 
     start = time.perf_counter()
-    documents = skipped = tokens = 0
     init_args = (tokenizer.model_file, append_eod, token_dtype.name)
     pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) if workers > 1 else None
     builder = IndexedDatasetBuilder(tmp_bin, dtype=token_dtype.type)
     try:
         if pool is None:
             _init_worker(*init_args)
-            encoded = map(_encode_chunk, _chunks(paths, json_key, chunk_size))
-        else:
-            encoded = pool.imap(_encode_chunk, _chunks(paths, json_key, chunk_size))
-        with tqdm(desc="preprocess", unit=" docs", disable=(None if progress is None else not progress),
-                  mininterval=1.0) as bar:
-            for chunk in encoded:
-                for ids in chunk:
-                    if ids.size == 0:
-                        skipped += 1
-                        continue
-                    builder.add_document(ids, [ids.size])
-                    documents += 1
-                    tokens += int(ids.size)
-                bar.update(len(chunk))
-                bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+        chunks = _chunks(paths, json_key, chunk_size)
+        encoded = map(_encode_chunk, chunks) if pool is None else pool.imap(_encode_chunk, chunks)
+        documents, skipped, tokens = _write_documents(builder, encoded, progress)
         if documents == 0:
             raise DataError(f"no documents with any tokens in {', '.join(paths)}"
                             + (f" ({skipped} empty documents)" if skipped else ""))

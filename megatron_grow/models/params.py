@@ -245,41 +245,15 @@ def memory_per_gpu(model: ModelConfig, parallel: ParallelConfig, training: Train
     and their fp32 softmax). Not included: CUDA context, NCCL buffers, allocator
     fragmentation, MoE dispatch buffers; leave 5-10 GiB of headroom.
     """
-    lp = layer_params(model)
-    tp, pp, cp = layout.tp, layout.pp, layout.cp
-    layers_per_stage = model.num_layers // pp
-    vocab = padded_vocab_size(model, parallel.tensor_model_parallel_size)
-    h = model.hidden_size
-    # Per-layer parameters on one GPU.
-    dense_layer = lp.norms + lp.qk_norms + lp.router + (lp.attention + lp.shared_expert) / tp
-    expert_layer = lp.experts / (layout.ep * layout.etp)
-    emb = vocab * h / tp
-    head = emb if model.untie_embeddings_and_output_weights else 0
-    final_norm = h * (2 if model.normalization == "LayerNorm" else 1)
-
-    mbs, s = training.micro_batch_size, model.seq_length
-    tokens = s * mbs / (tp * cp)
-    n_micro = max(1, training.global_batch_size // (mbs * layout.dp))
-    full_layer = activation_elements_per_token(model) * 2 * tokens
-    if training.recompute_granularity == "full":
-        stored_layer, working = h * 2 * tokens, full_layer
-    else:
-        stored_layer, working = full_layer, 0.0
-    # The head gathers the sequence back from sequence parallelism and shards the vocabulary.
-    logits = s * mbs / cp * vocab / tp * 6
-
-    stages = []
-    if pp == 1:
-        stages.append(("only", emb + head + final_norm, 1, logits))
-    else:
-        stages.append(("first", emb, min(pp, n_micro), 0.0))
-        stages.append(("last", head + final_norm + (emb if not head else 0), 1, logits))
+    layers_per_stage = model.num_layers // layout.pp
+    stored_layer, working, logits = _activation_bytes(model, training, layout)
+    dense_layer, expert_layer = _params_per_layer_on_gpu(model, layout)
     wbytes = 2 if training.bf16 else 4
     opt_bytes = 12 if training.bf16 else 8
-    dense_shard = layout.dp * cp if parallel.use_distributed_optimizer else 1
+    dense_shard = layout.dp * layout.cp if parallel.use_distributed_optimizer else 1
     expert_shard = layout.expert_dp if parallel.use_distributed_optimizer else 1
     best: MemoryEstimate | None = None
-    for name, extra_dense, in_flight, stage_logits in stages:
+    for name, extra_dense, in_flight, stage_logits in _pipeline_stages(model, parallel, training, layout, logits):
         dense = layers_per_stage * dense_layer + extra_dense
         expert = layers_per_stage * expert_layer
         est = MemoryEstimate(
@@ -294,6 +268,43 @@ def memory_per_gpu(model: ModelConfig, parallel: ParallelConfig, training: Train
             best = est
     assert best is not None
     return best
+
+
+def _params_per_layer_on_gpu(model: ModelConfig, layout: Layout) -> tuple[float, float]:
+    """(dense, routed-expert) parameters of one layer on one GPU."""
+    lp = layer_params(model)
+    dense_layer = lp.norms + lp.qk_norms + lp.router + (lp.attention + lp.shared_expert) / layout.tp
+    return dense_layer, lp.experts / (layout.ep * layout.etp)
+
+
+def _activation_bytes(model: ModelConfig, training: TrainingConfig, layout: Layout) -> tuple[float, float, float]:
+    """(stored bytes per layer per micro batch, recompute working set, logits bytes on the last stage)."""
+    tp, cp, h = layout.tp, layout.cp, model.hidden_size
+    mbs, s = training.micro_batch_size, model.seq_length
+    tokens = s * mbs / (tp * cp)
+    full_layer = activation_elements_per_token(model) * 2 * tokens
+    if training.recompute_granularity == "full":
+        stored_layer, working = h * 2 * tokens, full_layer
+    else:
+        stored_layer, working = full_layer, 0.0
+    vocab = padded_vocab_size(model, tp)
+    # The head gathers the sequence back from sequence parallelism and shards the vocabulary.
+    logits = s * mbs / cp * vocab / tp * 6
+    return stored_layer, working, logits
+
+
+def _pipeline_stages(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig, layout: Layout,
+                     logits: float) -> list[tuple[str, float, int, float]]:
+    """(stage, non-layer parameters it holds, micro batches in flight, logits bytes) per distinct stage."""
+    h = model.hidden_size
+    emb = padded_vocab_size(model, parallel.tensor_model_parallel_size) * h / layout.tp
+    head = emb if model.untie_embeddings_and_output_weights else 0
+    final_norm = h * (2 if model.normalization == "LayerNorm" else 1)
+    if layout.pp == 1:
+        return [("only", emb + head + final_norm, 1, logits)]
+    n_micro = max(1, training.global_batch_size // (training.micro_batch_size * layout.dp))
+    return [("first", emb, min(layout.pp, n_micro), 0.0),
+            ("last", head + final_norm + (emb if not head else 0), 1, logits)]
 
 
 def _main(argv: list | None = None) -> int:

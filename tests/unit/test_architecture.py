@@ -1,0 +1,81 @@
+"""The package's house plan, checked: imports only point down the layers, and functions stay short.
+
+Layers, bottom to top (a module may import its own layer and the layers below it):
+
+    errors < config < platform < parallel < models < checkpoint < data
+           < growth | training (side by side: never import each other)
+           < analysis < interop < experiments < cli < __main__
+
+Read by parsing every module (imports inside functions included), so a lazy import cannot
+hide an upward dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "megatron_grow"
+
+LAYERS = [
+    ("errors",), ("config",), ("platform",), ("parallel",), ("models",), ("checkpoint",), ("data",),
+    ("growth", "training"), ("analysis",), ("interop",), ("experiments",), ("cli",), ("__main__",),
+]
+LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+MAX_FUNCTION_LINES = 60
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        top = rel.parts[0][:-3] if len(rel.parts) == 1 else rel.parts[0]
+        if top == "__init__":
+            continue
+        yield path, top, ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _imported_packages(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_grow."):
+            yield node.lineno, node.module.split(".")[1]
+        elif isinstance(node, ast.ImportFrom) and node.module == "megatron_grow":
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("megatron_grow."):
+                    yield node.lineno, alias.name.split(".")[1]
+
+
+def test_every_top_level_module_has_a_layer():
+    unknown = sorted({top for _, top, _ in _modules()} - set(LEVEL))
+    assert not unknown, f"add {unknown} to LAYERS in this test (and to README's layout)"
+
+
+def test_imports_only_point_down():
+    upward = []
+    for path, top, tree in _modules():
+        for lineno, target in _imported_packages(tree):
+            if target not in LEVEL or top not in LEVEL:
+                continue
+            same_rank_sibling = LEVEL[target] == LEVEL[top] and target != top
+            if LEVEL[target] > LEVEL[top] or same_rank_sibling:
+                upward.append(f"{path.relative_to(PACKAGE.parent)}:{lineno} ({top} -> {target})")
+    assert not upward, "imports that point up (or between growth and training):\n" + "\n".join(upward)
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    tree = ast.parse("from megatron_grow.training.trainer import Trainer\n")
+    assert [t for _, t in _imported_packages(tree)] == ["training"]
+    assert LEVEL["training"] > LEVEL["config"]
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_functions_are_short(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
