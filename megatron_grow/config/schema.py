@@ -56,6 +56,10 @@ class ModelConfig:
         "alltoall", "token dispatcher; CPU mode switches alltoall to allgather",
         choices=("alltoall", "allgather"))
     moe_grouped_gemm: bool = spec(False, "fuse experts into one grouped GEMM (GPU)")
+    moe_expert_backend: str = spec(
+        "sequential", "how the local spec runs routed experts: sequential (MCore's SequentialMLP, one matmul pair "
+        "per expert) or grouped_mm (two torch grouped GEMMs per layer, no extra packages); checkpoints are "
+        "identical either way", choices=("sequential", "grouped_mm"))
     qk_layernorm: bool = spec(True, "RMSNorm on queries and keys")
     normalization: str = spec("RMSNorm", "norm type (pre-norm)", choices=("RMSNorm", "LayerNorm"))
     layernorm_epsilon: float = spec(1e-6, "norm epsilon", gt=0.0)

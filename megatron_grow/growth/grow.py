@@ -382,8 +382,9 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
 
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, source_model=None,
                     recipe_dict: dict | None = None, overwrite: bool = False, seed: int = 1234,
-                    progress: bool = True) -> dict:
-    """Offline growth (collective): returns a summary dict (rank 0's numbers)."""
+                    progress: bool = True, expert_backend: str | None = None) -> dict:
+    """Offline growth (collective): returns a summary dict (rank 0's numbers). ``expert_backend``
+    builds the target with that ``model.moe_expert_backend`` (the checkpoint is the same either way)."""
     from megatron_grow.models.params import count_params
     from megatron_grow.parallel.init import initialize_distributed
 
@@ -406,7 +407,9 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
         f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}")
     from megatron_grow.models.builder import build_model_chunks
 
-    chunks = build_model_chunks(plan.target, parallel, initialize=False)  # every weight comes from SRC
+    # The expert backend changes how the grown model runs, not what it stores.
+    built = dataclasses.replace(plan.target, moe_expert_backend=expert_backend) if expert_backend else plan.target
+    chunks = build_model_chunks(built, parallel, initialize=False)  # every weight comes from SRC
     stats = load_grown_weights(chunks, source, progress=progress)
     before, after = count_params(plan.source).total, count_params(plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)

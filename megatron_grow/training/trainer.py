@@ -244,7 +244,8 @@ class Trainer:
         if has_checkpoint(ck.load):
             scheduler = build_scheduler(self.optimizer, recipe, t.train_iters)
             counters, lineage, ckpt_dir, scheduler_loaded = load_training_checkpoint(
-                ck.load, self.chunks, self.optimizer, scheduler, load_optim=ck.load_optim)
+                ck.load, self.chunks, self.optimizer, scheduler, load_optim=ck.load_optim,
+                expert_backend=self.model_cfg.moe_expert_backend)
             if not scheduler_loaded:  # e.g. the output of `megatron-grow grow`: a fresh schedule from here
                 scheduler = build_scheduler(self.optimizer, recipe, t.train_iters - counters["iteration"])
             log(f"[train] resumed from {ckpt_dir} at iteration {counters['iteration']} "
