@@ -16,7 +16,8 @@ output says which. Parameters come from ``megatron_grow.models.params`` (activat
 the paper does: input embedding and output layer included), FLOPs from
 ``megatron_grow.training.flops`` (full attention, as Megatron-LM counts), memory from
 ``megatron_grow.models.params.memory_per_gpu`` (formula in its docstring). Time per step =
-FLOPs per step / (world x peak x MFU), peak = 989 TFLOP/s (H100 SXM dense bf16).
+FLOPs per step / (world x peak x MFU), peak = the dense bf16 figure of ``--gpu`` (default H100 SXM,
+989.5 TFLOP/s; table in ``megatron_grow/training/peak_flops.py``) or ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from megatron_grow.models.params import count_params, memory_per_gpu
 from megatron_grow.parallel.init import LayoutError
 from megatron_grow.parallel.topology import resolve_layout, sequence_parallel_enabled, world_layout_problems
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_token
+from megatron_grow.training.peak_flops import PEAK_BF16_TFLOPS, lookup_peak_tflops
 
-H100_BF16_PEAK_FLOPS = 989e12
+DEFAULT_GPU = "H100 SXM"
 # nvidia-smi reports 81,559 MiB on an H100 80GB.
 H100_MEMORY_GIB = 81559 / 1024
 
@@ -44,8 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the minimum, see above)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_FLOPS / 1e12,
-                        help="peak dense bf16 TFLOP/s per GPU (default 989, H100 SXM)")
+    parser.add_argument("--gpu", default=DEFAULT_GPU,
+                        help=f"GPU whose dense bf16 peak sets the step time (default {DEFAULT_GPU}; one of "
+                             f"{', '.join(label for _, label, _ in PEAK_BF16_TFLOPS)})")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak dense bf16 TFLOP/s per GPU; overrides --gpu (e.g. a measured matmul ceiling)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
@@ -65,7 +70,7 @@ def choose_world_size(recipe: Recipe, gpus_per_node: int) -> tuple[int, str]:
 
 
 def make_plan(recipe: Recipe, world_size: int, *, gpus_per_node: int = 8, mfu: float = 0.4,
-              peak_flops: float = H100_BF16_PEAK_FLOPS, world_choice: str = "",
+              peak_flops: float | None = None, world_choice: str = "",
               source: str = "") -> dict[str, Any]:
     """Everything ``plan`` prints, as plain data. Raises LayoutError for an impossible layout."""
     model, parallel, training = recipe.model, recipe.parallel, recipe.training
@@ -78,6 +83,8 @@ def make_plan(recipe: Recipe, world_size: int, *, gpus_per_node: int = 8, mfu: f
     flops = training_flops_per_token(model, tp=tp)
     tokens_per_step = training.global_batch_size * model.seq_length
     flops_per_step = flops.total * tokens_per_step
+    if peak_flops is None:
+        peak_flops = lookup_peak_tflops(DEFAULT_GPU)[1] * 1e12
     step_time = flops_per_step / (world_size * peak_flops * mfu)
     mem = memory_per_gpu(model, parallel, training, layout)
     mem_gib = mem.total / 1024 ** 3
@@ -175,8 +182,11 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
     if not 0.0 < args.mfu <= 1.0:
         problems.append(f"--mfu must be in (0, 1], got {args.mfu}")
-    if args.peak_tflops <= 0:
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
         problems.append(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    gpu_peak = lookup_peak_tflops(args.gpu)
+    if args.peak_tflops is None and gpu_peak is None:
+        problems.append(f"--gpu {args.gpu!r} is not in the peak table; give --peak-tflops")
     if problems:
         raise ConfigError(problems)
     recipe = load_recipe(args.config, args.overrides)
@@ -201,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         world, choice = choose_world_size(recipe, args.gpus_per_node)
     plan = make_plan(recipe, world, gpus_per_node=args.gpus_per_node, mfu=args.mfu,
-                     peak_flops=args.peak_tflops * 1e12, world_choice=choice, source=args.config)
+                     peak_flops=(args.peak_tflops if args.peak_tflops is not None else gpu_peak[1]) * 1e12,
+                     world_choice=choice, source=args.config)
     print(json.dumps(plan, sort_keys=True) if args.json else format_table(plan))
     return 0

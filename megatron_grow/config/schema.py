@@ -154,6 +154,9 @@ class LoggingConfig:
     wandb_project: str | None = spec(None, "wandb project; null disables wandb")
     wandb_mode: str = spec("offline", "wandb mode", choices=("offline", "online", "disabled"))
     wandb_exp_name: str | None = spec(None, "wandb run name")
+    peak_tflops: float | None = spec(
+        None, "peak dense bf16 TFLOP/s per GPU that MFU is measured against; null looks the GPU up by name "
+        "(megatron_grow/training/peak_flops.py), e.g. a measured matmul ceiling", gt=0.0)
 
 
 @dataclass(frozen=True)

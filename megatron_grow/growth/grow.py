@@ -37,6 +37,7 @@ from megatron_grow.config.schema import GrowthConfig, ModelConfig
 from megatron_grow.errors import CheckpointError, GrowthError
 from megatron_grow.growth import noise, retarget
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
+from megatron_grow.parallel.init import all_reduce_host
 
 
 def _rank() -> int:
@@ -216,7 +217,7 @@ def _expert_stds(tasks: list, plan: GrowthPlan, ckpt_dir: str) -> dict:
         for (k, ls, es), st in requests.items():
             moments[k, ls, es] = torch.tensor(noise.tensor_moments(st.data), dtype=torch.float64)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(moments)
+        all_reduce_host(moments)
     out = {}
     for k, key in enumerate(keys):
         for ls in range(L):
@@ -256,7 +257,7 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
     rounds = len(order)
     if torch.distributed.is_initialized():  # PP stages hold different layer counts
         n = torch.tensor([rounds], dtype=torch.long)
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        all_reduce_host(n, op=torch.distributed.ReduceOp.MAX)
         rounds = int(n.item())
     whole: dict = {}
     for r in range(rounds):
@@ -439,7 +440,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
     bytes_written = io.checkpoint_bytes(final) if _rank() == 0 else 0
     totals = torch.tensor([stats.bytes_read], dtype=torch.float64)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
+        all_reduce_host(totals)
     summary = {
         "source": source.ckpt_dir, "grown": final, "iteration": counters["iteration"],
         "params_before": before, "params_after": after,

@@ -88,3 +88,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def all_reduce_host(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce a CPU tensor in place (counters, flags, losses). NCCL takes CUDA tensors only,
+    so under NCCL the values travel through the current GPU and come back."""
+    op = torch.distributed.ReduceOp.SUM if op is None else op
+    if torch.distributed.get_backend() == "nccl":
+        staged = tensor.cuda()
+        torch.distributed.all_reduce(staged, op=op)
+        tensor.copy_(staged.cpu())
+    else:
+        torch.distributed.all_reduce(tensor, op=op)
+    return tensor

@@ -62,7 +62,7 @@ def _leaves(x):
 
 def _forward_backward(model, batches):
     mask = causal_attention_mask(SEQUENTIAL.seq_length)
-    logits, losses = [], []
+    losses = []
     for tokens in batches:
         loss = model(tokens, position_ids_for(tokens), mask, labels=tokens)
         losses.append(loss.detach().clone())
@@ -175,13 +175,15 @@ def test_growth_into_grouped_mm_target_equals_sequential_target(tmp_path):
     """Depth x2 then width x2 (with noise) grown into grouped_mm experts on EP=2 writes the same
     checkpoint as the same growth into SequentialMLP experts."""
     src, seq_dst, grp_dst = str(tmp_path / "src"), str(tmp_path / "seq"), str(tmp_path / "grp")
-    growth = GrowthConfig(order=("depth", "width"), depth=DepthGrowthConfig(factor=2), width=WidthGrowthConfig(factor=2))
+    growth = GrowthConfig(order=("depth", "width"), depth=DepthGrowthConfig(factor=2),
+                          width=WidthGrowthConfig(factor=2))
     run_in_processes(save_source, 1, (src,))
     ep2 = ParallelConfig(expert_model_parallel_size=2)
     run_in_processes(grow_body, 2, (src, seq_dst, growth, ep2))
     run_in_processes(grow_into_backend, 2, (src, grp_dst, growth, ep2, "grouped_mm"))
     seq_tensors, grp_tensors = run_in_processes(plain_tensors_of_many, 1, ([seq_dst, grp_dst],))[0]
-    assert any(".layers.7.mlp.experts.experts.linear_fc2.weight" in k for k in seq_tensors)  # 8 layers
+    # [layers, experts, H, F]: 4 -> 8 layers, 4 -> 8 experts
+    assert tuple(seq_tensors["decoder.layers.mlp.experts.experts.linear_fc2.weight"].shape[:2]) == (8, 8)
     assert sorted(seq_tensors) == sorted(grp_tensors)
     for key, value in seq_tensors.items():
         assert torch.equal(value, grp_tensors[key]), key
