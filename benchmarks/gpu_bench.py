@@ -120,6 +120,7 @@ def train_phase(recipe_path: str, overrides: list, grown_from: str | None = None
     from megatron_grow.checkpoint.manifest import read_checkpoint_info
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.training.flops import training_flops_per_step
+    from megatron_grow.training.peak_flops import current_device_peak
     from megatron_grow.training.trainer import Trainer
 
     recipe = load_recipe(recipe_path, overrides)
@@ -135,12 +136,14 @@ def train_phase(recipe_path: str, overrides: list, grown_from: str | None = None
     seconds = sum(i["seconds"] for i in steady)
     t = recipe.training
     flops = training_flops_per_step(model, t.global_batch_size, model.seq_length)
+    achieved = flops * steps / seconds / max(1, _world())
+    peak = current_device_peak(recipe.logging.peak_tflops)
     return {
         "losses": [loss for _, loss in run.train_losses], "iteration": run.iteration, "peak": run.peak,
         "steady_steps": steps, "steady_seconds": seconds,
         "tokens_per_s": t.global_batch_size * model.seq_length * steps / seconds,
-        "tflops_per_gpu": flops * steps / seconds / 1e12 / max(1, _world()),
-        "mfu": steady[-1].get("mfu"), "flops_per_step": flops, "wall_seconds": time.perf_counter() - t0,
+        "tflops_per_gpu": achieved / 1e12, "mfu": achieved / peak.flops if peak.flops else None,
+        "flops_per_step": flops, "wall_seconds": time.perf_counter() - t0,
         "checkpoint": run.last_checkpoint, "layers": model.num_layers, "experts": model.num_moe_experts,
     }
 
@@ -196,7 +199,9 @@ def hf_phase(recipe_path: str, steps: int) -> dict:
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     config = hf_qwen3_moe_config(dataclasses.asdict(m), padded_vocab_size(m))
-    model = Qwen3MoeForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the device: a CPU init of the full model takes minutes
+        model = Qwen3MoeForCausalLM(config)
+    model = model.to(dtype=dtype)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr)
     datasets = build_datasets(recipe.data, m, t, load_tokenizer(recipe.data.tokenizer_model))
