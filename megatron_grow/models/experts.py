@@ -40,6 +40,8 @@ from megatron_grow.config.validate import expert_backend_problems
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[e-1]:offsets[e]`` of ``x`` times ``weights[e].T`` for each expert ``e``."""
+    if x.shape[0] == 0:  # no tokens reached this rank's experts: an empty product, still in the graph
+        return x @ weights[0].t()
     if x.is_cuda and x.dtype != torch.bfloat16:
         # torch's fast CUDA kernel is bf16 only; other dtypes get the same per-expert matmuls here.
         starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
