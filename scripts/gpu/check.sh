@@ -47,7 +47,7 @@ step() {  # step NAME LOGFILE CMD...: run, log the outcome, keep going on failur
   log "$name ..."
   if "$@" > "$logfile" 2>&1; then log "$name: ok"; else log "$name: FAILED (exit $?, see $logfile)"; FAILED+=("$name"); fi
 }
-cd "$REPO"
+cd "$REPO" || die "cannot enter $REPO"
 
 if [[ -n "$WHEELS" ]]; then
   shopt -s nullglob
