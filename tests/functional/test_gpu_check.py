@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ PHASES = ["matmul_ceiling", "train", "train_sequential", "transformers", "grow",
 
 def _run(*args, timeout=1800):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHON"] = sys.executable  # this test's interpreter (the script defaults to python3)
     return subprocess.run(["bash", SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
