@@ -18,8 +18,9 @@ from megatron_grow.errors import LayoutError
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params, memory_per_gpu
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_token
+from megatron_grow.training.peak_flops import lookup_peak_tflops
 
-H100_BF16_PEAK_FLOPS = 989e12
+DEFAULT_GPU = "H100 SXM"
 # nvidia-smi reports 81,559 MiB on an H100 80GB.
 H100_MEMORY_GIB = 81559 / 1024
 
@@ -39,7 +40,7 @@ def choose_world_size(recipe: Recipe, gpus_per_node: int) -> tuple[int, str]:
 
 
 def estimate_run(recipe: Recipe, world_size: int, *, gpus_per_node: int = 8, mfu: float = 0.4,
-              peak_flops: float = H100_BF16_PEAK_FLOPS, world_choice: str = "",
+              peak_flops: float | None = None, world_choice: str = "",
               source: str = "") -> dict[str, Any]:
     """Everything ``megatron-grow plan`` prints, as plain data. Raises LayoutError for an impossible layout."""
     model, parallel, training = recipe.model, recipe.parallel, recipe.training
@@ -52,6 +53,8 @@ def estimate_run(recipe: Recipe, world_size: int, *, gpus_per_node: int = 8, mfu
     flops = training_flops_per_token(model, tp=tp)
     tokens_per_step = training.global_batch_size * model.seq_length
     flops_per_step = flops.total * tokens_per_step
+    if peak_flops is None:
+        peak_flops = lookup_peak_tflops(DEFAULT_GPU)[1] * 1e12
     step_time = flops_per_step / (world_size * peak_flops * mfu)
     mem = memory_per_gpu(model, parallel, training, layout)
     mem_gib = mem.total / 1024 ** 3

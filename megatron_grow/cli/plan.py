@@ -16,7 +16,8 @@ output says which. Parameters come from ``megatron_grow.models.params`` (activat
 the paper does: input embedding and output layer included), FLOPs from
 ``megatron_grow.training.flops`` (full attention, as Megatron-LM counts), memory from
 ``megatron_grow.models.params.memory_per_gpu`` (formula in its docstring). Time per step =
-FLOPs per step / (world x peak x MFU), peak = 989 TFLOP/s (H100 SXM dense bf16).
+FLOPs per step / (world x peak x MFU), peak = the dense bf16 figure of ``--gpu`` (default H100 SXM,
+989.5 TFLOP/s; table in ``megatron_grow/training/peak_flops.py``) or ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -25,15 +26,11 @@ import argparse
 import dataclasses
 import json
 
-from megatron_grow.analysis.run_estimate import (
-    H100_BF16_PEAK_FLOPS,
-    choose_world_size,
-    estimate_run,
-    format_estimate,
-)
+from megatron_grow.analysis.run_estimate import DEFAULT_GPU, choose_world_size, estimate_run, format_estimate
 from megatron_grow.config.check import built_model
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import ConfigError
+from megatron_grow.training.peak_flops import PEAK_BF16_TFLOPS, lookup_peak_tflops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the minimum, see above)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_FLOPS / 1e12,
-                        help="peak dense bf16 TFLOP/s per GPU (default 989, H100 SXM)")
+    parser.add_argument("--gpu", default=DEFAULT_GPU,
+                        help=f"GPU whose dense bf16 peak sets the step time (default {DEFAULT_GPU}; one of "
+                             f"{', '.join(label for _, label, _ in PEAK_BF16_TFLOPS)})")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak dense bf16 TFLOP/s per GPU; overrides --gpu (e.g. a measured matmul ceiling)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
@@ -55,8 +55,10 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
     if not 0.0 < args.mfu <= 1.0:
         problems.append(f"--mfu must be in (0, 1], got {args.mfu}")
-    if args.peak_tflops <= 0:
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
         problems.append(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.peak_tflops is None and lookup_peak_tflops(args.gpu) is None:
+        problems.append(f"--gpu {args.gpu!r} is not in the peak table; give --peak-tflops")
     return problems
 
 
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         world, choice = args.nodes * args.gpus_per_node, ""
     else:
         world, choice = choose_world_size(recipe, args.gpus_per_node)
+    peak_tflops = args.peak_tflops if args.peak_tflops is not None else lookup_peak_tflops(args.gpu)[1]
     estimate = estimate_run(recipe, world, gpus_per_node=args.gpus_per_node, mfu=args.mfu,
-                            peak_flops=args.peak_tflops * 1e12, world_choice=choice, source=args.config)
+                            peak_flops=peak_tflops * 1e12, world_choice=choice, source=args.config)
     print(json.dumps(estimate, sort_keys=True) if args.json else format_estimate(estimate))
     return 0

@@ -13,6 +13,7 @@ SRC's counters; the first save writes the grown model. Exit codes: 0 done, 2 bad
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         model, initialize = _growth_initializer(args, recipe)
     elif recipe.growth is not None and not has_checkpoint(recipe.checkpoint.load):
         raise GrowthError(f"{args.config} has a growth: section; pass --grow-from SRC (or use megatron-grow grow)")
+    # How experts run is this run's choice, not the checkpoint's: the recipe's backend applies.
+    model = dataclasses.replace(model, moe_expert_backend=recipe.model.moe_expert_backend)
     check_data_inputs(recipe, model)  # before any process group, model or growth load
     try:
         result = Trainer(recipe, model=model, initialize=initialize).run()

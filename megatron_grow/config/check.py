@@ -9,7 +9,7 @@ that will actually be built), here and for command-line layout flags alike
 from __future__ import annotations
 
 from megatron_grow.config.growth_rules import grown_model, growth_problems
-from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.layout_rules import expert_tensor_parallel_size, model_layout_problems
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, Recipe
 
 
@@ -38,6 +38,30 @@ def _model_problems(m: ModelConfig) -> list[str]:
     return out
 
 
+# grouped_mm needs 16-byte aligned strides: 8 bf16 (or 4 fp32) elements; 8 covers both.
+GROUPED_MM_ALIGNMENT = 8
+
+
+def expert_backend_problems(backend: str, hidden_size: int, ffn_hidden_size: int, expert_tp: int,
+                            add_bias_linear: bool, moe_grouped_gemm: bool = False) -> list[str]:
+    """Why the ``grouped_mm`` expert backend cannot run this model (empty when it can)."""
+    if backend != "grouped_mm":
+        return []
+    problems = []
+    if add_bias_linear:
+        problems.append("model.moe_expert_backend: grouped_mm has no linear biases; set model.add_bias_linear=false "
+                        "or model.moe_expert_backend=sequential")
+    if moe_grouped_gemm:
+        problems.append("model.moe_expert_backend: grouped_mm replaces MCore's grouped GEMM experts; set "
+                        "model.moe_grouped_gemm=false")
+    local_ffn = ffn_hidden_size // max(expert_tp, 1)
+    for name, value in (("model.hidden_size", hidden_size), ("model.moe_ffn_hidden_size / expert TP", local_ffn)):
+        if value % GROUPED_MM_ALIGNMENT:
+            problems.append(f"model.moe_expert_backend: grouped_mm needs {name} to be a multiple of "
+                            f"{GROUPED_MM_ALIGNMENT} (16-byte aligned grouped GEMM), got {value}")
+    return problems
+
+
 def _training_problems(recipe: Recipe) -> list[str]:
     t = recipe.training
     out = []
@@ -58,4 +82,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     if recipe.growth is not None:
         out.extend(growth_problems(recipe.growth, recipe.model))
     out.extend(layout_problems(recipe))
+    m = recipe.model
+    out.extend(expert_backend_problems(m.moe_expert_backend, m.hidden_size, m.moe_ffn_hidden_size,
+                                       expert_tensor_parallel_size(recipe.parallel), m.add_bias_linear,
+                                       m.moe_grouped_gemm))
     return out

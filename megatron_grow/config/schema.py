@@ -86,6 +86,10 @@ class ModelConfig:
         "alltoall", "token dispatcher; CPU mode switches alltoall to allgather",
         choices=("alltoall", "allgather"))
     moe_grouped_gemm: bool = spec(False, "fuse experts into one grouped GEMM (GPU)")
+    moe_expert_backend: str = spec(
+        "sequential", "how the local spec runs routed experts: sequential (MCore's SequentialMLP, one matmul pair "
+        "per expert) or grouped_mm (two torch grouped GEMMs per layer, no extra packages); checkpoints are "
+        "identical either way", choices=("sequential", "grouped_mm"))
     qk_layernorm: bool = spec(True, "RMSNorm on queries and keys")
     normalization: str = spec("RMSNorm", "norm type (pre-norm)", choices=("RMSNorm", "LayerNorm"))
     layernorm_epsilon: float = spec(1e-6, "norm epsilon", gt=0.0)
@@ -180,6 +184,9 @@ class LoggingConfig:
     wandb_project: str | None = spec(None, "wandb project; null disables wandb")
     wandb_mode: str = spec("offline", "wandb mode", choices=("offline", "online", "disabled"))
     wandb_exp_name: str | None = spec(None, "wandb run name")
+    peak_tflops: float | None = spec(
+        None, "peak dense bf16 TFLOP/s per GPU that MFU is measured against; null looks the GPU up by name "
+        "(megatron_grow/training/peak_flops.py), e.g. a measured matmul ceiling", gt=0.0)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from megatron_grow.config.schema import GrowthConfig, ModelConfig
 from megatron_grow.errors import CheckpointError, GrowthError
 from megatron_grow.growth import noise, retarget
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
+from megatron_grow.parallel.collectives import all_reduce_host
 
 
 def _rank() -> int:
@@ -216,7 +217,7 @@ def _expert_stds(tasks: list, plan: GrowthPlan, ckpt_dir: str) -> dict:
         for (k, ls, es), st in requests.items():
             moments[k, ls, es] = torch.tensor(noise.tensor_moments(st.data), dtype=torch.float64)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(moments)
+        all_reduce_host(moments)
     out = {}
     for k, key in enumerate(keys):
         for ls in range(L):
@@ -256,7 +257,7 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
     rounds = len(order)
     if torch.distributed.is_initialized():  # PP stages hold different layer counts
         n = torch.tensor([rounds], dtype=torch.long)
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        all_reduce_host(n, op=torch.distributed.ReduceOp.MAX)
         rounds = int(n.item())
     whole: dict = {}
     for r in range(rounds):
@@ -382,8 +383,9 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
 
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, source_model=None,
                     recipe_dict: dict | None = None, overwrite: bool = False, seed: int = 1234,
-                    progress: bool = True) -> dict:
-    """Offline growth (collective): returns a summary dict (rank 0's numbers)."""
+                    progress: bool = True, expert_backend: str | None = None) -> dict:
+    """Offline growth (collective): returns a summary dict (rank 0's numbers). ``expert_backend``
+    builds the target with that ``model.moe_expert_backend`` (the checkpoint is the same either way)."""
     from megatron_grow.models.params import count_params
     from megatron_grow.parallel.init import initialize_distributed
 
@@ -406,7 +408,9 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
         f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}")
     from megatron_grow.models.builder import build_model_chunks
 
-    chunks = build_model_chunks(plan.target, parallel, initialize=False)  # every weight comes from SRC
+    # The expert backend changes how the grown model runs, not what it stores.
+    built = dataclasses.replace(plan.target, moe_expert_backend=expert_backend) if expert_backend else plan.target
+    chunks = build_model_chunks(built, parallel, initialize=False)  # every weight comes from SRC
     stats = load_grown_weights(chunks, source, progress=progress)
     before, after = count_params(plan.source).total, count_params(plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)
@@ -436,7 +440,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
     bytes_written = io.checkpoint_bytes(final) if _rank() == 0 else 0
     totals = torch.tensor([stats.bytes_read], dtype=torch.float64)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
+        all_reduce_host(totals)
     summary = {
         "source": source.ckpt_dir, "grown": final, "iteration": counters["iteration"],
         "params_before": before, "params_after": after,

@@ -19,7 +19,7 @@ from megatron_grow.config.schema import ModelConfig, ParallelConfig
 # ModelConfig fields that are GPTModel arguments or our own, not TransformerConfig fields.
 NON_TRANSFORMER_FIELDS = {
     "vocab_size", "make_vocab_size_divisible_by", "seq_length", "position_embedding_type",
-    "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
+    "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights", "moe_expert_backend",
 }
 
 

@@ -138,7 +138,7 @@ def count_params_meta(model: ModelConfig) -> ParamCounts:
     initialize_distributed(parallel)
     # Grouped GEMM changes the tensor layout of the experts, not their size; the per-expert
     # local spec builds on any machine.
-    model = dataclasses.replace(model, moe_grouped_gemm=False)
+    model = dataclasses.replace(model, moe_grouped_gemm=False, moe_expert_backend="sequential")
     gpt = build_gpt_model(model, parallel, pre_process=True, post_process=True, use_te=False, meta=True)
     sums = {"embedding": 0, "output": 0, "final_norm": 0, "layers": 0, "other": 0}
     expert_total = 0

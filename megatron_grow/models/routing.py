@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_grow.parallel.collectives import all_reduce_host
+
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside a DDP (or other ``.module``) wrapper."""
@@ -40,7 +42,7 @@ class RoutingCounter:
         for i, c in self.counts.items():
             table[i] += c
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(table)
+            all_reduce_host(table)
         if reset:
             self.counts = {}
         return table

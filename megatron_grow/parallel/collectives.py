@@ -37,6 +37,19 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_reduce_host(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce a CPU tensor in place (counters, flags, losses). NCCL takes CUDA tensors only,
+    so under NCCL the values travel through the current GPU and come back."""
+    op = torch.distributed.ReduceOp.SUM if op is None else op
+    if torch.distributed.get_backend() == "nccl":
+        staged = tensor.cuda()
+        torch.distributed.all_reduce(staged, op=op)
+        tensor.copy_(staged.cpu())
+    else:
+        torch.distributed.all_reduce(tensor, op=op)
+    return tensor
+
+
 def print_rank0(message: str, prefix: str = "") -> None:
     """Progress lines: printed once, by rank 0, flushed (several ranks share one log under torchrun)."""
     if is_rank0():

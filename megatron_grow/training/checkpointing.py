@@ -139,7 +139,8 @@ def has_checkpoint(root: str | None) -> bool:
 
 
 def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optimizer, scheduler,
-                             load_optim: bool = True) -> tuple[dict, list, str, bool]:
+                             load_optim: bool = True, expert_backend: str = "sequential",
+                             ) -> tuple[dict, list, str, bool]:
     """Resume from the tracker under ``root``: weights, optimizer, scheduler, RNG.
 
     Returns (counters, lineage, checkpoint dir, whether scheduler state was found). A checkpoint
@@ -159,6 +160,14 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     model_sd = state["model"] if len(models) == 1 else state
     # Optimizer keys are "optimizer...." or, for a ChainedOptimizer (dense + expert), "chained_<i>.optimizer...."
     with_optim = load_optim and optimizer is not None and any(_OPTIMIZER_KEY.match(k) for k in stored)
+    # Weights are stored per expert whatever the backend, but the distributed optimizer's flat
+    # buffers follow the parameter order in memory, which differs between expert backends.
+    written_with = info.model.moe_expert_backend if info.model is not None else "sequential"
+    if with_optim and written_with != expert_backend:
+        with_optim = False
+        if torch.distributed.get_rank() == 0:
+            print(f"[train] {ckpt_dir} was written with model.moe_expert_backend={written_with}, this run uses "
+                  f"{expert_backend}: weights load, Adam moments start fresh (their flat layout differs)", flush=True)
     if load_optim and optimizer is not None and not with_optim and torch.distributed.get_rank() == 0:
         print(f"[train] {ckpt_dir} has no optimizer state: Adam moments start fresh", flush=True)
     if with_optim:

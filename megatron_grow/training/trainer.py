@@ -24,9 +24,10 @@ import torch
 
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import TrainingError
+from megatron_grow.parallel.collectives import all_reduce_host
+from megatron_grow.training.peak_flops import current_device_peak
 
 EXIT_PREEMPTED = 3  # saved after SIGUSR1/SIGTERM; the launcher may requeue
-H100_BF16_PEAK_FLOPS = 989e12
 
 
 @dataclass
@@ -37,6 +38,8 @@ class RunResult:
     valid_losses: list = field(default_factory=list)   # (iteration, loss, flops_so_far)
     counters: dict = field(default_factory=dict)
     last_checkpoint: str | None = None
+    intervals: list = field(default_factory=list)      # the metrics dict of every log interval
+    peak: str = ""                                     # which peak MFU was measured against
 
 
 class _SignalFlag:
@@ -56,7 +59,7 @@ class _SignalFlag:
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1 if self.signum else 0], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        all_reduce_host(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def restore(self):
@@ -197,7 +200,7 @@ class Trainer:
         if ps.is_pipeline_last_stage(ignore_virtual=True) and reduced:
             value[0] = sum(float(r["lm loss"]) for r in reduced)
             value[1] = len(reduced)
-        torch.distributed.all_reduce(value)
+        all_reduce_host(value)
         return float(value[0] / value[1]) if value[1] > 0 else float("nan")
 
     def _evaluate(self) -> float | None:
@@ -240,7 +243,8 @@ class Trainer:
         if has_checkpoint(ck.load):
             scheduler = build_scheduler(self.optimizer, recipe, t.train_iters)
             counters, lineage, ckpt_dir, scheduler_loaded = load_training_checkpoint(
-                ck.load, self.chunks, self.optimizer, scheduler, load_optim=ck.load_optim)
+                ck.load, self.chunks, self.optimizer, scheduler, load_optim=ck.load_optim,
+                expert_backend=self.model_cfg.moe_expert_backend)
             if not scheduler_loaded:  # e.g. the output of `megatron-grow grow`: a fresh schedule from here
                 scheduler = build_scheduler(self.optimizer, recipe, t.train_iters - counters["iteration"])
             log(f"[train] resumed from {ckpt_dir} at iteration {counters['iteration']} "
@@ -271,9 +275,12 @@ class Trainer:
         signals = _SignalFlag()
         train_batches = self._batches(self.datasets.train, counters["consumed_samples"])
         last_saved = None
+        peak = current_device_peak(recipe.logging.peak_tflops)
+        result.peak = peak.describe()
         log(f"[train] iterations {start_iter} -> {t.train_iters}; {self.num_micro} micro batches x "
             f"{t.micro_batch_size} x DP {self.dp} = {t.global_batch_size} sequences of {self.model_cfg.seq_length}; "
-            f"{flops_per_step:.3e} FLOPs/step")
+            f"{flops_per_step:.3e} FLOPs/step; {peak.describe()}")
+        run_seconds, run_steps = 0.0, 0
 
         def save():
             return save_training_checkpoint(ck.save, self.chunks, self.optimizer, scheduler, recipe, self.model_cfg,
@@ -323,10 +330,13 @@ class Trainer:
                         "new_flops": counters["flops_so_far"] - counters["sunk_flops"],
                         "aux_loss": _aux_loss() / (self.model_cfg.num_layers * self.num_micro * interval_steps),
                     }
-                    if self.ctx.device.type == "cuda":
+                    if self.ctx.device.type == "cuda" or peak.flops is not None:
                         achieved = flops_per_step * interval_steps / elapsed / self.ctx.world_size
                         metrics["tflops_per_gpu"] = achieved / 1e12
-                        metrics["mfu"] = achieved / H100_BF16_PEAK_FLOPS
+                        if peak.flops is not None:
+                            metrics["mfu"] = achieved / peak.flops
+                    run_seconds, run_steps = run_seconds + elapsed, run_steps + interval_steps
+                    result.intervals.append(dict(metrics, iteration=iteration, steps=interval_steps, seconds=elapsed))
                     if sinks:
                         sinks.write(iteration, metrics)
                     interval_start, interval_steps = time.perf_counter(), 0
@@ -352,6 +362,10 @@ class Trainer:
                 sinks.close()
         result.iteration = counters["iteration"]
         result.last_checkpoint = last_saved
+        if run_steps and peak.flops is not None:
+            achieved = flops_per_step * run_steps / run_seconds / self.ctx.world_size
+            log(f"[train] throughput over {run_steps} steps: {tokens_per_step * run_steps / run_seconds:,.0f} tok/s, "
+                f"{achieved / 1e12:.1f} TFLOP/s/GPU, MFU {achieved / peak.flops:.1%} of {peak.describe()}")
         if result.valid_losses:
             first, last = result.valid_losses[0][1], result.valid_losses[-1][1]
             log(f"[train] done at iteration {result.iteration}: validation loss {first:.4f} -> {last:.4f}; "

@@ -27,8 +27,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "scripts" / "slurm"
 TORCHRUN = REPO / "scripts" / "torchrun"
+GPU = REPO / "scripts" / "gpu"
 SCRIPTS = sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch"), SLURM / "cluster.env.example",
-                  *TORCHRUN.glob("*.sh")])
+                  *TORCHRUN.glob("*.sh"), *GPU.glob("*.sh")])
 EXECUTABLES = ["slurm/pipeline.sh", "slurm/node.sh", "slurm/rank.sh", "torchrun/train.sh", "torchrun/grow.sh",
                "torchrun/sunk_cost_sweep.sh"]
 TOKENS_PER_STEP = 1024 * 4096

@@ -36,7 +36,7 @@ def test_json_for_17b(capsys):
     assert (lay["world_size"], lay["tp"], lay["pp"], lay["ep"], lay["etp"], lay["dp"], lay["expert_dp"]) == \
         (8, 1, 1, 8, 1, 8, 1)
     assert plan["flops_per_step"] == plan["flops_per_token"] * 1024 * 4096
-    assert plan["step_time_s"] == pytest.approx(plan["flops_per_step"] / (8 * 989e12 * 0.4))
+    assert plan["step_time_s"] == pytest.approx(plan["flops_per_step"] / (8 * 989.5e12 * 0.4))
     assert plan["time_per_1b_tokens_s"] == pytest.approx(plan["step_time_s"] * 1e9 / (1024 * 4096))
     assert sum(plan["memory_breakdown_gib"].values()) == pytest.approx(plan["memory_per_gpu_gib"])
     assert 0 < plan["memory_per_gpu_gib"] < 80
