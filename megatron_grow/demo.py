@@ -245,18 +245,18 @@ def _evaluate_now(recipe, model) -> float | None:
     from megatron_grow.training.trainer import Trainer
 
     ev = Trainer(recipe, model=model)
-    ev._build()
+    ev.build()
     if has_checkpoint(recipe.checkpoint.load):
-        load_training_checkpoint(recipe.checkpoint.load, ev.chunks, None, None, load_optim=False)
-    ev._data()
-    loss = ev._evaluate()
+        ev.load_weights(recipe.checkpoint.load)
+    ev.build_data()
+    loss = ev.evaluate()
     del ev
     return loss
 
 
 def train_phase_body(recipe_path: str) -> dict:
     """``megatron-grow train --config recipe_path`` (resume-aware), plus a validation at the start."""
-    from megatron_grow.cli.train import _resumed_model
+    from megatron_grow.growth.grown_model import grown_model_of
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.training.checkpointing import has_checkpoint
     from megatron_grow.training.trainer import Trainer
@@ -266,7 +266,7 @@ def train_phase_body(recipe_path: str) -> dict:
     if recipe.growth is not None:
         if not has_checkpoint(recipe.checkpoint.load):
             raise RuntimeError(f"{recipe_path}: the grown checkpoint is missing under {recipe.checkpoint.load}")
-        model = _resumed_model(recipe)
+        model = grown_model_of(recipe.checkpoint.load, recipe.model, recipe.growth)
     start_counters = None
     if has_checkpoint(recipe.checkpoint.load):
         from megatron_grow.checkpoint import layout
