@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_grow.experiments.demo import run_demo
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/demo", help="where data, checkpoints and results go")
@@ -30,8 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.demo import run_demo
-
     if args.ranks is not None and args.ranks < 1:
         raise SystemExit("--ranks must be >= 1")
     run_demo(workdir=args.workdir, texts=args.text, size=args.size, reduced=args.reduced, ranks=args.ranks)

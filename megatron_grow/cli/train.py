@@ -14,6 +14,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
+
+from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.loader import load_recipe
+from megatron_grow.errors import GrowthError
+from megatron_grow.growth.grow import grow_load_into, prepare_growth
+from megatron_grow.growth.grown_model import grown_model_of
+from megatron_grow.parallel.init import destroy_distributed
+from megatron_grow.training.checkpointing import has_checkpoint
+from megatron_grow.training.trainer import Trainer, check_data_inputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,25 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.config.loader import load_recipe
-    from megatron_grow.errors import GrowthError
-    from megatron_grow.parallel.init import destroy_distributed
-    from megatron_grow.training.checkpointing import has_checkpoint
-    from megatron_grow.training.trainer import Trainer, check_data_inputs
-
     recipe = load_recipe(args.config, args.overrides)
     model, initialize = recipe.model, None
     if has_checkpoint(recipe.checkpoint.load) and recipe.growth is not None:
         # Resuming a grown run (after an offline grow, or a requeue after online growth): the
         # weights are the grown model's, whose architecture the checkpoint records.
-        model = _resumed_model(recipe)
+        model = grown_model_of(recipe.checkpoint.load, recipe.model, recipe.growth)
         if args.grow_from:
             print(f"[train] {recipe.checkpoint.load} has a checkpoint: resuming it, --grow-from is not applied "
                   "again", flush=True)
     elif args.grow_from:
         if recipe.growth is None:
             raise GrowthError(f"--grow-from needs a growth: section in {args.config}")
-        model, initialize = _growth_initializer(args, recipe)
+        model, initialize = growth_initializer(args, recipe)
     elif recipe.growth is not None and not has_checkpoint(recipe.checkpoint.load):
         raise GrowthError(f"{args.config} has a growth: section; pass --grow-from SRC (or use megatron-grow grow)")
     # How experts run is this run's choice, not the checkpoint's: the recipe's backend applies.
@@ -57,25 +61,9 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _resumed_model(recipe):
-    from megatron_grow.checkpoint import layout
-    from megatron_grow.checkpoint.manifest import read_checkpoint_info
-    from megatron_grow.growth.plan import make_growth_plan
-
-    ckpt_dir, iteration = layout.resolve_checkpoint_dir(recipe.checkpoint.load)
-    recorded = read_checkpoint_info(ckpt_dir, iteration).model
-    return recorded if recorded is not None else make_growth_plan(recipe.model, recipe.growth).target
-
-
-def _growth_initializer(args, recipe):
-    """Growth on load as the trainer's weight initializer (the CLI composes growth and training)."""
-    import time
-
-    from megatron_grow.config.layout_rules import model_layout_problems
-    from megatron_grow.config.loader import load_recipe
-    from megatron_grow.errors import GrowthError
-    from megatron_grow.growth.grow import grow_load_into, prepare_growth
-
+def growth_initializer(args: argparse.Namespace, recipe):
+    """Growth on load of ``args.grow_from`` as the trainer's weight initializer (the CLI composes
+    growth and training, which never import each other): (grown model, initialize callback)."""
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)
     problems = model_layout_problems(source.plan.target, recipe.parallel)

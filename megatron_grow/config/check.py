@@ -70,6 +70,10 @@ def _training_problems(recipe: Recipe) -> list[str]:
     if t.global_batch_size % t.micro_batch_size:
         out.append(f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
                    f"training.micro_batch_size ({t.micro_batch_size})")
+    per_eval = t.eval_iters * t.global_batch_size
+    if recipe.data.eval_samples is not None and recipe.data.eval_samples < per_eval:
+        out.append(f"data.eval_samples ({recipe.data.eval_samples}) must be >= training.eval_iters * "
+                   f"training.global_batch_size ({per_eval}): every evaluation reads that many samples")
     if t.lr_decay_style == "WSD" and t.lr_warmup_iters + t.lr_wsd_decay_iters > t.train_iters:
         out.append(f"training.lr_warmup_iters + training.lr_wsd_decay_iters ({t.lr_warmup_iters} + "
                    f"{t.lr_wsd_decay_iters}) must not exceed training.train_iters ({t.train_iters})")

@@ -160,6 +160,10 @@ class DataConfig:
     split: str = spec("98,1,1", "train,valid,test proportions")
     tokenizer_model: str | None = spec(None, "sentencepiece .model file")
     num_workers: int = spec(0, "data-loader worker processes", ge=0)
+    eval_samples: int | None = spec(
+        None, "validation samples to build, fixed whatever training.train_iters is: runs compared with each "
+        "other set it so they are evaluated on the same tokens; null: Megatron-LM's count, (train_iters // "
+        "eval_interval + 1) * eval_iters * global_batch_size, which changes with train_iters", ge=1)
 
 
 @dataclass(frozen=True)

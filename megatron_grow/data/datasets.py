@@ -8,7 +8,10 @@ dataset size) or ``[weight, prefix, weight, prefix, ...]``. Megatron-Core's
 ``model.seq_length`` tokens plus one, shuffled with ``training.seed``) and blends them with
 ``BlendedDataset``. Sizes follow Megatron-LM: train ``train_iters * global_batch_size``
 samples, valid ``(train_iters // eval_interval + 1) * eval_iters * global_batch_size``, test
-``eval_iters * global_batch_size``. The document/sample/shuffle indices (``.npy``) and blend
+``eval_iters * global_batch_size``. MCore sizes a split's shuffled sample index by its sample
+count (the number of epochs it spans), so the validation samples change with ``train_iters``;
+``data.eval_samples`` fixes the validation count instead, and runs of different lengths set to
+the same value are evaluated on the same tokens. The document/sample/shuffle indices (``.npy``) and blend
 indices are cached in ``cache_dir`` (default: ``index_cache/`` next to the first prefix, or
 ``$XDG_CACHE_HOME/megatron_grow/index_cache`` when that is not writable), keyed by an MD5
 of everything that determines them, so every rank and every restart sees the same samples.
@@ -109,12 +112,13 @@ def parse_split(split: str) -> list[float]:
     return [p / sum(parts) for p in parts]
 
 
-def split_sizes(training: TrainingConfig) -> list[int]:
-    """Samples per split: Megatron-LM's train/valid/test sample counts."""
+def split_sizes(training: TrainingConfig, eval_samples: int | None = None) -> list[int]:
+    """Samples per split: Megatron-LM's train/valid/test sample counts, except that ``eval_samples``
+    (``data.eval_samples``), when given, fixes the validation count whatever ``train_iters`` is."""
     gbs = training.global_batch_size
-    return [training.train_iters * gbs,
-            (training.train_iters // training.eval_interval + 1) * training.eval_iters * gbs,
-            training.eval_iters * gbs]
+    valid = eval_samples if eval_samples is not None else \
+        (training.train_iters // training.eval_interval + 1) * training.eval_iters * gbs
+    return [training.train_iters * gbs, valid, training.eval_iters * gbs]
 
 
 def check_tokenizer(tokenizer: Tokenizer, model: ModelConfig) -> None:
@@ -199,7 +203,7 @@ def build_datasets(data: DataConfig, model: ModelConfig, training: TrainingConfi
     config = build_dataset_config(data, model, training, tokenizer, cache_dir=cache_dir,
                                   create_attention_mask=create_attention_mask)
     ensure_dataset_helpers()
-    sizes = split_sizes(training)
+    sizes = split_sizes(training, data.eval_samples)
     if sizes[0] == 0:
         raise DataError("training.train_iters is 0: there is no training data to build")
     builder_cls = BlendedMegatronDatasetBuilder if torch.distributed.is_initialized() else _single_process_builder()

@@ -36,6 +36,7 @@ from megatron_grow.config.layout_rules import expert_tensor_parallel_size
 from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
+from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.routing import unwrap
 
 OPTIMIZER_FORMAT = "dp_reshardable"
@@ -44,8 +45,6 @@ _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 def megatron_args(recipe: Recipe, model: ModelConfig, counters: dict, world_size: int) -> argparse.Namespace:
     """The subset of Megatron-LM's ``args`` that its checkpoint loading and tools read."""
-    from megatron_grow.models.mcore_config import padded_vocab_size
-
     p, t = recipe.parallel, recipe.training
     return argparse.Namespace(
         num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.moe_ffn_hidden_size,

@@ -3,7 +3,7 @@
 Runs ``megatron-grow demo --reduced`` exactly as a user would (the CLI entry, real data,
 trainer, offline growth and verification in spawned processes) and checks its outputs:
 falling base losses, a verified grown checkpoint, equal additional FLOPs for grown and
-scratch, the table in the JSON and a real PNG.
+scratch, the same validation tokens for every phase, the table in the JSON and a real PNG.
 """
 
 from __future__ import annotations
@@ -81,6 +81,16 @@ def test_equal_additional_flops(demo_run):
     # The grown curve starts at the sunk FLOPs; scratch at zero.
     assert r["curves"]["grown"][0][0] == r["sunk_flops"]
     assert r["curves"]["scratch"][0][0] == 0.0
+
+
+def test_every_phase_evaluated_on_the_same_tokens(demo_run):
+    r = demo_run["results"]
+    v = r["validation"]
+    assert set(v["per_run"]) == {"base", "grown", "scratch"} and len(v["tokens_sha256"]) == 64
+    assert set(v["per_run"].values()) == {v["tokens_sha256"]}, v
+    assert v["samples"] == r["size"]["eval_iters"] * r["size"]["global_batch_size"]
+    # The three phases end at different iterations (train_iters used to change their validation samples).
+    assert len({r["counters"][n]["iteration"] for n in ("base", "grown", "scratch")}) == 3
 
 
 def test_table_and_json(demo_run):

@@ -1,11 +1,12 @@
 """The four-findings reproduction end to end at --tiny scale (CPU, 2 gloo ranks, one spawn).
 
-Runs ``python scripts/repro/repro.py --tiny`` as a user would (the script entry, real data,
+Runs ``megatron-grow repro --tiny`` as a user would (the CLI entry, real data,
 trainer, offline growth, all runs in one set of spawned processes) and checks that its outputs
 are complete and sensible: all four sections, finite losses, equal additional FLOPs inside
 every comparison, sunk costs that match the base's checkpoints, the F_c bookkeeping, the
-markdown/JSON agreement and real PNG plots. It does not assert the paper's conclusions (the
-tiny budgets are far too small for them; docs/results.md reads the numbers).
+markdown/JSON agreement, the same validation tokens for every run, and real PNG plots. It does
+not assert the paper's conclusions (the tiny budgets are far too small for them;
+docs/results.md reads the numbers).
 """
 
 from __future__ import annotations
@@ -13,31 +14,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import runpy
-import sys
 import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "scripts", "repro", "repro.py")
+from megatron_grow.__main__ import main
 
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("repro")
-    argv = sys.argv
-    sys.argv = [SCRIPT, "--tiny", "--workdir", str(workdir), "--ranks", "2"]
     t0 = time.perf_counter()
-    try:
-        with pytest.raises(SystemExit) as exc:
-            runpy.run_path(SCRIPT, run_name="__main__")
-    finally:
-        sys.argv = argv
+    code = main(["repro", "--tiny", "--workdir", str(workdir), "--ranks", "2"])
     seconds = time.perf_counter() - t0
     with open(workdir / "results.json") as f:
         results = json.load(f)
-    return {"code": exc.value.code, "dir": workdir, "r": results, "seconds": seconds}
+    return {"code": code, "dir": workdir, "r": results, "seconds": seconds}
 
 
 def test_exits_cleanly_and_in_time(repro):
@@ -65,6 +57,16 @@ def test_every_loss_finite_and_base_learns(repro):
     for name, run in r["runs"].items():
         if run["growth"] is not None:
             assert run["start_loss"] < scratch_start - 0.3, name
+
+
+def test_every_run_evaluated_on_the_same_tokens(repro):
+    r = repro["r"]
+    digests = {name: run["valid_tokens_sha256"] for name, run in r["runs"].items()}
+    assert len(digests) == len(r["runs"]) and all(len(d) == 64 for d in digests.values())
+    assert set(digests.values()) == {r["validation"]["tokens_sha256"]}, digests
+    assert r["validation"]["samples"] == r["size"]["eval_iters"] * r["size"]["global_batch_size"]
+    # Runs of different lengths (the base and every later run) read the same validation samples.
+    assert len({run["counters"]["iteration"] for run in r["runs"].values()}) > 1
 
 
 def test_equal_additional_flops_and_sunk_costs(repro):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,27 @@ def test_bad_inputs(data, tmp_path):
 def test_dataset_helpers_are_importable():
     helpers = ensure_dataset_helpers()
     assert hasattr(helpers, "build_sample_idx_int32") and hasattr(helpers, "build_blending_indices")
+
+
+def validation_ids(valid, n: int) -> torch.Tensor:
+    """The token ids of validation samples 0..n-1 (each sample's tokens plus its last label)."""
+    return torch.stack([torch.cat([torch.as_tensor(valid[i]["tokens"]), torch.as_tensor(valid[i]["labels"])[-1:]])
+                        for i in range(n)])
+
+
+def test_eval_samples_fix_the_validation_tokens_whatever_train_iters(data):
+    # What one evaluation reads: samples 0 .. eval_iters * global_batch_size - 1.
+    n = TRAINING.eval_iters * TRAINING.global_batch_size
+    short, long = dataclasses.replace(TRAINING, train_iters=10), dataclasses.replace(TRAINING, train_iters=400)
+    fixed = DataConfig(data_path=(data["a"],), split="80,10,10", eval_samples=n)
+    a = build_datasets(fixed, MODEL, short, data["tok"]).valid
+    b = build_datasets(fixed, MODEL, long, data["tok"]).valid
+    assert len(a) == len(b) >= n  # MCore builds whole epochs: at least the samples asked for
+    assert torch.equal(validation_ids(a, n), validation_ids(b, n))
+    # Megatron-LM's count grows with train_iters, MCore's shuffled index spans more epochs, and the
+    # first validation samples change: what runs of different lengths were compared on before.
+    free = DataConfig(data_path=(data["a"],), split="80,10,10")
+    c = build_datasets(free, MODEL, short, data["tok"]).valid
+    d = build_datasets(free, MODEL, long, data["tok"]).valid
+    assert (split_sizes(short)[1], split_sizes(long)[1]) == (24, 648) and len(d) > len(c) >= 24
+    assert not torch.equal(validation_ids(c, n), validation_ids(d, n))
