@@ -11,3 +11,7 @@ class CheckpointError(MegatronGrowError):
 
 class GrowthError(MegatronGrowError):
     """A growth recipe cannot be applied to this source or target."""
+
+
+class InteropError(MegatronGrowError):
+    """A Hugging Face checkpoint cannot be converted (unknown class, unsupported feature, bad files)."""
