@@ -62,6 +62,8 @@ class ModelConfig:
         choices=("alltoall", "allgather"))
     moe_grouped_gemm: bool = spec(False, "fuse experts into one grouped GEMM (GPU)")
     qk_layernorm: bool = spec(True, "RMSNorm on queries and keys")
+    qk_layernorm_across_heads: bool = spec(
+        False, "QK-norm over all heads of the projection together (OLMoE) instead of per head (Qwen3, the paper)")
     normalization: str = spec("RMSNorm", "norm type (pre-norm)", choices=("RMSNorm", "LayerNorm"))
     layernorm_epsilon: float = spec(1e-6, "norm epsilon", gt=0.0)
     gated_linear_unit: bool = spec(True, "SwiGLU experts (gate and up projection fused in fc1)")

@@ -20,6 +20,7 @@ from megatron_grow.parallel.topology import sequence_parallel_enabled
 NON_TRANSFORMER_FIELDS = {
     "vocab_size", "make_vocab_size_divisible_by", "seq_length", "position_embedding_type",
     "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
+    "qk_layernorm_across_heads",  # a choice of norm module (models.specs), not a TransformerConfig field
 }
 
 

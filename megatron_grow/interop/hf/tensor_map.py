@@ -94,8 +94,9 @@ def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
         items.append(Item(QKV_BIAS, layer, None, (q + 2 * kv,), _qkv_pieces(att, "bias", model)))
     items.append(Item(PROJ, layer, None, (H, q), _whole(att + "o_proj.weight", H)))
     if model.qk_layernorm:
-        items += [Item(Q_NORM, layer, None, (d,), _whole(att + "q_norm.weight", d)),
-                  Item(K_NORM, layer, None, (d,), _whole(att + "k_norm.weight", d))]
+        qn, kn = (q, kv) if model.qk_layernorm_across_heads else (d, d)  # OLMoE: one norm over all heads
+        items += [Item(Q_NORM, layer, None, (qn,), _whole(att + "q_norm.weight", qn)),
+                  Item(K_NORM, layer, None, (kn,), _whole(att + "k_norm.weight", kn))]
     E, F = model.num_moe_experts, model.moe_ffn_hidden_size
     items += [Item(PRE_MLP_NORM, layer, None, (H,), _whole(p + "post_attention_layernorm.weight", H)),
               Item(ROUTER, layer, None, (E, H), _whole(f"{p}{n.moe_block}.gate.weight", E))]
