@@ -125,7 +125,8 @@ def test_export_from_tensor_parallel_checkpoint(arch, hf_models, parallel, tmp_p
     assert all(torch.equal(original[k], exported[k]) for k in original)
 
 
-@pytest.mark.parametrize("arch", ["Glm4MoeForCausalLM", "Qwen3MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["Glm4MoeForCausalLM",
+                                  pytest.param("Qwen3MoeForCausalLM", marks=pytest.mark.slow)])
 def test_grown_checkpoint_exports_and_matches(arch, hf_models, single, tmp_path):
     growth = GrowthConfig(order=("depth", "width"), depth=DepthGrowthConfig(factor=2),
                           width=WidthGrowthConfig(factor=2, alpha=0.01))
@@ -140,3 +141,13 @@ def test_grown_checkpoint_exports_and_matches(arch, hf_models, single, tmp_path)
     diff = max_diff(ours["logits"], hf_logits(str(tmp_path / "hf"), ours["vocab"]))
     print(f"{arch} grown (4 layers, 16 experts, top-4): max|diff| = {diff:.2e}")
     assert diff <= TOLERANCE
+
+
+def test_export_to_a_class_that_cannot_hold_the_model_is_refused(hf_models, single, tmp_path, capsys):
+    from megatron_grow.__main__ import main
+
+    ckpt = f"{hf_models['Qwen3MoeForCausalLM']['work']}/ckpt"
+    rc = main(["export-hf", "--load", ckpt, "--hf-dir", str(tmp_path / "out"), "--architecture", "MixtralForCausalLM"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("megatron-grow: error")]
+    assert rc == 2 and len(errors) == 1 and "Mixtral has no QK-norm" in errors[0], errors
+    assert not os.path.exists(tmp_path / "out")
