@@ -131,3 +131,31 @@ def test_import_bad_input_is_one_line_exit_2(case, edit, needle, qwen_dir, tmp_p
 def test_export_bad_input_is_one_line_exit_2(tmp_path, capsys):
     rc, errors = run_cli(["export-hf", "--load", str(tmp_path / "nothing"), "--hf-dir", str(tmp_path / "o")], capsys)
     assert rc == 2 and len(errors) == 1 and "does not exist" in errors[0], errors
+
+
+def test_sentencepiece_tokenizer_converts_exactly(tmp_path):
+    """The HF tokenizer written for a train-tokenizer model encodes as sentencepiece does, except for
+    characters the tokenizer does not cover: sentencepiece emits <unk> (id 0), the converted one drops them."""
+    import gzip
+
+    import sentencepiece as spm
+    import transformers
+
+    from megatron_grow.data.tokenizer import train_tokenizer
+    from megatron_grow.interop.hf.tokenizer import sentencepiece_to_hf_dir
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with gzip.open(os.path.join(repo, "data", "corpus", "kjv.txt.gz"), "rt", encoding="utf-8") as f:
+        text = f.read(300_000)
+    (tmp_path / "part.txt").write_text(text[:200_000], encoding="utf-8")
+    train_tokenizer([str(tmp_path / "part.txt")], str(tmp_path / "tok"), 400)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    hf = transformers.AutoTokenizer.from_pretrained(sentencepiece_to_hf_dir(str(tmp_path / "tok.model"),
+                                                                            str(tmp_path / "hf")))
+    lines = text[200_000:].splitlines()[:300] + ["Jesus wept.\nAnd  two  spaces", "  leading", "trailing  "]
+    covered = [line for line in lines if 0 not in sp.encode(line)]
+    assert len(covered) > 250
+    assert [hf.encode(line, add_special_tokens=False) for line in covered] == [sp.encode(line) for line in covered]
+    uncovered = [line for line in lines if 0 in sp.encode(line)]
+    assert all([t for t in sp.encode(line) if t != 0] == hf.encode(line, add_special_tokens=False)
+               for line in uncovered)
