@@ -6,7 +6,8 @@ sentencepiece does for the tokenizers ``megatron-grow train-tokenizer`` writes (
 tests/unit/test_hf_interop_config.py), so a model trained on ``megatron-grow preprocess`` data
 is evaluated on the same token ids. One difference: a character the tokenizer does not cover
 is ``<unk>`` for sentencepiece and dropped by the converted tokenizer (train with
-``character_coverage`` 1.0 on text that covers the evaluation text, as the default does).
+``character_coverage`` 1.0 on text that covers the evaluation text, as the default does), and
+runs of several spaces tokenize differently (the shipped corpus and task have none).
 """
 
 from __future__ import annotations
