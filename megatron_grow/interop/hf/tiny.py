@@ -20,7 +20,7 @@ def tiny_config(architecture: str, vocab_size: int = 300, **overrides):
 
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     if architecture == "Qwen3MoeForCausalLM":
         cfg = dict(common, head_dim=16, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
                    norm_topk_prob=True, rope_theta=1000000.0)
