@@ -54,8 +54,9 @@ def _check_stored(reader: CheckpointReader, item: tensor_map.Item) -> None:
     lead = tuple(d for d in (item.layer, item.expert) if d is not None)
     st = reader.stored(item.key)
     if len(st.shape) != len(lead) + len(item.shape) or st.shape[len(lead):] != item.shape:
+        unit = "expert" if item.expert is not None else "layer" if lead else "tensor"
         raise InteropError(f"shape mismatch: {item.key} is {st.shape} in {reader.ckpt_dir}; the recorded "
-                           f"architecture implies {item.shape} per {'expert' if item.expert is not None else 'layer' if lead else 'tensor'}")
+                           f"architecture implies {item.shape} per {unit}")
 
 
 def _read_item(reader: CheckpointReader, item: tensor_map.Item) -> torch.Tensor:

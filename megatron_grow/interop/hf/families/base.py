@@ -51,6 +51,11 @@ def get(hf: dict, key: str, where: str, default=None, required: bool = False):
     return default
 
 
+def num_experts(hf: dict, where: str) -> int:
+    """Routed experts: ``num_experts`` in older configs, ``num_local_experts`` as transformers v5 saves them."""
+    return int(get(hf, "num_experts", where) or get(hf, "num_local_experts", where, required=True))
+
+
 def rope_settings(hf: dict, where: str) -> tuple[float, float]:
     """(rope_theta, partial_rotary_factor); only plain RoPE (no scaling) maps onto MCore's RotaryEmbedding."""
     params = hf.get("rope_parameters") or {}

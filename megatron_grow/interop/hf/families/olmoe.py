@@ -16,8 +16,7 @@ def read_config(hf: dict, where: str) -> dict:
     if fields["kv_channels"] * fields["num_attention_heads"] != fields["hidden_size"]:
         raise base.refuse(where, "OLMoE's head_dim must be hidden_size / num_attention_heads")
     fields.update(base.softmax_router_read(hf, where, bool(hf.get("norm_topk_prob", False))))
-    fields.update(num_moe_experts=int(base.get(hf, "num_experts", where) or
-                                      base.get(hf, "num_local_experts", where, required=True)),
+    fields.update(num_moe_experts=base.num_experts(hf, where),
                   moe_ffn_hidden_size=int(base.get(hf, "intermediate_size", where, required=True)),
                   qk_layernorm=True, qk_layernorm_across_heads=True)
     return fields

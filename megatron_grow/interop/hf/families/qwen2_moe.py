@@ -13,7 +13,7 @@ def read_config(hf: dict, where: str) -> dict:
     fields = base.common_read(hf, where)
     fields.update(base.softmax_router_read(hf, where, bool(hf.get("norm_topk_prob", False))))
     shared = int(base.get(hf, "shared_expert_intermediate_size", where, 0))
-    fields.update(num_moe_experts=int(base.get(hf, "num_experts", where) or base.get(hf, "num_local_experts", where, required=True)),
+    fields.update(num_moe_experts=base.num_experts(hf, where),
                   moe_ffn_hidden_size=int(base.get(hf, "moe_intermediate_size", where, required=True)),
                   qk_layernorm=False, add_qkv_bias=True,
                   moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=bool(shared))

@@ -16,7 +16,7 @@ def read_config(hf: dict, where: str) -> dict:
     if fields["rotary_percent"] != 1.0:
         raise base.refuse(where, "partial_rotary_factor != 1 is not part of Qwen3-MoE")
     fields.update(base.softmax_router_read(hf, where, bool(hf.get("norm_topk_prob", False))))
-    fields.update(num_moe_experts=int(base.get(hf, "num_experts", where) or base.get(hf, "num_local_experts", where, required=True)),
+    fields.update(num_moe_experts=base.num_experts(hf, where),
                   moe_ffn_hidden_size=int(base.get(hf, "moe_intermediate_size", where, required=True)),
                   qk_layernorm=True)
     return fields
