@@ -25,6 +25,7 @@ from tests.distributed.bodies import first_result, probe_batches
 from tests.distributed.hf_bodies import SEQ, grow_and_forward, import_export_reimport, import_in_layouts
 
 TOLERANCE = 1e-4
+PARTIAL_ROPE = "Glm4MoeForCausalLM-partial-rope"
 LAYOUTS = {"tp2": ParallelConfig(tensor_model_parallel_size=2), "ep2": ParallelConfig(expert_model_parallel_size=2)}
 
 
@@ -69,6 +70,10 @@ def hf_models(tmp_path_factory):
         assert os.path.isfile(os.path.join(hf_dir, "model.safetensors.index.json"))  # really sharded
         out[arch] = {"hf_dir": hf_dir, "work": str(tmp_path_factory.mktemp(arch)),
                      "ref": hf_logits(hf_dir, 300)}
+    # GLM-4.5 rotates half of each head (partial_rotary_factor 0.5 -> model.rotary_percent 0.5).
+    hf_dir = save_tiny_model("Glm4MoeForCausalLM", str(root / PARTIAL_ROPE), seed=7, partial_rotary_factor=0.5)
+    out[PARTIAL_ROPE] = {"hf_dir": hf_dir, "work": str(tmp_path_factory.mktemp("partial")),
+                         "ref": hf_logits(hf_dir, 300)}
     return out
 
 
@@ -80,7 +85,7 @@ def single(hf_models):
 
 @pytest.fixture(scope="module")
 def parallel(hf_models):
-    cases = [(a, m["hf_dir"], m["work"]) for a, m in hf_models.items()]
+    cases = [(a, m["hf_dir"], m["work"]) for a, m in hf_models.items() if a in ARCHITECTURES]
     results = run_in_processes(import_in_layouts, 2, (cases, LAYOUTS), timeout=600)
     merged = {}
     for r in results:
@@ -88,7 +93,7 @@ def parallel(hf_models):
     return merged
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + (PARTIAL_ROPE,))
 def test_import_matches_transformers_one_process(arch, hf_models, single):
     diff = max_diff(single[arch]["logits"], hf_models[arch]["ref"])
     print(f"{arch} 1 process: max|diff| = {diff:.2e}")
