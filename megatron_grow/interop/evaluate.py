@@ -84,12 +84,6 @@ def evaluate_checkpoint(load: str, tasks: list[str], *, tokenizer: str | None = 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="mg_eval_") as tmp:
-        hf_dir = os.path.join(tmp, "hf")
-        summary = export_hf(load, hf_dir, architecture=architecture, tokenizer=_tokenizer_dir(tokenizer, tmp),
-                            dtype="fp32", progress=progress)
-        if not any(f.startswith("tokenizer") for f in summary["tokenizer_files"]):
-            raise InteropError(f"no tokenizer for {load}: pass --tokenizer (an HF tokenizer directory or a "
-                               "sentencepiece .model); none is recorded from an HF import")
         import lm_eval
         from lm_eval.tasks import TaskManager
 
@@ -97,6 +91,12 @@ def evaluate_checkpoint(load: str, tasks: list[str], *, tokenizer: str | None = 
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise InteropError(f"unknown lm-eval task(s) {unknown}; shipped: {shipped_tasks()}")
+        hf_dir = os.path.join(tmp, "hf")
+        summary = export_hf(load, hf_dir, architecture=architecture, tokenizer=_tokenizer_dir(tokenizer, tmp),
+                            dtype="fp32", progress=progress)
+        if not any(f.startswith("tokenizer") for f in summary["tokenizer_files"]):
+            raise InteropError(f"no tokenizer for {load}: pass --tokenizer (an HF tokenizer directory or a "
+                               "sentencepiece .model); none is recorded from an HF import")
         results = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": hf_dir, "dtype": "float32", "device": device},
             tasks=list(tasks), num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,

@@ -51,7 +51,11 @@ def test_eval_reports_accuracy_with_stderr(tmp_path):
         assert math.isclose(stderr, math.sqrt(acc * (1 - acc) / (n - 1)), abs_tol=1e-4)
 
 
-def test_eval_without_tokenizer_is_one_line_exit_2(tmp_path):
-    run = _cli("eval", "--load", str(tmp_path / "missing"), "--tasks", "kjv_cloze")
-    assert run.returncode == 2
-    assert [line for line in run.stderr.splitlines() if line.startswith("megatron-grow: error")]
+def test_eval_bad_input_is_one_line_exit_2(tmp_path):
+    missing = _cli("eval", "--load", str(tmp_path / "missing"), "--tasks", "kjv_cloze")
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("megatron-grow: error")]
+    assert missing.returncode == 2 and len(errors) == 1 and "does not exist" in errors[0], missing.stderr[-2000:]
+    unknown = _cli("eval", "--load", str(tmp_path / "missing"), "--tasks", "no_such_task_xyz")
+    errors = [line for line in unknown.stderr.splitlines() if line.startswith("megatron-grow: error")]
+    assert unknown.returncode == 2 and len(errors) == 1 and "unknown lm-eval task" in errors[0], \
+        unknown.stderr[-2000:]

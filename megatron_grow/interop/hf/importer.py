@@ -19,11 +19,15 @@ from megatron_grow.checkpoint import io, layout
 from megatron_grow.checkpoint.manifest import build_manifest, empty_counters, model_config_from_dict
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
 from megatron_grow.errors import InteropError
+from megatron_grow.growth.grow import common_state, poison_parameters, verify_all_sourced
 from megatron_grow.interop.hf import tensor_map
 from megatron_grow.interop.hf.families import family_for_hf_config
 from megatron_grow.interop.hf.families.base import Family
 from megatron_grow.interop.hf.safetensors_io import SafetensorsCheckpoint, read_hf_config
+from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
+from megatron_grow.parallel.init import initialize_distributed
+from megatron_grow.parallel.topology import model_layout_problems
 
 
 def _rank() -> int:
@@ -83,8 +87,6 @@ def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: Safeten
     from megatron.core.dist_checkpointing.mapping import apply_factories
     from tqdm import tqdm
 
-    from megatron_grow.growth.grow import poison_parameters, verify_all_sourced
-
     items = tensor_map.all_items(model, family, padded_vocab_size(model, tp))
     index = {(it.key, it.layer, it.expert): it for it in items}
     sd = io.model_sharded_state_dict(model_chunks)
@@ -113,11 +115,6 @@ def _check_destination(save: str, overwrite: bool) -> None:
 def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: int | None = None,
               overwrite: bool = False, progress: bool = True, seed: int = 1234) -> dict:
     """Convert ``hf_dir`` into a checkpoint under ``save`` laid out as ``parallel`` (collective)."""
-    from megatron_grow.growth.grow import common_state
-    from megatron_grow.models.builder import build_model_chunks
-    from megatron_grow.parallel.init import initialize_distributed
-    from megatron_grow.parallel.topology import model_layout_problems
-
     t0 = time.perf_counter()
     hf, family, model = describe_hf_model(hf_dir, seq_length)
     ckpt = SafetensorsCheckpoint(hf_dir)
