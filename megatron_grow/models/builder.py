@@ -40,7 +40,8 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig | None = None, 
     with torch.device("meta") if meta else contextlib.nullcontext():
         return GPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, model.moe_expert_backend),
+            transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, model.moe_expert_backend,
+                                                      qk_norm_across_heads=model.qk_layernorm_across_heads),
             vocab_size=padded_vocab_size(model, parallel.tensor_model_parallel_size),
             max_sequence_length=model.seq_length,
             pre_process=pre_process,

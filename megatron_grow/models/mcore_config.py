@@ -20,6 +20,7 @@ from megatron_grow.config.schema import ModelConfig, ParallelConfig
 NON_TRANSFORMER_FIELDS = {
     "vocab_size", "make_vocab_size_divisible_by", "seq_length", "position_embedding_type",
     "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights", "moe_expert_backend",
+    "qk_layernorm_across_heads",  # a choice of norm module (models.specs), not a TransformerConfig field
 }
 
 

@@ -91,17 +91,21 @@ def layer_params(model: ModelConfig) -> LayerParams:
     def mlp(ffn: int) -> int:
         return h * glu * ffn + ffn * h + bias * (glu * ffn + h)
 
-    attention = h * (q + kv) + bias * (q + kv) + q * h + bias * h
+    qkv_bias = 1 if (model.add_bias_linear or model.add_qkv_bias) else 0
+    attention = h * (q + kv) + qkv_bias * (q + kv) + q * h + bias * h
     shared = model.moe_shared_expert_intermediate_size
+    shared_gate = h if shared and model.moe_shared_expert_gate else 0  # [1, H] sigmoid gate
+    # OLMoE-style QK-norm spans all query (key) heads; the per-head one is one head wide.
+    qk_norm_width = (q + kv // 2) if model.qk_layernorm_across_heads else 2 * d
     expert = mlp(model.moe_ffn_hidden_size)
     return LayerParams(
         norms=2 * norm * h,
-        qk_norms=2 * norm * d if model.qk_layernorm else 0,
+        qk_norms=norm * qk_norm_width if model.qk_layernorm else 0,
         attention=attention,
         router=model.num_moe_experts * (h + bias),
         experts=model.num_moe_experts * expert,
         expert_single=expert,
-        shared_expert=mlp(shared) if shared else 0,
+        shared_expert=(mlp(shared) + shared_gate) if shared else 0,
     )
 
 

@@ -44,6 +44,64 @@ class SequenceParallelNorm(torch.nn.Module):
         return F.rms_norm(x, shape, self.weight, self.eps)
 
 
+class _SumOverTensorParallel(torch.autograd.Function):
+    """All-reduce over TP in forward and backward: every rank's output depends on every rank's input."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class AllHeadsQueryNorm(torch.nn.Module):
+    """RMSNorm over all query heads together (OLMoE's QK-norm), not over each head.
+
+    Input ``[s, b, heads/TP, head_dim]``. Under TP each rank holds its heads and their slice of
+    the weight (stored TP-sharded along dim 0), and the mean square is summed across TP ranks.
+    """
+
+    heads_field = "num_attention_heads"
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+        tp = config.tensor_model_parallel_size
+        heads = getattr(config, self.heads_field) or config.num_attention_heads
+        self.local_heads, self.head_dim, self.width = heads // tp, hidden_size, heads * hidden_size
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(self.local_heads * hidden_size, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        xf = x.float()
+        square_sum = xf.pow(2).sum(dim=(-2, -1), keepdim=True)
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            square_sum = _SumOverTensorParallel.apply(square_sum, ps.get_tensor_model_parallel_group())
+        y = xf * torch.rsqrt(square_sum / self.width + self.eps)
+        return (y * self.weight.float().view(self.local_heads, self.head_dim)).type_as(x)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
+
+
+class AllHeadsKeyNorm(AllHeadsQueryNorm):
+    heads_field = "num_query_groups"
+
+
 def te_available() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -52,7 +110,8 @@ def te_available() -> bool:
     return torch.cuda.is_available()
 
 
-def local_layer_spec(config: TransformerConfig, expert_backend: str = "sequential") -> ModuleSpec:
+def local_layer_spec(config: TransformerConfig, expert_backend: str = "sequential",
+                     qk_norm_across_heads: bool = False) -> ModuleSpec:
     """MCore's local spec with our norms; ``expert_backend="grouped_mm"`` swaps SequentialMLP for
     :class:`GroupedMMExperts` (same constructor, same checkpoint layout)."""
     spec = get_gpt_layer_local_spec(
@@ -65,8 +124,8 @@ def local_layer_spec(config: TransformerConfig, expert_backend: str = "sequentia
     spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
     attn = spec.submodules.self_attention.submodules
     if config.qk_layernorm:
-        attn.q_layernorm = SequenceParallelNorm
-        attn.k_layernorm = SequenceParallelNorm
+        attn.q_layernorm = AllHeadsQueryNorm if qk_norm_across_heads else SequenceParallelNorm
+        attn.k_layernorm = AllHeadsKeyNorm if qk_norm_across_heads else SequenceParallelNorm
     if expert_backend == "grouped_mm":
         _use_grouped_mm_experts(spec)
     return spec
@@ -81,11 +140,15 @@ def _use_grouped_mm_experts(layer_spec: ModuleSpec) -> None:
 
 
 def decoder_block_spec(config: TransformerConfig, use_te: bool | None = None,
-                       vp_stage: int | None = None, expert_backend: str = "sequential") -> TransformerBlockSubmodules:
+                       vp_stage: int | None = None, expert_backend: str = "sequential",
+                       qk_norm_across_heads: bool = False) -> TransformerBlockSubmodules:
     """The block spec for ``GPTModel``: TE when it imports on a GPU (or when asked), else local.
 
-    The grouped_mm expert backend is a local-spec module: asking for it selects the local spec."""
+    The grouped_mm expert backend is a local-spec module, and ``qk_norm_across_heads`` (OLMoE) has
+    no TE module: asking for either selects the local spec.
+    """
     use_te = te_available() if use_te is None else use_te
+    use_te = use_te and not (qk_norm_across_heads and config.qk_layernorm)
     if use_te and expert_backend == "sequential":
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
@@ -93,7 +156,7 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool | None = None,
         from megatron.core.extensions.transformer_engine import TENorm
         final_norm = TENorm
     else:
-        layer = local_layer_spec(config, expert_backend)
+        layer = local_layer_spec(config, expert_backend, qk_norm_across_heads)
         final_norm = SequenceParallelNorm
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),

@@ -32,6 +32,10 @@ VARIANTS = {
                               "vocab_size": 250},
     "no_glu_grouped": {"gated_linear_unit": False, "moe_grouped_gemm": True, "kv_channels": 24},
     "biases": {"add_bias_linear": True},
+    # What Hugging Face imports add: gated shared expert (Qwen2-MoE), q/k/v bias, QK-norm across heads (OLMoE).
+    "hf_features": {"moe_shared_expert_intermediate_size": 48, "moe_shared_expert_gate": True, "add_qkv_bias": True,
+                    "qk_layernorm_across_heads": True, "moe_router_score_function": "softmax",
+                    "moe_router_enable_expert_bias": False, "moe_router_pre_softmax": True},
 }
 
 
@@ -51,7 +55,7 @@ def meta_counts(tmp_path_factory) -> dict:
     paths.update({name: _variant_path(tmp, name) for name in VARIANTS})
     # Two balanced groups (70b is ~40% of the build time), one per core.
     groups = [["70b", "3b", "tiny", "3b_depth", "shared_layernorm_tied"],
-              ["35b", "17b", "6b_width", "no_glu_grouped", "biases"]]
+              ["35b", "17b", "6b_width", "no_glu_grouped", "biases", "hf_features"]]
     assert sorted(sum(groups, [])) == sorted(paths)
     # Another test may have started a gloo group in this process and exported its rendezvous
     # variables; a child inheriting MASTER_PORT would try to listen on the same port.

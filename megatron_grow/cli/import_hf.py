@@ -1,0 +1,59 @@
+"""Import a Hugging Face MoE (safetensors + config.json) as a torch_dist checkpoint, in any layout.
+
+    megatron-grow import-hf --hf-dir HF_DIR --save ROOT
+    torchrun --nproc-per-node 2 -m megatron_grow import-hf --hf-dir HF_DIR --save ROOT \\
+        --expert-model-parallel-size 2
+
+Supported classes: Qwen3MoeForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM,
+Glm4MoeForCausalLM (restricted to the paper's architecture); anything a class has that our
+model cannot reproduce exactly is refused with the reason. Every rank reads only the slices
+of the HF tensors it holds; ROOT/iter_0000000 appears only once complete, with
+megatron_grow.json recording the architecture and where it came from (docs/interop.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_grow.cli._common import add_layout_arguments, layout_from_args
+
+COMMAND = "import-hf"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--save", required=True, help="destination checkpoint root")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="model.seq_length to record (default: max_position_embeddings, at most 4096)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --save directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_layout_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_grow.config.schema import ParallelConfig
+    from megatron_grow.interop.hf.importer import import_hf
+    from megatron_grow.parallel.init import destroy_distributed
+
+    parallel = layout_from_args(args, ParallelConfig())
+    try:
+        summary = import_hf(args.hf_dir, args.save, parallel, seq_length=args.seq_length,
+                            overwrite=args.overwrite, progress=not args.quiet)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            m = summary["model"]
+            print("import-hf summary")
+            for key, value in (
+                    ("source", f"{summary['hf_dir']} ({summary['architecture']})"),
+                    ("checkpoint", summary["checkpoint"]),
+                    ("model", f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_moe_experts} experts "
+                              f"(top-{m.moe_router_topk}, {m.moe_router_score_function} router), "
+                              f"vocab {m.vocab_size}"),
+                    ("layout", f"{summary['layout']} ({summary['world_size']} ranks)"),
+                    ("bytes read", f"{summary['bytes_read'] / 2**20:,.1f} MiB (all ranks)"),
+                    ("time", f"{summary['seconds']:.2f}s")):
+                print(f"  {key:<11} {value}")
+    finally:
+        destroy_distributed()
+    return 0

@@ -1,0 +1,175 @@
+"""Our ``torch_dist`` checkpoint (any layout it was saved in) -> Hugging Face safetensors + config.json.
+
+One plain process, no torch.distributed: tensors are read region by region with the checkpoint
+region reader (one layer's attention/norm/router tensors, then one expert at a time), turned
+into HF tensors and handed to a shard writer that writes each ``model-0000i-of-0000n.safetensors``
+as soon as its tensors are complete. Peak memory is about one layer's non-expert tensors plus
+one shard. The output directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint.manifest import read_checkpoint_info
+from megatron_grow.checkpoint.reader import CheckpointReader
+from megatron_grow.config.schema import ModelConfig
+from megatron_grow.errors import InteropError
+from megatron_grow.interop.hf import tensor_map
+from megatron_grow.interop.hf.families import family_by_name, family_for_model
+from megatron_grow.interop.hf.families.base import Family
+from megatron_grow.interop.hf.safetensors_io import TOKENIZER_FILES, ShardedSafetensorsWriter
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Token ids an imported model's config.json carries that our manifest has no field for.
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_origin(ckpt_dir: str, depth: int = 8) -> dict | None:
+    """The ``hf_import`` record of this checkpoint or, through the growth lineage, of its ancestors."""
+    manifest = io.read_manifest(ckpt_dir)
+    if manifest.get("hf_import"):
+        return manifest["hf_import"]
+    for record in reversed(manifest.get("lineage", [])):
+        src = record.get("source_path")
+        if depth > 0 and src and os.path.isdir(src):
+            try:
+                parent, _ = layout.resolve_checkpoint_dir(src, record.get("source_iteration"))
+            except Exception:
+                continue
+            found = hf_origin(parent, depth - 1)
+            if found:
+                return found
+    return None
+
+
+def _check_stored(reader: CheckpointReader, item: tensor_map.Item) -> None:
+    lead = tuple(d for d in (item.layer, item.expert) if d is not None)
+    st = reader.stored(item.key)
+    if len(st.shape) != len(lead) + len(item.shape) or st.shape[len(lead):] != item.shape:
+        unit = "expert" if item.expert is not None else "layer" if lead else "tensor"
+        raise InteropError(f"shape mismatch: {item.key} is {st.shape} in {reader.ckpt_dir}; the recorded "
+                           f"architecture implies {item.shape} per {unit}")
+
+
+def _read_item(reader: CheckpointReader, item: tensor_map.Item) -> torch.Tensor:
+    lead = tuple(d for d in (item.layer, item.expert) if d is not None)
+    offsets = lead + (0,) * len(item.shape)
+    sizes = (1,) * len(lead) + item.shape
+    return reader.read(item.key, offsets, sizes).reshape(item.shape)
+
+
+def _constant_tensors(model: ModelConfig, family: Family) -> dict[tuple, dict[str, torch.Tensor]]:
+    """Per group, HF tensors with no MCore counterpart that are exactly zero (see glm4_moe)."""
+    n, H, E = family.naming, model.hidden_size, model.num_moe_experts
+    out: dict[tuple, dict] = {}
+    for layer in range(model.num_layers):
+        p, extra = f"model.layers.{layer}.", {}
+        if n.router_bias and not model.moe_router_enable_expert_bias:
+            extra[p + n.router_bias] = torch.zeros(E)  # no bias = a zero bias
+        if n.always_write_shared_expert and not model.moe_shared_expert_intermediate_size:
+            sp = f"{p}{n.shared_expert}."
+            extra.update({sp + "gate_proj.weight": torch.zeros(0, H), sp + "up_proj.weight": torch.zeros(0, H),
+                          sp + "down_proj.weight": torch.zeros(H, 0)})
+        if extra:
+            out[(layer, -1)] = extra
+    return out
+
+
+def plan_export(model: ModelConfig, family: Family, reader: CheckpointReader):
+    """(groups in order: {group: [items]}, HF names per group, HF sources, constant tensors)."""
+    padded = reader.stored(tensor_map.EMBEDDING).shape[0]
+    items = []
+    for it in tensor_map.all_items(model, family, padded):
+        if it.key == tensor_map.OUTPUT and not model.untie_embeddings_and_output_weights \
+                and it.key not in reader:
+            continue  # tied: transformers ties lm_head to the embedding
+        _check_stored(reader, it)
+        items.append(it)
+    sources = tensor_map.hf_sources(items)
+    groups: dict[tuple, list] = {}
+    for it in items:
+        groups.setdefault(it.group, []).append(it)
+    names: dict[tuple, list[str]] = {g: [] for g in groups}
+    for name, parts in sources.items():
+        owner = {p[1].group for p in parts}
+        if len(owner) != 1:
+            raise InteropError(f"internal: {name} spans several export groups {sorted(owner)}")
+        names[owner.pop()].append(name)
+    return groups, names, sources, _constant_tensors(model, family)
+
+
+def _hf_config(model: ModelConfig, family: Family, fields: dict, dtype: torch.dtype, origin: dict | None) -> dict:
+    cfg = dict(fields)
+    cfg.update(architectures=[family.architecture], model_type=family.model_type, dtype=_DTYPE_NAMES[dtype])
+    if origin and origin.get("config"):
+        src = origin["config"]
+        cfg["max_position_embeddings"] = max(model.seq_length, int(src.get("max_position_embeddings") or 0))
+        for key in _TOKEN_KEYS:
+            if key in src and (src[key] is None or (isinstance(src[key], int) and src[key] < model.vocab_size)):
+                cfg[key] = src[key]
+    return cfg
+
+
+def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
+              tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              overwrite: bool = False, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    ckpt_dir, iteration = layout.resolve_checkpoint_dir(load)
+    info = read_checkpoint_info(ckpt_dir, iteration)
+    if info.model is None:
+        raise InteropError(f"{ckpt_dir} does not record its architecture (no megatron_grow.json model section)")
+    model = info.model
+    origin = hf_origin(ckpt_dir)
+    if architecture:
+        family = family_by_name(architecture)
+        fields = family.write_config(model)
+    else:
+        family, fields = family_for_model(model, (origin or {}).get("architecture"))
+    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)) and not overwrite:
+        raise InteropError(f"--hf-dir {hf_dir} exists and is not empty; pass --overwrite to replace it")
+    reader = CheckpointReader(ckpt_dir)
+    groups, names, sources, constants = plan_export(model, family, reader)
+    out_dtype = reader.stored(tensor_map.EMBEDDING).dtype if dtype == "auto" else DTYPES[dtype]
+    shapes = tensor_map.hf_tensor_shapes([it for its in groups.values() for it in its])
+    plan = []
+    for g in groups:
+        plan += [(name, shapes[name], out_dtype) for name in names[g]]
+        plan += [(name, tuple(t.shape), out_dtype) for name, t in constants.get(g, {}).items()]
+    writer = ShardedSafetensorsWriter(hf_dir, plan, max_shard_bytes)
+    try:
+        bar = tqdm(groups.items(), desc="export-hf", unit="group", file=sys.stderr, disable=not progress)
+        for g, group_items in bar:
+            values = {(it.key, it.group): _read_item(reader, it) for it in group_items}
+            for name in names[g]:
+                parts = [values[(it.key, it.group)][row:row + rows] for _, it, row, rows in sources[name]]
+                writer.add(name, torch.cat(parts) if len(parts) > 1 else parts[0])
+            for name, t in constants.get(g, {}).items():
+                writer.add(name, t)
+        writer.write_json("config.json", _hf_config(model, family, fields, out_dtype, origin))
+        tok_dir = tokenizer or (origin or {}).get("hf_dir")
+        copied = []
+        if tok_dir and os.path.isdir(tok_dir):
+            for fname in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(tok_dir, fname)):
+                    writer.copy_in(os.path.join(tok_dir, fname))
+                    copied.append(fname)
+        elif tokenizer:
+            raise InteropError(f"--tokenizer {tokenizer} is not a directory")
+        final = writer.finish(overwrite)
+    except BaseException:
+        writer.abort()
+        raise
+    return {"checkpoint": ckpt_dir, "hf_dir": final, "architecture": family.architecture,
+            "tensors": len(plan), "shards": writer.num_shards, "bytes_written": writer.total_bytes,
+            "bytes_read": reader.bytes_read, "dtype": _DTYPE_NAMES[out_dtype], "tokenizer_files": copied,
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,43 @@
+"""The supported ``transformers`` classes, by their ``architectures`` name."""
+
+from __future__ import annotations
+
+from megatron_grow.config.schema import ModelConfig
+from megatron_grow.errors import InteropError
+from megatron_grow.interop.hf.families import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from megatron_grow.interop.hf.families.base import Family
+
+# Export tries these in order when the checkpoint does not say which class it came from.
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+    qwen3_moe.FAMILY, mixtral.FAMILY, olmoe.FAMILY, qwen2_moe.FAMILY, glm4_moe.FAMILY)}
+
+
+def family_for_hf_config(hf: dict, where: str) -> Family:
+    archs = hf.get("architectures") or []
+    for arch in archs:
+        if arch in FAMILIES:
+            return FAMILIES[arch]
+    for fam in FAMILIES.values():
+        if hf.get("model_type") == fam.model_type:
+            return fam
+    raise InteropError(f"{where}: unknown architecture {archs or hf.get('model_type')!r}; supported: "
+                       f"{', '.join(FAMILIES)}")
+
+
+def family_by_name(name: str) -> Family:
+    if name not in FAMILIES:
+        raise InteropError(f"unknown architecture {name!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_for_model(model: ModelConfig, preferred: str | None = None) -> tuple[Family, dict]:
+    """The first class (``preferred`` first) that holds ``model`` exactly, with its HF config fields."""
+    order = ([FAMILIES[preferred]] if preferred in FAMILIES else []) + \
+        [f for f in FAMILIES.values() if f.architecture != preferred]
+    reasons = []
+    for fam in order:
+        try:
+            return fam, fam.write_config(model)
+        except InteropError as e:
+            reasons.append(str(e))
+    raise InteropError("no supported Hugging Face class represents this model exactly: " + "; ".join(reasons))

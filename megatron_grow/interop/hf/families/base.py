@@ -1,0 +1,178 @@
+"""What every supported ``transformers`` MoE class shares: the Llama-style attention block, RMSNorm,
+RoPE, SwiGLU experts, and the checks that refuse anything our Megatron-Core model cannot reproduce.
+
+A family turns an HF ``config.json`` dict into :class:`ModelConfig` fields (``read_config``) and
+back (``write_config``); both raise :class:`InteropError` naming the setting that does not map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from megatron_grow.config.schema import ModelConfig
+from megatron_grow.errors import InteropError
+
+# Our default training sequence length for an imported model (HF configs give only the maximum).
+DEFAULT_IMPORT_SEQ_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class Naming:
+    """On-disk tensor names inside ``model.layers.{i}.`` (safetensors, not ``transformers``' in-memory names)."""
+
+    moe_block: str = "mlp"                               # holds ``gate`` (router) and ``experts``
+    expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    shared_expert: str | None = None                     # e.g. ``mlp.shared_expert``
+    shared_expert_gate: str | None = None                # e.g. ``mlp.shared_expert_gate.weight``
+    router_bias: str | None = None                       # e.g. ``mlp.gate.e_score_correction_bias``
+    always_write_shared_expert: bool = False             # GLM-4.5 builds a zero-width one when n_shared_experts=0
+
+
+@dataclass(frozen=True)
+class Family:
+    architecture: str                                    # ``architectures[0]`` in config.json
+    model_type: str
+    naming: Naming
+    read_config: Callable[[dict, str], dict]             # (hf config, where) -> ModelConfig fields
+    write_config: Callable[[ModelConfig], dict]          # -> hf config fields (no architectures/model_type)
+    summary: str = ""
+
+
+def refuse(where: str, what: str) -> InteropError:
+    return InteropError(f"{where}: {what}")
+
+
+def get(hf: dict, key: str, where: str, default=None, required: bool = False):
+    if key in hf and hf[key] is not None:
+        return hf[key]
+    if required:
+        raise refuse(where, f"config.json lacks {key!r}")
+    return default
+
+
+def num_experts(hf: dict, where: str) -> int:
+    """Routed experts: ``num_experts`` in older configs, ``num_local_experts`` as transformers v5 saves them."""
+    return int(get(hf, "num_experts", where) or get(hf, "num_local_experts", where, required=True))
+
+
+def rope_settings(hf: dict, where: str) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor); only plain RoPE (no scaling) maps onto MCore's RotaryEmbedding."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") \
+        or "default"
+    if rope_type != "default":
+        raise refuse(where, f"RoPE type {rope_type!r} (rope scaling) is not supported; only plain RoPE maps "
+                            "exactly onto Megatron-Core's rotary embedding")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    return float(theta), float(partial)
+
+
+def common_read(hf: dict, where: str) -> dict:
+    """The fields every family shares, with the refusals that apply to all of them."""
+    act = get(hf, "hidden_act", where, "silu")
+    if act != "silu":
+        raise refuse(where, f"hidden_act {act!r}: only SwiGLU (silu) experts are supported")
+    if hf.get("use_sliding_window") or (hf.get("sliding_window") and hf.get("use_sliding_window", True)
+                                        and hf.get("model_type") == "mixtral"):
+        raise refuse(where, f"sliding-window attention (sliding_window={hf.get('sliding_window')}) is not "
+                            "supported: Megatron-Core's local attention here is full causal attention")
+    if hf.get("mlp_only_layers"):
+        raise refuse(where, f"mlp_only_layers={hf['mlp_only_layers']}: dense layers are not supported; "
+                            "every layer must be an MoE layer")
+    if int(hf.get("decoder_sparse_step", 1) or 1) != 1:
+        raise refuse(where, f"decoder_sparse_step={hf['decoder_sparse_step']}: every layer must be an MoE layer")
+    if hf.get("attention_dropout"):
+        raise refuse(where, "attention_dropout must be 0 for an exact conversion")
+    heads = int(get(hf, "num_attention_heads", where, required=True))
+    hidden = int(get(hf, "hidden_size", where, required=True))
+    theta, partial = rope_settings(hf, where)
+    if theta != int(theta):
+        raise refuse(where, f"rope_theta {theta} is not an integer (model.rotary_base is an integer)")
+    max_pos = int(get(hf, "max_position_embeddings", where, DEFAULT_IMPORT_SEQ_LENGTH))
+    return dict(
+        num_layers=int(get(hf, "num_hidden_layers", where, required=True)),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=int(get(hf, "num_key_value_heads", where, heads)),
+        kv_channels=int(get(hf, "head_dim", where, hidden // heads)),
+        layernorm_epsilon=float(get(hf, "rms_norm_eps", where, 1e-6)),
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        vocab_size=int(get(hf, "vocab_size", where, required=True)),
+        seq_length=min(max_pos, DEFAULT_IMPORT_SEQ_LENGTH),
+        position_embedding_type="rope",
+        rotary_base=int(theta),
+        rotary_percent=partial,
+        untie_embeddings_and_output_weights=not bool(hf.get("tie_word_embeddings", False)),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def common_write(model: ModelConfig, where: str) -> dict:
+    if model.normalization != "RMSNorm":
+        raise refuse(where, f"model.normalization={model.normalization}: the HF classes use RMSNorm")
+    if not model.gated_linear_unit:
+        raise refuse(where, "model.gated_linear_unit=false: the HF classes have SwiGLU experts")
+    if model.add_bias_linear:
+        raise refuse(where, "model.add_bias_linear=true: the HF MoE classes have no linear biases")
+    return dict(
+        num_hidden_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_query_groups,
+        head_dim=model.kv_channels,
+        rms_norm_eps=model.layernorm_epsilon,
+        hidden_act="silu",
+        vocab_size=model.vocab_size,
+        max_position_embeddings=model.seq_length,
+        rope_parameters={"rope_theta": float(model.rotary_base), "rope_type": "default"},
+        tie_word_embeddings=not model.untie_embeddings_and_output_weights,
+        attention_dropout=0.0,
+        dtype="float32",
+    )
+
+
+def softmax_router_read(hf: dict, where: str, norm_topk_prob: bool) -> dict:
+    """HF softmax routers: softmax over all experts, top-k, optionally renormalised over the k.
+
+    Renormalised top-k of a softmax equals a softmax over the top-k logits, which is MCore's
+    ``moe_router_pre_softmax=False``; without renormalisation it is ``pre_softmax=True``.
+    """
+    topk = int(get(hf, "num_experts_per_tok", where, required=True))
+    if topk == 1 and norm_topk_prob:
+        raise refuse(where, "top-1 routing with norm_topk_prob=true (weight always 1.0) has no Megatron-Core "
+                            "equivalent (its top-1 softmax router must use pre-softmax)")
+    return dict(moe_router_topk=topk, moe_router_score_function="softmax", moe_router_pre_softmax=not norm_topk_prob,
+                moe_router_enable_expert_bias=False, moe_router_topk_scaling_factor=None,
+                moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001) or 0.0))
+
+
+def softmax_router_write(model: ModelConfig, where: str) -> dict:
+    """The inverse of :func:`softmax_router_read`: returns ``{"norm_topk_prob": ...}``."""
+    if model.moe_router_score_function != "softmax":
+        raise refuse(where, f"model.moe_router_score_function={model.moe_router_score_function}: this class "
+                            "has a softmax router")
+    if model.moe_router_enable_expert_bias:
+        raise refuse(where, "model.moe_router_enable_expert_bias=true: this class has no expert routing bias")
+    if model.moe_router_topk_scaling_factor not in (None, 1.0):
+        raise refuse(where, f"model.moe_router_topk_scaling_factor={model.moe_router_topk_scaling_factor}: "
+                            "this class has no routing scaling factor")
+    return {"num_experts_per_tok": model.moe_router_topk, "norm_topk_prob": not model.moe_router_pre_softmax,
+            "router_aux_loss_coef": model.moe_aux_loss_coeff}
+
+
+def require_absent(model: ModelConfig, where: str, *, shared: bool = False, qkv_bias: bool = False,
+                   rotary_full: bool = True) -> None:
+    """Refuse ModelConfig features a class cannot hold."""
+    if not shared and model.moe_shared_expert_intermediate_size:
+        raise refuse(where, "model.moe_shared_expert_intermediate_size is set: this class has no shared expert")
+    if not qkv_bias and model.add_qkv_bias:
+        raise refuse(where, "model.add_qkv_bias=true: this class has no attention biases")
+    if rotary_full and model.rotary_percent != 1.0:
+        raise refuse(where, f"model.rotary_percent={model.rotary_percent}: this class rotates the whole head")

@@ -1,0 +1,39 @@
+"""Qwen3-MoE (``Qwen3MoeForCausalLM``): GQA, per-head QK RMSNorm, softmax router, no shared expert.
+
+The closest open architecture to the paper's (which routes with a sigmoid and an expert bias).
+"""
+
+from __future__ import annotations
+
+from megatron_grow.config.schema import ModelConfig
+from megatron_grow.interop.hf.families import base
+
+
+def read_config(hf: dict, where: str) -> dict:
+    if hf.get("attention_bias"):
+        raise base.refuse(where, "attention_bias=true is not supported for Qwen3-MoE")
+    fields = base.common_read(hf, where)
+    if fields["rotary_percent"] != 1.0:
+        raise base.refuse(where, "partial_rotary_factor != 1 is not part of Qwen3-MoE")
+    fields.update(base.softmax_router_read(hf, where, bool(hf.get("norm_topk_prob", False))))
+    fields.update(num_moe_experts=base.num_experts(hf, where),
+                  moe_ffn_hidden_size=int(base.get(hf, "moe_intermediate_size", where, required=True)),
+                  qk_layernorm=True)
+    return fields
+
+
+def write_config(model: ModelConfig) -> dict:
+    where = "Qwen3MoeForCausalLM"
+    if not model.qk_layernorm:
+        raise base.refuse(where, "model.qk_layernorm=false: Qwen3-MoE always normalises queries and keys")
+    base.require_absent(model, where)
+    out = base.common_write(model, where)
+    out.update(base.softmax_router_write(model, where))
+    out.update(num_experts=model.num_moe_experts, moe_intermediate_size=model.moe_ffn_hidden_size,
+               intermediate_size=model.moe_ffn_hidden_size, decoder_sparse_step=1, mlp_only_layers=[],
+               attention_bias=False, use_sliding_window=False)
+    return out
+
+
+FAMILY = base.Family("Qwen3MoeForCausalLM", "qwen3_moe", base.Naming(), read_config, write_config,
+                     "GQA, per-head QK-norm, softmax top-k (norm_topk_prob either way), no shared expert")

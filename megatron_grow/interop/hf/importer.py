@@ -1,0 +1,148 @@
+"""Hugging Face safetensors -> our ``torch_dist`` checkpoint, in any target layout (collective).
+
+Every rank builds its part of the target model (``initialize=False``: no init work), takes the
+model's own sharded state dict (so the layout, TP/EP sharding and SwiGLU splitting are
+Megatron-Core's), and fills each local slice from the HF files with ``get_slice`` reads of just
+those rows and columns. No rank ever holds more than its own model part plus one slice; the
+model is then saved atomically through ``dist_checkpointing`` with our manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint.manifest import build_manifest, empty_counters, model_config_from_dict
+from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.schema import ModelConfig, ParallelConfig
+from megatron_grow.errors import InteropError
+from megatron_grow.growth.grow import common_state, poison_parameters, verify_all_sourced
+from megatron_grow.interop.hf import tensor_map
+from megatron_grow.interop.hf.families import family_for_hf_config
+from megatron_grow.interop.hf.families.base import Family
+from megatron_grow.interop.hf.safetensors_io import SafetensorsCheckpoint, read_hf_config
+from megatron_grow.models.builder import build_model_chunks
+from megatron_grow.models.mcore_config import padded_vocab_size
+from megatron_grow.parallel.init import initialize_distributed
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def model_from_hf_config(hf: dict, family: Family, where: str, seq_length: int | None = None) -> ModelConfig:
+    fields = family.read_config(hf, where)
+    if seq_length:
+        fields["seq_length"] = seq_length
+    return model_config_from_dict(fields, where)
+
+
+def describe_hf_model(hf_dir: str, seq_length: int | None = None) -> tuple[dict, Family, ModelConfig]:
+    """(config.json, family, our ModelConfig) for an HF directory; all refusals happen here."""
+    hf = read_hf_config(hf_dir)
+    where = os.path.join(hf_dir, "config.json")
+    family = family_for_hf_config(hf, where)
+    return hf, family, model_from_hf_config(hf, family, where, seq_length)
+
+
+def read_region(item: tensor_map.Item, offsets: tuple, sizes: tuple, ckpt: SafetensorsCheckpoint,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The region ``[offsets, offsets + sizes)`` of one item, read from the HF files."""
+    out = torch.empty(sizes, dtype=dtype)
+    r0, n = offsets[0], sizes[0]
+    rest = tuple(slice(o, o + s) for o, s in zip(offsets[1:], sizes[1:]))
+    row = 0
+    for pc in item.pieces:
+        a, b = max(row, r0), min(row + pc.rows, r0 + n)
+        if a < b:
+            if pc.hf_name is None:
+                out[a - r0:b - r0] = 0
+            else:
+                rows = slice(pc.hf_row + a - row, pc.hf_row + b - row)
+                out[a - r0:b - r0] = ckpt.read(pc.hf_name, (rows,) + rest).to(dtype)
+        row += pc.rows
+    if row != item.shape[0]:
+        raise InteropError(f"internal: pieces of {item.key} cover {row} rows, the tensor has {item.shape[0]}")
+    return out
+
+
+def _item_of(st, index: dict) -> tensor_map.Item:
+    layer = st.global_offset[0] if st.prepend_axis_num >= 1 else None
+    expert = st.global_offset[1] if st.prepend_axis_num >= 2 else None
+    item = index.get((st.key, layer, expert))
+    if item is None:
+        raise InteropError(f"the model has tensor {st.key} (layer {layer}, expert {expert}) that the "
+                           "Hugging Face mapping does not provide")
+    return item
+
+
+@torch.no_grad()
+def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: SafetensorsCheckpoint,
+                 tp: int, progress: bool = True) -> int:
+    """Fill this rank's model chunks from the HF files; returns bytes read."""
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+    from tqdm import tqdm
+
+    items = tensor_map.all_items(model, family, padded_vocab_size(model, tp))
+    index = {(it.key, it.layer, it.expert): it for it in items}
+    sd = io.model_sharded_state_dict(model_chunks)
+    apply_factories(sd)
+    tensors = list(io.iter_sharded_tensors(sd))
+    poison_parameters(model_chunks)
+    nbytes = 0
+    bar = tqdm(tensors, desc="import-hf", unit="tensor", file=sys.stderr, disable=not progress or _rank() != 0)
+    for st in bar:
+        item = _item_of(st, index)
+        offsets = tuple(st.global_offset[st.prepend_axis_num:])
+        value = read_region(item, offsets, tuple(st.local_shape), ckpt, st.data.dtype)
+        st.data.copy_(value)
+        nbytes += value.numel() * value.element_size()
+    verify_all_sourced(model_chunks)
+    return nbytes
+
+
+def _check_destination(save: str, overwrite: bool) -> None:
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise InteropError(f"--save {save} exists and is not a directory")
+    if os.path.isdir(save) and os.listdir(save) and not overwrite:
+        raise InteropError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+
+
+def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: int | None = None,
+              overwrite: bool = False, progress: bool = True, seed: int = 1234) -> dict:
+    """Convert ``hf_dir`` into a checkpoint under ``save`` laid out as ``parallel`` (collective)."""
+    t0 = time.perf_counter()
+    hf, family, model = describe_hf_model(hf_dir, seq_length)
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    tp = parallel.tensor_model_parallel_size
+    ckpt.check_shapes(tensor_map.hf_tensor_shapes(tensor_map.all_items(model, family, padded_vocab_size(model, tp))))
+    problems = model_layout_problems(model, parallel)
+    if problems:
+        raise InteropError("target layout does not fit the model: " + "; ".join(problems))
+    _check_destination(save, overwrite)
+    ctx = initialize_distributed(parallel, seed=seed)
+    chunks = build_model_chunks(model, parallel, initialize=False)  # every weight comes from the HF files
+    nbytes = fill_from_hf(chunks, model, family, ckpt, tp, progress)
+    counters = empty_counters()
+    manifest = build_manifest(model=model, layout=dict(tp=ctx.layout.tp, pp=ctx.layout.pp, ep=ctx.layout.ep,
+                                                       etp=ctx.layout.etp, dp=ctx.layout.dp,
+                                                       world_size=ctx.world_size),
+                              counters=counters, lineage=[])
+    manifest["hf_import"] = {"hf_dir": os.path.abspath(hf_dir), "architecture": family.architecture,
+                             "config": hf}
+    manifest = io.broadcast_object(manifest)
+    state = io.model_sharded_state_dict(chunks)
+    state.update(common_state(counters, manifest))
+    final = io.save_checkpoint(save, counters["iteration"], state, manifest)
+    totals = torch.tensor([nbytes], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return {"hf_dir": hf_dir, "architecture": family.architecture, "checkpoint": final,
+            "model": model, "world_size": ctx.world_size,
+            "layout": f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}",
+            "bytes_read": int(totals.item()), "seconds": time.perf_counter() - t0,
+            "tracker": layout.TRACKER_FILENAME}

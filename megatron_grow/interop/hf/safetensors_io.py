@@ -1,0 +1,180 @@
+"""Hugging Face checkpoint files: read slices of (sharded) safetensors, write shards progressively.
+
+Layout (``save_pretrained``): ``config.json`` plus either ``model.safetensors`` or
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (``weight_map``:
+tensor name -> file). Reads go through ``safe_open(...).get_slice(name)[rows, cols]``, which
+reads only the requested bytes; nothing loads a whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+
+import torch
+
+from megatron_grow.errors import InteropError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Files a tokenizer may consist of (copied along with exported weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, CONFIG_NAME)
+    if not os.path.isdir(hf_dir):
+        raise InteropError(f"--hf-dir {hf_dir} is not a directory")
+    if not os.path.isfile(path):
+        raise InteropError(f"{hf_dir} has no {CONFIG_NAME}: not a Hugging Face model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InteropError(f"{path} is unreadable: {e}") from None
+
+
+class SafetensorsCheckpoint:
+    """Lazy, sliced access to the tensors of one HF model directory."""
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        index = os.path.join(hf_dir, INDEX_NAME)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise InteropError(f"{index} is unreadable or has no weight_map: {e}") from None
+        elif os.path.isfile(os.path.join(hf_dir, SINGLE_NAME)):
+            self.weight_map = {}
+            with self._open(SINGLE_NAME) as f:
+                self.weight_map = {name: SINGLE_NAME for name in f.keys()}
+        else:
+            raise InteropError(f"{hf_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+        for rel in sorted(set(self.weight_map.values())):
+            if not os.path.isfile(os.path.join(hf_dir, rel)):
+                raise InteropError(f"safetensors shard missing: {os.path.join(hf_dir, rel)} (named in {INDEX_NAME})")
+        self._handles: dict[str, object] = {}
+
+    def _open(self, rel: str):
+        from safetensors import safe_open
+
+        path = os.path.join(self.hf_dir, rel)
+        try:
+            return safe_open(path, framework="pt")
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise InteropError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+    def _handle(self, name: str):
+        if name not in self.weight_map:
+            raise InteropError(f"tensor {name} is missing from {self.hf_dir}")
+        rel = self.weight_map[name]
+        if rel not in self._handles:
+            self._handles[rel] = self._open(rel).__enter__()
+        return self._handles[rel]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str, region: Sequence[slice]) -> torch.Tensor:
+        """``tensor[region]`` (one slice per leading dim), reading only those bytes."""
+        try:
+            return self._handle(name).get_slice(name)[tuple(region)]
+        except InteropError:
+            raise
+        except Exception as e:
+            raise InteropError(f"reading {name} from {self.hf_dir} failed ({type(e).__name__}: {e})") from None
+
+    def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every tensor the model needs must be present with the shape config.json implies."""
+        for name, shape in expected.items():
+            got = self.shape(name)
+            if got != tuple(shape):
+                raise InteropError(f"shape mismatch: {name} is {got} in {self.hf_dir}, config.json implies "
+                                   f"{tuple(shape)}")
+
+
+class ShardedSafetensorsWriter:
+    """Writes planned tensors into numbered shard files as each shard completes.
+
+    ``plan``: ``[(name, shape, dtype)]`` in the order tensors will be added. Shards are cut at
+    ``max_shard_bytes``; at most one shard's tensors are held in memory. Everything goes to a
+    staging directory that replaces ``out_dir`` only in :meth:`finish`.
+    """
+
+    def __init__(self, out_dir: str, plan: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: int):
+        self.out_dir = os.path.abspath(out_dir)
+        self.staging = f"{self.out_dir}.incomplete-{uuid.uuid4().hex[:8]}"
+        os.makedirs(self.staging)
+        self.shard_of: dict[str, int] = {}
+        sizes, current, index = [], 0, 0
+        for name, shape, dtype in plan:
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            if current and current + nbytes > max_shard_bytes:
+                sizes.append(current)
+                index, current = index + 1, 0
+            self.shard_of[name] = index
+            current += nbytes
+        sizes.append(current)
+        self.num_shards = len(sizes)
+        self.total_bytes = sum(sizes)
+        self.remaining = [sum(1 for i in self.shard_of.values() if i == s) for s in range(self.num_shards)]
+        self.buffers: list[dict] = [{} for _ in range(self.num_shards)]
+        self.dtypes = {name: dtype for name, _, dtype in plan}
+
+    def filename(self, shard: int) -> str:
+        if self.num_shards == 1:
+            return SINGLE_NAME
+        return f"model-{shard + 1:05d}-of-{self.num_shards:05d}.safetensors"
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        s = self.shard_of[name]
+        self.buffers[s][name] = tensor.to(self.dtypes[name]).contiguous().clone()
+        self.remaining[s] -= 1
+        if self.remaining[s] == 0:
+            save_file(self.buffers[s], os.path.join(self.staging, self.filename(s)), metadata={"format": "pt"})
+            self.buffers[s] = {}
+
+    def write_json(self, name: str, obj: dict) -> None:
+        with open(os.path.join(self.staging, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+
+    def copy_in(self, path: str) -> None:
+        shutil.copy2(path, os.path.join(self.staging, os.path.basename(path)))
+
+    def finish(self, overwrite: bool) -> str:
+        unwritten = [self.filename(s) for s, n in enumerate(self.remaining) if n]
+        if unwritten:
+            raise InteropError(f"export incomplete: shards {unwritten} were never filled")
+        if self.num_shards > 1:
+            self.write_json(INDEX_NAME, {"metadata": {"total_size": self.total_bytes},
+                                         "weight_map": {n: self.filename(s) for n, s in self.shard_of.items()}})
+        if os.path.exists(self.out_dir):
+            if not overwrite:
+                raise InteropError(f"{self.out_dir} appeared during the export; not replacing it")
+            retired = f"{self.out_dir}.incomplete-old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out_dir, retired)
+            os.rename(self.staging, self.out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(self.staging, self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

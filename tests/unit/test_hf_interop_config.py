@@ -1,0 +1,162 @@
+"""Hugging Face config translation and bad input: one line, exit code 2, nothing written.
+
+The configs come from ``transformers``' own config classes (``to_dict()``), not hand-written JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from megatron_grow.__main__ import main
+from megatron_grow.config.schema import ModelConfig
+from megatron_grow.errors import InteropError
+from megatron_grow.interop.hf.families import FAMILIES, family_for_hf_config, family_for_model
+from megatron_grow.interop.hf.tiny import ARCHITECTURES, save_tiny_model, tiny_config
+
+
+def hf_dict(arch: str, **overrides) -> dict:
+    d = tiny_config(arch, **overrides).to_dict()
+    d["architectures"] = [arch]
+    return d
+
+
+def to_model(arch: str, **overrides) -> ModelConfig:
+    from megatron_grow.interop.hf.importer import model_from_hf_config
+
+    hf = hf_dict(arch, **overrides)
+    return model_from_hf_config(hf, family_for_hf_config(hf, "test"), "test")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_config_round_trip(arch):
+    model = to_model(arch)
+    family, fields = family_for_model(model, arch)
+    assert family.architecture == arch
+    again = family.read_config({**fields, "architectures": [arch]}, "again")
+    for key, value in again.items():
+        if key != "seq_length":
+            assert getattr(model, key) == value, key
+
+
+def test_router_semantics_map_to_mcore_fields():
+    # softmax, top-k renormalised == top-k logits then softmax (pre_softmax False), and the converse
+    assert to_model("Qwen3MoeForCausalLM", norm_topk_prob=True).moe_router_pre_softmax is False
+    assert to_model("Qwen3MoeForCausalLM", norm_topk_prob=False).moe_router_pre_softmax is True
+    assert to_model("MixtralForCausalLM").moe_router_pre_softmax is False
+    glm = to_model("Glm4MoeForCausalLM", routed_scaling_factor=2.5)
+    assert (glm.moe_router_score_function, glm.moe_router_enable_expert_bias,
+            glm.moe_router_topk_scaling_factor) == ("sigmoid", True, 2.5)
+    qwen2 = to_model("Qwen2MoeForCausalLM")
+    assert (qwen2.moe_shared_expert_intermediate_size, qwen2.moe_shared_expert_gate, qwen2.add_qkv_bias) == \
+        (48, True, True)
+    olmoe = to_model("OlmoeForCausalLM")
+    assert olmoe.qk_layernorm and olmoe.qk_layernorm_across_heads
+
+
+@pytest.mark.parametrize("arch, overrides, needle", [
+    ("Glm4MoeForCausalLM", {"norm_topk_prob": False}, "renormalises exactly when k > 1"),
+    ("Glm4MoeForCausalLM", {"first_k_dense_replace": 1}, "first_k_dense_replace"),
+    ("Glm4MoeForCausalLM", {"n_group": 2, "topk_group": 1}, "n_group"),
+    ("Glm4MoeForCausalLM", {"n_shared_experts": 1}, "n_shared_experts"),
+    ("Qwen3MoeForCausalLM", {"mlp_only_layers": [0]}, "mlp_only_layers"),
+    ("Qwen3MoeForCausalLM", {"num_experts_per_tok": 1, "norm_topk_prob": True}, "top-1"),
+    ("Qwen3MoeForCausalLM", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                                 "original_max_position_embeddings": 64}}, "yarn"),
+    ("MixtralForCausalLM", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
+    ("OlmoeForCausalLM", {"clip_qkv": 8.0}, "clip_qkv"),
+])
+def test_import_refuses_what_does_not_map(arch, overrides, needle):
+    with pytest.raises(InteropError, match=needle):
+        to_model(arch, **overrides)
+
+
+def test_export_refuses_a_class_that_cannot_hold_the_model():
+    paper = ModelConfig()  # sigmoid router with expert bias, per-head QK-norm: only GLM-4.5 holds it
+    assert family_for_model(paper)[0].architecture == "Glm4MoeForCausalLM"
+    for arch in FAMILIES:
+        if arch != "Glm4MoeForCausalLM":
+            with pytest.raises(InteropError):
+                FAMILIES[arch].write_config(paper)
+    with pytest.raises(InteropError, match="no supported Hugging Face class"):
+        family_for_model(ModelConfig(normalization="LayerNorm"))
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return save_tiny_model("Qwen3MoeForCausalLM", str(tmp_path_factory.mktemp("hf") / "qwen"))
+
+
+def run_cli(argv, capsys):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, [line for line in err if line.startswith("megatron-grow: error")]
+
+
+def broken_copy(src: str, dst: str, edit) -> str:
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def _edit_config(key, value):
+    def edit(d):
+        path = os.path.join(d, "config.json")
+        cfg = json.load(open(path))
+        cfg[key] = value
+        json.dump(cfg, open(path, "w"))
+    return edit
+
+
+def _drop_shard(d):
+    os.remove(os.path.join(d, sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[-1]))
+
+
+@pytest.mark.parametrize("case, edit, needle", [
+    ("missing_shard", _drop_shard, "safetensors shard missing"),
+    ("unknown_arch", lambda d: (_edit_config("architectures", ["LlamaForCausalLM"])(d),
+                                _edit_config("model_type", "llama")(d)), "unknown architecture"),
+    ("shape_mismatch", _edit_config("moe_intermediate_size", 48), "shape mismatch"),
+])
+def test_import_bad_input_is_one_line_exit_2(case, edit, needle, qwen_dir, tmp_path, capsys):
+    bad = broken_copy(qwen_dir, str(tmp_path / case), edit)
+    rc, errors = run_cli(["import-hf", "--hf-dir", bad, "--save", str(tmp_path / "out")], capsys)
+    assert rc == 2 and len(errors) == 1 and needle in errors[0], errors
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_export_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    rc, errors = run_cli(["export-hf", "--load", str(tmp_path / "nothing"), "--hf-dir", str(tmp_path / "o")], capsys)
+    assert rc == 2 and len(errors) == 1 and "does not exist" in errors[0], errors
+
+
+def test_sentencepiece_tokenizer_converts_exactly(tmp_path):
+    """The HF tokenizer written for a train-tokenizer model encodes as sentencepiece does, except for
+    characters the tokenizer does not cover: sentencepiece emits <unk> (id 0), the converted one drops them.
+    (Runs of several spaces also differ; the corpus has none.)"""
+    import gzip
+
+    import sentencepiece as spm
+    import transformers
+
+    from megatron_grow.data.tokenizer import train_tokenizer
+    from megatron_grow.interop.hf.tokenizer import sentencepiece_to_hf_dir
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with gzip.open(os.path.join(repo, "data", "corpus", "kjv.txt.gz"), "rt", encoding="utf-8") as f:
+        text = f.read(300_000)
+    (tmp_path / "part.txt").write_text(text[:200_000], encoding="utf-8")
+    train_tokenizer([str(tmp_path / "part.txt")], str(tmp_path / "tok"), 400)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    hf = transformers.AutoTokenizer.from_pretrained(sentencepiece_to_hf_dir(str(tmp_path / "tok.model"),
+                                                                            str(tmp_path / "hf")))
+    lines = text[200_000:].splitlines()[:300] + ["Jesus wept.\nAnd two lines"]
+    covered = [line for line in lines if 0 not in sp.encode(line)]
+    assert len(covered) > 250
+    assert [hf.encode(line, add_special_tokens=False) for line in covered] == [sp.encode(line) for line in covered]
+    uncovered = [line for line in lines if 0 in sp.encode(line)]
+    assert all([t for t in sp.encode(line) if t != 0] == hf.encode(line, add_special_tokens=False)
+               for line in uncovered)
