@@ -285,7 +285,8 @@ def test_grow_sbatch_dry_run(cluster_env):
                   "configs/recipes/35b_to_70b_width.yaml", "--pipeline-model-parallel-size", "1"], env=env)
     assert result.returncode == 0, result.stderr
     assert command_lines(result.stdout) == [[
-        "srun", "--ntasks-per-node=1", *_torchrun_part(nnodes="1"), "-m", "megatron_grow", "grow",
+        "srun", "--ntasks-per-node=1", "bash", "scripts/slurm/node.sh", *_torchrun_part(nnodes="1"),
+        "--no-python", "bash", "scripts/slurm/rank.sh", "python", "-u", "-m", "megatron_grow", "grow",
         "--load", "/ck/35b", "--save", "/ck/70b", "--recipe", "configs/recipes/35b_to_70b_width.yaml",
         "--pipeline-model-parallel-size", "1"]]
 
