@@ -9,8 +9,7 @@
 # `#SBATCH --signal=USR1@300` sends would kill it and, with it, the ranks mid-save. And
 # torchrun exits 1 whatever code its workers exit with, so the trainer's "preempted and
 # saved" code 3 would be lost. Here torchrun runs with SIGUSR1 ignored; on SIGUSR1 this
-# script forwards it to every rank's process group (torchrun starts each worker in its own
-# session); rank.sh records each rank's exit code, and this script exits 3 if any local rank
+# script forwards it to every rank (rank.sh and the trainer it runs); rank.sh records each rank's exit code, and this script exits 3 if any local rank
 # exited 3, else, when torchrun failed, with the first failing local rank's code (2 = bad
 # input). With proctrack/cgroup SLURM also signals the ranks directly, so a rank may see
 # SIGUSR1 twice; the trainer's handler only sets a flag, so that is harmless.
@@ -31,10 +30,16 @@ trap 'rm -rf "$MG_RANK_STATUS_DIR"' EXIT
 launcher_pid=$!
 
 # shellcheck disable=SC2317,SC2329  # called from the USR1 trap
+# The ranks are torchrun's children (rank.sh, which ignores SIGUSR1) and their children (the
+# trainer). Only those processes, not their process groups: a rank's helpers (the C++
+# compiler torch.compile runs at start-up, data workers) would die of SIGUSR1.
 signal_ranks() {
-    local child
+    local child grandchild
     for child in $(pgrep -P "$launcher_pid" || true); do
-        kill -USR1 -- "-$child" 2>/dev/null || kill -USR1 "$child" 2>/dev/null || true
+        kill -USR1 "$child" 2>/dev/null || true
+        for grandchild in $(pgrep -P "$child" || true); do
+            kill -USR1 "$grandchild" 2>/dev/null || true
+        done
     done
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import re
 import shutil
 import socket
@@ -42,9 +43,19 @@ def slurm_missing_reason() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below Linux's ephemeral range (32768+), where no process that binds port 0
+    (other test runs on a shared machine) can take it between now and the rendezvous."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        if port == 29500:  # torchrun's default
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32000")
 
 
 class Cluster:

