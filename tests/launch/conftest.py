@@ -5,7 +5,7 @@ users): Debian's slurmctld + slurmd on 127.0.0.1 with their own slurm.conf, port
 spool, pid and log files and their own munge daemon, key and socket, all in a temporary
 directory. Teardown cancels the cluster's jobs and stops only the daemons it started (their
 pid files). Without the packages or without root the tests skip, saying why; ``make test``
-installs the packages on Debian as root (scripts/ci/install_slurm.sh).
+installs the packages on Debian as root (scripts/slurm/install_packages.sh).
 """
 
 from __future__ import annotations
