@@ -53,7 +53,8 @@ forward_usr1() {
     echo "[node.sh $(hostname)] SIGUSR1: forwarding to the ranks of torchrun pid $launcher_pid" >&2
     signal_ranks
     if [[ -z "$resender_pid" ]]; then
-        ( trap - USR1 TERM
+        ( trap '' USR1   # SLURM may signal every process of the step again
+          trap - TERM
           while kill -0 "$launcher_pid" 2>/dev/null; do sleep 2; signal_ranks; done ) &
         resender_pid=$!
     fi
