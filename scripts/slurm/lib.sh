@@ -81,12 +81,18 @@ mg_data_overrides() {
     fi
 }
 
-# The rendezvous host: MASTER_ADDR if given, else the first node of the allocation.
+# The rendezvous host: MASTER_ADDR if given, else the address of the first node of the
+# allocation. A SLURM node name need not resolve (NodeName=gpu01 NodeAddr=10.0.0.1), so the
+# node's NodeAddr is used; it equals the name when slurm.conf gives no NodeAddr.
 mg_master_addr() {
     if [[ -n "${MASTER_ADDR:-}" ]]; then
         echo "$MASTER_ADDR"
     elif command -v scontrol >/dev/null 2>&1 && [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
-        scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1
+        local first addr
+        first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+        addr="$(scontrol show node -o "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 || true)"
+        addr="${addr#NodeAddr=}"
+        echo "${addr:-$first}"
     elif [[ "${DRY_RUN:-0}" == 1 ]]; then
         echo "FIRST_HOST_OF_SLURM_JOB_NODELIST"
     else
