@@ -66,16 +66,18 @@ def _resumed_model(recipe):
 
 def _growth_initializer(args, recipe):
     """Growth on load as the trainer's weight initializer (the CLI composes growth and training)."""
+    import dataclasses
     import time
 
-    from megatron_grow.config.layout_rules import model_layout_problems
+    from megatron_grow.config.check import layout_problems
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.errors import GrowthError
     from megatron_grow.growth.grow import grow_load_into, prepare_growth
 
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)
-    problems = model_layout_problems(source.plan.target, recipe.parallel)
+    # The recipe's check, against the source this run actually grows (its resolved architecture).
+    problems = layout_problems(dataclasses.replace(recipe, model=source.plan.source))
     if problems:
         raise GrowthError("this run's layout does not fit the grown model: " + "; ".join(problems))
     started = time.perf_counter()

@@ -81,6 +81,9 @@ class ModelConfig:
     moe_aux_loss_coeff: float = spec(1e-3, "coefficient of the load-balancing aux loss", ge=0.0)
     moe_router_topk_scaling_factor: float | None = spec(
         None, "scale applied to routing weights; null for none", gt=0.0)
+    moe_router_pre_softmax: bool = spec(
+        False, "softmax score function: normalise over all experts before top-k (Mixtral) instead of over "
+        "the k chosen ones")
     moe_router_dtype: str | None = spec("fp32", "router compute dtype", choices=("fp32", "fp64", None))
     moe_token_dispatcher_type: str = spec(
         "alltoall", "token dispatcher; CPU mode switches alltoall to allgather",
