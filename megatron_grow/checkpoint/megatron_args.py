@@ -180,9 +180,15 @@ def model_config_from_args(args: Any, where: str = "Megatron-LM args in common.p
 
 
 def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dict, world_size: int,
-                  training: TrainingConfig | None = None, optimizer_saved: bool = False) -> argparse.Namespace:
+                  training: TrainingConfig | None = None, optimizer_saved: bool = False,
+                  base: Any = None) -> argparse.Namespace:
     """The ``args`` a checkpoint we write carries, so Megatron-LM can resume it and
     :func:`model_config_from_args` reads the same architecture back.
+
+    ``base`` (the source checkpoint's own ``args``, when it has them) is carried forward under
+    ours: the tokenizer arguments (``tokenizer_type``, ``vocab_file``, ``vocab_size``,
+    ``make_vocab_size_divisible_by``), which ``check_checkpoint_args`` compares and which we do
+    not model, stay what the user's launcher passes.
 
     ``no_save_rng`` is always set: our RNG state is not in Megatron-LM's layout (a ShardedObject
     over (PP, TP) holding a per-DP list), so its ``load_checkpoint`` must not ask for it.
@@ -221,7 +227,16 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
     if training is not None:
         state.update({f.name: getattr(training, f.name) for f in dataclasses.fields(TrainingConfig)
                       if f.name not in ("bf16",)}, bf16=training.bf16)
-    return argparse.Namespace(**arch, **layout, **state)
+    values = dict(vars(base)) if base is not None and not isinstance(base, dict) else dict(base or {})
+    kept = {k: values[k] for k in _TOKENIZER_ARGS if k in values}
+    values.update(arch, **layout, **state)
+    values.update(kept)
+    return argparse.Namespace(**values)
+
+
+# Kept from a source's own args (see megatron_args): tokenizer settings we do not model.
+_TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size",
+                   "make_vocab_size_divisible_by", "vocab_extra_ids")
 
 
 def megatron_common_state(args: argparse.Namespace, counters: dict) -> dict:

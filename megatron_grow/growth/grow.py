@@ -35,7 +35,7 @@ from megatron.core.dist_checkpointing.mapping import apply_factories
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import io, keys, layout
-from megatron_grow.checkpoint.architecture import resolve_architecture
+from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
 from megatron_grow.checkpoint.manifest import CheckpointInfo, build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.layout_rules import model_layout_problems
@@ -482,7 +482,8 @@ def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel:
     _remove_old_destination(save, overwrite)
     state = io.model_sharded_state_dict(chunks)
     keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)
-    args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size)
+    args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
+                         base=load_common_state(source.ckpt_dir).get("args"))
     state.update(common_state(counters, manifest, args))
     return io.save_checkpoint(save, counters["iteration"], state, manifest)
 

@@ -30,13 +30,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, keys, layout
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
 from megatron_grow.models.routing import unwrap
+from megatron_grow.models.specs import te_available
 
 OPTIMIZER_FORMAT = "dp_reshardable"
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
@@ -111,6 +112,9 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     models = [unwrap(c) for c in chunks]
     state = io.model_sharded_state_dict(models)
     md = io.read_storage_metadata(ckpt_dir)
+    # A checkpoint stored under the other layer spec's names (e.g. grown with --target-spec te).
+    keys.rename_for_spec(state, keys.built_spec(te_available()),
+                         keys.storage_spec(md.state_dict_metadata) or keys.built_spec(te_available()))
     io.check_shard_files(ckpt_dir, md)
     io.check_against_checkpoint(state, ckpt_dir, md)  # names the first mismatching tensor
     stored = set(md.state_dict_metadata)
