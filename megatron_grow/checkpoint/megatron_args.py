@@ -35,6 +35,7 @@ from typing import Any
 
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig, field_problem
 from megatron_grow.errors import CheckpointError
+from megatron_grow.models.mcore_config import padded_vocab_size
 
 # Megatron-LM's own checkpoint format version (``state_dict['checkpoint_version']``).
 CHECKPOINT_VERSION = 3.0
@@ -194,8 +195,6 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
     over (PP, TP) holding a per-DP list), so its ``load_checkpoint`` must not ask for it.
     ``no_save_optim`` is set when the checkpoint has no optimizer state (a grown checkpoint).
     """
-    from megatron_grow.models.mcore_config import padded_vocab_size
-
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
     arch = {name: getattr(model, name) for name in SAME_NAME_ARGS}
