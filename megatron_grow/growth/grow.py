@@ -15,6 +15,13 @@ Entry points:
 
 Noise does not depend on the layout (see ``growth.noise``), so the grown tensors are the
 same whatever TP/PP/EP the target uses.
+
+The source architecture is resolved once (``checkpoint.architecture``: an explicit source model,
+else ``megatron_grow.json``, else Megatron-LM's ``args``); the source may be stored under the TE
+or the local layer spec's names (read requests are renamed to the source's, ``checkpoint.keys``),
+and the grown checkpoint is written under the names of the requested target spec, with the
+common state Megatron-LM's ``load_checkpoint`` reads (``checkpoint.megatron_args``).
+:func:`discard_grown` undoes a grow whose verification failed.
 """
 
 from __future__ import annotations
