@@ -95,11 +95,20 @@ UNSUPPORTED = (
 )
 
 
+# Megatron-LM's defaults where they differ from this model: an argument missing from ``args``
+# means its default, which is then refused like any other value.
+MEGATRON_DEFAULTS = {"swiglu": False, "position_embedding_type": "learned_absolute"}
+
+
 def _refusals(values: dict, where: str) -> list[str]:
     out = []
     for name, accepted, meaning in UNSUPPORTED:
-        if name in values and not accepted(values[name]):
-            out.append(f"{where}: args.{name}={values[name]!r} ({meaning}) is not supported")
+        if name not in values and name not in MEGATRON_DEFAULTS:
+            continue
+        value = values.get(name, MEGATRON_DEFAULTS.get(name))
+        if not accepted(value):
+            missing = "" if name in values else " (missing, so Megatron-LM's default)"
+            out.append(f"{where}: args.{name}={value!r}{missing} ({meaning}) is not supported")
     if "num_experts" not in values:
         out.append(f"{where}: args.num_experts is missing (a dense model?); megatron-grow grows MoE models")
     return out

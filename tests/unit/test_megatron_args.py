@@ -84,6 +84,14 @@ def test_unrepresentable_args_name_argument_and_value(name, value):
                                                                 else value)[:8] in line
 
 
+@pytest.mark.parametrize("name,shown", [("swiglu", "False"), ("position_embedding_type", "'learned_absolute'")])
+def test_missing_argument_means_megatron_default(name, shown):
+    args = pretrain_gpt_args()
+    del args[name]
+    with pytest.raises(CheckpointError, match=rf"args.{name}={shown} \(missing, so Megatron-LM's default\)"):
+        model_config_from_args(args)
+
+
 def test_missing_num_experts_is_a_dense_model():
     args = pretrain_gpt_args()
     del args["num_experts"]
