@@ -353,6 +353,25 @@ def test_train_grow_from_a_megatron_lm_checkpoint(sources, kjv_dataset, tmp_path
     assert info.lineage and info.lineage[-1]["source_iteration"] == ITERATION
 
 
+def test_train_resumes_a_te_named_grown_checkpoint(grown, kjv_dataset, tmp_path):
+    """A checkpoint grown under TE names loads into this machine's (local-spec) model on resume."""
+    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint.manifest import read_checkpoint_info
+
+    src = grown[("te_tp2", "tp2_te")]
+    run_dir = tmp_path / "run"
+    path = write_recipe(tmp_path / "resume.yaml", kjv_dataset, run_dir,
+                        training={"train_iters": ITERATION + 1, "lr_decay_style": "constant"},
+                        checkpoint={"load": src, "save_interval": 1},
+                        growth={"order": ["depth", "width"], "depth": {"factor": 2},
+                                "width": {"factor": 2, "noise": "none"}})
+    argv = ["train", "--config", path, "parallel.expert_model_parallel_size=2"]
+    assert run_in_processes(cli_main, 2, (argv,)) == [0, 0]
+    ckpt, it = layout.resolve_checkpoint_dir(str(run_dir))
+    info = read_checkpoint_info(ckpt, it)
+    assert it == ITERATION + 1 and (info.model.num_layers, info.model.num_moe_experts) == (2 * L, 2 * E)
+
+
 # ------------------------------------------------------------------------------------------------
 # Unsupported Megatron-LM args: one line naming the argument and its value, exit 2
 
