@@ -1,7 +1,8 @@
 """Every exception this package raises on purpose, in one hierarchy.
 
 ``UserInputError`` and its subclasses describe bad input (a recipe, a path, a checkpoint, a
-layout): the CLI prints them as one line and exits with code 2. Other ``MegatronGrowError``
+layout): the CLI prints them as one line and exits with code 2; ``VerificationError`` (a grown
+checkpoint failing a verify threshold) is one line and exit code 4. Other ``MegatronGrowError``
 subclasses (``SpawnError``) report failures of the machinery and keep their details.
 """
 
@@ -42,6 +43,11 @@ class DataError(UserInputError):
 
 class TrainingError(UserInputError):
     """Training cannot start or go on (bad data inputs, non-finite loss or gradients)."""
+
+
+class VerificationError(MegatronGrowError):
+    """A grown checkpoint failed a ``verify`` threshold (``--max-kl``, ``--min-routing-share``):
+    printed as one line, exit code 4 (the input was fine; the result is not acceptable)."""
 
 
 class SpawnError(MegatronGrowError, RuntimeError):

@@ -64,3 +64,82 @@ def is_layer_key(key: str) -> bool:
 
 def is_routed_expert_key(key: str) -> bool:
     return ROUTED_EXPERTS_MARKER in key and ".shared_experts." not in key
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer specs: the same MoE layer stored under two sets of names.
+#
+# From Megatron-Core 0.16.1 ``models/gpt/gpt_layer_specs.py``:
+# - the local spec (``get_gpt_layer_local_spec``) has separate norm modules and renames them in
+#   storage through ``sharded_state_dict_keys_map``: ``input_layernorm.`` ->
+#   ``self_attention.linear_qkv.layer_norm_`` and ``pre_mlp_layernorm.`` -> ``mlp.linear_fc1.layer_norm_``
+#   (the TE names of a *dense* layer, whose fc1 fuses the norm; for an MoE layer the rename is kept);
+# - the TE spec (``get_gpt_layer_with_transformer_engine_spec``) fuses the input norm into
+#   ``linear_qkv`` (TELayerNormColumnParallelLinear: ``linear_qkv.layer_norm_weight``), but with
+#   experts its ``pre_mlp_layernorm`` is a separate TENorm module, and its keys map only covers the
+#   dense ``mlp.0``/``mlp.1``... fused-op names, so the MoE norm is stored as ``pre_mlp_layernorm.*``.
+# Everything else is the same in both: q/k norms (``self_attention.{q,k}_layernorm.weight``), the
+# router, and the routed experts, which SequentialMLP, GroupedMLP and TEGroupedMLP (in
+# ``transformer/moe/experts.py``) all store as ``mlp.experts.experts.linear_fc{1,2}.weight`` stacked
+# over [layer, expert] unless ``singleton_local_shards`` metadata asks for per-expert keys
+# ``mlp.experts.experts.<global expert>.linear_fc{1,2}.weight`` (Megatron-LM does not set it by default;
+# we read and write the stacked form).
+# ``_extra_state`` entries (ShardedObjects; TE's FP8 metadata, None for the local linears, "fake" ones
+# for GroupedMLP) carry no weights: growth never reads them, and a target writes those its own
+# model asks for, with the same ``linear_qkv``/``linear_proj``/``linear_fc1``/``linear_fc2`` keys in both specs.
+
+LOCAL_SPEC = "local"
+TE_SPEC = "te"
+SPECS = (LOCAL_SPEC, TE_SPEC)
+
+# Storage-key infixes (after ``decoder.layers.``) of the pre-MLP norm's weight and bias, per spec.
+PRE_MLP_NORM_PREFIX = {LOCAL_SPEC: "mlp.linear_fc1.layer_norm_", TE_SPEC: "pre_mlp_layernorm."}
+EXTRA_STATE_SUFFIX = "_extra_state"
+SINGLETON_EXPERT_RE = re.compile(r"^decoder\.layers\.mlp\.experts\.experts\.\d+\.")
+
+
+def _pre_mlp_norm_key(spec: str, param: str) -> str:
+    # local: ...layer_norm_weight / ...layer_norm_bias; TE: pre_mlp_layernorm.weight / .bias
+    return LAYER_PREFIX + PRE_MLP_NORM_PREFIX[spec] + param
+
+
+def spec_storage_key(key: str, from_spec: str, to_spec: str) -> str:
+    """``key`` (a storage key of a model built with ``from_spec``) as ``to_spec`` names it."""
+    if from_spec == to_spec:
+        return key
+    for param in ("weight", "bias"):
+        if key == _pre_mlp_norm_key(from_spec, param):
+            return _pre_mlp_norm_key(to_spec, param)
+    return key
+
+
+def storage_spec(stored_keys) -> str | None:
+    """Which spec's names a checkpoint uses (from its pre-MLP norm); None when neither is there."""
+    stored = set(stored_keys)
+    for spec in SPECS:
+        if _pre_mlp_norm_key(spec, "weight") in stored:
+            return spec
+    return None
+
+
+def has_singleton_expert_keys(stored_keys) -> bool:
+    """Whether experts are stored one key per expert (``singleton_local_shards``)."""
+    return any(SINGLETON_EXPERT_RE.match(k) for k in stored_keys)
+
+
+def rename_for_spec(sharded_state_dict, from_spec: str, to_spec: str) -> None:
+    """Rename, in place, every sharded entry of a model's sharded state dict from one spec's names
+    to the other's (ShardedTensor, ShardedObject and ShardedTensorFactory all carry ``.key``)."""
+    if from_spec == to_spec:
+        return
+    values = sharded_state_dict.values() if isinstance(sharded_state_dict, dict) else sharded_state_dict
+    for v in values:
+        if isinstance(v, (dict, list, tuple)):
+            rename_for_spec(v, from_spec, to_spec)
+        elif hasattr(v, "key") and isinstance(v.key, str):
+            v.key = spec_storage_key(v.key, from_spec, to_spec)
+
+
+def built_spec(use_te: bool) -> str:
+    """The names a model built with (``use_te``) or without Transformer Engine stores its tensors under."""
+    return TE_SPEC if use_te else LOCAL_SPEC

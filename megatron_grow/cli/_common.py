@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from megatron_grow.config.schema import ParallelConfig
+from megatron_grow.config.check import layout_problems
+from megatron_grow.config.schema import ParallelConfig, Recipe
+from megatron_grow.errors import LayoutError
 
 LAYOUT_FLAGS = {
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
@@ -26,6 +28,24 @@ def layout_from_args(args: argparse.Namespace, base: ParallelConfig) -> Parallel
     """The recipe's layout with any command-line flags applied (and re-validated by the caller)."""
     changes = {f: getattr(args, f) for f in LAYOUT_FLAGS if getattr(args, f, None) is not None}
     return dataclasses.replace(base, **changes)
+
+
+def checked_layout(args: argparse.Namespace, recipe: Recipe) -> ParallelConfig:
+    """The recipe's layout with the flags applied, checked against the model the recipe builds
+    (the grown one for a growth recipe) by the same function that checks the recipe itself."""
+    parallel = layout_from_args(args, recipe.parallel)
+    problems = layout_problems(recipe, parallel)
+    if problems:
+        raise LayoutError("; ".join(problems))
+    return parallel
+
+
+def add_verify_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("verify thresholds (exit 4 when one fails)")
+    group.add_argument("--max-kl", type=float, default=None, metavar="X",
+                       help="largest acceptable mean KL(source || grown) on the probe batch")
+    group.add_argument("--min-routing-share", type=float, default=None, metavar="X",
+                       help="least share of routed tokens the copied experts must get (width growth)")
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:

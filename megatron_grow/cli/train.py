@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import time
 
-from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.check import layout_problems
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth.grow import grow_load_into, prepare_growth
@@ -66,7 +66,8 @@ def growth_initializer(args: argparse.Namespace, recipe):
     growth and training, which never import each other): (grown model, initialize callback)."""
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)
-    problems = model_layout_problems(source.plan.target, recipe.parallel)
+    # The recipe's check, against the source this run actually grows (its resolved architecture).
+    problems = layout_problems(dataclasses.replace(recipe, model=source.plan.source))
     if problems:
         raise GrowthError("this run's layout does not fit the grown model: " + "; ".join(problems))
     started = time.perf_counter()

@@ -15,6 +15,13 @@ Entry points:
 
 Noise does not depend on the layout (see ``growth.noise``), so the grown tensors are the
 same whatever TP/PP/EP the target uses.
+
+The source architecture is resolved once (``checkpoint.architecture``: an explicit source model,
+else ``megatron_grow.json``, else Megatron-LM's ``args``); the source may be stored under the TE
+or the local layer spec's names (read requests are renamed to the source's, ``checkpoint.keys``),
+and the grown checkpoint is written under the names of the requested target spec, with the
+common state Megatron-LM's ``load_checkpoint`` reads (``checkpoint.megatron_args``).
+:func:`discard_grown` undoes a grow whose verification failed.
 """
 
 from __future__ import annotations
@@ -30,14 +37,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import apply_factories
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import io, keys, layout
-from megatron_grow.checkpoint.manifest import CheckpointInfo, read_checkpoint_info
-from megatron_grow.config.schema import GrowthConfig, ModelConfig
-from megatron_grow.errors import CheckpointError, GrowthError
+from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
+from megatron_grow.checkpoint.manifest import CheckpointInfo, build_manifest, read_checkpoint_info
+from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
+from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
+from megatron_grow.errors import GrowthError
 from megatron_grow.growth import noise, retarget
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
+from megatron_grow.models.builder import build_model_chunks
+from megatron_grow.models.mcore_config import padded_vocab_size
+from megatron_grow.models.params import count_params
+from megatron_grow.models.specs import te_available
 from megatron_grow.parallel.collectives import all_reduce_host
+from megatron_grow.parallel.init import initialize_distributed
 
 
 def _rank() -> int:
@@ -60,6 +78,7 @@ class GrowthSource:
     root: str
     info: CheckpointInfo
     plan: GrowthPlan
+    source_spec: str = keys.LOCAL_SPEC   # which layer spec's names SRC is stored under
 
     @property
     def ckpt_dir(self) -> str:
@@ -88,23 +107,25 @@ def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelCo
     ckpt_dir, it = layout.resolve_checkpoint_dir(source_path, iteration)
     storage = io.read_storage_metadata(ckpt_dir)
     io.check_shard_files(ckpt_dir, storage)
-    info = read_checkpoint_info(ckpt_dir, it)
-    if source_model is not None:
-        info.model = source_model
+    # The architecture: source_model (--source-config), else megatron_grow.json, else Megatron-LM args.
+    info = read_checkpoint_info(ckpt_dir, it, source_config=source_model)
     if info.model is None:
-        raise CheckpointError(f"{ckpt_dir} does not record its architecture; pass --source-config "
-                              "with the source model's recipe")
+        info.model = resolve_architecture(ckpt_dir)[0]  # raises, saying what to pass
     plan = make_growth_plan(info.model, growth)
     _check_source_shapes(plan.source, storage, ckpt_dir)
-    return GrowthSource(source_path, info, plan)
+    return GrowthSource(source_path, info, plan, _source_spec(storage, ckpt_dir))
+
+
+def _source_spec(storage, ckpt_dir: str) -> str:
+    stored = storage.state_dict_metadata.keys()
+    if keys.has_singleton_expert_keys(stored):
+        raise GrowthError(f"{ckpt_dir} stores one tensor per expert (MCore's singleton_local_shards format); "
+                          "re-save it with stacked experts (Megatron-LM's default) to grow it")
+    return keys.storage_spec(stored) or keys.LOCAL_SPEC
 
 
 def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
     """The source architecture must agree with the stored tensors: name the tensor and both shapes."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from megatron_grow.models.mcore_config import padded_vocab_size
-
     L, E, H, F = model.num_layers, model.num_moe_experts, model.hidden_size, model.moe_ffn_hidden_size
     q = model.num_attention_heads * model.kv_channels
     kv = model.num_query_groups * model.kv_channels
@@ -140,8 +161,6 @@ def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
 
 
 def _target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-
     sd = io.model_sharded_state_dict(model_chunks)
     apply_factories(sd)
     return list(io.iter_sharded_tensors(sd))
@@ -156,8 +175,6 @@ def _collective_load(requests: dict, ckpt_dir: str, whole_tensors: dict | None =
     source tensor whole, once (cached in ``whole_tensors``), and slices it: a 1-rank growth
     holds the source tensors it reads beside the grown model.
     """
-    from megatron.core import dist_checkpointing
-
     if _world() == 1:
         cache = whole_tensors if whole_tensors is not None else {}
         missing = {st.key: st for st in requests.values() if st.key not in cache}
@@ -235,61 +252,81 @@ def _group_of(task) -> Any:
 @torch.no_grad()
 def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSource,
                        progress: bool = True) -> LoadStats:
-    """Fill ``model_chunks`` (this rank's part of the grown model) from the source checkpoint."""
+    """Fill ``model_chunks`` (this rank's part of the grown model) from the source checkpoint.
+
+    The algorithm: rewrite the target's sharded tensors into source read requests; check them
+    against the source metadata; NaN-fill the model; read the expert statistics the noise needs;
+    then, one source layer at a time, read its requests and write every target slice grown from
+    it; finally prove that no parameter was left unfilled.
+    """
     stats = LoadStats()
     t0 = time.perf_counter()
     plan = source.plan
     _check_target_model(model_chunks, plan.target)
-    tensors = _target_sharded_tensors(model_chunks)
-    tasks, requests = retarget.build_tasks(tensors, plan)
+    built = keys.built_spec(te_available())
+    tasks, requests = retarget.build_tasks(_target_sharded_tensors(model_chunks), plan,
+                                           lambda key: keys.spec_storage_key(key, built, source.source_spec))
     # The source must hold every tensor the target asks for, with the global shape we expect.
     io.check_against_checkpoint({"r": list(requests.values())}, source.ckpt_dir)
     poison_parameters(model_chunks)
-
     ts = time.perf_counter()
     expert_std = _expert_stds(tasks, plan, source.ckpt_dir)
     stats.stats_seconds = time.perf_counter() - ts
-
-    groups: dict[Any, list] = {}
-    for t in tasks:
-        groups.setdefault(_group_of(t), []).append(t)
-    order = sorted(groups, key=lambda g: (g[0] != "other", g[1]))
-    rounds = len(order)
-    if torch.distributed.is_initialized():  # PP stages hold different layer counts
-        n = torch.tensor([rounds], dtype=torch.long)
-        all_reduce_host(n, op=torch.distributed.ReduceOp.MAX)
-        rounds = int(n.item())
+    order, groups = _layer_groups(tasks)
     whole: dict = {}
+    rounds = _collective_rounds(len(order))
     for r in range(rounds):
-        group_tasks = groups[order[r]] if r < len(order) else []
-        group_requests = {t.request_id: requests[t.request_id] for t in group_tasks}
-        tg = time.perf_counter()
-        _collective_load(group_requests, source.ckpt_dir, whole)
-        for t in group_tasks:
-            value = retarget.grown_slice(t, requests[t.request_id].data, plan, expert_std)
-            t.target.data.copy_(value.to(t.target.data.dtype))
-        nbytes = sum(st.data.numel() * st.data.element_size() for st in group_requests.values())
-        for st in group_requests.values():
-            st.data = torch.empty(0, dtype=st.data.dtype)  # free the buffer; peak stays ~ one group
-        stats.bytes_read += nbytes
-        stats.tensors += len(group_tasks)
-        stats.groups += 1
-        stats.per_group.append((order[r] if r < len(order) else None, nbytes, time.perf_counter() - tg))
-        if progress:
-            name = order[r] if r < len(order) else None
-            if name is None:
-                label = "(no tensors on this rank)"
-            elif name == ("other", 0):
-                label = "embedding, output layer, final norm"
-            else:
-                targets = sorted({t.target_layer for t in group_tasks})
-                label = f"source layer {name[1]} -> target layers {targets}"
-            log(f"group {r + 1}/{rounds}: {label}: {len(group_tasks)} tensors, {nbytes / 2**20:.1f} MiB "
-                f"in {time.perf_counter() - tg:.2f}s")
+        name = order[r] if r < len(order) else None
+        _load_group(r, rounds, name, groups.get(name, []), requests, source, expert_std, whole, stats, progress)
     whole.clear()
     verify_all_sourced(model_chunks)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _layer_groups(tasks: list) -> tuple[list, dict]:
+    """Tasks grouped by the source layer they read, in reading order (non-layer tensors first)."""
+    groups: dict[Any, list] = {}
+    for t in tasks:
+        groups.setdefault(_group_of(t), []).append(t)
+    return sorted(groups, key=lambda g: (g[0] != "other", g[1])), groups
+
+
+def _collective_rounds(local_rounds: int) -> int:
+    """Every rank takes part in as many loads as the rank with the most groups (PP stages differ)."""
+    if not torch.distributed.is_initialized():
+        return local_rounds
+    n = torch.tensor([local_rounds], dtype=torch.long)
+    all_reduce_host(n, op=torch.distributed.ReduceOp.MAX)
+    return int(n.item())
+
+
+def _load_group(r: int, rounds: int, name, group_tasks: list, requests: dict, source: GrowthSource,
+                expert_std: dict, whole: dict, stats: LoadStats, progress: bool) -> None:
+    """One collective round: read one source layer's requests, write the target slices grown from it."""
+    group_requests = {t.request_id: requests[t.request_id] for t in group_tasks}
+    tg = time.perf_counter()
+    _collective_load(group_requests, source.ckpt_dir, whole)
+    for t in group_tasks:
+        value = retarget.grown_slice(t, requests[t.request_id].data, source.plan, expert_std)
+        t.target.data.copy_(value.to(t.target.data.dtype))
+    nbytes = sum(st.data.numel() * st.data.element_size() for st in group_requests.values())
+    for st in group_requests.values():
+        st.data = torch.empty(0, dtype=st.data.dtype)  # free the buffer; peak stays ~ one group
+    seconds = time.perf_counter() - tg
+    stats.bytes_read += nbytes
+    stats.tensors += len(group_tasks)
+    stats.groups += 1
+    stats.per_group.append((name, nbytes, seconds))
+    if progress:
+        if name is None:
+            label = "(no tensors on this rank)"
+        elif name == ("other", 0):
+            label = "embedding, output layer, final norm"
+        else:
+            label = f"source layer {name[1]} -> target layers {sorted({t.target_layer for t in group_tasks})}"
+        log(f"group {r + 1}/{rounds}: {label}: {len(group_tasks)} tensors, {nbytes / 2**20:.1f} MiB "
+            f"in {seconds:.2f}s")
 
 
 def _check_target_model(model_chunks, target: ModelConfig) -> None:
@@ -361,8 +398,6 @@ def grown_counters(source: GrowthSource) -> dict:
 def grow_load_into(model_chunks, source: GrowthSource, started: float, progress: bool = True) -> dict:
     """Online growth (collective): fill ``model_chunks`` and return the counters and lineage the
     grown model carries (what the trainer's first checkpoint records)."""
-    from megatron_grow.models.params import count_params
-
     load_grown_weights(model_chunks, source, progress=progress)
     before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     record = io.broadcast_object(growth_record(source, before, after, time.perf_counter() - started))
@@ -381,47 +416,91 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
         raise GrowthError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
 
 
-def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, source_model=None,
-                    recipe_dict: dict | None = None, overwrite: bool = False, seed: int = 1234,
-                    progress: bool = True, expert_backend: str | None = None) -> dict:
-    """Offline growth (collective): returns a summary dict (rank 0's numbers). ``expert_backend``
-    builds the target with that ``model.moe_expert_backend`` (the checkpoint is the same either way)."""
-    from megatron_grow.models.params import count_params
-    from megatron_grow.parallel.init import initialize_distributed
+def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: ParallelConfig, *,
+                    source_model: ModelConfig | None = None, recipe_dict: dict | None = None,
+                    overwrite: bool = False, seed: int = 1234, progress: bool = True,
+                    target_spec: str | None = None, expert_backend: str | None = None) -> dict:
+    """Offline growth (collective): returns a summary dict (rank 0's numbers).
 
+    The algorithm: check DST, resolve the source and the plan, check the target layout against
+    the grown model, build the grown model in that layout (no init), fill it from SRC, save it
+    atomically under ``target_spec``'s names (default: the spec this machine builds, TE on a GPU
+    with Transformer Engine, else local) with the growth appended to the lineage.
+    ``expert_backend`` builds the target with that ``model.moe_expert_backend`` (how the grown
+    model runs, not what it stores: the checkpoint is the same either way).
+    """
     t0 = time.perf_counter()
     prepare_destination(save, overwrite, load)
     source = prepare_growth(load, growth, source_model)
-    plan = source.plan
-    from megatron_grow.config.layout_rules import model_layout_problems
+    check_target_layout(source.plan.target, parallel)
+    ctx = initialize_distributed(parallel, seed=seed)
+    _log_start(source, ctx)
+    built = (dataclasses.replace(source.plan.target, moe_expert_backend=expert_backend) if expert_backend
+             else source.plan.target)
+    chunks = build_model_chunks(built, parallel, initialize=False)  # every weight comes from SRC
+    stats = load_grown_weights(chunks, source, progress=progress)
+    before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
+    record = growth_record(source, before, after, time.perf_counter() - t0)
+    ts = time.perf_counter()
+    final = _save_grown(chunks, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
+                        overwrite=overwrite, target_spec=target_spec or keys.built_spec(te_available()))
+    save_seconds = time.perf_counter() - ts
+    total = time.perf_counter() - t0
+    bytes_written = io.checkpoint_bytes(final) if _rank() == 0 else 0
+    totals = torch.tensor([stats.bytes_read], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        all_reduce_host(totals)
+    return {
+        "source": source.ckpt_dir, "grown": final, "iteration": source.info.counters["iteration"],
+        "source_model": source.plan.source, "source_spec": source.source_spec,
+        "params_before": before, "params_after": after,
+        "bytes_read": int(totals[0].item()), "bytes_written": bytes_written,
+        "load_seconds": stats.seconds, "stats_seconds": stats.stats_seconds, "save_seconds": save_seconds,
+        "seconds": total, "world_size": ctx.world_size,
+        "throughput_gib_s": (bytes_written / 2**30) / total if total > 0 else 0.0,
+    }
 
-    # Before initialize_distributed: its world-size check would otherwise hide the real problem
-    # (e.g. 16 grown experts on EP=3 reported as "world size 1 is not divisible by 3").
-    problems = model_layout_problems(plan.target, parallel)
+
+def check_target_layout(target: ModelConfig, parallel: ParallelConfig) -> None:
+    """The layout must fit the *grown* model. Checked before initialize_distributed, whose world-size
+    check would otherwise hide the real problem (16 grown experts on EP=3 reported as "world size 1 is
+    not divisible by 3")."""
+    problems = model_layout_problems(target, parallel)
     if problems:
         raise GrowthError("target layout does not fit the grown model: " + "; ".join(problems))
-    ctx = initialize_distributed(parallel, seed=seed)
-    log(f"source {source.ckpt_dir} (iteration {source.info.iteration}); "
+
+
+def _log_start(source: GrowthSource, ctx) -> None:
+    plan = source.plan
+    log(f"source {source.ckpt_dir} (iteration {source.info.iteration}, {source.source_spec} names); "
         f"{' then '.join(plan.order)}: layers {plan.source.num_layers} -> {plan.target.num_layers}, "
         f"experts {plan.source.num_moe_experts} -> {plan.target.num_moe_experts}, "
         f"top-k {plan.source.moe_router_topk} -> {plan.target.moe_router_topk}; target layout "
         f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}")
-    from megatron_grow.models.builder import build_model_chunks
 
-    # The expert backend changes how the grown model runs, not what it stores.
-    built = dataclasses.replace(plan.target, moe_expert_backend=expert_backend) if expert_backend else plan.target
-    chunks = build_model_chunks(built, parallel, initialize=False)  # every weight comes from SRC
-    stats = load_grown_weights(chunks, source, progress=progress)
-    before, after = count_params(plan.source).total, count_params(plan.target).total
-    record = growth_record(source, before, after, time.perf_counter() - t0)
-    from megatron_grow.checkpoint.manifest import build_manifest
 
+def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel: ParallelConfig, ctx, *,
+                recipe_dict: dict | None, overwrite: bool, target_spec: str) -> str:
+    """Write the grown model (weights, Megatron-LM's common state, our manifest) atomically."""
+    if target_spec not in keys.SPECS:
+        raise GrowthError(f"--target-spec {target_spec!r} is not one of {', '.join(keys.SPECS)}")
     counters = grown_counters(source)
-    manifest = build_manifest(model=plan.target, recipe=recipe_dict,
-                              layout=dict(tp=ctx.layout.tp, pp=ctx.layout.pp, ep=ctx.layout.ep,
-                                          etp=ctx.layout.etp, dp=ctx.layout.dp, world_size=ctx.world_size),
+    manifest = build_manifest(model=source.plan.target, recipe=recipe_dict,
+                              layout=dict(tp=ctx.layout.tp, pp=ctx.layout.pp, ep=ctx.layout.ep, etp=ctx.layout.etp,
+                                          dp=ctx.layout.dp, world_size=ctx.world_size),
                               counters=counters, lineage=source.info.lineage + [record])
+    manifest["layer_spec"] = target_spec
     manifest = io.broadcast_object(manifest)  # the common state must be identical on every rank
+    _remove_old_destination(save, overwrite)
+    state = io.model_sharded_state_dict(chunks)
+    keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)
+    args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
+                         base=load_common_state(source.ckpt_dir).get("args"))
+    state.update(common_state(counters, manifest, args))
+    return io.save_checkpoint(save, counters["iteration"], state, manifest)
+
+
+def _remove_old_destination(save: str, overwrite: bool) -> None:
     if _rank() == 0 and overwrite and os.path.isdir(save):
         # Tracker first: a kill during the removal must not leave it naming a half-deleted iteration.
         tracker = os.path.join(save, layout.TRACKER_FILENAME)
@@ -431,35 +510,32 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
         shutil.rmtree(save)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    ts = time.perf_counter()
-    state = io.model_sharded_state_dict(chunks)
-    state.update(common_state(counters, manifest))
-    final = io.save_checkpoint(save, counters["iteration"], state, manifest)
-    save_seconds = time.perf_counter() - ts
-    total = time.perf_counter() - t0
-    bytes_written = io.checkpoint_bytes(final) if _rank() == 0 else 0
-    totals = torch.tensor([stats.bytes_read], dtype=torch.float64)
+
+
+def discard_grown(save: str, iteration: int) -> None:
+    """Undo a grow whose check failed: the tracker goes first (so nothing names the iteration), then
+    the iteration written, then DST itself if nothing else is in it. Rank 0 does it; all ranks wait."""
     if torch.distributed.is_initialized():
-        all_reduce_host(totals)
-    summary = {
-        "source": source.ckpt_dir, "grown": final, "iteration": counters["iteration"],
-        "params_before": before, "params_after": after,
-        "bytes_read": int(totals[0].item()), "bytes_written": bytes_written,
-        "load_seconds": stats.seconds, "stats_seconds": stats.stats_seconds, "save_seconds": save_seconds,
-        "seconds": total, "world_size": ctx.world_size,
-        "throughput_gib_s": (bytes_written / 2**30) / total if total > 0 else 0.0,
-    }
-    return summary
+        torch.distributed.barrier()
+    if _rank() == 0:
+        tracker = os.path.join(save, layout.TRACKER_FILENAME)
+        if os.path.isfile(tracker):
+            os.remove(tracker)
+            layout.fsync_dir(save)
+        shutil.rmtree(layout.iteration_dir(save, iteration), ignore_errors=True)
+        if os.path.isdir(save) and not os.listdir(save):
+            os.rmdir(save)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
-def common_state(counters: dict, manifest: dict) -> dict:
-    """Non-sharded entries of a checkpoint, named as Megatron-LM names them where it has a name."""
-    return {
-        "iteration": counters["iteration"],
-        "checkpoint_version": 3.0,
-        "num_floating_point_operations_so_far": counters.get("flops_so_far", 0),
-        "megatron_grow": manifest,
-    }
+def common_state(counters: dict, manifest: dict, args=None) -> dict:
+    """Non-sharded entries of a checkpoint: Megatron-LM's (``args``, ``checkpoint_version``,
+    ``iteration``, FLOPs so far) and our manifest."""
+    state = megatron_common_state(args, counters) if args is not None else {
+        k: v for k, v in megatron_common_state(None, counters).items() if k != "args"}
+    state["megatron_grow"] = manifest
+    return state
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:

@@ -24,7 +24,7 @@ No I/O and no torch.distributed here: ``growth.grow`` loads the requests and app
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,56 +92,64 @@ def classify(st) -> str:
                       "(only the local and TE per-expert layouts are supported, not legacy GroupedMLP weight1/2)")
 
 
-def _request(st, offset: tuple, global_shape: tuple, local_shape: tuple):
-    """A ShardedTensor asking the source checkpoint for ``local_shape`` at ``offset`` (fresh buffer)."""
+def _request(st, offset: tuple, global_shape: tuple, local_shape: tuple, key: str | None = None):
+    """A ShardedTensor asking the source checkpoint for ``local_shape`` at ``offset`` (fresh buffer),
+    under the source's name ``key`` (default: the target's)."""
     prepend = st.prepend_axis_num
     fragments = tuple(g // (1 if i < prepend else n)
                       for i, (g, n) in enumerate(zip(global_shape, (1,) * prepend + tuple(local_shape))))
     buf = torch.empty(local_shape, dtype=st.dtype, device="cpu")
-    return dataclasses.replace(st, data=buf, local_shape=tuple(local_shape), global_shape=tuple(global_shape),
+    return dataclasses.replace(st, key=key or st.key, data=buf, local_shape=tuple(local_shape),
+                               global_shape=tuple(global_shape),
                                global_offset=tuple(offset), axis_fragmentations=fragments, replica_id=0,
                                flattened_range=None)
 
 
-def build_tasks(target_sharded: Iterable, plan: GrowthPlan) -> tuple[list[SliceTask], dict[tuple, Any]]:
-    """Tasks for every target ShardedTensor, and the deduplicated source requests they read."""
-    L_src, E_src = plan.source.num_layers, plan.source.num_moe_experts
+def build_tasks(target_sharded: Iterable, plan: GrowthPlan,
+                source_key: Callable[[str], str] = lambda key: key) -> tuple[list[SliceTask], dict[tuple, Any]]:
+    """Tasks for every target ShardedTensor, and the deduplicated source requests they read.
+
+    ``source_key`` names a target tensor as the source checkpoint stores it (the layer specs
+    differ in a few names, see ``checkpoint.keys.spec_storage_key``).
+    """
     tasks: list[SliceTask] = []
     requests: dict[tuple, Any] = {}
     for st in target_sharded:
         if st.flattened_range is not None:
             raise GrowthError(f"{st.key}: flattened (optimizer-format) tensors cannot be grown as model weights")
-        kind = classify(st)
-        if kind == UNCHANGED:
-            req = _request(st, st.global_offset, st.global_shape, st.local_shape)
-            task = SliceTask(st, kind, ())
-        else:
-            j = st.global_offset[0]
-            ls = plan.layer_source[j]
-            rest_off, rest_shape = st.global_offset[1:], st.global_shape[1:]
-            if kind == LAYER:
-                req = _request(st, (ls,) + rest_off, (L_src,) + rest_shape, st.local_shape)
-                task = SliceTask(st, kind, (), target_layer=j, source_layer=ls)
-            elif kind == ROUTER:
-                # One shard per layer: read the whole source [E_src, H] and grow it here.
-                shape = (E_src,) + tuple(st.global_shape[2:])
-                req = _request(st, (ls, 0) + tuple(0 for _ in shape[1:]), (L_src,) + shape, shape)
-                task = SliceTask(st, kind, (), target_layer=j, source_layer=ls)
-            elif kind == EXPERT_BIAS:
-                req = _request(st, (ls, 0), (L_src, E_src), (E_src,))
-                task = SliceTask(st, kind, (), target_layer=j, source_layer=ls)
-            else:  # EXPERT
-                e = st.global_offset[1]
-                es = plan.expert_source[e]
-                req = _request(st, (ls, es) + st.global_offset[2:], (L_src, E_src) + tuple(st.global_shape[2:]),
-                               st.local_shape)
-                task = SliceTask(st, kind, (), target_layer=j, target_expert=e, source_layer=ls,
-                                 source_expert=es, logical_key=expert_logical_key(st.key))
+        task, req = _task_and_request(st, plan, source_key(st.key))
         rid = (req.key, tuple(req.global_offset), tuple(req.local_shape))
         requests.setdefault(rid, req)
         task.request_id = rid
         tasks.append(task)
     return tasks, requests
+
+
+def _task_and_request(st, plan: GrowthPlan, key: str) -> tuple[SliceTask, Any]:
+    """One target slice's task and the source region it reads (layer/expert axes mapped back)."""
+    L_src, E_src = plan.source.num_layers, plan.source.num_moe_experts
+    kind = classify(st)
+    if kind == UNCHANGED:
+        return SliceTask(st, kind, ()), _request(st, st.global_offset, st.global_shape, st.local_shape, key)
+    j = st.global_offset[0]
+    ls = plan.layer_source[j]
+    if kind == LAYER:
+        req = _request(st, (ls,) + st.global_offset[1:], (L_src,) + st.global_shape[1:], st.local_shape, key)
+        return SliceTask(st, kind, (), target_layer=j, source_layer=ls), req
+    if kind == ROUTER:
+        # One shard per layer: read the whole source [E_src, H] and grow it here.
+        shape = (E_src,) + tuple(st.global_shape[2:])
+        req = _request(st, (ls, 0) + tuple(0 for _ in shape[1:]), (L_src,) + shape, shape, key)
+        return SliceTask(st, kind, (), target_layer=j, source_layer=ls), req
+    if kind == EXPERT_BIAS:
+        req = _request(st, (ls, 0), (L_src, E_src), (E_src,), key)
+        return SliceTask(st, kind, (), target_layer=j, source_layer=ls), req
+    e = st.global_offset[1]  # EXPERT
+    es = plan.expert_source[e]
+    req = _request(st, (ls, es) + st.global_offset[2:], (L_src, E_src) + tuple(st.global_shape[2:]),
+                   st.local_shape, key)
+    return SliceTask(st, kind, (), target_layer=j, target_expert=e, source_layer=ls, source_expert=es,
+                     logical_key=expert_logical_key(st.key)), req
 
 
 def needs_expert_stats(plan: GrowthPlan) -> bool:

@@ -15,12 +15,28 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, keys, layout
+from megatron_grow.checkpoint.architecture import (
+    model_config_from_dict,
+    recorded_architecture,
+    resolve_architecture,
+)
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
-from megatron_grow.config.schema import DepthGrowthConfig, GrowthConfig, ParallelConfig, WidthGrowthConfig
-from megatron_grow.errors import CheckpointError
-from megatron_grow.growth.plan import make_growth_plan
+from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.schema import (
+    DepthGrowthConfig,
+    GrowthConfig,
+    ModelConfig,
+    ParallelConfig,
+    WidthGrowthConfig,
+)
+from megatron_grow.errors import CheckpointError, LayoutError, VerificationError
+from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
+from megatron_grow.models.builder import build_model_chunks
+from megatron_grow.models.forward import forward_logits
 from megatron_grow.models.routing import RoutingCounter
+from megatron_grow.models.specs import te_available
+from megatron_grow.parallel.init import initialize_distributed
 
 
 def _growth_from_record(record: dict) -> GrowthConfig:
@@ -37,69 +53,110 @@ def _probe_batches(vocab: int, seq: int, n_micro: int, micro: int, seed: int) ->
 
 def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *,
                   batches: Sequence[torch.Tensor] | None = None, seq_length: int | None = None,
-                  seed: int = 0) -> dict:
-    """Compare logits and routing; returns the metrics (the same dict on every rank)."""
-    from megatron_grow.models.builder import build_model_chunks
-    from megatron_grow.models.forward import forward_logits
-    from megatron_grow.parallel.init import initialize_distributed
+                  seed: int = 0, source_model: str | ModelConfig | None = None) -> dict:
+    """Compare logits and routing; returns the metrics (the same dict on every rank).
 
+    ``source_model`` (a ModelConfig, or a --source-config recipe path) describes SRC; without it
+    SRC's architecture is resolved as every command resolves it, and only when SRC records none,
+    taken from the grown checkpoint's own growth record.
+    """
     grown_dir, grown_it = layout.resolve_checkpoint_dir(grown_root)
     grown = read_checkpoint_info(grown_dir, grown_it)
     if grown.model is None or not grown.lineage:
         raise CheckpointError(f"{grown_dir} records no growth lineage; it was not written by megatron-grow grow")
-    src_dir, src_it = layout.resolve_checkpoint_dir(source_root)
-    source = read_checkpoint_info(src_dir, src_it)
+    src_dir, _ = layout.resolve_checkpoint_dir(source_root)
     record = grown.lineage[-1]
-    if source.model is None:
-        from megatron_grow.checkpoint.manifest import model_config_from_dict
-
-        source.model = model_config_from_dict(record["source_model"], grown_dir)
-    plan = make_growth_plan(source.model, _growth_from_record(record))
+    source_cfg = _source_architecture(src_dir, source_model, record, grown_dir)
+    plan = make_growth_plan(source_cfg, _growth_from_record(record))
+    problems = model_layout_problems(source_cfg, parallel) + model_layout_problems(plan.target, parallel)
+    if problems:
+        raise LayoutError("verify builds source and grown model in one layout: " + "; ".join(problems))
     initialize_distributed(parallel)
-    seq = seq_length or min(source.model.seq_length, 64)
     if batches is None:
-        batches = _probe_batches(source.model.vocab_size, seq, 2, 2, seed)
-
-    results = {}
-    for name, model_cfg, ckpt in (("source", source.model, src_dir), ("grown", plan.target, grown_dir)):
-        chunks = build_model_chunks(model_cfg, parallel, initialize=False)
-        io.load_checkpoint(ckpt, io.model_sharded_state_dict(chunks))
-        counter = RoutingCounter(chunks)
-        logits, _ = forward_logits(chunks, batches)
-        results[name] = (logits, counter.gathered(model_cfg.num_layers, model_cfg.num_moe_experts))
-        del chunks
-
-    metrics = {}
-    src_logits, grown_logits = results["source"][0], results["grown"][0]
-    if src_logits is not None:
-        vocab = source.model.vocab_size  # padding columns are not part of the distribution
-        p_log = torch.log_softmax(src_logits[..., :vocab].double(), dim=-1)
-        q_log = torch.log_softmax(grown_logits[..., :vocab].double(), dim=-1)
-        kl = (p_log.exp() * (p_log - q_log)).sum(-1)
-        metrics.update(
-            kl_mean=float(kl.mean()), kl_max=float(kl.max()),
-            top1_agreement=float((p_log.argmax(-1) == q_log.argmax(-1)).double().mean()),
-            max_abs_logit_diff=float((src_logits[..., :vocab] - grown_logits[..., :vocab]).abs().max()),
-            tokens=int(kl.numel()),
-        )
-    loads = results["grown"][1]
-    share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1)
-    original = torch.tensor([c == 0 for c in plan.expert_copy_index])
-    metrics["routing_share_original"] = float(share[:, original].sum(1).mean())
-    metrics["routing_share_copies"] = float(share[:, ~original].sum(1).mean())
-    pair_gap = 0.0
-    for e, c in enumerate(plan.expert_copy_index):
-        if c > 0:
-            src = _original_of(plan, e)
-            pair_gap = max(pair_gap, float((share[:, e] - share[:, src]).abs().max()))
-    metrics["max_copy_vs_original_share_gap"] = pair_gap
-    metrics["per_layer_share_original"] = [round(float(x), 4) for x in share[:, original].sum(1)]
+        batches = _probe_batches(source_cfg.vocab_size, seq_length or min(source_cfg.seq_length, 64), 2, 2, seed)
+    src_logits, _ = _run_checkpoint(source_cfg, src_dir, parallel, batches)
+    grown_logits, loads = _run_checkpoint(plan.target, grown_dir, parallel, batches)
+    metrics = _logit_metrics(src_logits, grown_logits, source_cfg.vocab_size) if src_logits is not None else {}
+    metrics.update(_routing_metrics(loads, plan))
     # Broadcast the last stage's numbers so every rank returns the same dict.
     if torch.distributed.is_initialized():
         holders = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(holders, metrics)
         metrics = max(holders, key=lambda m: len(m))
     return metrics
+
+
+def _source_architecture(src_dir: str, explicit, record: dict, grown_dir: str) -> ModelConfig:
+    if explicit is not None:
+        return resolve_architecture(src_dir, explicit)[0]
+    model, _ = recorded_architecture(src_dir)
+    return model if model is not None else model_config_from_dict(record["source_model"], grown_dir)
+
+
+def _run_checkpoint(model_cfg: ModelConfig, ckpt_dir: str, parallel: ParallelConfig, batches) -> tuple:
+    """Load ``ckpt_dir`` (stored under either layer spec's names) and run the probe batches:
+    (last-stage logits or None, per-layer routing counts)."""
+    chunks = build_model_chunks(model_cfg, parallel, initialize=False)
+    state = io.model_sharded_state_dict(chunks)
+    stored = io.read_storage_metadata(ckpt_dir).state_dict_metadata.keys()
+    keys.rename_for_spec(state, keys.built_spec(te_available()), keys.storage_spec(stored) or keys.LOCAL_SPEC)
+    io.load_checkpoint(ckpt_dir, state)
+    counter = RoutingCounter(chunks)
+    logits, _ = forward_logits(chunks, batches)
+    return logits, counter.gathered(model_cfg.num_layers, model_cfg.num_moe_experts)
+
+
+def _logit_metrics(src_logits: torch.Tensor, grown_logits: torch.Tensor, vocab: int) -> dict:
+    # Padding columns are not part of the distribution.
+    p_log = torch.log_softmax(src_logits[..., :vocab].double(), dim=-1)
+    q_log = torch.log_softmax(grown_logits[..., :vocab].double(), dim=-1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+    return dict(
+        kl_mean=float(kl.mean()), kl_max=float(kl.max()),
+        top1_agreement=float((p_log.argmax(-1) == q_log.argmax(-1)).double().mean()),
+        max_abs_logit_diff=float((src_logits[..., :vocab] - grown_logits[..., :vocab]).abs().max()),
+        tokens=int(kl.numel()),
+    )
+
+
+def _routing_metrics(loads: torch.Tensor, plan: GrowthPlan) -> dict:
+    share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1)
+    original = torch.tensor([c == 0 for c in plan.expert_copy_index])
+    pair_gap = 0.0
+    for e, c in enumerate(plan.expert_copy_index):
+        if c > 0:
+            pair_gap = max(pair_gap, float((share[:, e] - share[:, _original_of(plan, e)]).abs().max()))
+    return {
+        "routing_share_original": float(share[:, original].sum(1).mean()),
+        "routing_share_copies": float(share[:, ~original].sum(1).mean()),
+        "max_copy_vs_original_share_gap": pair_gap,
+        "per_layer_share_original": [round(float(x), 4) for x in share[:, original].sum(1)],
+        "has_copies": bool((~original).any()),
+    }
+
+
+def threshold_failures(metrics: dict, max_kl: float | None = None, min_routing_share: float | None = None) -> list:
+    """The thresholds ``metrics`` fails, one line each (empty: passed or no threshold set).
+
+    ``max_kl`` bounds the mean KL(source || grown); ``min_routing_share`` is the least share of
+    routed tokens the copied experts must receive (mean over layers), for a width growth.
+    """
+    failures = []
+    if max_kl is not None and "kl_mean" in metrics and not metrics["kl_mean"] <= max_kl:
+        failures.append(f"KL(source || grown) mean {metrics['kl_mean']:.3e} exceeds --max-kl {max_kl:g}")
+    if min_routing_share is not None:
+        if not metrics.get("has_copies"):
+            failures.append("--min-routing-share was given but the growth made no expert copies")
+        elif not metrics["routing_share_copies"] >= min_routing_share:
+            failures.append(f"copied experts got {metrics['routing_share_copies']:.4f} of the routing, less than "
+                            f"--min-routing-share {min_routing_share:g}")
+    return failures
+
+
+def check_thresholds(metrics: dict, max_kl: float | None = None, min_routing_share: float | None = None) -> None:
+    failures = threshold_failures(metrics, max_kl, min_routing_share)
+    if failures:
+        raise VerificationError("verify failed: " + "; ".join(failures))
 
 
 def _original_of(plan, target_expert: int) -> int:

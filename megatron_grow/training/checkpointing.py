@@ -11,6 +11,7 @@ entry                             contents
 ``rng_state``                     per-rank RNG (CPU, CUDA, MCore tracker), ShardedObject
 ``iteration``, ``checkpoint_version``, ``num_floating_point_operations_so_far``  as Megatron-LM
 ``args``                          an ``argparse.Namespace`` with Megatron-LM argument names
+                                  (``checkpoint.megatron_args``)
 ``megatron_grow``                 our manifest: recipe, counters, lineage (also megatron_grow.json)
 ================================  ==========================================================
 
@@ -21,7 +22,6 @@ same TP/PP/EP layout with any DP size; the model weights load at any layout.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -30,56 +30,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, keys, layout
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
-from megatron_grow.config.layout_rules import expert_tensor_parallel_size
+from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
-from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.routing import unwrap
+from megatron_grow.models.specs import te_available
 
 OPTIMIZER_FORMAT = "dp_reshardable"
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
-
-
-def megatron_args(recipe: Recipe, model: ModelConfig, counters: dict, world_size: int) -> argparse.Namespace:
-    """The subset of Megatron-LM's ``args`` that its checkpoint loading and tools read."""
-    p, t = recipe.parallel, recipe.training
-    return argparse.Namespace(
-        num_layers=model.num_layers, hidden_size=model.hidden_size, ffn_hidden_size=model.moe_ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads, group_query_attention=True,
-        num_query_groups=model.num_query_groups, kv_channels=model.kv_channels,
-        num_experts=model.num_moe_experts, moe_router_topk=model.moe_router_topk,
-        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
-        moe_router_score_function=model.moe_router_score_function,
-        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
-        moe_router_load_balancing_type=model.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_layer_freq=1,
-        qk_layernorm=model.qk_layernorm, normalization=model.normalization, norm_epsilon=model.layernorm_epsilon,
-        swiglu=model.gated_linear_unit, add_bias_linear=model.add_bias_linear,
-        untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type, rotary_base=model.rotary_base,
-        rotary_percent=model.rotary_percent, seq_length=model.seq_length,
-        max_position_embeddings=model.seq_length,
-        padded_vocab_size=padded_vocab_size(model, p.tensor_model_parallel_size),
-        make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, init_method_std=model.init_method_std,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size(p),
-        context_parallel_size=p.context_parallel_size, use_distributed_optimizer=p.use_distributed_optimizer,
-        world_size=world_size, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-        train_iters=t.train_iters, lr=t.lr, min_lr=t.min_lr, lr_decay_style=t.lr_decay_style,
-        lr_warmup_iters=t.lr_warmup_iters, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, seed=t.seed, bf16=t.bf16,
-        iteration=counters["iteration"], consumed_train_samples=counters["consumed_samples"],
-        consumed_valid_samples=0, ckpt_format="torch_dist", use_dist_ckpt=True,
-        dist_ckpt_optim_fully_reshardable=False,
-    )
 
 
 def rng_snapshot() -> dict:
@@ -121,13 +82,12 @@ def save_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
             model_sd, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT})
     manifest = io.broadcast_object(build_manifest(model=model, layout=layout_info, counters=counters,
                                                   lineage=lineage, recipe=recipe_to_dict(recipe)))
+    args = megatron_args(model, recipe.parallel, counters=counters, world_size=torch.distributed.get_world_size(),
+                         training=recipe.training, optimizer_saved="optimizer" in state)
+    state.update(megatron_common_state(args, counters))
     state.update(
         opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None,
         rng_state=_rng_sharded_object(rng_snapshot()),
-        iteration=counters["iteration"],
-        checkpoint_version=3.0,
-        num_floating_point_operations_so_far=counters["flops_so_far"],
-        args=megatron_args(recipe, model, counters, torch.distributed.get_world_size()),
         megatron_grow=manifest,
     )
     return io.save_checkpoint(root, counters["iteration"], state, manifest, keep_last=keep_last)
@@ -153,6 +113,9 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     models = [unwrap(c) for c in chunks]
     state = io.model_sharded_state_dict(models)
     md = io.read_storage_metadata(ckpt_dir)
+    # A checkpoint stored under the other layer spec's names (e.g. grown with --target-spec te).
+    keys.rename_for_spec(state, keys.built_spec(te_available()),
+                         keys.storage_spec(md.state_dict_metadata) or keys.built_spec(te_available()))
     io.check_shard_files(ckpt_dir, md)
     io.check_against_checkpoint(state, ckpt_dir, md)  # names the first mismatching tensor
     stored = set(md.state_dict_metadata)

@@ -188,7 +188,8 @@ def test_advise_megatron_lm_checkpoint_without_manifest(tmp_path):
                        "common_backend_version": 1}, f)
         args = argparse.Namespace(
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups, kv_channels=m.kv_channels, num_moe_experts=m.num_moe_experts,
+            group_query_attention=True, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
+            num_experts=m.num_moe_experts, swiglu=True, position_embedding_type="rope",
             moe_router_topk=m.moe_router_topk, moe_ffn_hidden_size=m.moe_ffn_hidden_size, seq_length=m.seq_length,
             padded_vocab_size=256, consumed_train_samples=it * 8, lr_decay_style="WSD", train_iters=200,
             lr_warmup_iters=0, lr_wsd_decay_iters=50, lr_decay_iters=None)

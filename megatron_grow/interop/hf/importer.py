@@ -16,7 +16,8 @@ import time
 import torch
 
 from megatron_grow.checkpoint import io, layout
-from megatron_grow.checkpoint.manifest import build_manifest, empty_counters, model_config_from_dict
+from megatron_grow.checkpoint.architecture import model_config_from_dict
+from megatron_grow.checkpoint.manifest import build_manifest, empty_counters
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
 from megatron_grow.errors import InteropError
