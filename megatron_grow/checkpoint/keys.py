@@ -64,3 +64,20 @@ def is_layer_key(key: str) -> bool:
 
 def is_routed_expert_key(key: str) -> bool:
     return ROUTED_EXPERTS_MARKER in key and ".shared_experts." not in key
+
+
+# Optimizer state in model space (MCore's distributed optimizer ``fully_reshardable`` format and the
+# non-distributed optimizers): one tensor per parameter and state, with the parameter's global shape,
+# stored as ``optimizer.state.<state>.<storage key of the parameter>``. ``param`` is the fp32 main copy.
+OPTIMIZER_STATE_PREFIX = "optimizer.state."
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+MAIN_PARAM_STATE = "param"
+
+
+def optimizer_state_key(state: str, model_key: str) -> str:
+    """``optimizer.state.<state>.<model_key>``."""
+    return f"{OPTIMIZER_STATE_PREFIX}{state}.{model_key}"
+
+
+def is_model_space_optimizer_key(key: str) -> bool:
+    return any(key.startswith(f"{OPTIMIZER_STATE_PREFIX}{state}.") for state in ADAM_MOMENTS)

@@ -6,7 +6,8 @@ One checkpoint (``iter_NNNNNNN/``, torch_dist) holds:
 entry                             contents
 ================================  ==========================================================
 ``model`` (``model0``.. w/ VPP)   sharded model weights (MCore storage keys)
-``optimizer``                     MCore distributed/FP32 optimizer, ``dp_reshardable`` format
+``optimizer``                     MCore distributed/FP32 optimizer in model space
+                                  (``fully_reshardable``): ``optimizer.state.<state>.<key>``
 ``opt_param_scheduler``           MCore scheduler state
 ``rng_state``                     per-rank RNG (CPU, CUDA, MCore tracker), ShardedObject
 ``iteration``, ``checkpoint_version``, ``num_floating_point_operations_so_far``  as Megatron-LM
@@ -15,8 +16,18 @@ entry                             contents
 ================================  ==========================================================
 
 Saves go through ``checkpoint.io.save_checkpoint`` (atomic: staging dir, fsync, rename,
-tracker last; keep the newest N). The optimizer's ``dp_reshardable`` format resumes at the
-same TP/PP/EP layout with any DP size; the model weights load at any layout.
+tracker last; keep the newest N). The optimizer state is stored in *model space*: for every
+parameter, its fp32 main copy (``param``), ``exp_avg`` and ``exp_avg_sq`` with the parameter's
+global shape and storage key, plus the step and hyper-parameters in the common state. Any
+TP/PP/EP/DP layout reads its own slices (and growth reads them through its index maps,
+``growth.optimizer_state``). Checkpoints written before in ``dp_reshardable`` (tied to the
+TP/PP/EP layout) still load at their own layout.
+
+Megatron-Core 0.16.1 with torch AdamW (no TE/apex, e.g. on CPU) needs three fixes here, each
+with a test in ``tests/distributed/test_optimizer_state.py``: ``allocate_adam_state`` (no
+``step`` before the first step), ``restore_adam_steps`` (one shared, then zeroed, step on
+load), and ``load_optimizer_state`` (``KeyError: 'step'`` when the model-space state is copied
+into torch AdamW's per-parameter state).
 """
 
 from __future__ import annotations
@@ -30,15 +41,31 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, keys, layout
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
 from megatron_grow.models.routing import unwrap
 
-OPTIMIZER_FORMAT = "dp_reshardable"
+OPTIMIZER_FORMAT = "fully_reshardable"     # model space: what we save
+LAYOUT_BOUND_FORMAT = "dp_reshardable"     # what earlier checkpoints hold; loads at their own TP/PP/EP
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+
+
+def optimizer_metadata(sharding_type: str = OPTIMIZER_FORMAT) -> dict:
+    """``sharded_state_dict`` metadata. Without the chained prefix, the dense and the expert
+    optimizer's states are stored under the parameters' own keys (no ``chained_<i>.``)."""
+    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
+
+
+def stored_optimizer_format(stored_keys) -> str | None:
+    """Which optimizer format a checkpoint holds, from its tensor keys (None: no optimizer state)."""
+    if any(keys.is_model_space_optimizer_key(k) for k in stored_keys):
+        return OPTIMIZER_FORMAT
+    if any(_OPTIMIZER_KEY.match(k) for k in stored_keys):
+        return LAYOUT_BOUND_FORMAT
+    return None
 
 
 def megatron_args(recipe: Recipe, model: ModelConfig, counters: dict, world_size: int) -> argparse.Namespace:
@@ -78,7 +105,7 @@ def megatron_args(recipe: Recipe, model: ModelConfig, counters: dict, world_size
         adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, seed=t.seed, bf16=t.bf16,
         iteration=counters["iteration"], consumed_train_samples=counters["consumed_samples"],
         consumed_valid_samples=0, ckpt_format="torch_dist", use_dist_ckpt=True,
-        dist_ckpt_optim_fully_reshardable=False,
+        dist_ckpt_optim_fully_reshardable=True,
     )
 
 
@@ -117,8 +144,7 @@ def save_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     state = io.model_sharded_state_dict(models)
     model_sd = state["model"] if len(models) == 1 else state
     if recipe.checkpoint.save_optim and optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT})
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=optimizer_metadata())
     manifest = io.broadcast_object(build_manifest(model=model, layout=layout_info, counters=counters,
                                                   lineage=lineage, recipe=recipe_to_dict(recipe)))
     state.update(
@@ -156,14 +182,12 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     io.check_against_checkpoint(state, ckpt_dir, md)  # names the first mismatching tensor
     stored = set(md.state_dict_metadata)
     model_sd = state["model"] if len(models) == 1 else state
-    # Optimizer keys are "optimizer...." or, for a ChainedOptimizer (dense + expert), "chained_<i>.optimizer...."
-    with_optim = load_optim and optimizer is not None and any(_OPTIMIZER_KEY.match(k) for k in stored)
+    optim_format = stored_optimizer_format(stored)
+    with_optim = load_optim and optimizer is not None and optim_format is not None
     if load_optim and optimizer is not None and not with_optim and torch.distributed.get_rank() == 0:
         print(f"[train] {ckpt_dir} has no optimizer state: Adam moments start fresh", flush=True)
     if with_optim:
-        allocate_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT})
+        state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, optim_format)
     same_world = info.layout.get("world_size") == torch.distributed.get_world_size()
     if same_world and "rng_state" in {k.split("/")[0] for k in stored} | _sharded_object_keys(ckpt_dir):
         state["rng_state"] = _rng_sharded_object(None)
@@ -172,9 +196,7 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     except Exception as e:
         raise CheckpointError(f"resuming from {ckpt_dir} failed ({type(e).__name__}: {e})") from e
     if with_optim:
-        with torch.no_grad():  # fp32 main params are views of parameters that require grad
-            optimizer.load_state_dict(loaded["optimizer"])
-        restore_adam_steps(optimizer)
+        load_optimizer_state(optimizer, loaded["optimizer"])
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     scheduler_loaded = bool(scheduler is not None and common.get("opt_param_scheduler"))
     if scheduler_loaded:
@@ -182,6 +204,50 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     if "rng_state" in loaded and loaded["rng_state"] is not None:
         restore_rng(loaded["rng_state"])
     return dict(info.counters), list(info.lineage), ckpt_dir, scheduler_loaded
+
+
+def optimizer_sharded_state_dict(optimizer, model_sd: dict, sharding_type: str = OPTIMIZER_FORMAT):
+    """The optimizer's loading state dict (``is_loading``) in ``sharding_type``, after giving a fresh
+    torch AdamW its state (see ``allocate_adam_state``)."""
+    allocate_adam_state(optimizer)
+    return optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=optimizer_metadata(sharding_type))
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def load_optimizer_state(optimizer, loaded) -> None:
+    """Put a loaded optimizer state dict (from ``optimizer_sharded_state_dict``) into ``optimizer``.
+
+    MCore's ``DistributedOptimizer.load_state_dict`` copies the model-space tensors into every entry
+    of the inner optimizer's per-parameter state; torch AdamW (no TE/apex) keeps a ``step`` there
+    that the model-space format does not store (it is in ``param_groups``), and the copy fails with
+    ``KeyError: 'step'``. So the param state is loaded in a second call with ``step`` set aside,
+    then every parameter gets the saved step (``restore_adam_steps``).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = _inner_optimizers(optimizer)
+    parts = [loaded] if len(inner) == 1 else [loaded[i] for i in range(len(inner))]
+    with torch.no_grad():  # fp32 main params are views of parameters that require grad
+        for opt, part in zip(inner, parts):
+            if not (isinstance(opt, DistributedOptimizer) and
+                    part.get("param_state_sharding_type") == OPTIMIZER_FORMAT):
+                opt.load_state_dict(part)
+                continue
+            rest = {k: v for k, v in part.items() if k not in ("param_state", "param_state_sharding_type")}
+            opt.load_state_dict(rest)  # hyper-parameters, step, state allocation
+            torch_state = opt.optimizer.state
+            steps = {p: s.pop("step") for p, s in torch_state.items() if "step" in s}
+            try:
+                opt.load_parameter_state_from_fully_reshardable(part["param_state"])
+            finally:
+                for p, step in steps.items():
+                    torch_state[p]["step"] = step
+        if hasattr(optimizer, "_synchronize_steps") and len(inner) > 1:
+            optimizer._synchronize_steps()
+    restore_adam_steps(optimizer)
 
 
 def allocate_adam_state(optimizer) -> None:
