@@ -35,7 +35,7 @@ from megatron_grow.checkpoint import io, keys, layout
 from megatron_grow.checkpoint.manifest import CheckpointInfo, read_checkpoint_info
 from megatron_grow.config.schema import GrowthConfig, ModelConfig
 from megatron_grow.errors import CheckpointError, GrowthError
-from megatron_grow.growth import noise, retarget
+from megatron_grow.growth import noise, optimizer_state, retarget
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
 
 
@@ -78,15 +78,11 @@ class LoadStats:
 def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelConfig | None = None,
                    iteration: int | None = None) -> GrowthSource:
     """Resolve the source checkpoint and the plan; every problem is raised before any tensor is read."""
-    if growth.optimizer == "carry":
-        raise GrowthError(
-            "growth.optimizer: carry is not available: it needs the optimizer state in model space (MCore's "
-            "fully_reshardable distributed-optimizer format), and with megatron-core 0.16.1 and torch AdamW "
-            "(no TE/apex) that format saves but cannot be loaded back (KeyError: 'step'); the dp_reshardable "
-            "format we resume from is tied to the parameter layout. Use optimizer: reset (the paper's choice).")
+    optimizer_state.check_carry_recipe(growth)
     ckpt_dir, it = layout.resolve_checkpoint_dir(source_path, iteration)
     storage = io.read_storage_metadata(ckpt_dir)
     io.check_shard_files(ckpt_dir, storage)
+    optimizer_state.check_carry_source(growth, ckpt_dir, storage)  # carry needs model-space optimizer state
     info = read_checkpoint_info(ckpt_dir, it)
     if source_model is not None:
         info.model = source_model
@@ -408,6 +404,10 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
 
     chunks = build_model_chunks(plan.target, parallel, initialize=False)  # every weight comes from SRC
     stats = load_grown_weights(chunks, source, progress=progress)
+    # --- growth.optimizer: carry (Adam state grown through the same maps; growth/optimizer_state.py) ---
+    carried = (optimizer_state.grown_optimizer_checkpoint_state(_target_sharded_tensors(chunks), source, progress)
+               if optimizer_state.carries(growth) else {})
+    # ---
     before, after = count_params(plan.source).total, count_params(plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)
     from megatron_grow.checkpoint.manifest import build_manifest
@@ -429,6 +429,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
         torch.distributed.barrier()
     ts = time.perf_counter()
     state = io.model_sharded_state_dict(chunks)
+    state.update(carried)
     state.update(common_state(counters, manifest))
     final = io.save_checkpoint(save, counters["iteration"], state, manifest)
     save_seconds = time.perf_counter() - ts
