@@ -71,7 +71,9 @@ def _growth_initializer(args, recipe):
     from megatron_grow.config.layout_rules import model_layout_problems
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.errors import GrowthError
+    from megatron_grow.growth import optimizer_state
     from megatron_grow.growth.grow import grow_load_into, prepare_growth
+    from megatron_grow.training.checkpointing import load_optimizer_in_memory
 
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)
@@ -80,7 +82,15 @@ def _growth_initializer(args, recipe):
         raise GrowthError("this run's layout does not fit the grown model: " + "; ".join(problems))
     started = time.perf_counter()
 
+    def load_optimizer(optimizer, chunks):  # growth.optimizer: carry: Adam state grown like the weights
+        load_optimizer_in_memory(optimizer, chunks,
+                                 lambda tensors: optimizer_state.fill_grown_optimizer_tensors(tensors, source),
+                                 optimizer_state.carried_common_state(source.ckpt_dir))
+
     def initialize(raw_chunks):
-        return grow_load_into(raw_chunks, source, started)
+        grown = grow_load_into(raw_chunks, source, started)
+        if optimizer_state.carries(recipe.growth):
+            grown["load_optimizer"] = load_optimizer
+        return grown
 
     return source.plan.target, initialize

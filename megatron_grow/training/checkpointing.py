@@ -33,6 +33,7 @@ into torch AdamW's per-parameter state).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import re
@@ -211,6 +212,35 @@ def optimizer_sharded_state_dict(optimizer, model_sd: dict, sharding_type: str =
     torch AdamW its state (see ``allocate_adam_state``)."""
     allocate_adam_state(optimizer)
     return optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=optimizer_metadata(sharding_type))
+
+
+def load_optimizer_in_memory(optimizer, chunks: Sequence[torch.nn.Module], fill_tensors, common: dict) -> None:
+    """Load ``optimizer`` from tensors made in memory instead of read from disk (online growth with
+    ``growth.optimizer: carry``), through the same model-space state dict a resume uses.
+
+    ``fill_tensors(sharded_tensors)`` fills this rank's ``optimizer.state.<state>.<key>``
+    ShardedTensors (factories applied); ``common`` is the non-tensor part a checkpoint would
+    hold (param_groups with Adam's step). Mirrors ``dist_checkpointing.load``: factories
+    applied, tensors filled, merged with the common part, factory merges applied.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+    from megatron.core.dist_checkpointing.mapping import apply_factory_merges
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    models = [unwrap(c) for c in chunks]
+    state = io.model_sharded_state_dict(models)
+    model_sd = state["model"] if len(models) == 1 else state
+    request = {"optimizer": optimizer_sharded_state_dict(optimizer, model_sd)}
+    request, nonpersistent, factories = load_preprocess(request)
+    sharded, _ = extract_sharded_base(request)
+    fill_tensors(list(io.iter_sharded_tensors(sharded)))
+    dict_list_map_inplace(lambda st: st.data, sharded)
+    loaded = {"optimizer": copy.deepcopy(common)}
+    merge(loaded, nonpersistent)
+    merge(loaded, sharded)
+    loaded = apply_factory_merges(loaded, factories)
+    load_optimizer_state(optimizer, loaded["optimizer"])
 
 
 def _inner_optimizers(optimizer) -> list:
