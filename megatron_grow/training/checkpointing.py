@@ -250,24 +250,35 @@ def _inner_optimizers(optimizer) -> list:
 def load_optimizer_state(optimizer, loaded) -> None:
     """Put a loaded optimizer state dict (from ``optimizer_sharded_state_dict``) into ``optimizer``.
 
-    MCore's ``DistributedOptimizer.load_state_dict`` copies the model-space tensors into every entry
-    of the inner optimizer's per-parameter state; torch AdamW (no TE/apex) keeps a ``step`` there
-    that the model-space format does not store (it is in ``param_groups``), and the copy fails with
-    ``KeyError: 'step'``. So the param state is loaded in a second call with ``step`` set aside,
-    then every parameter gets the saved step (``restore_adam_steps``).
+    Two Megatron-Core 0.16.1 problems with the model-space format are handled here:
+
+    * the common part is shaped by the *saving* layout: one optimizer ``{optimizer,
+      param_state_sharding_type}`` where no parameter is expert-parallel (EP=1), a chained
+      ``{0: dense, 1: expert}`` otherwise, with ``is_expert_parallel`` in the groups' identity.
+      Loading at another EP fails (``KeyError: 'optimizer'``, then no matching group). The
+      saved groups are pooled and each of this layout's groups takes the saved group with the
+      same identity, or the same one but for ``is_expert_parallel`` (hyper-parameters and step
+      are per group kind, not per layout);
+    * ``DistributedOptimizer.load_state_dict`` copies the model-space tensors into every entry
+      of the inner optimizer's per-parameter state; torch AdamW (no TE/apex) keeps a ``step``
+      there that the format does not store (it is in ``param_groups``), and the copy fails with
+      ``KeyError: 'step'``. The param state is loaded in a second call with ``step`` set aside,
+      then every parameter gets the saved step (``restore_adam_steps``).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     inner = _inner_optimizers(optimizer)
-    parts = [loaded] if len(inner) == 1 else [loaded[i] for i in range(len(inner))]
+    saved_groups = _saved_param_groups(loaded)
     with torch.no_grad():  # fp32 main params are views of parameters that require grad
-        for opt, part in zip(inner, parts):
-            if not (isinstance(opt, DistributedOptimizer) and
-                    part.get("param_state_sharding_type") == OPTIMIZER_FORMAT):
-                opt.load_state_dict(part)
+        for i, opt in enumerate(inner):
+            own = loaded if len(inner) == 1 else loaded.get(i, {})
+            part = dict(own) if isinstance(own, dict) else {}
+            if not (isinstance(opt, DistributedOptimizer) and part.get("param_state") is not None
+                    and _sharding_type(loaded) == OPTIMIZER_FORMAT):
+                opt.load_state_dict(own)
                 continue
-            rest = {k: v for k, v in part.items() if k not in ("param_state", "param_state_sharding_type")}
-            opt.load_state_dict(rest)  # hyper-parameters, step, state allocation
+            part["optimizer"] = {"param_groups": [_matching_group(g, saved_groups) for g in opt.optimizer.param_groups]}
+            opt.load_state_dict({"optimizer": part["optimizer"]})  # hyper-parameters, step, state allocation
             torch_state = opt.optimizer.state
             steps = {p: s.pop("step") for p, s in torch_state.items() if "step" in s}
             try:
@@ -278,6 +289,38 @@ def load_optimizer_state(optimizer, loaded) -> None:
         if hasattr(optimizer, "_synchronize_steps") and len(inner) > 1:
             optimizer._synchronize_steps()
     restore_adam_steps(optimizer)
+
+
+_GROUP_IDENTITY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _common_parts(loaded) -> list:
+    """The per-optimizer common dicts of a loaded state, whichever layout saved it."""
+    if not isinstance(loaded, dict):
+        return []
+    parts = [loaded] if "optimizer" in loaded else []
+    return parts + [v for k, v in loaded.items() if isinstance(k, int) and isinstance(v, dict) and "optimizer" in v]
+
+
+def _saved_param_groups(loaded) -> list:
+    return [g for part in _common_parts(loaded) for g in part["optimizer"].get("param_groups", [])]
+
+
+def _sharding_type(loaded) -> str | None:
+    kinds = {part.get("param_state_sharding_type") for part in _common_parts(loaded)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _matching_group(group: dict, saved: list) -> dict:
+    """The saved group for this layout's ``group``: same identity, else the same but for
+    ``is_expert_parallel``; returned with this group's identity so that MCore matches it."""
+    ident = {k: group.get(k) for k in _GROUP_IDENTITY}
+    loose = [k for k in _GROUP_IDENTITY if k != "is_expert_parallel"]
+    for keys_to_match in (_GROUP_IDENTITY, loose):
+        for g in saved:
+            if all(g.get(k) == ident[k] for k in keys_to_match):
+                return {**{k: v for k, v in g.items() if k != "params"}, **ident}
+    raise CheckpointError(f"the checkpoint has no optimizer state for parameter group {ident}")
 
 
 def allocate_adam_state(optimizer) -> None:
