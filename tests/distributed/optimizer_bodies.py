@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from megatron_grow.checkpoint import layout
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.loader import load_recipe

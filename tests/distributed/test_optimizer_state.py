@@ -26,9 +26,9 @@ from megatron_grow.checkpoint import keys, layout
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
+from megatron_grow.training.checkpointing import _saved_param_groups
 from tests.distributed.bodies import grow_body, plain_tensors_of_many, train_body, train_sequence
 from tests.distributed.conftest import REPO, write_recipe
-from megatron_grow.training.checkpointing import _saved_param_groups
 from tests.distributed.optimizer_bodies import one_step, resave_and_resume
 
 pytestmark = pytest.mark.slow

@@ -189,7 +189,8 @@ def test_optimizer_carry_with_random_new_experts_is_refused(tmp_path):
     from megatron_grow.growth.grow import prepare_growth
 
     growth = load_recipe("configs/growth/tiny_depth_width.yaml").growth
-    growth = dataclasses.replace(growth, optimizer="carry", width=dataclasses.replace(growth.width, new_experts="random"))
+    width = dataclasses.replace(growth.width, new_experts="random")
+    growth = dataclasses.replace(growth, optimizer="carry", width=width)
     with pytest.raises(GrowthError, match="new_experts: random") as e:
         prepare_growth(str(tmp_path / "never-read"), growth)
     assert "\n" not in str(e.value)
