@@ -67,3 +67,37 @@ def one_step(recipe_path: str, overrides: list) -> dict:
     after = {k: p.detach().clone() for k, p in params.items()}
     return {"loss": loss, "before": before, "grad": grads, "after": after,
             "lr": trainer.optimizer.param_groups[0]["lr"]}
+
+
+def factories_after_shape_check(root: str) -> tuple[int, int]:
+    """Count the model's ShardedTensorFactory entries before and after ``io.check_against_checkpoint``.
+
+    The distributed optimizer's model-space format finds each parameter's ShardedTensor by the
+    parameter object; a check that applied the factories in place would break the optimizer's
+    loading state dict (found as "Model param ... not in model_sharded_state_dict")."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from megatron_grow.checkpoint import io
+    from megatron_grow.config.schema import ParallelConfig
+    from megatron_grow.models.builder import build_model_chunks
+    from megatron_grow.parallel.init import initialize_distributed
+
+    initialize_distributed(ParallelConfig())
+    ckpt, it = layout.resolve_checkpoint_dir(root)
+    chunks = build_model_chunks(read_checkpoint_info(ckpt, it).model, ParallelConfig())
+    sd = io.model_sharded_state_dict(chunks)
+    count = lambda: sum(isinstance(x, ShardedTensorFactory) for x in _leaves(sd))
+    before = count()
+    io.check_against_checkpoint(sd, ckpt)
+    return before, count()
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _leaves(v)
+    else:
+        yield tree

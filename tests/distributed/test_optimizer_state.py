@@ -29,7 +29,7 @@ from megatron_grow.parallel.spawn import run_in_processes
 from megatron_grow.training.checkpointing import _saved_param_groups
 from tests.distributed.bodies import grow_body, plain_tensors_of_many, train_body, train_sequence
 from tests.distributed.conftest import REPO, write_recipe
-from tests.distributed.optimizer_bodies import one_step, resave_and_resume
+from tests.distributed.optimizer_bodies import factories_after_shape_check, one_step, resave_and_resume
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +94,11 @@ def test_resume_at_another_layout_is_bitwise_equal_to_resuming_at_that_layout(kj
     assert set(tx) == set(ty)
     for k in tx:
         assert torch.equal(tx[k], ty[k]), k
+
+
+def test_shape_check_leaves_the_callers_factories_unapplied(source):
+    before, after = run_in_processes(factories_after_shape_check, 1, (source["root"],))[0]
+    assert before > 0 and after == before
 
 
 # ------------------------------------------------------------------------------------------------
