@@ -23,11 +23,19 @@ TP/PP/EP/DP layout reads its own slices (and growth reads them through its index
 ``growth.optimizer_state``). Checkpoints written before in ``dp_reshardable`` (tied to the
 TP/PP/EP layout) still load at their own layout.
 
-Megatron-Core 0.16.1 with torch AdamW (no TE/apex, e.g. on CPU) needs three fixes here, each
-with a test in ``tests/distributed/test_optimizer_state.py``: ``allocate_adam_state`` (no
-``step`` before the first step), ``restore_adam_steps`` (one shared, then zeroed, step on
-load), and ``load_optimizer_state`` (``KeyError: 'step'`` when the model-space state is copied
-into torch AdamW's per-parameter state).
+Megatron-Core 0.16.1 needs four fixes on this path, all here:
+
+* ``allocate_adam_state``: torch AdamW (no TE/apex) has no ``step`` before its first step, so
+  the loading state dict cannot be built (tests/distributed/test_training.py resume tests);
+* ``restore_adam_steps``: the load writes one shared, then zeroed, ``step`` into every
+  parameter's state (same tests);
+* ``load_optimizer_state``: ``KeyError: 'step'`` when the model-space tensors are copied into
+  torch AdamW's per-parameter state (every resume test), and the common part is shaped by the
+  saving layout's expert parallelism (``KeyError: 'optimizer'`` at another EP;
+  tests/distributed/test_optimizer_state.py, EP=2 -> PP=2 resume and carry tests);
+* ``checkpoint.io.check_against_checkpoint`` must not apply the caller's factories in place:
+  the model-space format finds each parameter's ShardedTensor by the parameter object
+  (``test_shape_check_leaves_the_callers_factories_unapplied``).
 """
 
 from __future__ import annotations
