@@ -144,7 +144,7 @@ def check_against_checkpoint(sharded_state_dict: dict, ckpt_dir: str, storage_me
 
     md = storage_metadata or read_storage_metadata(ckpt_dir)
     stored = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-    probe = dict(sharded_state_dict)
+    probe = _copy_containers(sharded_state_dict)  # apply_factories replaces entries in place: not the caller's
     apply_factories(probe)
     for st in iter_sharded_tensors(probe):
         if st.key not in stored:
@@ -153,6 +153,19 @@ def check_against_checkpoint(sharded_state_dict: dict, ckpt_dir: str, storage_me
         if tuple(st.global_shape) != stored[st.key]:
             raise CheckpointError(f"tensor {st.key}: checkpoint {ckpt_dir} has global shape {stored[st.key]}, "
                                   f"the model expects {tuple(st.global_shape)}")
+
+
+def _copy_containers(tree: Any) -> Any:
+    """A copy of the nested dicts/lists of a sharded state dict; the leaves are shared.
+
+    The distributed optimizer's model-space formats find each parameter's ShardedTensor by the
+    parameter object, so the caller's state dict must keep its factories unapplied.
+    """
+    if isinstance(tree, dict):
+        return {k: _copy_containers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy_containers(v) for v in tree]
+    return tree
 
 
 def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool = True,

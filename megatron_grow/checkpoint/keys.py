@@ -143,3 +143,20 @@ def rename_for_spec(sharded_state_dict, from_spec: str, to_spec: str) -> None:
 def built_spec(use_te: bool) -> str:
     """The names a model built with (``use_te``) or without Transformer Engine stores its tensors under."""
     return TE_SPEC if use_te else LOCAL_SPEC
+
+
+# Optimizer state in model space (MCore's distributed optimizer ``fully_reshardable`` format and the
+# non-distributed optimizers): one tensor per parameter and state, with the parameter's global shape,
+# stored as ``optimizer.state.<state>.<storage key of the parameter>``. ``param`` is the fp32 main copy.
+OPTIMIZER_STATE_PREFIX = "optimizer.state."
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+MAIN_PARAM_STATE = "param"
+
+
+def optimizer_state_key(state: str, model_key: str) -> str:
+    """``optimizer.state.<state>.<model_key>``."""
+    return f"{OPTIMIZER_STATE_PREFIX}{state}.{model_key}"
+
+
+def is_model_space_optimizer_key(key: str) -> bool:
+    return any(key.startswith(f"{OPTIMIZER_STATE_PREFIX}{state}.") for state in ADAM_MOMENTS)

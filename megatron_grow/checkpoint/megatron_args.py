@@ -232,7 +232,8 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
     )
     state = dict(iteration=counters["iteration"], consumed_train_samples=counters.get("consumed_samples", 0),
                  consumed_valid_samples=0, ckpt_format="torch_dist", use_dist_ckpt=True,
-                 no_save_optim=not optimizer_saved, no_save_rng=True)
+                 no_save_optim=not optimizer_saved, no_save_rng=True,
+                 dist_ckpt_optim_fully_reshardable=optimizer_saved)  # our optimizer state is in model space
     if training is not None:
         state.update({f.name: getattr(training, f.name) for f in dataclasses.fields(TrainingConfig)
                       if f.name not in ("bf16",)}, bf16=training.bf16)

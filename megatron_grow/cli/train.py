@@ -19,10 +19,11 @@ import time
 from megatron_grow.config.check import layout_problems
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import GrowthError
+from megatron_grow.growth import optimizer_state
 from megatron_grow.growth.grow import grow_load_into, prepare_growth
 from megatron_grow.growth.grown_model import grown_model_of
 from megatron_grow.parallel.init import destroy_distributed
-from megatron_grow.training.checkpointing import has_checkpoint
+from megatron_grow.training.checkpointing import has_checkpoint, load_optimizer_in_memory
 from megatron_grow.training.trainer import Trainer, check_data_inputs
 
 
@@ -72,7 +73,15 @@ def growth_initializer(args: argparse.Namespace, recipe):
         raise GrowthError("this run's layout does not fit the grown model: " + "; ".join(problems))
     started = time.perf_counter()
 
+    def load_optimizer(optimizer, chunks):  # growth.optimizer: carry: Adam state grown like the weights
+        load_optimizer_in_memory(optimizer, chunks,
+                                 lambda tensors: optimizer_state.fill_grown_optimizer_tensors(tensors, source),
+                                 optimizer_state.carried_common_state(source.ckpt_dir))
+
     def initialize(raw_chunks):
-        return grow_load_into(raw_chunks, source, started)
+        grown = grow_load_into(raw_chunks, source, started)
+        if optimizer_state.carries(recipe.growth):
+            grown["load_optimizer"] = load_optimizer
+        return grown
 
     return source.plan.target, initialize

@@ -260,5 +260,6 @@ class GrowthConfig:
     width: WidthGrowthConfig | None = spec(None, "width growth; null for none")
     seed: int = spec(1234, "seed of the growth noise (keyed with tensor, layer and expert, never with rank)",
                      ge=0)
-    optimizer: str = spec("reset", "reset (fresh Adam moments; the paper) or carry (grow the moments too)",
-                          choices=("reset", "carry"))
+    optimizer: str = spec("reset", "reset (fresh Adam state; the paper), carry (Adam moments and step grown "
+                          "through the weights' index maps) or carry_zero_new (carry, new entries at zero moments)",
+                          choices=("reset", "carry", "carry_zero_new"))

@@ -27,18 +27,14 @@ common state Megatron-LM's ``load_checkpoint`` reads (``checkpoint.megatron_args
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import apply_factories
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import io, keys, layout
@@ -48,8 +44,15 @@ from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_commo
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
 from megatron_grow.errors import GrowthError
-from megatron_grow.growth import noise, retarget
+from megatron_grow.growth import optimizer_state, retarget
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
+from megatron_grow.growth.source_reads import (
+    collective_load,
+    collective_rounds,
+    expert_stds,
+    layer_groups,
+    target_sharded_tensors,
+)
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params
@@ -98,15 +101,11 @@ class LoadStats:
 def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelConfig | None = None,
                    iteration: int | None = None) -> GrowthSource:
     """Resolve the source checkpoint and the plan; every problem is raised before any tensor is read."""
-    if growth.optimizer == "carry":
-        raise GrowthError(
-            "growth.optimizer: carry is not available: it needs the optimizer state in model space (MCore's "
-            "fully_reshardable distributed-optimizer format), and with megatron-core 0.16.1 and torch AdamW "
-            "(no TE/apex) that format saves but cannot be loaded back (KeyError: 'step'); the dp_reshardable "
-            "format we resume from is tied to the parameter layout. Use optimizer: reset (the paper's choice).")
+    optimizer_state.check_carry_recipe(growth)
     ckpt_dir, it = layout.resolve_checkpoint_dir(source_path, iteration)
     storage = io.read_storage_metadata(ckpt_dir)
     io.check_shard_files(ckpt_dir, storage)
+    optimizer_state.check_carry_source(growth, ckpt_dir, storage)  # carry needs model-space optimizer state
     # The architecture: source_model (--source-config), else megatron_grow.json, else Megatron-LM args.
     info = read_checkpoint_info(ckpt_dir, it, source_config=source_model)
     if info.model is None:
@@ -160,95 +159,6 @@ def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
 # Loading
 
 
-def _target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
-    sd = io.model_sharded_state_dict(model_chunks)
-    apply_factories(sd)
-    return list(io.iter_sharded_tensors(sd))
-
-
-def _collective_load(requests: dict, ckpt_dir: str, whole_tensors: dict | None = None) -> None:
-    """One dist_checkpointing load of this rank's requests (possibly none); every rank calls it.
-
-    With a single rank, MCore's torch_dist loader cannot read part of a tensor (torch's
-    ShardedTensor needs the shard grid to cover the tensor, and MCore places the cells it was
-    not asked for on rank ``(rank + 1) % world_size``, i.e. this rank). So one rank reads each
-    source tensor whole, once (cached in ``whole_tensors``), and slices it: a 1-rank growth
-    holds the source tensors it reads beside the grown model.
-    """
-    if _world() == 1:
-        cache = whole_tensors if whole_tensors is not None else {}
-        missing = {st.key: st for st in requests.values() if st.key not in cache}
-        if missing:
-            whole = {key: _whole_request(st) for key, st in missing.items()}
-            cache.update(dist_checkpointing.load(whole, ckpt_dir, validate_access_integrity=False))
-        for st in requests.values():
-            region = tuple(slice(o, o + n) for o, n in
-                           zip(st.global_offset, (1,) * st.prepend_axis_num + tuple(st.local_shape)))
-            st.data = cache[st.key][region].reshape(st.local_shape).clone()
-        return
-    sd = {f"r{i}": st for i, st in enumerate(requests.values())}
-    # Several ranks (and target layers) read the same source region: integrity checks are for resumes.
-    loaded = dist_checkpointing.load(sd, ckpt_dir, validate_access_integrity=False)
-    for i, st in enumerate(requests.values()):
-        st.data = loaded[f"r{i}"]  # the request buffers are ours: adopt whatever tensor the load returned
-
-
-def _whole_request(st):
-    """A request for the whole stored tensor ``st.key`` (prepended axes become real dims)."""
-    shape = tuple(st.global_shape)
-    return dataclasses.replace(st, data=torch.empty(shape, dtype=st.dtype), local_shape=shape,
-                               global_offset=(0,) * len(shape), axis_fragmentations=(1,) * len(shape),
-                               prepend_axis_num=0, replica_id=0, flattened_range=None)
-
-
-def _expert_stds(tasks: list, plan: GrowthPlan, ckpt_dir: str) -> dict:
-    """Per (logical key, source layer, source expert) noise stds, from the full source expert tensors.
-
-    Each full per-expert tensor is read by exactly one rank (round robin); moments are
-    summed across ranks (exact: every entry is non-zero on one rank only) and combined in
-    expert order, so every rank derives the same stds whatever the layout.
-    """
-    if not retarget.needs_expert_stats(plan):
-        return {}
-    L, E = plan.source.num_layers, plan.source.num_moe_experts
-    templates: dict[str, Any] = {}
-    for t in tasks:
-        if t.kind == retarget.EXPERT and t.logical_key is not None:
-            templates.setdefault(t.logical_key, t.target)
-    keys = sorted(templates)
-    # Every rank must agree on the key list (all ranks hold expert layers, since every layer is MoE).
-    moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
-    whole: dict = {}
-    units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) for es in range(E)]
-    mine = units[_rank()::_world()]
-    world_rounds = math.ceil(len(units) / _world())
-    per_round = max(1, E)  # read about one layer of experts per collective round
-    for start in range(0, world_rounds, per_round):
-        batch = mine[start:start + per_round]
-        requests = {}
-        for k, ls, es in batch:
-            st = templates[keys[k]]
-            full = tuple(st.global_shape[2:])
-            requests[(k, ls, es)] = retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
-        _collective_load(requests, ckpt_dir, whole)
-        for (k, ls, es), st in requests.items():
-            moments[k, ls, es] = torch.tensor(noise.tensor_moments(st.data), dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        all_reduce_host(moments)
-    out = {}
-    for k, key in enumerate(keys):
-        for ls in range(L):
-            per_expert = [noise.Moments(int(n), float(mu), float(m2)) for n, mu, m2 in moments[k, ls].tolist()]
-            for es in range(E):
-                out[(key, ls, es)] = noise.expert_noise_std(plan, per_expert, es)
-    return out
-
-
-def _group_of(task) -> Any:
-    # By *source* layer: all copies of a layer share its requests, which are freed after the group.
-    return ("layer", task.source_layer) if task.source_layer is not None else ("other", 0)
-
-
 @torch.no_grad()
 def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSource,
                        progress: bool = True) -> LoadStats:
@@ -264,17 +174,17 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
     plan = source.plan
     _check_target_model(model_chunks, plan.target)
     built = keys.built_spec(te_available())
-    tasks, requests = retarget.build_tasks(_target_sharded_tensors(model_chunks), plan,
+    tasks, requests = retarget.build_tasks(target_sharded_tensors(model_chunks), plan,
                                            lambda key: keys.spec_storage_key(key, built, source.source_spec))
     # The source must hold every tensor the target asks for, with the global shape we expect.
     io.check_against_checkpoint({"r": list(requests.values())}, source.ckpt_dir)
     poison_parameters(model_chunks)
     ts = time.perf_counter()
-    expert_std = _expert_stds(tasks, plan, source.ckpt_dir)
+    expert_std = expert_stds(tasks, plan, source.ckpt_dir)
     stats.stats_seconds = time.perf_counter() - ts
-    order, groups = _layer_groups(tasks)
+    order, groups = layer_groups(tasks)
     whole: dict = {}
-    rounds = _collective_rounds(len(order))
+    rounds = collective_rounds(len(order))
     for r in range(rounds):
         name = order[r] if r < len(order) else None
         _load_group(r, rounds, name, groups.get(name, []), requests, source, expert_std, whole, stats, progress)
@@ -284,29 +194,12 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
     return stats
 
 
-def _layer_groups(tasks: list) -> tuple[list, dict]:
-    """Tasks grouped by the source layer they read, in reading order (non-layer tensors first)."""
-    groups: dict[Any, list] = {}
-    for t in tasks:
-        groups.setdefault(_group_of(t), []).append(t)
-    return sorted(groups, key=lambda g: (g[0] != "other", g[1])), groups
-
-
-def _collective_rounds(local_rounds: int) -> int:
-    """Every rank takes part in as many loads as the rank with the most groups (PP stages differ)."""
-    if not torch.distributed.is_initialized():
-        return local_rounds
-    n = torch.tensor([local_rounds], dtype=torch.long)
-    all_reduce_host(n, op=torch.distributed.ReduceOp.MAX)
-    return int(n.item())
-
-
 def _load_group(r: int, rounds: int, name, group_tasks: list, requests: dict, source: GrowthSource,
                 expert_std: dict, whole: dict, stats: LoadStats, progress: bool) -> None:
     """One collective round: read one source layer's requests, write the target slices grown from it."""
     group_requests = {t.request_id: requests[t.request_id] for t in group_tasks}
     tg = time.perf_counter()
-    _collective_load(group_requests, source.ckpt_dir, whole)
+    collective_load(group_requests, source.ckpt_dir, whole)
     for t in group_tasks:
         value = retarget.grown_slice(t, requests[t.request_id].data, source.plan, expert_std)
         t.target.data.copy_(value.to(t.target.data.dtype))
@@ -439,11 +332,15 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
              else source.plan.target)
     chunks = build_model_chunks(built, parallel, initialize=False)  # every weight comes from SRC
     stats = load_grown_weights(chunks, source, progress=progress)
+    # growth.optimizer: carry: Adam state grown through the same maps (growth/optimizer_state.py).
+    carried = (optimizer_state.grown_optimizer_checkpoint_state(target_sharded_tensors(chunks), source, progress)
+               if optimizer_state.carries(growth) else {})
     before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)
     ts = time.perf_counter()
     final = _save_grown(chunks, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
-                        overwrite=overwrite, target_spec=target_spec or keys.built_spec(te_available()))
+                        overwrite=overwrite, target_spec=target_spec or keys.built_spec(te_available()),
+                        carried_optimizer=carried)
     save_seconds = time.perf_counter() - ts
     total = time.perf_counter() - t0
     bytes_written = io.checkpoint_bytes(final) if _rank() == 0 else 0
@@ -480,7 +377,7 @@ def _log_start(source: GrowthSource, ctx) -> None:
 
 
 def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel: ParallelConfig, ctx, *,
-                recipe_dict: dict | None, overwrite: bool, target_spec: str) -> str:
+                recipe_dict: dict | None, overwrite: bool, target_spec: str, carried_optimizer: dict) -> str:
     """Write the grown model (weights, Megatron-LM's common state, our manifest) atomically."""
     if target_spec not in keys.SPECS:
         raise GrowthError(f"--target-spec {target_spec!r} is not one of {', '.join(keys.SPECS)}")
@@ -494,6 +391,7 @@ def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel:
     _remove_old_destination(save, overwrite)
     state = io.model_sharded_state_dict(chunks)
     keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)
+    state.update(carried_optimizer)
     args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
                          base=load_common_state(source.ckpt_dir).get("args"))
     state.update(common_state(counters, manifest, args))

@@ -6,7 +6,8 @@ One checkpoint (``iter_NNNNNNN/``, torch_dist) holds:
 entry                             contents
 ================================  ==========================================================
 ``model`` (``model0``.. w/ VPP)   sharded model weights (MCore storage keys)
-``optimizer``                     MCore distributed/FP32 optimizer, ``dp_reshardable`` format
+``optimizer``                     MCore distributed/FP32 optimizer in model space
+                                  (``fully_reshardable``): ``optimizer.state.<state>.<key>``
 ``opt_param_scheduler``           MCore scheduler state
 ``rng_state``                     per-rank RNG (CPU, CUDA, MCore tracker), ShardedObject
 ``iteration``, ``checkpoint_version``, ``num_floating_point_operations_so_far``  as Megatron-LM
@@ -16,12 +17,31 @@ entry                             contents
 ================================  ==========================================================
 
 Saves go through ``checkpoint.io.save_checkpoint`` (atomic: staging dir, fsync, rename,
-tracker last; keep the newest N). The optimizer's ``dp_reshardable`` format resumes at the
-same TP/PP/EP layout with any DP size; the model weights load at any layout.
+tracker last; keep the newest N). The optimizer state is stored in *model space*: for every
+parameter, its fp32 main copy (``param``), ``exp_avg`` and ``exp_avg_sq`` with the parameter's
+global shape and storage key, plus the step and hyper-parameters in the common state. Any
+TP/PP/EP/DP layout reads its own slices (and growth reads them through its index maps,
+``growth.optimizer_state``). Checkpoints written before in ``dp_reshardable`` (tied to the
+TP/PP/EP layout) still load at their own layout.
+
+Megatron-Core 0.16.1 needs four fixes on this path, all here:
+
+* ``allocate_adam_state``: torch AdamW (no TE/apex) has no ``step`` before its first step, so
+  the loading state dict cannot be built (tests/distributed/test_training.py resume tests);
+* ``restore_adam_steps``: the load writes one shared, then zeroed, ``step`` into every
+  parameter's state (same tests);
+* ``load_optimizer_state``: ``KeyError: 'step'`` when the model-space tensors are copied into
+  torch AdamW's per-parameter state (every resume test), and the common part is shaped by the
+  saving layout's expert parallelism (``KeyError: 'optimizer'`` at another EP;
+  tests/distributed/test_optimizer_state.py, EP=2 -> PP=2 resume and carry tests);
+* ``checkpoint.io.check_against_checkpoint`` must not apply the caller's factories in place:
+  the model-space format finds each parameter's ShardedTensor by the parameter object
+  (``test_shape_check_leaves_the_callers_factories_unapplied``).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
@@ -39,8 +59,24 @@ from megatron_grow.errors import CheckpointError
 from megatron_grow.models.routing import unwrap
 from megatron_grow.models.specs import te_available
 
-OPTIMIZER_FORMAT = "dp_reshardable"
+OPTIMIZER_FORMAT = "fully_reshardable"     # model space: what we save
+LAYOUT_BOUND_FORMAT = "dp_reshardable"     # what earlier checkpoints hold; loads at their own TP/PP/EP
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+
+
+def optimizer_metadata(sharding_type: str = OPTIMIZER_FORMAT) -> dict:
+    """``sharded_state_dict`` metadata. Without the chained prefix, the dense and the expert
+    optimizer's states are stored under the parameters' own keys (no ``chained_<i>.``)."""
+    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
+
+
+def stored_optimizer_format(stored_keys) -> str | None:
+    """Which optimizer format a checkpoint holds, from its tensor keys (None: no optimizer state)."""
+    if any(keys.is_model_space_optimizer_key(k) for k in stored_keys):
+        return OPTIMIZER_FORMAT
+    if any(_OPTIMIZER_KEY.match(k) for k in stored_keys):
+        return LAYOUT_BOUND_FORMAT
+    return None
 
 
 def rng_snapshot() -> dict:
@@ -78,8 +114,7 @@ def save_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     state = io.model_sharded_state_dict(models)
     model_sd = state["model"] if len(models) == 1 else state
     if recipe.checkpoint.save_optim and optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT})
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=optimizer_metadata())
     manifest = io.broadcast_object(build_manifest(model=model, layout=layout_info, counters=counters,
                                                   lineage=lineage, recipe=recipe_to_dict(recipe)))
     args = megatron_args(model, recipe.parallel, counters=counters, world_size=torch.distributed.get_world_size(),
@@ -120,22 +155,20 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     io.check_against_checkpoint(state, ckpt_dir, md)  # names the first mismatching tensor
     stored = set(md.state_dict_metadata)
     model_sd = state["model"] if len(models) == 1 else state
-    # Optimizer keys are "optimizer...." or, for a ChainedOptimizer (dense + expert), "chained_<i>.optimizer...."
-    with_optim = load_optim and optimizer is not None and any(_OPTIMIZER_KEY.match(k) for k in stored)
-    # Weights are stored per expert whatever the backend, but the distributed optimizer's flat
-    # buffers follow the parameter order in memory, which differs between expert backends.
+    optim_format = stored_optimizer_format(stored)
+    with_optim = load_optim and optimizer is not None and optim_format is not None
+    # Weights are stored per expert whatever the backend, but the optimizer's parameters are the
+    # backend's own tensors (per expert, or stacked for grouped_mm), so moments do not cross backends.
     written_with = info.model.moe_expert_backend if info.model is not None else "sequential"
     if with_optim and written_with != expert_backend:
         with_optim = False
         if torch.distributed.get_rank() == 0:
             print(f"[train] {ckpt_dir} was written with model.moe_expert_backend={written_with}, this run uses "
-                  f"{expert_backend}: weights load, Adam moments start fresh (their flat layout differs)", flush=True)
-    if load_optim and optimizer is not None and not with_optim and torch.distributed.get_rank() == 0:
+                  f"{expert_backend}: weights load, Adam moments start fresh", flush=True)
+    if load_optim and optimizer is not None and optim_format is None and torch.distributed.get_rank() == 0:
         print(f"[train] {ckpt_dir} has no optimizer state: Adam moments start fresh", flush=True)
     if with_optim:
-        allocate_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT})
+        state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, optim_format)
     same_world = info.layout.get("world_size") == torch.distributed.get_world_size()
     if same_world and "rng_state" in {k.split("/")[0] for k in stored} | _sharded_object_keys(ckpt_dir):
         state["rng_state"] = _rng_sharded_object(None)
@@ -144,9 +177,7 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     except Exception as e:
         raise CheckpointError(f"resuming from {ckpt_dir} failed ({type(e).__name__}: {e})") from e
     if with_optim:
-        with torch.no_grad():  # fp32 main params are views of parameters that require grad
-            optimizer.load_state_dict(loaded["optimizer"])
-        restore_adam_steps(optimizer)
+        load_optimizer_state(optimizer, loaded["optimizer"])
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     scheduler_loaded = bool(scheduler is not None and common.get("opt_param_scheduler"))
     if scheduler_loaded:
@@ -154,6 +185,122 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     if "rng_state" in loaded and loaded["rng_state"] is not None:
         restore_rng(loaded["rng_state"])
     return dict(info.counters), list(info.lineage), ckpt_dir, scheduler_loaded
+
+
+def optimizer_sharded_state_dict(optimizer, model_sd: dict, sharding_type: str = OPTIMIZER_FORMAT):
+    """The optimizer's loading state dict (``is_loading``) in ``sharding_type``, after giving a fresh
+    torch AdamW its state (see ``allocate_adam_state``)."""
+    allocate_adam_state(optimizer)
+    return optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=optimizer_metadata(sharding_type))
+
+
+def load_optimizer_in_memory(optimizer, chunks: Sequence[torch.nn.Module], fill_tensors, common: dict) -> None:
+    """Load ``optimizer`` from tensors made in memory instead of read from disk (online growth with
+    ``growth.optimizer: carry``), through the same model-space state dict a resume uses.
+
+    ``fill_tensors(sharded_tensors)`` fills this rank's ``optimizer.state.<state>.<key>``
+    ShardedTensors (factories applied); ``common`` is the non-tensor part a checkpoint would
+    hold (param_groups with Adam's step). Mirrors ``dist_checkpointing.load``: factories
+    applied, tensors filled, merged with the common part, factory merges applied.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+    from megatron.core.dist_checkpointing.mapping import apply_factory_merges
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    models = [unwrap(c) for c in chunks]
+    state = io.model_sharded_state_dict(models)
+    model_sd = state["model"] if len(models) == 1 else state
+    request = {"optimizer": optimizer_sharded_state_dict(optimizer, model_sd)}
+    request, nonpersistent, factories = load_preprocess(request)
+    sharded, _ = extract_sharded_base(request)
+    fill_tensors(list(io.iter_sharded_tensors(sharded)))
+    dict_list_map_inplace(lambda st: st.data, sharded)
+    loaded = {"optimizer": copy.deepcopy(common)}
+    merge(loaded, nonpersistent)
+    merge(loaded, sharded)
+    loaded = apply_factory_merges(loaded, factories)
+    load_optimizer_state(optimizer, loaded["optimizer"])
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def load_optimizer_state(optimizer, loaded) -> None:
+    """Put a loaded optimizer state dict (from ``optimizer_sharded_state_dict``) into ``optimizer``.
+
+    Two Megatron-Core 0.16.1 problems with the model-space format are handled here:
+
+    * the common part is shaped by the *saving* layout: one optimizer ``{optimizer,
+      param_state_sharding_type}`` where no parameter is expert-parallel (EP=1), a chained
+      ``{0: dense, 1: expert}`` otherwise, with ``is_expert_parallel`` in the groups' identity.
+      Loading at another EP fails (``KeyError: 'optimizer'``, then no matching group). The
+      saved groups are pooled and each of this layout's groups takes the saved group with the
+      same identity, or the same one but for ``is_expert_parallel`` (hyper-parameters and step
+      are per group kind, not per layout);
+    * ``DistributedOptimizer.load_state_dict`` copies the model-space tensors into every entry
+      of the inner optimizer's per-parameter state; torch AdamW (no TE/apex) keeps a ``step``
+      there that the format does not store (it is in ``param_groups``), and the copy fails with
+      ``KeyError: 'step'``. The param state is loaded in a second call with ``step`` set aside,
+      then every parameter gets the saved step (``restore_adam_steps``).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = _inner_optimizers(optimizer)
+    saved_groups = _saved_param_groups(loaded)
+    with torch.no_grad():  # fp32 main params are views of parameters that require grad
+        for i, opt in enumerate(inner):
+            own = loaded if len(inner) == 1 else loaded.get(i, {})
+            part = dict(own) if isinstance(own, dict) else {}
+            if not (isinstance(opt, DistributedOptimizer) and part.get("param_state") is not None
+                    and _sharding_type(loaded) == OPTIMIZER_FORMAT):
+                opt.load_state_dict(own)
+                continue
+            part["optimizer"] = {"param_groups": [_matching_group(g, saved_groups) for g in opt.optimizer.param_groups]}
+            opt.load_state_dict({"optimizer": part["optimizer"]})  # hyper-parameters, step, state allocation
+            torch_state = opt.optimizer.state
+            steps = {p: s.pop("step") for p, s in torch_state.items() if "step" in s}
+            try:
+                opt.load_parameter_state_from_fully_reshardable(part["param_state"])
+            finally:
+                for p, step in steps.items():
+                    torch_state[p]["step"] = step
+        if hasattr(optimizer, "_synchronize_steps") and len(inner) > 1:
+            optimizer._synchronize_steps()
+    restore_adam_steps(optimizer)
+
+
+_GROUP_IDENTITY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _common_parts(loaded) -> list:
+    """The per-optimizer common dicts of a loaded state, whichever layout saved it."""
+    if not isinstance(loaded, dict):
+        return []
+    parts = [loaded] if "optimizer" in loaded else []
+    return parts + [v for k, v in loaded.items() if isinstance(k, int) and isinstance(v, dict) and "optimizer" in v]
+
+
+def _saved_param_groups(loaded) -> list:
+    return [g for part in _common_parts(loaded) for g in part["optimizer"].get("param_groups", [])]
+
+
+def _sharding_type(loaded) -> str | None:
+    kinds = {part.get("param_state_sharding_type") for part in _common_parts(loaded)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _matching_group(group: dict, saved: list) -> dict:
+    """The saved group for this layout's ``group``: same identity, else the same but for
+    ``is_expert_parallel``; returned with this group's identity so that MCore matches it."""
+    ident = {k: group.get(k) for k in _GROUP_IDENTITY}
+    loose = [k for k in _GROUP_IDENTITY if k != "is_expert_parallel"]
+    for keys_to_match in (_GROUP_IDENTITY, loose):
+        for g in saved:
+            if all(g.get(k) == ident[k] for k in keys_to_match):
+                return {**{k: v for k, v in g.items() if k != "params"}, **ident}
+    raise CheckpointError(f"the checkpoint has no optimizer state for parameter group {ident}")
 
 
 def allocate_adam_state(optimizer) -> None:

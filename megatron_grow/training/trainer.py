@@ -269,6 +269,8 @@ class Trainer:
             for chunk in self.chunks:  # the grown weights must reach the optimizer's fp32 copies
                 chunk.broadcast_params()
             self.optimizer.reload_model_params()
+            if grown.get("load_optimizer") is not None:  # growth.optimizer: carry
+                grown["load_optimizer"](self.optimizer, self.chunks)
         self.counters, self.lineage = counters, lineage
         self.scheduler = build_scheduler(self.optimizer, self.recipe, self.recipe.training.train_iters - schedule_start)
 

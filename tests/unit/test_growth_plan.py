@@ -179,7 +179,7 @@ def test_paper_yaml_targets():
     assert (t.num_layers, t.num_moe_experts, t.moe_router_topk) == (56, 192, 12)
 
 
-def test_optimizer_carry_is_refused_with_the_reason(tmp_path):
+def test_optimizer_carry_with_random_new_experts_is_refused(tmp_path):
     import dataclasses
 
     import pytest
@@ -188,7 +188,10 @@ def test_optimizer_carry_is_refused_with_the_reason(tmp_path):
     from megatron_grow.errors import GrowthError
     from megatron_grow.growth.grow import prepare_growth
 
-    growth = dataclasses.replace(load_recipe("configs/growth/tiny_depth.yaml").growth, optimizer="carry")
-    with pytest.raises(GrowthError, match="fully_reshardable"):
+    growth = load_recipe("configs/growth/tiny_depth_width.yaml").growth
+    width = dataclasses.replace(growth.width, new_experts="random")
+    growth = dataclasses.replace(growth, optimizer="carry", width=width)
+    with pytest.raises(GrowthError, match="new_experts: random") as e:
         prepare_growth(str(tmp_path / "never-read"), growth)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "never-read").exists()

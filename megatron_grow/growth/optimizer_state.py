@@ -1,0 +1,200 @@
+"""Optimizer carry: grow Adam's state through the same index maps as the weights.
+
+``growth.optimizer``:
+
+* ``reset`` (the paper; the default): the grown model starts with fresh Adam moments.
+* ``carry``: every optimizer-state tensor of the grown model is read from the source's
+  model-space optimizer state (``optimizer.state.<state>.<storage key>``, see
+  ``checkpoint.keys``) through exactly the requests the weights use
+  (``retarget.build_tasks``): a depth copy reads its source layer's moments, an expert copy
+  its source expert's, a copied router row its source row's. ``exp_avg`` and ``exp_avg_sq``
+  are copied (no noise); ``param`` (the fp32 main copy) grows exactly like the weight itself
+  (same noise, same identity-init zeroing). Adam's step and hyper-parameters (the
+  ``param_groups`` in the common state) are kept.
+* ``carry_zero_new``: as ``carry``, but entries that did not exist in the source (new depth
+  copies, expert copies, copied router rows) start with zero moments (MSG's choice).
+
+The router's ``expert_bias`` is a buffer updated by the aux-loss-free balancing, not by
+Adam: it has no optimizer state (it grows with the weights).
+
+This module holds only the optimizer-specific glue: which tensors, how moments grow, the
+checks. The requests, the collective loads and the noise are the weights' (``retarget``,
+``grow``, ``noise``). Loading grown tensors into a live optimizer is the trainer's
+(``training.checkpointing.load_optimizer_in_memory``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from megatron_grow.checkpoint import io, keys
+from megatron_grow.config.schema import GrowthConfig
+from megatron_grow.errors import GrowthError
+from megatron_grow.growth import retarget, source_reads
+from megatron_grow.growth.plan import GrowthPlan
+from megatron_grow.parallel.collectives import print_rank0
+
+if TYPE_CHECKING:  # growth.grow uses this module; the type is only an annotation here
+    from megatron_grow.growth.grow import GrowthSource
+
+CARRY = "carry"
+CARRY_ZERO_NEW = "carry_zero_new"
+CARRY_MODES = (CARRY, CARRY_ZERO_NEW)
+OPTIMIZER_STATES = (keys.MAIN_PARAM_STATE,) + keys.ADAM_MOMENTS
+
+
+def carries(growth: GrowthConfig) -> bool:
+    return growth.optimizer in CARRY_MODES
+
+
+def check_carry_recipe(growth: GrowthConfig) -> None:
+    """Refuse carry with randomly initialised new experts (before anything is read)."""
+    w = growth.width
+    if carries(growth) and w is not None and w.new_experts == "random":
+        raise GrowthError(f"growth.optimizer: {growth.optimizer} cannot be combined with growth.width.new_experts: "
+                          "random (randomly initialised experts have no source whose Adam state they could "
+                          "take); use growth.optimizer: reset")
+
+
+def check_carry_source(growth: GrowthConfig, ckpt_dir: str, storage) -> None:
+    """Refuse carry from a checkpoint without model-space optimizer state (metadata only)."""
+    if not carries(growth):
+        return
+    if not any(keys.is_model_space_optimizer_key(k) for k in storage.state_dict_metadata):
+        raise GrowthError(f"growth.optimizer: {growth.optimizer} needs the source's optimizer state in model space, "
+                          f"and {ckpt_dir} has none (saved without optimizer state, by `megatron-grow grow` with "
+                          "optimizer: reset, or in the layout-bound dp_reshardable format of earlier versions); "
+                          "use growth.optimizer: reset, or resume the source once and save it again")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``optimizer.state.<state>.<model key>`` -> (state, model key); None for other keys."""
+    for state in OPTIMIZER_STATES:
+        prefix = keys.optimizer_state_key(state, "")
+        if key.startswith(prefix):
+            return state, key[len(prefix):]
+    return None
+
+
+def optimizer_tensors_for(model_tensors: Iterable, stored_keys: set) -> list:
+    """Fresh fp32 optimizer-state ShardedTensors (this rank's slices) for the target model's tensors
+    that have optimizer state in the source (parameters; buffers such as expert_bias have none)."""
+    out = []
+    for st in model_tensors:
+        for state in OPTIMIZER_STATES:
+            key = keys.optimizer_state_key(state, st.key)
+            if key in stored_keys:
+                out.append(dataclasses.replace(st, key=key, dtype=torch.float32,
+                                               data=torch.empty(st.local_shape, dtype=torch.float32)))
+    return out
+
+
+def grown_moment(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPlan, zero_new: bool) -> torch.Tensor:
+    """An Adam moment slice of the grown model from its source slice: the weights' index maps, no noise.
+
+    With ``zero_new``, entries that are new in the grown model get 0: a whole depth copy, an
+    expert copy, a copied router row.
+    """
+    new_layer = task.target_layer is not None and plan.layer_is_new_copy[task.target_layer]
+    if task.kind in (retarget.ROUTER, retarget.EXPERT_BIAS):
+        index = torch.tensor(plan.expert_source, dtype=torch.long)
+        out = source.index_select(0, index).clone()
+        if zero_new:
+            if new_layer:
+                return torch.zeros_like(out)
+            copies = torch.tensor([c > 0 for c in plan.expert_copy_index])
+            out[copies] = 0
+        return out
+    is_new = new_layer or (task.kind == retarget.EXPERT and plan.expert_copy_index[task.target_expert] > 0)
+    if zero_new and is_new:
+        return torch.zeros_like(source)
+    return source
+
+
+def _tasks_for(targets: Sequence, plan: GrowthPlan) -> tuple[list, dict, dict]:
+    """Growth tasks for optimizer-state tensors: built on model-keyed views of them (so the weights'
+    classification, index maps and noise apply), then the source requests are re-keyed to the
+    source's optimizer state. Returns (tasks, requests, state of each request id)."""
+    tasks, requests, state_of = [], {}, {}
+    for state in OPTIMIZER_STATES:
+        mine = [t for t in targets if split_key(t.key)[0] == state]
+        views = [dataclasses.replace(t, key=split_key(t.key)[1]) for t in mine]  # same data buffer
+        state_tasks, state_requests = retarget.build_tasks(views, plan)
+        for rid, req in state_requests.items():
+            req.key = keys.optimizer_state_key(state, req.key)
+            requests[(state,) + rid] = req
+            state_of[(state,) + rid] = state
+        for t in state_tasks:
+            t.request_id = (state,) + t.request_id
+        tasks.extend(state_tasks)
+    return tasks, requests, state_of
+
+
+@torch.no_grad()
+def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progress: bool = True) -> None:
+    """Fill ``targets`` (this rank's optimizer-state ShardedTensors of the grown model, keyed
+    ``optimizer.state.<state>.<storage key>``) from the source checkpoint (collective)."""
+    plan = source.plan
+    zero_new = plan.growth.optimizer == CARRY_ZERO_NEW
+    tasks, requests, state_of = _tasks_for(targets, plan)
+    weight_tasks = [t for t in tasks if state_of[t.request_id] == keys.MAIN_PARAM_STATE]
+    # The main copy grows like the weight: the noise scale comes from the source *weights*.
+    expert_std = source_reads.expert_stds(weight_tasks, plan, source.ckpt_dir)
+    groups: dict = {}
+    for t in tasks:
+        groups.setdefault(source_reads.group_of(t), []).append(t)
+    order = sorted(groups, key=lambda g: (g[0] != "other", g[1]))
+    rounds = len(order)
+    if torch.distributed.is_initialized():  # PP stages hold different layer counts
+        n = torch.tensor([rounds], dtype=torch.long)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        rounds = int(n.item())
+    whole: dict = {}
+    for r in range(rounds):
+        group_tasks = groups[order[r]] if r < len(order) else []
+        group_requests = {t.request_id: requests[t.request_id] for t in group_tasks}
+        source_reads.collective_load(group_requests, source.ckpt_dir, whole)
+        for t in group_tasks:
+            loaded = requests[t.request_id].data
+            if state_of[t.request_id] == keys.MAIN_PARAM_STATE:
+                value = retarget.grown_slice(t, loaded, plan, expert_std)
+            else:
+                value = grown_moment(t, loaded, plan, zero_new)
+            t.target.data.copy_(value.to(t.target.data.dtype))
+        for st in group_requests.values():
+            st.data = torch.empty(0, dtype=st.data.dtype)
+    whole.clear()
+    if progress:
+        print_rank0(f"optimizer state ({plan.growth.optimizer}): {len(tasks)} tensors grown from the source's "
+                    "model-space Adam state", prefix="[grow] ")
+
+
+def carried_common_state(ckpt_dir: str) -> dict:
+    """The source's non-tensor optimizer state (param_groups with Adam's step and hyper-parameters,
+    the sharding type), without the per-parameter part (which the grown tensors replace)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir).get("optimizer")
+    if common is None:
+        raise GrowthError(f"{ckpt_dir} has optimizer tensors but no optimizer common state (param_groups)")
+    common = copy.deepcopy(common)
+    parts = [common] if "param_state_sharding_type" in common or "optimizer" in common else list(common.values())
+    for part in parts:
+        part.pop("param_state", None)
+    return common
+
+
+def grown_optimizer_checkpoint_state(model_tensors: Sequence, source: GrowthSource,
+                                     progress: bool = True) -> dict:
+    """Entries for the grown checkpoint (offline growth): the grown model-space optimizer tensors
+    and the source's common optimizer state, as a training checkpoint stores them."""
+    storage = {k for k in io.read_storage_metadata(source.ckpt_dir).state_dict_metadata}
+    targets = optimizer_tensors_for(model_tensors, storage)
+    fill_grown_optimizer_tensors(targets, source, progress)
+    return {"optimizer": carried_common_state(source.ckpt_dir),
+            "optimizer_model_space": {str(i): st for i, st in enumerate(targets)}}
