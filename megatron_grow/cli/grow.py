@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import torch
-
 from megatron_grow.checkpoint import keys, layout
 from megatron_grow.checkpoint.architecture import resolve_architecture
 from megatron_grow.cli._common import (
@@ -33,6 +31,7 @@ from megatron_grow.config.loader import load_recipe, recipe_to_dict
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth.grow import discard_grown, grow_checkpoint, print_summary
 from megatron_grow.growth.verify import check_thresholds, format_metrics, verify_growth
+from megatron_grow.parallel.collectives import is_rank0
 from megatron_grow.parallel.init import destroy_distributed
 
 
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                                   recipe_dict=recipe_to_dict(recipe), overwrite=args.overwrite,
                                   seed=recipe.training.seed, progress=not args.quiet,
                                   target_spec=args.target_spec)
-        if _rank0():
+        if is_rank0():
             print_summary(summary)
         if args.verify:
             _verify_or_discard(args, parallel, summary)
@@ -83,15 +82,11 @@ def _verify_or_discard(args, parallel, summary: dict) -> None:
     exit never leaves a checkpoint that looks valid."""
     try:
         metrics = verify_growth(args.load, args.save, parallel, source_model=summary["source_model"])
-        if _rank0():
+        if is_rank0():
             print(format_metrics(metrics))
         check_thresholds(metrics, args.max_kl, args.min_routing_share)
     except BaseException:
         discard_grown(args.save, summary["iteration"])
-        if _rank0():
+        if is_rank0():
             print(f"[grow] verify failed: removed the grown checkpoint from {args.save}", flush=True)
         raise
-
-
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -57,21 +57,12 @@ from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params
 from megatron_grow.models.specs import te_available
-from megatron_grow.parallel.collectives import all_reduce_host
+from megatron_grow.parallel.collectives import all_reduce_host, print_rank0, rank
 from megatron_grow.parallel.init import initialize_distributed
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
 def log(msg: str) -> None:
-    if _rank() == 0:
-        print(f"[grow] {msg}", flush=True)
+    print_rank0(msg, prefix="[grow] ")
 
 
 @dataclass
@@ -253,7 +244,7 @@ def verify_all_sourced(model_chunks) -> None:
             if torch.isnan(t).any():
                 missing.append(f"chunk {i}: {name}")
     if missing:
-        raise GrowthError(f"rank {_rank()}: {len(missing)} tensors of the grown model were not sourced from the "
+        raise GrowthError(f"rank {rank()}: {len(missing)} tensors of the grown model were not sourced from the "
                           f"checkpoint (left at their init): {', '.join(missing[:5])}"
                           + (" ..." if len(missing) > 5 else ""))
 
@@ -343,7 +334,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
                         carried_optimizer=carried)
     save_seconds = time.perf_counter() - ts
     total = time.perf_counter() - t0
-    bytes_written = io.checkpoint_bytes(final) if _rank() == 0 else 0
+    bytes_written = io.checkpoint_bytes(final) if rank() == 0 else 0
     totals = torch.tensor([stats.bytes_read], dtype=torch.float64)
     if torch.distributed.is_initialized():
         all_reduce_host(totals)
@@ -383,8 +374,7 @@ def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel:
         raise GrowthError(f"--target-spec {target_spec!r} is not one of {', '.join(keys.SPECS)}")
     counters = grown_counters(source)
     manifest = build_manifest(model=source.plan.target, recipe=recipe_dict,
-                              layout=dict(tp=ctx.layout.tp, pp=ctx.layout.pp, ep=ctx.layout.ep, etp=ctx.layout.etp,
-                                          dp=ctx.layout.dp, world_size=ctx.world_size),
+                              layout=ctx.layout.as_record(),
                               counters=counters, lineage=source.info.lineage + [record])
     manifest["layer_spec"] = target_spec
     manifest = io.broadcast_object(manifest)  # the common state must be identical on every rank
@@ -399,7 +389,7 @@ def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel:
 
 
 def _remove_old_destination(save: str, overwrite: bool) -> None:
-    if _rank() == 0 and overwrite and os.path.isdir(save):
+    if rank() == 0 and overwrite and os.path.isdir(save):
         # Tracker first: a kill during the removal must not leave it naming a half-deleted iteration.
         tracker = os.path.join(save, layout.TRACKER_FILENAME)
         if os.path.isfile(tracker):
@@ -415,7 +405,7 @@ def discard_grown(save: str, iteration: int) -> None:
     the iteration written, then DST itself if nothing else is in it. Rank 0 does it; all ranks wait."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if _rank() == 0:
+    if rank() == 0:
         tracker = os.path.join(save, layout.TRACKER_FILENAME)
         if os.path.isfile(tracker):
             os.remove(tracker)

@@ -52,7 +52,7 @@ from megatron_grow.errors import TrainingError
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.forward import causal_attention_mask
 from megatron_grow.models.routing import RoutingCounter
-from megatron_grow.parallel.collectives import all_reduce_host
+from megatron_grow.parallel.collectives import all_reduce_host, is_rank0, print_rank0
 from megatron_grow.parallel.init import initialize_distributed
 from megatron_grow.training.checkpointing import has_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megatron_grow.training.flops import training_flops_per_step
@@ -109,13 +109,8 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-def _rank0() -> bool:
-    return torch.distributed.get_rank() == 0
-
-
 def log(msg: str) -> None:
-    if _rank0():
-        print(msg, flush=True)
+    print_rank0(msg)
 
 
 def check_data_inputs(recipe: Recipe, model: ModelConfig | None = None) -> None:
@@ -136,7 +131,7 @@ class _IntervalMetrics:
 
     def __init__(self, trainer: Trainer, result: RunResult):
         self.trainer, self.result = trainer, result
-        self.sinks = MetricSinks(trainer.recipe.logging) if _rank0() else None
+        self.sinks = MetricSinks(trainer.recipe.logging) if is_rank0() else None
         self.routing = RoutingCounter(trainer.chunks)
         self.started, self.steps = time.perf_counter(), 0
         self.peak = current_device_peak(trainer.recipe.logging.peak_tflops)
@@ -405,11 +400,10 @@ class Trainer:
 
     def save(self) -> str:
         """A training checkpoint under ``checkpoint.save`` (model, optimizer, schedule, counters, lineage)."""
-        ck, layout = self.recipe.checkpoint, self.ctx.layout
-        layout_info = dict(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp, dp=self.dp,
-                           world_size=self.ctx.world_size)
+        ck = self.recipe.checkpoint
         self.last_saved = save_training_checkpoint(ck.save, self.chunks, self.optimizer, self.scheduler, self.recipe,
-                                                   self.model_cfg, self.counters, self.lineage, layout_info,
+                                                   self.model_cfg, self.counters, self.lineage,
+                                                   self.ctx.layout.as_record(),
                                                    keep_last=ck.keep_last)
         log(f"[train] saved {self.last_saved}")
         return self.last_saved

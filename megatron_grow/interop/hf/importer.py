@@ -28,11 +28,8 @@ from megatron_grow.interop.hf.families.base import Family
 from megatron_grow.interop.hf.safetensors_io import SafetensorsCheckpoint, read_hf_config
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
+from megatron_grow.parallel.collectives import rank
 from megatron_grow.parallel.init import initialize_distributed
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def model_from_hf_config(hf: dict, family: Family, where: str, seq_length: int | None = None) -> ModelConfig:
@@ -95,7 +92,7 @@ def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: Safeten
     tensors = list(io.iter_sharded_tensors(sd))
     poison_parameters(model_chunks)
     nbytes = 0
-    bar = tqdm(tensors, desc="import-hf", unit="tensor", file=sys.stderr, disable=not progress or _rank() != 0)
+    bar = tqdm(tensors, desc="import-hf", unit="tensor", file=sys.stderr, disable=not progress or rank() != 0)
     for st in bar:
         item = _item_of(st, index)
         offsets = tuple(st.global_offset[st.prepend_axis_num:])
@@ -129,9 +126,7 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
     chunks = build_model_chunks(model, parallel, initialize=False)  # every weight comes from the HF files
     nbytes = fill_from_hf(chunks, model, family, ckpt, tp, progress)
     counters = empty_counters()
-    manifest = build_manifest(model=model, layout=dict(tp=ctx.layout.tp, pp=ctx.layout.pp, ep=ctx.layout.ep,
-                                                       etp=ctx.layout.etp, dp=ctx.layout.dp,
-                                                       world_size=ctx.world_size),
+    manifest = build_manifest(model=model, layout=ctx.layout.as_record(),
                               counters=counters, lineage=[])
     manifest["hf_import"] = {"hf_dir": os.path.abspath(hf_dir), "architecture": family.architecture,
                              "config": hf}
