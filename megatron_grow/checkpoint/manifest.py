@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 from megatron_grow.checkpoint import io
@@ -115,8 +116,10 @@ def read_checkpoint_info(ckpt_dir: str, iteration: int) -> CheckpointInfo:
         counters["consumed_tokens"] = counters["consumed_samples"] * int(getattr(args, "seq_length", 0) or 0)
         try:
             model = model_config_from_megatron_args(args)
-        except Exception:
-            model = None  # the caller asks for --source-config
+        except Exception as e:  # the caller asks for --source-config; say why the args did not do
+            warnings.warn(f"{ckpt_dir}/common.pt: the architecture in its Megatron-LM args is unusable "
+                          f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+            model = None
     return CheckpointInfo(ckpt_dir, iteration, model, counters, [], {}, {})
 
 
