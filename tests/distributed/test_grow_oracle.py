@@ -11,8 +11,8 @@ in the test helpers from docs/growth.md, with no call into ``megatron_grow.growt
 Options covered (each case combines several): interposition with ignore_first/last and
 identity_init, stack with ignore_first and k=3, append and interleave expert layouts,
 gaussian noise per_layer and per_expert, antithetic, zero_expert_bias, new_experts: random,
-topk_factor 1, width-then-depth noise keying; sources TP=2 and EP=2; targets PP=2 x VPP=3,
-TP=2 with ETP=1, EP=2 and TP=2 (experts TP-sliced).
+topk_factor 1, noise none, width-then-depth noise keying; sources TP=2 and EP=2; targets
+PP=2 x VPP=3, TP=2 with ETP=1, EP=2 and TP=2 (experts TP-sliced).
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/distributed/test_grow_oracle.py
 """
@@ -32,7 +32,7 @@ from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed import oracle
 from tests.distributed.bodies import plain_tensors_of_many
 
-pytestmark = pytest.mark.slow  # ~4-9 min on 2 shared cores: 2 stock saves, 4 growths, 5 reads
+pytestmark = pytest.mark.slow  # ~4-10 min on 2 shared cores: 2 stock saves, 5 growths, 6 reads
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE_MODEL = dataclasses.replace(load_recipe(os.path.join(REPO, "configs/models/tiny.yaml")).model,
@@ -149,6 +149,12 @@ CASES = {
         source="ep2", world=2, parallel=ParallelConfig(tensor_model_parallel_size=2),
         growth=_growth(("depth", "width"), depth=dict(mode="interposition", factor=2),
                        width=dict(factor=2, expert_layout="interleave", noise="gaussian", alpha=0.05))),
+    # stack with ignore_last and identity_init (7 layers), exact copies (noise none); TP=2 source into EP=2.
+    "stack_identity_noise_none": dict(
+        source="tp2", world=2, parallel=ParallelConfig(expert_model_parallel_size=2),
+        growth=_growth(("depth", "width"),
+                       depth=dict(mode="stack", factor=2, ignore_last=1, identity_init=True),
+                       width=dict(factor=2, expert_layout="append", noise="none"))),
 }
 
 SOURCES = {"tp2": (2, 1), "ep2": (1, 2)}
@@ -290,3 +296,18 @@ def test_depth_then_width_properties(checkpoints):
         assert abs(ratio - 1) < 0.1, (e, ratio)
     # depth first: the two copies of one source layer get different noise
     assert not torch.equal(grown[fc2][0, 1], grown[fc2][1, 1])
+
+
+def test_stack_identity_noise_none_properties(checkpoints):
+    src, grown = checkpoints["tp2"], checkpoints["stack_identity_noise_none"]
+    fc2, proj = _expert_key(grown, "linear_fc2.weight"), _key(grown, "self_attention.linear_proj.weight")
+    qkv = _key(grown, "linear_qkv.weight")
+    # stack k=2 with ignore_last=1 on 4 layers: [0, 1, 2] then [0, 1, 2, 3]; the last layer appears once.
+    stack = [0, 1, 2, 0, 1, 2, 3]
+    assert grown[qkv].shape[0] == 7
+    for j, s in enumerate(stack):
+        new = j in (3, 4, 5)
+        assert torch.equal(grown[qkv][j], src[qkv][s]), j
+        assert torch.equal(grown[proj][j], torch.zeros_like(src[proj][s]) if new else src[proj][s]), j
+        expected_fc2 = torch.zeros_like(grown[fc2][j]) if new else torch.cat([src[fc2][s], src[fc2][s]])
+        assert torch.equal(grown[fc2][j], expected_fc2), j
