@@ -54,8 +54,8 @@ def test_grown_checkpoint_verified(demo_run):
     v = r["growth"]["verify"]
     assert 0.3 <= v["routing_share_copies"] <= 0.7, v
     # Interposition applies each residual update twice, so the grown model is not the base (KL > 0),
-    # but it keeps most of it: far closer to the base than a uniform guess (KL well under ln 512).
-    assert 0.0 < v["kl_mean"] < 0.5 * math.log(512), v
+    # but it keeps most of it (measured: 0.054 nats/token in the reduced demo, 0.78 in the full one).
+    assert 0.0 < v["kl_mean"] < 1.0, v
     assert v["kl_mean"] <= v["kl_max"], v
     assert r["models"]["base"]["layers"] * 2 == r["models"]["grown"]["layers"]
     assert r["models"]["base"]["experts"] * 2 == r["models"]["grown"]["experts"]
