@@ -21,6 +21,7 @@ defaults to ``train_iters``), ``decay`` after; ``constant``: ``constant``; cosin
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 from megatron_grow.analysis.sunk_cost import (
@@ -81,7 +82,9 @@ def training_schedule(info) -> dict:
 
     try:
         args = (dist_checkpointing.load_common_state_dict(info.ckpt_dir) or {}).get("args")
-    except Exception:
+    except Exception as e:  # advice without a schedule is still useful; say what was not read
+        warnings.warn(f"{info.ckpt_dir}/common.pt is unreadable ({type(e).__name__}: {e}); the training "
+                      "schedule is unknown", RuntimeWarning, stacklevel=2)
         return {}
     values = vars(args) if args is not None and not isinstance(args, dict) else (args or {})
     return {k: values[k] for k in _SCHEDULE_ARGS if values.get(k) is not None}

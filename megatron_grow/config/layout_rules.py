@@ -88,6 +88,9 @@ def model_layout_problems(model: ModelConfig, parallel: ParallelConfig) -> list[
     if tp > 1 and parallel.sequence_parallel is False:
         out.append(f"parallel.sequence_parallel must be true (or null) with tensor_model_parallel_size {tp}: "
                    "Megatron-Core requires sequence parallelism for MoE with TP > 1")
+    if parallel.context_parallel_size > 1:  # MCore's CP needs its attention path and split batches; we do neither
+        out.append(f"parallel.context_parallel_size ({parallel.context_parallel_size}) > 1 is not supported yet: "
+                   "nothing splits sequences across context-parallel ranks; use 1")
     if model.seq_length % (tp * parallel.context_parallel_size) and tp > 1:
         out.append(f"model.seq_length ({model.seq_length}) must be divisible by tensor_model_parallel_size x "
                    f"context_parallel_size ({tp * parallel.context_parallel_size}) for sequence parallelism")

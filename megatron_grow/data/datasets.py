@@ -296,7 +296,10 @@ def make_batch_iterator(dataset: Any, consumed_samples: int, micro_batch_size: i
     if dataset is None:
         raise DataError("no dataset to iterate over (its split weight is 0, or it is not built on this rank)")
     sampler = PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    # Its own generator: creating a DataLoader iterator otherwise draws a worker base seed from the
+    # *global* torch RNG, so a resumed run (which builds its iterators after restoring the RNG state)
+    # would draw every dropout mask one step off from the uninterrupted run. Batches do not depend on it.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False)
+                                         persistent_workers=False, generator=torch.Generator().manual_seed(0))
     return iter(loader)

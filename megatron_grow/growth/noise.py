@@ -16,7 +16,9 @@ What this module assumes:
 
 - Every random draw comes from its own CPU ``torch.Generator`` seeded by a SHA-256 of
   ``(seed, logical key, layer, expert, stream)`` (never Python's salted ``hash()``, never the
-  rank), over the *full* per-expert (or per-row) shape. A caller that holds only a TP/EP
+  rank), over the *full* per-expert (or per-row) shape: the seed is the first 8 bytes, little
+  endian, of ``SHA-256("megatron_grow.noise|<seed>|<key>|<layer>|<expert>|<stream>")`` masked to
+  63 bits (docs/growth.md, "Exact definition of the operators", is the contract). A caller that holds only a TP/EP
   slice generates the full noise and slices it, so the grown tensors are bit-identical under
   any TP/EP/PP layout. CPU ``randn`` with an explicit generator is sequential, hence also
   independent of the thread count.

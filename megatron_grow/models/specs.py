@@ -8,6 +8,8 @@ RMSNorm/LayerNorm that marks its weight ``sequence_parallel`` so MCore's
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -105,9 +107,20 @@ class AllHeadsKeyNorm(AllHeadsQueryNorm):
 def te_available() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name.split(".")[0] == "transformer_engine":
+            return False  # not installed: the local spec, silently (the CPU case)
+        _warn_te_unusable(e)
+        return False
+    except Exception as e:  # installed but broken (missing CUDA libraries, ABI mismatch, ...)
+        _warn_te_unusable(e)
         return False
     return torch.cuda.is_available()
+
+
+def _warn_te_unusable(e: BaseException) -> None:
+    warnings.warn(f"Transformer Engine is installed but failed to import ({type(e).__name__}: {e}); "
+                  "using Megatron-Core's local (pure torch) layer spec instead", RuntimeWarning, stacklevel=3)
 
 
 def local_layer_spec(config: TransformerConfig, expert_backend: str = "sequential",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -477,5 +478,7 @@ def _aux_loss() -> float:
         total = sum(float(v["values"].sum()) for v in tracker.values())
         moe_utils.clear_aux_losses_tracker()
         return total
-    except Exception:
+    except Exception as e:  # logged, not raised: a metric must not stop training
+        warnings.warn(f"MoE aux-loss logging failed ({type(e).__name__}: {e}); aux_loss is logged as NaN",
+                      RuntimeWarning, stacklevel=2)
         return float("nan")

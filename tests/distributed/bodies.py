@@ -145,3 +145,31 @@ def train_sequence(runs: list):
     only through the checkpoint on disk, as it does across jobs.
     """
     return [train_body(recipe, overrides) for recipe, overrides in runs]
+
+
+def _sigterm_self_once_saved(run_dir: str) -> None:
+    """Background thread: SIGTERM this process as soon as a checkpoint tracker appears in ``run_dir``
+    (the trainer then saves at the end of the step in progress and exits with code 3)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    tracker = os.path.join(run_dir, layout.TRACKER_FILENAME)
+
+    def watch():
+        while not os.path.exists(tracker):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def train_straight_then_preempted(straight: str, split: str, split_dir: str):
+    """The straight run, then the same recipe preempted by SIGTERM after its first save, then resumed
+    (a new Trainer each time; state crosses only through the checkpoint on disk)."""
+    first = train_body(straight, [])
+    _sigterm_self_once_saved(split_dir)
+    part1 = train_body(split, [])
+    part2 = train_body(split, [])
+    return first, part1, part2

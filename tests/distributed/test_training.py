@@ -15,7 +15,7 @@ import pytest
 from megatron_grow.checkpoint import io, layout
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
-from tests.distributed.bodies import train_body, train_sequence
+from tests.distributed.bodies import train_body, train_sequence, train_straight_then_preempted
 from tests.distributed.conftest import REPO, write_recipe
 
 
@@ -79,24 +79,43 @@ def test_sigterm_saves_and_exits(kjv_dataset, tmp_path):
     assert "exiting with code 3" in out
 
 
+TRAINING_KILLS = 10   # with test_grow_bad_input's 10 grow kills: 20 SIGKILLs over save windows per full run
+KILL_SEED = 1234
+
+
+@pytest.mark.slow
 def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(kjv_dataset, tmp_path):
+    """SIGKILL a training run that saves every step, at seeded delays after a save, TRAINING_KILLS
+    times (each attempt resumes from what the previous kill left): the tracker always names a
+    complete checkpoint whose manifest agrees, and the run resumes from it."""
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, run_dir,
                           training={"train_iters": 100000}, checkpoint={"save_interval": 1, "keep_last": 2})
-    rng = random.Random(1234)
-    for _attempt in range(3):
+    rng = random.Random(KILL_SEED)
+    # Stratified over [0, 1.5 s] after a save line: a step plus its save on the tiny model, so kills
+    # land in the forward/backward, in the shard writes, the fsyncs, the rename and the tracker write.
+    delays = [(i + rng.random()) * 1.5 / TRAINING_KILLS for i in range(TRAINING_KILLS)]
+    rng.shuffle(delays)
+    report, mid_save = [], 0
+    for attempt, delay in enumerate(delays):
         proc = _cli(["train", "--config", recipe], start_new_session=True)
-        # Wait for the first save of this attempt, then kill at a random moment (saves every step).
-        deadline = time.time() + 240
+        deadline = time.time() + 240  # a guard against a hung child, not a speed limit
         while time.time() < deadline:
             if "saved" in proc.stdout.readline():
                 break
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        staging = layout.incomplete_dirs(str(run_dir))
+        mid_save += bool(staging)
         iteration = layout.read_tracker(str(run_dir))  # the tracker names a complete checkpoint
+        context = f"kill {attempt} (seed {KILL_SEED}, {delay:.3f}s after a save, tracker {iteration})"
         io.check_shard_files(layout.iteration_dir(str(run_dir), iteration))
-        assert io.read_manifest(layout.iteration_dir(str(run_dir), iteration))["counters"]["iteration"] == iteration
+        manifest = io.read_manifest(layout.iteration_dir(str(run_dir), iteration))
+        assert manifest["counters"]["iteration"] == iteration, context
+        report.append(f"{context}: {'inside a save' if staging else 'between saves'}")
+    print("\n".join(report))
+    assert mid_save >= 1, "no kill landed inside a save:\n" + "\n".join(report)
     out = run_in_processes(train_body, 1, (recipe, [f"training.train_iters={iteration + 1}"]))[0]
     assert out["train_losses"][0][0] == iteration + 1
 
@@ -177,3 +196,30 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(kjv_datase
     last_good = layout.read_tracker(str(tmp_path / "run"))
     assert f"iter_{last_good:07d}" in message  # the message names the checkpoint left in place
     io.check_shard_files(layout.iteration_dir(str(tmp_path / "run"), last_good))
+
+
+@pytest.mark.parametrize("name,world,parallel", [
+    ("serial", 1, {}),
+    ("ep2", 2, {"expert_model_parallel_size": 2}),
+])
+def test_preempted_resume_is_bitwise_with_warmup_cosine_and_dropout(kjv_dataset, tmp_path, name, world, parallel):
+    """Warmup then cosine decay (the LR changes every step) and dropout (every step draws from the
+    RNG): a resume that restored the scheduler or the RNG state wrongly would change the losses.
+
+    The split run is the same recipe, stopped by SIGTERM after its first save (so it is not split
+    by changing train_iters, which would change the schedule itself) and resumed from disk."""
+    sections = dict(parallel=parallel, model={"hidden_dropout": 0.1, "attention_dropout": 0.1},
+                    training={"train_iters": 10, "lr_warmup_iters": 3, "lr_decay_style": "cosine", "lr": 3.0e-3,
+                              "min_lr": 1.0e-4},
+                    checkpoint={"save_interval": 2})
+    straight = write_recipe(tmp_path / "a.yaml", kjv_dataset, tmp_path / "a", **sections)
+    split = write_recipe(tmp_path / "b.yaml", kjv_dataset, tmp_path / "b", **sections)
+    first, part1, part2 = run_in_processes(train_straight_then_preempted, world,
+                                           (straight, split, str(tmp_path / "b")))[0]
+    stopped = part1["iteration"]
+    assert part1["exit_code"] == 3 and 2 <= stopped < 10, (part1["exit_code"], stopped)
+    assert [i for i, _ in part2["train_losses"]] == list(range(stopped + 1, 11))
+    losses = [loss for _, loss in first["train_losses"]]
+    resumed = [loss for _, loss in part1["train_losses"] + part2["train_losses"]]
+    assert resumed == losses, f"{name}: stopped at {stopped}; straight {losses} vs resumed {resumed}"
+    assert part2["counters"] == first["counters"]

@@ -32,10 +32,9 @@ def repro(tmp_path_factory):
     return {"code": code, "dir": workdir, "r": results, "seconds": seconds}
 
 
-def test_exits_cleanly_and_in_time(repro):
+def test_exits_cleanly(repro):
     assert repro["code"] == 0
-    # About a minute on 2 idle cores (docs/results.md); generous for a shared CI machine.
-    assert repro["seconds"] < 240, f"--tiny took {repro['seconds']:.0f}s"
+    print(f"repro --tiny: {repro['seconds']:.0f}s")  # timing is reported, never asserted (benchmarks/)
     assert repro["r"]["size"]["name"] == "tiny" and repro["r"]["ranks"] == 2
 
 
@@ -138,7 +137,15 @@ def test_four_findings(repro):
     for row, ck in zip(d["rows"][1:], r["base"]["checkpoints"]):
         assert row["sunk_flops"] == ck["sunk_flops"] and row["base_loss"] == ck["valid_loss"]
         assert abs(row["start_loss"] - row["base_loss"]) < 0.3, row  # depth growth keeps most of it
-    assert -1.0 <= d["spearman_sunk_vs_final"] <= 1.0
+    # Spearman's rho from its definition, on the rows the report holds (sunk costs are distinct and
+    # sorted, so their ranks are 0..n-1): rho = 1 - 6 sum(d_i^2) / (n (n^2 - 1)) without ties.
+    finals = [row["final_loss"] for row in d["rows"]]
+    n = len(finals)
+    assert len(set(finals)) == n, finals  # float losses of four different runs
+    final_rank = {v: i for i, v in enumerate(sorted(finals))}
+    rho = 1 - 6 * sum((i - final_rank[v]) ** 2 for i, v in enumerate(finals)) / (n * (n * n - 1))
+    assert d["spearman_sunk_vs_final"] == pytest.approx(rho, abs=1e-12), (finals, d["spearman_sunk_vs_final"])
+    assert d["final_loss_monotone_in_sunk"] == all(x > y for x, y in zip(finals, finals[1:]))
 
 
 def test_markdown_json_and_plots(repro):

@@ -1,0 +1,212 @@
+"""The growth operators written from their definitions, independently of ``megatron_grow.growth``.
+
+Nothing here imports the operator code (``growth.mapping``, ``growth.noise``, ``growth.plan``,
+``growth.reference``, ``growth.retarget``): the index maps and the noise formula are spelled out
+below from the definitions in docs/growth.md ("Exact definition of the operators") and the paper
+notes, so a test comparing the sharded growth with :func:`expected_grown` can catch a bug in the
+operators themselves, not only in the sharded plumbing.
+
+Input and output are *plain* checkpoint tensors keyed by storage key, as
+``dist_checkpointing.load_plain_tensors`` returns them: per-layer tensors stacked ``[L, ...]``,
+routed-expert tensors ``[L, E, ...]``, router ``[L, E, H]``, expert bias ``[L, E]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+# The logical tensor names that key the noise (docs/growth.md).
+FC1, FC2, ROUTER, BIAS = "experts.linear_fc1", "experts.linear_fc2", "router.weight", "router.expert_bias"
+
+
+# ------------------------------------------------------------------------------------------------
+# Index maps
+
+
+def depth_sources(L: int, mode: str, k: int, first: int = 0, last: int = 0) -> list[int]:
+    """Source layer of every target layer.
+
+    interposition: each layer in [first, L-last) repeated k times in place, the others once
+    (without ignores target j reads j // k); stack: the block repeated k times (j % L without
+    ignores), the first `first` layers only in the bottom copy and the last `last` only in the top.
+    """
+    if mode == "interposition":
+        return [i for i in range(L) for _ in range(k if first <= i < L - last else 1)]
+    assert mode == "stack"
+    bottom = list(range(0, L - last))
+    middle = [i for _ in range(k - 2) for i in range(first, L - last)]
+    top = list(range(first, L))
+    return bottom + middle + top
+
+
+def is_new_depth_copy(sources: list[int]) -> list[bool]:
+    """True for every occurrence of a source layer but its first (what identity_init zeroes)."""
+    return [s in sources[:j] for j, s in enumerate(sources)]
+
+
+def width_sources(E: int, m: int, layout: str) -> tuple[list[int], list[int]]:
+    """(source expert, copy index) of every target expert; copy index 0 is the original.
+
+    append: [e0..e(E-1), e0'..e(E-1)', ...] (target e reads e % E, copy e // E);
+    interleave: [e0, e0', e1, e1', ...] (target e reads e // m, copy e % m).
+    """
+    n = E * m
+    if layout == "append":
+        return [e % E for e in range(n)], [e // E for e in range(n)]
+    assert layout == "interleave"
+    return [e // m for e in range(n)], [e % m for e in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise
+
+
+def draw(seed: int, name: str, layer: int, expert: int, shape: tuple, stream: int = 0) -> torch.Tensor:
+    """N(0, 1) fp32 of ``shape`` from the documented keyed generator.
+
+    The generator is a CPU ``torch.Generator`` seeded with the first 8 bytes (little endian) of
+    SHA-256("megatron_grow.noise|<seed>|<name>|<layer>|<expert>|<stream>") masked to 63 bits.
+    """
+    text = f"megatron_grow.noise|{seed}|{name}|{layer}|{expert}|{stream}"
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(value), dtype=torch.float32)
+
+
+def std6(t: torch.Tensor) -> float:
+    """Unbiased std of all elements in float64, rounded to 6 significant digits (0 for < 2 elements)."""
+    if t.numel() < 2:
+        return 0.0
+    s = t.double().std().item()
+    return float(f"{s:.6g}") if s else 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The grown checkpoint
+
+
+def _is_routed_expert(key: str, name: str) -> bool:
+    return ".mlp.experts.experts." in key and key.endswith(name)
+
+
+def _zeroed_by_identity_init(key: str) -> bool:
+    return (key.endswith(("self_attention.linear_proj.weight", "self_attention.linear_proj.bias"))
+            or _is_routed_expert(key, "linear_fc2.weight") or _is_routed_expert(key, "linear_fc2.bias")
+            or key.endswith(("shared_experts.linear_fc2.weight", "shared_experts.linear_fc2.bias")))
+
+
+def expected_grown(src: dict, growth, init_method_std: float) -> dict:
+    """Every tensor of the grown checkpoint, from the source's plain tensors and the growth config."""
+    layer_keys = [k for k in src if k.startswith("decoder.layers.")]
+    L = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[0]
+    E = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[1]
+    d, w = growth.depth, growth.width
+    lsrc = depth_sources(L, d.mode, d.factor, d.ignore_first, d.ignore_last) if d else list(range(L))
+    new_copy = is_new_depth_copy(lsrc)
+    esrc, copy = width_sources(E, w.factor, w.expert_layout) if w else (list(range(E)), [0] * E)
+    order = list(growth.order) or [op for op, on in (("depth", d), ("width", w)) if on]
+    width_first = order == ["width", "depth"]
+
+    def noise_layer(j: int) -> int:
+        # Width before depth widens each source layer once, and depth copies it: keyed by the source
+        # layer. Depth first widens every target layer on its own: keyed by the target layer.
+        return lsrc[j] if width_first else j
+
+    out = {k: v.clone() for k, v in src.items() if not k.startswith("decoder.layers.")}
+    for key in layer_keys:
+        s = src[key]
+        rows = []
+        for j, ls in enumerate(lsrc):
+            if w is None:
+                t = s[ls].clone()
+            elif key.endswith("mlp.router.weight"):
+                t = _router(s[ls], esrc, copy, w, growth.seed, noise_layer(j), init_method_std)
+            elif key.endswith("mlp.router.expert_bias"):
+                t = _bias(s[ls], esrc, copy, w, growth.seed, noise_layer(j))
+            elif _is_routed_expert(key, "linear_fc1.weight") or _is_routed_expert(key, "linear_fc2.weight"):
+                name = FC1 if key.endswith("linear_fc1.weight") else FC2
+                t = _experts(s[ls], name, esrc, copy, w, growth.seed, noise_layer(j), init_method_std)
+            elif ".mlp.experts.experts." in key:
+                t = s[ls][esrc].clone()  # expert biases: exact copies
+            else:
+                t = s[ls].clone()
+            if d is not None and d.identity_init and new_copy[j] and _zeroed_by_identity_init(key):
+                t = torch.zeros_like(t)  # applied last, after any width noise
+            rows.append(t)
+        out[key] = torch.stack(rows)
+    return out
+
+
+def _router(r_EH, esrc, copy, w, seed, layer, init_std):
+    out = r_EH[esrc].clone()
+    if w.new_experts == "random":
+        for e, c in enumerate(copy):
+            if c:
+                out[e] = (draw(seed, ROUTER, layer, e, tuple(r_EH.shape[1:])) * init_std).to(out.dtype)
+        return out
+    if w.noise != "gaussian":
+        return out  # antithetic and none keep the router rows exact
+    scale = w.alpha * std6(r_EH)
+    if scale == 0.0:
+        return out
+    for e, c in enumerate(copy):
+        if c:
+            out[e] = (out[e].float() + draw(seed, ROUTER, layer, e, tuple(r_EH.shape[1:])) * scale).to(out.dtype)
+    return out
+
+
+def _bias(b_E, esrc, copy, w, seed, layer):
+    out = b_E[esrc].clone()
+    if w.zero_expert_bias:
+        return torch.zeros_like(out)
+    if w.new_experts == "random":
+        return torch.stack([out[e] if c == 0 else torch.zeros_like(out[e]) for e, c in enumerate(copy)])
+    if w.noise != "gaussian":
+        return out
+    scale = w.alpha * std6(b_E)
+    if scale == 0.0:
+        return out
+    for e, c in enumerate(copy):
+        if c:
+            out[e] = (out[e].float() + draw(seed, BIAS, layer, e, ()) * scale).to(out.dtype)
+    return out
+
+
+def _experts(x_E, name, esrc, copy, w, seed, layer, init_std):
+    """All target experts of one layer for one tensor name, from the source layer's ``[E, ...]``."""
+    shape = tuple(x_E.shape[1:])
+    per_layer = w.noise_granularity == "per_layer"
+    out = []
+    for e, (es, c) in enumerate(zip(esrc, copy)):
+        x = x_E[es]
+        if w.new_experts == "random":
+            out.append(x.clone() if c == 0 else (draw(seed, name, layer, e, shape) * init_std).to(x.dtype))
+            continue
+        std = std6(x_E) if per_layer else std6(x_E[es])
+        scale = w.alpha * std
+        if w.noise == "none" or scale == 0.0 or (w.noise == "gaussian" and c == 0):
+            out.append(x.clone())
+        elif w.noise == "gaussian":
+            out.append((x.float() + draw(seed, name, layer, e, shape) * scale).to(x.dtype))
+        elif name == FC1:
+            out.append(x.clone())  # antithetic: fc1 exact, so every member's hidden activation is the source's
+        else:
+            # antithetic fc2: member c < m-1 adds eps_c, the last adds -(eps_0 + ... + eps_{m-2}); the
+            # eps are keyed by the *source* expert and the stream c, so the group's noise sums to zero.
+            eps = [draw(seed, name, layer, es, shape, stream=i) * scale for i in range(w.factor - 1)]
+            if c < w.factor - 1:
+                delta = eps[c]
+            else:
+                total = eps[0]
+                for more in eps[1:]:
+                    total = total + more
+                delta = -total
+            out.append((x.float() + delta).to(x.dtype))
+    return torch.stack(out)
+
+
+def noise_std_ratio(delta: torch.Tensor, expected_std: float) -> float:
+    """Measured std of ``delta`` over the std the definition asks for (about 1 when right)."""
+    return delta.double().std().item() / expected_std if expected_std else math.nan
