@@ -26,6 +26,8 @@ import torch
 from megatron_grow.checkpoint import layout
 from megatron_grow.errors import CheckpointError
 
+STAGING_MARK = ".staging-"  # <dest>.staging-<id>: a whole run directory being written beside dest
+
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -92,6 +94,32 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
         raise _save_error(local_error, final) from local_error
     _on_rank0(lambda: _finish_save(root, iteration, staging, final, manifest, keep_last), staging, final)
     return final
+
+
+def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dict, manifest: dict) -> str:
+    """A new run directory at ``dest`` holding one checkpoint (collective); returns its ``iter_N``.
+
+    The checkpoint is saved into ``<dest>.staging-<id>`` beside ``dest`` and then swapped in
+    (``layout.replace_dir``), so an existing ``dest`` is removed only after the new one is
+    complete, and a crash at any moment leaves the old or the new run directory at ``dest``.
+    A link at ``dest`` keeps pointing at the new directory.
+    """
+    real = os.path.realpath(dest)
+    staging = broadcast_object(f"{real}{STAGING_MARK}{uuid.uuid4().hex[:8]}" if _rank() == 0 else None)
+    if _rank() == 0:
+        layout.recover_retired(real)
+        parent, name = os.path.split(real)
+        if os.path.isdir(parent):
+            for entry in os.listdir(parent):  # left by a killed earlier attempt
+                if entry.startswith(name + STAGING_MARK):
+                    layout.remove_tree(os.path.join(parent, entry))
+    try:
+        save_checkpoint(staging, iteration, sharded_state_dict, manifest)
+        _on_rank0(lambda: layout.replace_dir(staging, real), staging, real)
+    finally:
+        if _rank() == 0 and os.path.lexists(staging):
+            layout.remove_tree(staging)
+    return layout.iteration_dir(dest, iteration)
 
 
 def _prepare_save_dir(root: str, staging: str, needed: int) -> None:
@@ -230,6 +258,20 @@ def read_storage_metadata(ckpt_dir: str):
         return FileSystemReader(ckpt_dir).read_metadata()
     except Exception as e:  # torch raises several types for a damaged .metadata
         raise CheckpointError(f"{ckpt_dir}/.metadata is unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_common_state(ckpt_dir: str) -> dict:
+    """The non-sharded part of a checkpoint (``common.pt``), or a CheckpointError naming the file."""
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(ckpt_dir, "common.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return dist_checkpointing.load_common_state_dict(ckpt_dir)
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError... for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first})") from None
 
 
 def check_shard_files(ckpt_dir: str, storage_metadata=None) -> None:

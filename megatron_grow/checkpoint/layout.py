@@ -218,10 +218,25 @@ def remove_tree(path: str) -> None:
 # Source and destination paths
 
 
+def nesting(path: str, other: str) -> str | None:
+    """How ``path`` overlaps ``other`` after resolving links: "is", "is inside", "contains" or None."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    if a == b:
+        return "is" if os.path.abspath(path) == os.path.abspath(other) else f"resolves to {a}, which is"
+    if a.startswith(b.rstrip(os.sep) + os.sep):
+        return "is inside"
+    if b.startswith(a.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
+
+
 def same_or_nested(a: str, b: str) -> bool:
     """Whether two paths are the same directory or one lies inside the other (links resolved)."""
-    ra, rb = os.path.realpath(a), os.path.realpath(b)
-    return ra == rb or ra.startswith(rb.rstrip(os.sep) + os.sep) or rb.startswith(ra.rstrip(os.sep) + os.sep)
+    return nesting(a, b) is not None
+
+
+def is_iteration_dir(path: str) -> bool:
+    return bool(_ITER_RE.match(os.path.basename(os.path.normpath(path))))
 
 
 def probe_writable(path: str, what: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +86,7 @@ def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelCo
     ckpt_dir, it = layout.resolve_checkpoint_dir(source_path, iteration)
     storage = io.read_storage_metadata(ckpt_dir)
     io.check_shard_files(ckpt_dir, storage)
+    io.read_common_state(ckpt_dir)  # a damaged common.pt: one line now, not a traceback mid-load
     info = read_checkpoint_info(ckpt_dir, it)
     if source_model is not None:
         info.model = source_model
@@ -369,15 +369,26 @@ def grow_load_into(model_chunks, source: GrowthSource, started: float, progress:
 
 
 def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
-    """Refuse a non-empty DST (unless overwrite) and DST == SRC, before anything is written."""
-    if os.path.abspath(save) == os.path.abspath(source_root) or \
-            os.path.abspath(save).startswith(os.path.abspath(source_root) + os.sep):
-        raise GrowthError(f"--save {save} is inside the source checkpoint {source_root}; the source is never "
-                          "modified, choose another directory")
-    if os.path.exists(save) and not os.path.isdir(save):
+    """Everything about --save that can go wrong, found before anything is read or written.
+
+    The source is never modified: --save may not be the source, lie inside it or contain it
+    (paths compared after resolving links). A non-empty --save needs --overwrite, and then it
+    is replaced only once the new checkpoint is complete (``io.save_checkpoint_replacing``).
+    """
+    protected = [source_root]
+    parent = os.path.dirname(os.path.normpath(source_root))
+    if layout.is_iteration_dir(source_root) and os.path.isfile(os.path.join(parent, layout.TRACKER_FILENAME)):
+        protected.append(parent)  # --load ROOT/iter_N: the whole run directory is the source
+    for src in protected:
+        problem = layout.nesting(save, src)
+        if problem:
+            raise GrowthError(f"--save {save} {problem} the source checkpoint {src}; the source is never "
+                              "modified, choose another directory")
+    if os.path.lexists(save) and not os.path.isdir(save):
         raise GrowthError(f"--save {save} exists and is not a directory")
     if os.path.isdir(save) and os.listdir(save) and not overwrite:
         raise GrowthError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+    layout.probe_writable(save, "--save")
 
 
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, source_model=None,
@@ -418,19 +429,11 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel, *, sou
                                           etp=ctx.layout.etp, dp=ctx.layout.dp, world_size=ctx.world_size),
                               counters=counters, lineage=source.info.lineage + [record])
     manifest = io.broadcast_object(manifest)  # the common state must be identical on every rank
-    if _rank() == 0 and overwrite and os.path.isdir(save):
-        # Tracker first: a kill during the removal must not leave it naming a half-deleted iteration.
-        tracker = os.path.join(save, layout.TRACKER_FILENAME)
-        if os.path.isfile(tracker):
-            os.remove(tracker)
-            layout.fsync_dir(save)
-        shutil.rmtree(save)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
     ts = time.perf_counter()
     state = io.model_sharded_state_dict(chunks)
     state.update(common_state(counters, manifest))
-    final = io.save_checkpoint(save, counters["iteration"], state, manifest)
+    # Written beside --save, then swapped in: an old --save (with --overwrite) goes only after.
+    final = io.save_checkpoint_replacing(save, counters["iteration"], state, manifest)
     save_seconds = time.perf_counter() - ts
     total = time.perf_counter() - t0
     bytes_written = io.checkpoint_bytes(final) if _rank() == 0 else 0

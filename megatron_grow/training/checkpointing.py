@@ -175,7 +175,7 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
         with torch.no_grad():  # fp32 main params are views of parameters that require grad
             optimizer.load_state_dict(loaded["optimizer"])
         restore_adam_steps(optimizer)
-    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    common = io.read_common_state(ckpt_dir)
     scheduler_loaded = bool(scheduler is not None and common.get("opt_param_scheduler"))
     if scheduler_loaded:
         scheduler.load_state_dict(common["opt_param_scheduler"])
