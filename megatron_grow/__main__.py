@@ -4,7 +4,7 @@ Each subcommand lives in ``megatron_grow/cli/<name>.py`` and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches.
 
     megatron-grow plan --config configs/models/70b.yaml
-    torchrun --nproc-per-node 2 -m megatron_grow grow --load SRC --save DST --recipe R.yaml
+    megatron-grow launch --nproc-per-node 2 grow --load SRC --save DST --recipe R.yaml
 """
 
 from __future__ import annotations
@@ -39,9 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron-Core warns at import time that Apex/TE are absent; the local spec is the design here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
     from megatron_grow.cli._errors import run_with_clean_errors
+    from megatron_grow.parallel.launch import record_exit_code
 
-    args = build_parser().parse_args(argv)
-    return run_with_clean_errors(args._run, args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["launch"]):  # before the slow imports: a notice must not kill start-up
+        from megatron_grow.parallel.preemption import defer_stop_signals
+
+        defer_stop_signals()
+    parser = build_parser()
+    if argv[:1] == ["launch"]:  # torchrun's own options follow: not for argparse
+        from megatron_grow.cli import launch
+
+        return launch.main(argv[1:], set(parser._subparsers._group_actions[0].choices))
+    args = parser.parse_args(argv)
+    code = run_with_clean_errors(args._run, args)
+    record_exit_code(code)  # for `megatron-grow launch` (torchrun itself keeps only "failed")
+    return code
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import TrainingError
+from megatron_grow.parallel.preemption import pending_signal
 
 EXIT_PREEMPTED = 3  # saved after SIGUSR1/SIGTERM; the launcher may requeue
 H100_BF16_PEAK_FLOPS = 989e12
@@ -43,7 +44,7 @@ class _SignalFlag:
     """Remembers SIGTERM/SIGUSR1; the loop saves and exits at the next step boundary."""
 
     def __init__(self):
-        self.signum = None
+        self.signum = pending_signal()  # one that arrived during start-up counts too
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
