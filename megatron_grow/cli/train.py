@@ -29,9 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from megatron_grow.errors import GrowthError
     from megatron_grow.parallel.init import destroy_distributed
     from megatron_grow.training.checkpointing import has_checkpoint
+    from megatron_grow.training.resume import check_resume_architecture, check_save_vs_source
     from megatron_grow.training.trainer import Trainer, check_data_inputs
 
     recipe = load_recipe(args.config, args.overrides)
+    check_save_vs_source(recipe.checkpoint.save, args.grow_from)  # before anything is read or built
     model, initialize = recipe.model, None
     if has_checkpoint(recipe.checkpoint.load) and recipe.growth is not None:
         # Resuming a grown run (after an offline grow, or a requeue after online growth): the
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         model, initialize = _growth_initializer(args, recipe)
     elif recipe.growth is not None and not has_checkpoint(recipe.checkpoint.load):
         raise GrowthError(f"{args.config} has a growth: section; pass --grow-from SRC (or use megatron-grow grow)")
+    if has_checkpoint(recipe.checkpoint.load):
+        check_resume_architecture(recipe.checkpoint.load, model)
     check_data_inputs(recipe, model)  # before any process group, model or growth load
     try:
         result = Trainer(recipe, model=model, initialize=initialize).run()
@@ -72,9 +76,12 @@ def _growth_initializer(args, recipe):
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.errors import GrowthError
     from megatron_grow.growth.grow import grow_load_into, prepare_growth
+    from megatron_grow.training.resume import grow_from_source_model
 
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)
+    if source_model is None:  # the recipe's model: must describe the source (or be left out)
+        grow_from_source_model(recipe.model, source.info.model, args.grow_from, log_rank0)
     problems = model_layout_problems(source.plan.target, recipe.parallel)
     if problems:
         raise GrowthError("this run's layout does not fit the grown model: " + "; ".join(problems))
@@ -84,3 +91,10 @@ def _growth_initializer(args, recipe):
         return grow_load_into(raw_chunks, source, started)
 
     return source.plan.target, initialize
+
+
+def log_rank0(msg: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)

@@ -233,6 +233,7 @@ class Trainer:
         from megatron_grow.training.flops import training_flops_per_step
         from megatron_grow.training.metrics import MetricSinks
         from megatron_grow.training.optimizer import build_scheduler
+        from megatron_grow.training.resume import apply_recipe_schedule
 
         recipe, t, ck = self.recipe, self.recipe.training, self.recipe.checkpoint
         self._build()
@@ -244,6 +245,9 @@ class Trainer:
                 ck.load, self.chunks, self.optimizer, scheduler, load_optim=ck.load_optim)
             if not scheduler_loaded:  # e.g. the output of `megatron-grow grow`: a fresh schedule from here
                 scheduler = build_scheduler(self.optimizer, recipe, t.train_iters - counters["iteration"])
+            else:  # a recipe whose schedule differs from the checkpoint's: applied and logged
+                scheduler = apply_recipe_schedule(self.optimizer, scheduler, recipe, ckpt_dir, counters["iteration"],
+                                                  log)
             log(f"[train] resumed from {ckpt_dir} at iteration {counters['iteration']} "
                 f"({counters['consumed_samples']} samples)")
         else:
