@@ -592,3 +592,26 @@ def test_read_only_save_is_refused_before_loading_the_source(source, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(PREFIX), proc.stderr
     assert "not writable" in lines[0] and dst in lines[0], lines[0]
     assert proc.stdout.strip() == ""
+
+
+def test_full_disk_at_save_is_one_line_and_leaves_nothing(source, tmp_path):
+    """--save on a 256 KiB tmpfs (the grown checkpoint needs megabytes): exit 2, one line naming the
+    full disk, nothing left on that disk (no DST, no staging directory), the source unchanged."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user + mount namespace) is not available")
+    small = tmp_path / "small"
+    small.mkdir()
+    dst = str(small / "grown")
+    before = tree_digest(source)
+    argv = " ".join(grow_argv(source, dst))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c",
+                           f"mount -t tmpfs -o size=256k tmpfs {small} && {argv}; rc=$?; ls -A {small}; exit $rc"],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "no space left on device" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    listed = [line for line in proc.stdout.splitlines() if not line.startswith("[grow]")]
+    assert listed == [], f"left on the full disk: {listed}"
+    assert tree_digest(source) == before
