@@ -140,3 +140,18 @@ def test_train_save_inside_grow_from_source_is_refused(base_run, kjv_dataset, tm
     line = _one_error_line(_train(recipe, "--grow-from", source))
     assert "is inside the --grow-from source" in line, line
     assert tree_digest(source) == source_digest
+
+
+def test_read_only_checkpoint_save_is_refused_before_training(kjv_dataset, tmp_path):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("unshare -rm (user + mount namespace) is not available")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    recipe = _recipe(tmp_path, "r.yaml", kjv_dataset, ro / "run")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} "
+                           f"-m megatron_grow train --config {recipe}"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    line = _one_error_line(proc)
+    assert "checkpoint.save" in line and "not writable" in line, line
+    assert "[train] iter" not in proc.stdout, proc.stdout
