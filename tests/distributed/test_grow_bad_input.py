@@ -552,7 +552,8 @@ def test_overwrite_crash_at_every_step_leaves_old_or_new_checkpoint(source, over
     proc = run_cli(grow_argv(source, str(tmp_path / "crash1"), "--overwrite"), threads=2)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "crash1")) == sorted([layout.TRACKER_FILENAME, "iter_0000001"])
-    assert not [n for n in os.listdir(tmp_path) if n.startswith("crash1.")], os.listdir(tmp_path)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(("crash1.staging-", "crash1.retired-"))], \
+        os.listdir(tmp_path)
 
 
 def run_and_reap(argv: list[str], log: str) -> subprocess.CompletedProcess:
