@@ -7,7 +7,7 @@ without importing them), so ``--help`` and argument errors answer before torch a
 Megatron-Core load. CPU mode (``platform.cpu``) is installed here, before any command runs.
 
     megatron-grow plan --config configs/models/70b.yaml
-    torchrun --nproc-per-node 2 -m megatron_grow grow --load SRC --save DST --recipe R.yaml
+    megatron-grow launch --nproc-per-node 2 grow --load SRC --save DST --recipe R.yaml
 """
 
 from __future__ import annotations
@@ -66,13 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Megatron-Core warns at import time that Apex/TE are absent; the local spec is the design here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
+    if argv[0] in ("train", "launch"):  # before the slow imports: a notice must not kill start-up
+        from megatron_grow.parallel.preemption import defer_stop_signals
+
+        defer_stop_signals()
+    if argv[0] == "launch":  # torchrun's own options follow: not for argparse
+        from megatron_grow.cli import launch
+
+        return launch.main(argv[1:], set(commands))
     args = build_parser(argv[0]).parse_args(argv[1:])
 
     from megatron_grow.cli._errors import run_with_clean_errors
+    from megatron_grow.parallel.launch import record_exit_code
     from megatron_grow.platform import cpu
 
     cpu.apply_cpu_adaptations()
-    return run_with_clean_errors(args._run, args)
+    code = run_with_clean_errors(args._run, args)
+    record_exit_code(code)  # for `megatron-grow launch` (torchrun itself keeps only "failed")
+    return code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ disagrees with the model (the first mismatching tensor is named with both shapes
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,9 @@ import torch
 
 from megatron_grow.checkpoint import layout
 from megatron_grow.errors import CheckpointError
-from megatron_grow.parallel.collectives import barrier, broadcast_object, rank
+from megatron_grow.parallel.collectives import broadcast_object, rank
+
+STAGING_MARK = ".staging-"  # <dest>.staging-<id>: a whole run directory being written beside dest
 
 
 def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
@@ -40,40 +43,172 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifest: dict,
                     keep_last: int | None = None) -> str:
-    """Write one checkpoint atomically; returns the final ``iter_N`` directory."""
+    """Write one checkpoint atomically; returns the final ``iter_N`` directory (collective).
+
+    Any failure (a full disk, an exception mid-write, on any rank) removes the staging
+    directory and leaves the previous checkpoint and the tracker as they were; a full or
+    read-only disk is a :class:`CheckpointError`, anything else keeps its own type.
+    """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     final = layout.iteration_dir(root, iteration)
     staging = broadcast_object(f"{final}{layout.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
-    if rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        for stale in layout.incomplete_dirs(root):
-            shutil.rmtree(stale, ignore_errors=True)
-        os.makedirs(staging)
-    barrier()
-    dist_checkpointing.save(sharded_state_dict, staging,
-                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-    barrier()
-    if rank() == 0:
-        with open(os.path.join(staging, layout.MANIFEST_FILENAME), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-        layout.fsync_tree(staging)
-        if os.path.exists(final):  # re-saving an iteration: the old copy goes only after the new one is in
-            retired = f"{final}{layout.INCOMPLETE_MARK}old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, retired)
-            os.rename(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, final)
-        layout.fsync_dir(root)
-        layout.write_tracker(root, iteration)
-        if keep_last:
-            for old in layout.list_iterations(root)[:-keep_last]:
-                if old != iteration:
-                    shutil.rmtree(layout.iteration_dir(root, old), ignore_errors=True)
-    barrier()
+    needed = _bytes_to_write(sharded_state_dict)
+    _on_rank0(lambda: _prepare_save_dir(root, staging, needed), staging, final)
+    try:
+        dist_checkpointing.save(sharded_state_dict, staging,
+                                sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        local_error = None
+    except (Exception, CheckpointException) as e:  # collected below: every rank takes the same way out
+        local_error = e
+    if _any_rank(local_error is not None):
+        disk_full = rank() == 0 and _free_bytes(root) < needed  # torch often hides ENOSPC in its own errors
+        if rank() == 0:
+            layout.remove_tree(staging)
+        disk_full = broadcast_object(disk_full)
+        if disk_full:
+            raise CheckpointError(f"saving {final} failed: no space left on device ({needed / 2**20:.1f} MiB "
+                                  "needed); the partial save was removed and the previous checkpoint (if any) "
+                                  "is unchanged") from local_error
+        if local_error is None:
+            raise CheckpointError(f"saving {final} failed on another rank; the partial save was removed")
+        raise _save_error(local_error, final) from local_error
+    _on_rank0(lambda: _finish_save(root, iteration, staging, final, manifest, keep_last), staging, final)
     return final
+
+
+def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dict, manifest: dict) -> str:
+    """A new run directory at ``dest`` holding one checkpoint (collective); returns its ``iter_N``.
+
+    The checkpoint is saved into ``<dest>.staging-<id>`` beside ``dest`` and then swapped in
+    (``layout.replace_dir``), so an existing ``dest`` is removed only after the new one is
+    complete, and a crash at any moment leaves the old or the new run directory at ``dest``.
+    A link at ``dest`` keeps pointing at the new directory.
+    """
+    real = os.path.realpath(dest)
+    staging = broadcast_object(f"{real}{STAGING_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
+    if rank() == 0:
+        layout.recover_retired(real)
+        parent, name = os.path.split(real)
+        if os.path.isdir(parent):
+            for entry in os.listdir(parent):  # left by a killed earlier attempt
+                if entry.startswith(name + STAGING_MARK):
+                    layout.remove_tree(os.path.join(parent, entry))
+    try:
+        save_checkpoint(staging, iteration, sharded_state_dict, manifest)
+        _on_rank0(lambda: layout.replace_dir(staging, real), staging, real)
+    finally:
+        if rank() == 0 and os.path.lexists(staging):
+            layout.remove_tree(staging)
+    return layout.iteration_dir(dest, iteration)
+
+
+def _prepare_save_dir(root: str, staging: str, needed: int) -> None:
+    os.makedirs(root, exist_ok=True)
+    free = _free_bytes(root)
+    if free < needed:
+        raise CheckpointError(f"cannot save to {root}: no space left on device ({free / 2**20:.1f} MiB free, "
+                              f"the checkpoint needs about {needed / 2**20:.1f} MiB)")
+    for kept in layout.retired_iteration_dirs(root):  # an interrupted re-save: keep one complete copy
+        layout.recover_retired(kept)
+    for stale in layout.incomplete_dirs(root):
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(staging)
+
+
+def _finish_save(root: str, iteration: int, staging: str, final: str, manifest: dict,
+                 keep_last: int | None) -> None:
+    with open(os.path.join(staging, layout.MANIFEST_FILENAME), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    layout.fsync_tree(staging)
+    # Re-saving an iteration swaps the copies in one step: the tracker never names a missing directory.
+    layout.replace_dir(staging, final)
+    layout.write_tracker(root, iteration)
+    if keep_last:
+        for old in layout.list_iterations(root)[:-keep_last]:
+            if old != iteration:
+                shutil.rmtree(layout.iteration_dir(root, old), ignore_errors=True)
+
+
+def _on_rank0(step, staging: str, final: str) -> None:
+    """Run ``step`` on rank 0; on failure remove the staging dir and raise on every rank."""
+    message, error = None, None
+    if rank() == 0:
+        try:
+            step()
+        except Exception as e:
+            layout.remove_tree(staging)
+            error = e
+            message = str(_save_error(e, final))
+    message = broadcast_object(message)
+    if error is not None:
+        raise _save_error(error, final) from error
+    if message is not None:
+        raise CheckpointError(message)
+
+
+def _bytes_to_write(sharded_state_dict: dict) -> int:
+    """Tensor bytes of one copy of the checkpoint (main replicas, summed over ranks); factories
+    (e.g. the distributed optimizer's) are not expanded, so this is a lower bound."""
+    local = 0
+    for st in iter_sharded_tensors(sharded_state_dict):
+        replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
+        if all(r == 0 for r in replica) and isinstance(st.data, torch.Tensor):
+            local += st.data.numel() * st.data.element_size()
+    if not torch.distributed.is_initialized():
+        return local
+    total = torch.tensor([local], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def _free_bytes(path: str) -> int:
+    existing = os.path.realpath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    st = os.statvfs(existing)
+    return st.f_bavail * st.f_frsize
+
+
+def _any_rank(flag: bool) -> bool:
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _save_error(error: BaseException, final: str) -> BaseException:
+    """A full, read-only or forbidden disk becomes one readable CheckpointError; the rest stays."""
+    if isinstance(error, CheckpointError):
+        return error
+    for code, text in _DISK_ERRORS.items():
+        if _has_errno(error, code):
+            return CheckpointError(f"saving {final} failed: {text}; the partial save was removed and the "
+                                   "previous checkpoint (if any) is unchanged")
+    return error
+
+
+def _has_errno(error: BaseException, code: int, depth: int = 0) -> bool:
+    """Whether ``code`` appears in ``error``: its chain, torch's per-rank failures, or its text."""
+    if error is None or depth > 8:
+        return False
+    if isinstance(error, OSError) and error.errno == code:
+        return True
+    failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            if _has_errno(getattr(failure, "exc", failure), code, depth + 1):
+                return True
+    if f"[Errno {code}]" in str(error):
+        return True
+    return _has_errno(error.__cause__ or error.__context__, code, depth + 1)
 
 
 def read_manifest(ckpt_dir: str) -> dict:
@@ -106,6 +241,20 @@ def read_storage_metadata(ckpt_dir: str):
         return FileSystemReader(ckpt_dir).read_metadata()
     except Exception as e:  # torch raises several types for a damaged .metadata
         raise CheckpointError(f"{ckpt_dir}/.metadata is unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_common_state(ckpt_dir: str) -> dict:
+    """The non-sharded part of a checkpoint (``common.pt``), or a CheckpointError naming the file."""
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(ckpt_dir, "common.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return dist_checkpointing.load_common_state_dict(ckpt_dir)
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError... for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first})") from None
 
 
 def check_shard_files(ckpt_dir: str, storage_metadata=None) -> None:

@@ -6,22 +6,32 @@
         metadata.json, common.pt, __*.distcp
         megatron_grow.json                   our manifest (recipe, counters, lineage), plain JSON
       iter_0000200.incomplete-<id>/          a save in progress; never read, removed on the next save
+      iter_0000100.retired-<id>/             the old copy during a re-save without atomic exchange
 
 A checkpoint becomes visible only by renaming its finished directory to ``iter_N`` and
 then rewriting the tracker with write-fsync-rename, so a crash at any moment leaves the
-previous complete checkpoint as the one that loads.
+previous complete checkpoint as the one that loads. Replacing an existing directory (a
+re-saved iteration, ``grow --overwrite``) swaps old and new in one ``renameat2(RENAME_EXCHANGE)``
+where the filesystem has it, so the name never points at nothing; elsewhere the old copy is
+renamed aside to ``<name>.retired-<id>`` first and :func:`recover_retired` puts it back if a
+crash came between the two renames.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
+import shutil
+import uuid
 
 from megatron_grow.errors import CheckpointError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MANIFEST_FILENAME = "megatron_grow.json"
 INCOMPLETE_MARK = ".incomplete-"
+RETIRED_MARK = ".retired-"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -51,8 +61,13 @@ def read_tracker(root: str) -> int:
     if not os.path.isfile(tracker):
         raise CheckpointError(f"no {TRACKER_FILENAME} in {root}: not a Megatron-LM checkpoint directory "
                               f"(or no save has completed there)")
-    with open(tracker, encoding="utf-8") as f:
-        text = f.read().strip()
+    with open(tracker, "rb") as f:
+        raw = f.read(4096)
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{tracker} is not a text file (it should hold one iteration number); "
+                              "the checkpoint directory is damaged") from None
     if text == "release":
         raise CheckpointError(f"{tracker} says 'release': release checkpoints are not supported; "
                               "point at an iteration checkpoint")
@@ -119,3 +134,122 @@ def incomplete_dirs(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     return [os.path.join(root, n) for n in os.listdir(root) if INCOMPLETE_MARK in n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Replacing a directory without a moment in which its name points at nothing
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
+
+
+def exchange_paths(a: str, b: str) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False when the platform or filesystem cannot (the caller falls back to two renames).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_EXCHANGE:
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+def replace_dir(new: str, dest: str) -> None:
+    """Put the complete directory ``new`` at ``dest``; an existing ``dest`` is removed only after.
+
+    A crash at any moment leaves ``dest`` holding the old or the new tree (with the two-rename
+    fallback, the old one may sit at ``dest.retired-<id>`` until :func:`recover_retired`).
+    """
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.lexists(dest):
+        os.rename(new, dest)
+    elif exchange_paths(new, dest):
+        fsync_dir(parent)
+        remove_tree(new)  # now the old tree
+    else:
+        retired = f"{dest}{RETIRED_MARK}{uuid.uuid4().hex[:8]}"
+        os.rename(dest, retired)
+        os.rename(new, dest)
+        fsync_dir(parent)
+        remove_tree(retired)
+    fsync_dir(parent)
+
+
+def recover_retired(dest: str) -> None:
+    """After a crash between the fallback's two renames: put the old tree back, or drop it."""
+    parent, name = os.path.split(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        return
+    for entry in sorted(os.listdir(parent)):
+        if not entry.startswith(name + RETIRED_MARK):
+            continue
+        path = os.path.join(parent, entry)
+        if os.path.lexists(dest):
+            remove_tree(path)
+        else:
+            os.rename(path, dest)
+            fsync_dir(parent)
+
+
+def retired_iteration_dirs(root: str) -> list[str]:
+    """``iter_N`` names that have a retired copy beside them under ``root``."""
+    if not os.path.isdir(root):
+        return []
+    return sorted({os.path.join(root, n.split(RETIRED_MARK)[0]) for n in os.listdir(root) if RETIRED_MARK in n})
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory tree, or a file or symlink (never following the link)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Source and destination paths
+
+
+def nesting(path: str, other: str) -> str | None:
+    """How ``path`` overlaps ``other`` after resolving links: "is", "is inside", "contains" or None."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    if a == b:
+        return "is" if os.path.abspath(path) == os.path.abspath(other) else f"resolves to {a}, which is"
+    if a.startswith(b.rstrip(os.sep) + os.sep):
+        return "is inside"
+    if b.startswith(a.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
+
+
+def same_or_nested(a: str, b: str) -> bool:
+    """Whether two paths are the same directory or one lies inside the other (links resolved)."""
+    return nesting(a, b) is not None
+
+
+def is_iteration_dir(path: str) -> bool:
+    return bool(_ITER_RE.match(os.path.basename(os.path.normpath(path))))
+
+
+def probe_writable(path: str, what: str) -> None:
+    """Fail now, not after hours of work, if nothing can be created at ``path`` (or where it would go)."""
+    target = os.path.realpath(path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointError(f"{what} {path}: {existing} is not a directory")
+    probe = os.path.join(existing, f".megatron-grow-write-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} is not writable ({e.strerror}: {existing})") from None

@@ -22,8 +22,10 @@ from megatron_grow.errors import GrowthError
 from megatron_grow.growth import optimizer_state
 from megatron_grow.growth.grow import grow_load_into, prepare_growth
 from megatron_grow.growth.grown_model import grown_model_of
+from megatron_grow.parallel.collectives import print_rank0
 from megatron_grow.parallel.init import destroy_distributed
 from megatron_grow.training.checkpointing import has_checkpoint, load_optimizer_in_memory
+from megatron_grow.training.resume import check_resume_architecture, check_save_vs_source, grow_from_source_model
 from megatron_grow.training.trainer import Trainer, check_data_inputs
 
 
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides)
+    check_save_vs_source(recipe.checkpoint.save, args.grow_from)  # before anything is read or built
     model, initialize = recipe.model, None
     if has_checkpoint(recipe.checkpoint.load) and recipe.growth is not None:
         # Resuming a grown run (after an offline grow, or a requeue after online growth): the
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise GrowthError(f"{args.config} has a growth: section; pass --grow-from SRC (or use megatron-grow grow)")
     # How experts run is this run's choice, not the checkpoint's: the recipe's backend applies.
     model = dataclasses.replace(model, moe_expert_backend=recipe.model.moe_expert_backend)
+    if has_checkpoint(recipe.checkpoint.load):
+        check_resume_architecture(recipe.checkpoint.load, model)
     check_data_inputs(recipe, model)  # before any process group, model or growth load
     try:
         result = Trainer(recipe, model=model, initialize=initialize).run()
@@ -67,6 +72,8 @@ def growth_initializer(args: argparse.Namespace, recipe):
     growth and training, which never import each other): (grown model, initialize callback)."""
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)
+    if source_model is None:  # the recipe's model: must describe the source (or be left out)
+        grow_from_source_model(recipe.model, source.info.model, args.grow_from, print_rank0)
     # The recipe's check, against the source this run actually grows (its resolved architecture).
     problems = layout_problems(dataclasses.replace(recipe, model=source.plan.source))
     if problems:

@@ -95,8 +95,29 @@ def check_prefixes(prefixes: Sequence[str]) -> None:
         if missing:
             problems.append(f"dataset prefix {prefix!r}: missing {' and '.join(missing)} "
                             "(make them with megatron-grow preprocess)")
+            continue
+        problem = _dataset_content_problem(prefix)
+        if problem:
+            problems.append(f"dataset prefix {prefix!r}: {problem}")
     if problems:
         raise DataError("; ".join(problems))
+
+
+def _dataset_content_problem(prefix: str) -> str | None:
+    """Why the indexed dataset at ``prefix`` cannot be trained on (empty or unreadable), or None."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    empty = [prefix + ext for ext in (".bin", ".idx") if os.path.getsize(prefix + ext) == 0]
+    if empty:
+        return f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty (no tokens to train on)"
+    try:
+        dataset = IndexedDataset(prefix)
+        documents, tokens = len(dataset), int(np.sum(dataset.sequence_lengths))
+    except Exception as e:  # MCore raises assorted errors (AssertionError, ValueError...) for a damaged file
+        return f"{prefix}.idx is unreadable ({type(e).__name__}: {str(e).strip()[:200]})"
+    if documents == 0 or tokens == 0:
+        return f"the dataset holds no tokens ({documents} documents)"
+    return None
 
 
 def parse_split(split: str) -> list[float]:

@@ -97,6 +97,7 @@ def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelCo
     storage = io.read_storage_metadata(ckpt_dir)
     io.check_shard_files(ckpt_dir, storage)
     optimizer_state.check_carry_source(growth, ckpt_dir, storage)  # carry needs model-space optimizer state
+    io.read_common_state(ckpt_dir)  # a damaged common.pt: one line now, not a traceback mid-load
     # The architecture: source_model (--source-config), else megatron_grow.json, else Megatron-LM args.
     info = read_checkpoint_info(ckpt_dir, it, source_config=source_model)
     if info.model is None:
@@ -289,15 +290,26 @@ def grow_load_into(model_chunks, source: GrowthSource, started: float, progress:
 
 
 def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
-    """Refuse a non-empty DST (unless overwrite) and DST == SRC, before anything is written."""
-    if os.path.abspath(save) == os.path.abspath(source_root) or \
-            os.path.abspath(save).startswith(os.path.abspath(source_root) + os.sep):
-        raise GrowthError(f"--save {save} is inside the source checkpoint {source_root}; the source is never "
-                          "modified, choose another directory")
-    if os.path.exists(save) and not os.path.isdir(save):
+    """Everything about --save that can go wrong, found before anything is read or written.
+
+    The source is never modified: --save may not be the source, lie inside it or contain it
+    (paths compared after resolving links). A non-empty --save needs --overwrite, and then it
+    is replaced only once the new checkpoint is complete (``io.save_checkpoint_replacing``).
+    """
+    protected = [source_root]
+    parent = os.path.dirname(os.path.normpath(source_root))
+    if layout.is_iteration_dir(source_root) and os.path.isfile(os.path.join(parent, layout.TRACKER_FILENAME)):
+        protected.append(parent)  # --load ROOT/iter_N: the whole run directory is the source
+    for src in protected:
+        problem = layout.nesting(save, src)
+        if problem:
+            raise GrowthError(f"--save {save} {problem} the source checkpoint {src}; the source is never "
+                              "modified, choose another directory")
+    if os.path.lexists(save) and not os.path.isdir(save):
         raise GrowthError(f"--save {save} exists and is not a directory")
     if os.path.isdir(save) and os.listdir(save) and not overwrite:
         raise GrowthError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+    layout.probe_writable(save, "--save")
 
 
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: ParallelConfig, *,
@@ -330,7 +342,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     record = growth_record(source, before, after, time.perf_counter() - t0)
     ts = time.perf_counter()
     final = _save_grown(chunks, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
-                        overwrite=overwrite, target_spec=target_spec or keys.built_spec(te_available()),
+                        target_spec=target_spec or keys.built_spec(te_available()),
                         carried_optimizer=carried)
     save_seconds = time.perf_counter() - ts
     total = time.perf_counter() - t0
@@ -368,7 +380,7 @@ def _log_start(source: GrowthSource, ctx) -> None:
 
 
 def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel: ParallelConfig, ctx, *,
-                recipe_dict: dict | None, overwrite: bool, target_spec: str, carried_optimizer: dict) -> str:
+                recipe_dict: dict | None, target_spec: str, carried_optimizer: dict) -> str:
     """Write the grown model (weights, Megatron-LM's common state, our manifest) atomically."""
     if target_spec not in keys.SPECS:
         raise GrowthError(f"--target-spec {target_spec!r} is not one of {', '.join(keys.SPECS)}")
@@ -378,26 +390,14 @@ def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel:
                               counters=counters, lineage=source.info.lineage + [record])
     manifest["layer_spec"] = target_spec
     manifest = io.broadcast_object(manifest)  # the common state must be identical on every rank
-    _remove_old_destination(save, overwrite)
     state = io.model_sharded_state_dict(chunks)
     keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)
     state.update(carried_optimizer)
     args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
                          base=load_common_state(source.ckpt_dir).get("args"))
     state.update(common_state(counters, manifest, args))
-    return io.save_checkpoint(save, counters["iteration"], state, manifest)
-
-
-def _remove_old_destination(save: str, overwrite: bool) -> None:
-    if rank() == 0 and overwrite and os.path.isdir(save):
-        # Tracker first: a kill during the removal must not leave it naming a half-deleted iteration.
-        tracker = os.path.join(save, layout.TRACKER_FILENAME)
-        if os.path.isfile(tracker):
-            os.remove(tracker)
-            layout.fsync_dir(save)
-        shutil.rmtree(save)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    # Written beside --save, then swapped in: an old --save (with --overwrite) goes only after.
+    return io.save_checkpoint_replacing(save, counters["iteration"], state, manifest)
 
 
 def discard_grown(save: str, iteration: int) -> None:

@@ -178,7 +178,7 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
         raise CheckpointError(f"resuming from {ckpt_dir} failed ({type(e).__name__}: {e})") from e
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"])
-    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    common = io.read_common_state(ckpt_dir)
     scheduler_loaded = bool(scheduler is not None and common.get("opt_param_scheduler"))
     if scheduler_loaded:
         scheduler.load_state_dict(common["opt_param_scheduler"])

@@ -59,8 +59,12 @@ def build_optimizer(chunks: Sequence[torch.nn.Module], recipe: Recipe, params_dt
     return get_megatron_optimizer(config, list(chunks))
 
 
-def build_scheduler(optimizer, recipe: Recipe, schedule_steps: int):
-    """LR/WD schedule over ``schedule_steps`` iterations (counted from the schedule's start)."""
+def build_scheduler(optimizer, recipe: Recipe, schedule_steps: int, override: bool = False):
+    """LR/WD schedule over ``schedule_steps`` iterations (counted from the schedule's start).
+
+    A scheduler state loaded later keeps its own values, unless ``override`` (then the recipe's
+    values win and only the step count is taken from the state, as Megatron-LM's
+    ``--override-opt_param-scheduler``)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = recipe.training
@@ -79,8 +83,8 @@ def build_scheduler(optimizer, recipe: Recipe, schedule_steps: int):
         end_wd=t.weight_decay,
         wd_incr_steps=steps,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        use_checkpoint_opt_param_scheduler=not override,
+        override_opt_param_scheduler=override,
         wsd_decay_steps=t.lr_wsd_decay_iters if style == "WSD" else None,
         lr_wsd_decay_style=t.lr_wsd_decay_style if style == "WSD" else None,
     )

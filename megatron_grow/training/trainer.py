@@ -55,11 +55,13 @@ from megatron_grow.models.forward import causal_attention_mask
 from megatron_grow.models.routing import RoutingCounter
 from megatron_grow.parallel.collectives import all_reduce_host, is_rank0, print_rank0
 from megatron_grow.parallel.init import initialize_distributed
+from megatron_grow.parallel.preemption import pending_signal
 from megatron_grow.training.checkpointing import has_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megatron_grow.training.flops import training_flops_per_step
 from megatron_grow.training.metrics import MetricSinks
 from megatron_grow.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_grow.training.peak_flops import current_device_peak
+from megatron_grow.training.resume import apply_recipe_schedule
 
 EXIT_PREEMPTED = 3  # saved after SIGUSR1/SIGTERM; the launcher may requeue
 
@@ -89,7 +91,7 @@ class _SignalFlag:
     """Remembers SIGTERM/SIGUSR1; the loop saves and exits at the next step boundary."""
 
     def __init__(self):
-        self.signum = None
+        self.signum = pending_signal()  # one that arrived during start-up counts too
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
@@ -251,6 +253,8 @@ class Trainer:
             expert_backend=self.model_cfg.moe_expert_backend)
         if not scheduler_loaded:  # e.g. the output of `megatron-grow grow`: a fresh schedule from here
             scheduler = build_scheduler(self.optimizer, recipe, train_iters - counters["iteration"])
+        else:  # a recipe whose schedule differs from the checkpoint's: applied and logged
+            scheduler = apply_recipe_schedule(self.optimizer, scheduler, recipe, ckpt_dir, counters["iteration"], log)
         self.counters, self.lineage, self.scheduler = counters, lineage, scheduler
         log(f"[train] resumed from {ckpt_dir} at iteration {counters['iteration']} "
             f"({counters['consumed_samples']} samples)")

@@ -6,7 +6,7 @@
 #
 # Every argument except --dry-run goes to `megatron-grow grow` unchanged. Processes: $NPROC,
 # else the GPUs `nvidia-smi -L` lists, else 1 (the target layout must fit that world size).
-# --dry-run prints the torchrun command only. Extra torchrun options: TORCHRUN_ARGS.
+# --dry-run prints the launch command only. Extra torchrun options: TORCHRUN_ARGS.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=scripts/torchrun/common.sh
@@ -27,8 +27,10 @@ for flag in --load --save --recipe; do
 done
 
 read -r -a extra <<< "${TORCHRUN_ARGS:-}"
-cmd=(torchrun --standalone --nnodes 1 --nproc-per-node "$(mg_nproc)" "${extra[@]}"
-     -m megatron_grow grow "${args[@]}")
+# `megatron-grow launch` is torchrun (same options) that keeps the workers' exit codes (2 bad input,
+# 3 preempted and saved) and forwards SIGTERM/SIGUSR1 to them (docs/launching.md).
+cmd=("${PYTHON:-python}" -m megatron_grow launch --standalone --nnodes 1 --nproc-per-node "$(mg_nproc)"
+     "${extra[@]}" grow "${args[@]}")
 if [[ "$dry_run" == 1 ]]; then
     mg_print_cmd "${cmd[@]}"
     exit 0

@@ -7,8 +7,8 @@
 # Every argument except --dry-run goes to `megatron-grow train` unchanged. Processes: $NPROC,
 # else the GPUs `nvidia-smi -L` lists, else 1. --dry-run prints the torchrun command only.
 # Extra torchrun options: TORCHRUN_ARGS="--master-port 29600" (split on spaces).
-# Note: torchrun exits 1 whatever code the trainer exits with; the trainer's "preempted and
-# saved" code 3 survives only under scripts/slurm/node.sh (see docs/launching.md).
+# Exit code: the trainer's (0 done, 2 bad input, 3 stopped by SIGTERM/SIGUSR1 after saving), kept
+# through torchrun by `megatron-grow launch`. Python: $PYTHON (default: python).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=scripts/torchrun/common.sh
@@ -27,8 +27,10 @@ done
     || { echo "error: train.sh needs --config RECIPE.yaml (try --help)" >&2; exit 2; }
 
 read -r -a extra <<< "${TORCHRUN_ARGS:-}"
-cmd=(torchrun --standalone --nnodes 1 --nproc-per-node "$(mg_nproc)" "${extra[@]}"
-     -m megatron_grow train "${args[@]}")
+# `megatron-grow launch` is torchrun (same options) that keeps the workers' exit codes (2 bad input,
+# 3 preempted and saved) and forwards SIGTERM/SIGUSR1 to them (docs/launching.md).
+cmd=("${PYTHON:-python}" -m megatron_grow launch --standalone --nnodes 1 --nproc-per-node "$(mg_nproc)"
+     "${extra[@]}" train "${args[@]}")
 if [[ "$dry_run" == 1 ]]; then
     mg_print_cmd "${cmd[@]}"
     exit 0

@@ -274,6 +274,41 @@ def case_save_inside_load(ctx):
     ctx.expect = ["inside the source checkpoint", ctx.save]
 
 
+def case_save_contains_source(ctx):
+    # grow --load P/src --save P --overwrite: used to delete the source
+    ctx.save, ctx.args = ctx.tmp, ["--overwrite"]
+    ctx.expect = ["contains the source checkpoint", ctx.src]
+
+
+def case_save_is_link_to_source(ctx):
+    # used to delete the source's tracker, then fail with "Cannot call rmtree on a symbolic link"
+    ctx.save, ctx.args = os.path.join(ctx.tmp, "link"), ["--overwrite"]
+    os.symlink(ctx.src, ctx.save)
+    ctx.expect = ["--save " + ctx.save, "resolves to", "the source checkpoint"]
+
+
+def case_save_is_source_spelled_differently(ctx):
+    ctx.save, ctx.args = os.path.join(ctx.src, "iter_0000001", ".."), ["--overwrite"]
+    ctx.expect = ["the source checkpoint", ctx.src]
+
+
+def case_load_iteration_dir_save_its_run(ctx):
+    ctx.load, ctx.save, ctx.args = _ckpt(ctx), ctx.src, ["--overwrite"]
+    ctx.expect = ["contains the source checkpoint", "iter_0000001"]
+
+
+def case_binary_tracker(ctx):
+    with open(os.path.join(ctx.src, layout.TRACKER_FILENAME), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01")
+    ctx.expect = [layout.TRACKER_FILENAME, "not a text file"]
+
+
+def case_garbage_common_pt(ctx):
+    with open(os.path.join(_ckpt(ctx), "common.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 this is not a torch file" * 8)
+    ctx.expect = ["common.pt", "unreadable"]
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "depth_factor_1": case_depth_factor_1,
     "width_factor_1": case_width_factor_1,
@@ -293,6 +328,12 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "dst_not_empty": case_dst_not_empty,
     "recipe_without_growth": case_recipe_without_growth,
     "save_inside_load": case_save_inside_load,
+    "save_contains_source": case_save_contains_source,
+    "save_is_link_to_source": case_save_is_link_to_source,
+    "save_is_source_spelled_differently": case_save_is_source_spelled_differently,
+    "load_iteration_dir_save_its_run": case_load_iteration_dir_save_its_run,
+    "binary_tracker": case_binary_tracker,
+    "garbage_common_pt": case_garbage_common_pt,
 }
 
 
@@ -362,7 +403,7 @@ def test_bad_input_fails_cleanly_before_writing(case, bad_input_outcomes):
     assert proc.stdout.strip() == "", f"the command got past validation{where}"
     # Nothing written: --save is as it was (absent, or untouched when it existed), SRC unchanged.
     assert out.dst_after == out.dst_before, f"--save {ctx.save} was written to{where}"
-    if case != "dst_not_empty":
+    if out.dst_before is None:
         assert out.dst_after is None, where
     assert out.src_after == out.src_before, f"source checkpoint {ctx.src} changed{where}"
     assert os.path.exists(ctx.load) == out.load_existed, f"--load {ctx.load} was created{where}"
@@ -476,3 +517,107 @@ def test_killed_grow_leaves_no_valid_looking_partial_destination(source, overwri
     assert_grown(dst)
     assert not layout.incomplete_dirs(dst), os.listdir(dst)
     assert tree_digest(source) == source_digest, "the source checkpoint changed"
+
+
+# ------------------------------------------------------------------------------------------------
+# --overwrite replaces the destination only once the new checkpoint is complete
+
+
+def test_overwrite_crash_at_every_step_leaves_old_or_new_checkpoint(source, overwrite_run, tmp_path):
+    """Die (os._exit, no cleanup) at the 1st, 2nd, ... filesystem-changing call of the write and
+    swap of a grow --overwrite, until a run gets to the end. After each crash --save holds a
+    complete checkpoint: the old one (marked) or the new one. The old code removed the old
+    destination first, so a crash before the new one was in left nothing."""
+    assert overwrite_run.proc.returncode == 0, overwrite_run.proc.stderr
+    source_digest = tree_digest(source)
+    outcomes, crash_at = [], 0
+    while True:
+        crash_at += 1
+        assert crash_at <= 20, f"more than 20 filesystem calls: {outcomes}"
+        dst = str(tmp_path / f"crash{crash_at}")
+        shutil.copytree(overwrite_run.dst, dst)
+        with open(os.path.join(dst, "OLD"), "w", encoding="utf-8") as f:
+            f.write("the checkpoint that was here before\n")
+        argv = [sys.executable, "-m", "tests.distributed.crash_inject", str(crash_at)] + grow_argv(
+            source, dst, "--overwrite")[3:]
+        proc = run_and_reap(argv, str(tmp_path / f"crash{crash_at}.log"))
+        finished = "CALLS " in proc.stderr
+        if not finished:
+            assert proc.returncode == 9, f"call {crash_at}: rc {proc.returncode}\n{proc.stderr}"
+        assert_grown(dst)  # the tracker names a complete grown checkpoint whichever copy it is
+        which = "old" if os.path.exists(os.path.join(dst, "OLD")) else "new"
+        outcomes.append((crash_at, which))
+        assert tree_digest(source) == source_digest, f"call {crash_at}: the source checkpoint changed"
+        if finished:
+            assert proc.returncode == 0 and which == "new", proc.stderr
+            break
+    print(outcomes)
+    assert outcomes[0][1] == "old" and len(outcomes) >= 3, outcomes
+    # Whatever a crash left beside --save is cleared by the next grow.
+    proc = run_cli(grow_argv(source, str(tmp_path / "crash1"), "--overwrite"), threads=2)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "crash1")) == sorted([layout.TRACKER_FILENAME, "iter_0000001"])
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(("crash1.staging-", "crash1.retired-"))], \
+        os.listdir(tmp_path)
+
+
+def run_and_reap(argv: list[str], log: str) -> subprocess.CompletedProcess:
+    """Run in a new session; when the main process is gone (maybe by os._exit), SIGKILL what is left
+    of its session (MCore's shard-writer helpers), as a kill by a launcher or SLURM would."""
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(2), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=CLI_TIMEOUT)
+        finally:
+            _kill_group(proc)
+    with open(log, encoding="utf-8") as f:
+        text = f.read()
+    return subprocess.CompletedProcess(argv, rc, "", text)
+
+
+def test_read_only_save_is_refused_before_loading_the_source(source, tmp_path):
+    """--save on a read-only mount: exit 2, one line, before the source is read (the source here
+    is damaged too: the destination must be the error reported)."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user + mount namespace) is not available")
+    src = str(tmp_path / "src")
+    shutil.copytree(source, src)
+    ckpt = layout.iteration_dir(src, 1)
+    shard = os.path.join(ckpt, shards(ckpt)[0])
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    dst = str(ro / "grown")
+    argv = " ".join(grow_argv(src, dst))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro} && exec {argv}"],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), proc.stderr
+    assert "not writable" in lines[0] and dst in lines[0], lines[0]
+    assert proc.stdout.strip() == ""
+
+
+def test_full_disk_at_save_is_one_line_and_leaves_nothing(source, tmp_path):
+    """--save on a 256 KiB tmpfs (the grown checkpoint needs megabytes): exit 2, one line naming the
+    full disk, nothing left on that disk (no DST, no staging directory), the source unchanged."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user + mount namespace) is not available")
+    small = tmp_path / "small"
+    small.mkdir()
+    dst = str(small / "grown")
+    before = tree_digest(source)
+    argv = " ".join(grow_argv(source, dst))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c",
+                           f"mount -t tmpfs -o size=256k tmpfs {small} && {argv}; rc=$?; ls -A {small}; exit $rc"],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "no space left on device" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    listed = [line for line in proc.stdout.splitlines() if not line.startswith("[grow]")]
+    assert listed == [], f"left on the full disk: {listed}"
+    assert tree_digest(source) == before

@@ -105,7 +105,8 @@ def test_train_sh_dry_run():
                   "--dry-run", "training.lr=1e-4", "data.data_path=[/d/a, /d/b]"], env={"NPROC": "3"})
     assert result.returncode == 0, result.stderr
     assert command_lines(result.stdout) == [[
-        "torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "3", "-m", "megatron_grow", "train",
+        sys.executable, "-m", "megatron_grow", "launch", "--standalone", "--nnodes", "1", "--nproc-per-node", "3",
+        "train",
         "--config", "configs/recipes/17b_base.yaml", "--grow-from", "/ck/src",
         "training.lr=1e-4", "data.data_path=[/d/a, /d/b]"]]
 
@@ -121,7 +122,8 @@ def test_train_sh_nproc_default_and_torchrun_args():
     else:
         assert nproc >= 1
     assert cmd[cmd.index("--master-port") + 1] == "29600"
-    assert cmd[-5:] == ["-m", "megatron_grow", "train", "--config", "r.yaml"]
+    assert cmd[:4] == [sys.executable, "-m", "megatron_grow", "launch"]
+    assert cmd[-3:] == ["train", "--config", "r.yaml"]
 
 
 def test_train_sh_needs_config():
@@ -136,7 +138,8 @@ def test_grow_sh_dry_run():
                   "growth.seed=7"], env={"NPROC": "8"})
     assert result.returncode == 0, result.stderr
     assert command_lines(result.stdout) == [[
-        "torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "8", "-m", "megatron_grow", "grow",
+        sys.executable, "-m", "megatron_grow", "launch", "--standalone", "--nnodes", "1", "--nproc-per-node", "8",
+        "grow",
         "--load", "/ck/17b/iter_0143052", "--save", "/ck/35b", "--recipe", "configs/recipes/17b_to_35b_depth.yaml",
         "--pipeline-model-parallel-size", "1", "growth.seed=7"]]
 

@@ -173,3 +173,32 @@ def test_eval_samples_fix_the_validation_tokens_whatever_train_iters(data):
     d = build_datasets(free, MODEL, long, data["tok"]).valid
     assert (split_sizes(short)[1], split_sizes(long)[1]) == (24, 648) and len(d) > len(c) >= 24
     assert not torch.equal(validation_ids(c, n), validation_ids(d, n))
+
+
+def test_empty_or_damaged_dataset_is_named_before_training(data, tmp_path):
+    """Empty .bin/.idx files, a valid index of zero documents, and a garbage index: one DataError
+    each (MCore itself fails with AttributeError: 'IndexedDataset' object has no attribute 'bin_reader')."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_grow.data.datasets import check_prefixes
+
+    empty = str(tmp_path / "empty")
+    open(empty + ".bin", "wb").close()
+    open(empty + ".idx", "wb").close()
+    with pytest.raises(DataError, match=r"empty\.bin and .*empty\.idx are empty"):
+        check_prefixes([empty])
+
+    no_docs = str(tmp_path / "no_docs")  # written by MCore's own builder, finalized with nothing added
+    IndexedDatasetBuilder(no_docs + ".bin").finalize(no_docs + ".idx")
+    with pytest.raises(DataError, match="no_docs") as e:
+        check_prefixes([no_docs])
+    assert "empty" in str(e.value) or "no tokens" in str(e.value)
+
+    garbage = str(tmp_path / "garbage")
+    with open(garbage + ".bin", "wb") as f:
+        f.write(b"\x00" * 64)
+    with open(garbage + ".idx", "wb") as f:
+        f.write(b"this is not an MCore index" * 4)
+    with pytest.raises(DataError, match=r"garbage\.idx is unreadable"):
+        check_prefixes([garbage])
+    check_prefixes([data["a"]])  # a real dataset passes

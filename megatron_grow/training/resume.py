@@ -1,0 +1,121 @@
+"""What a resume or a ``--grow-from`` does when the recipe and the checkpoint disagree: never silently.
+
+* Architecture (:data:`ARCHITECTURE_FIELDS`): a resume whose recipe model differs from the one the
+  checkpoint records is refused, naming every differing field (shape differences would also be
+  caught tensor by tensor at load; these checks also catch top-k, RoPE base, norm epsilon ...).
+  ``--grow-from`` with a recipe ``model:`` (the source description) that disagrees with the
+  source's recorded architecture is refused the same way; a recipe that leaves ``model:`` at
+  the defaults uses the recorded one, and says so.
+* Schedule (:data:`SCHEDULE_FIELDS` of ``training:``): the recipe's values are applied, as
+  Megatron-LM's ``--override-opt_param-scheduler`` does: the scheduler keeps its step count and
+  takes the new peak/min LR, warmup, decay style and span (a longer ``train_iters`` extends the
+  decay to the new end). Each change is logged with both values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint.manifest import read_checkpoint_info
+from megatron_grow.config.schema import ModelConfig, Recipe
+from megatron_grow.errors import CheckpointError, GrowthError
+
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_moe_experts",
+    "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_score_function",
+    "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "qk_layernorm", "normalization",
+    "layernorm_epsilon", "gated_linear_unit", "add_bias_linear", "vocab_size", "position_embedding_type",
+    "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
+)
+SCHEDULE_FIELDS = ("train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_wsd_decay_iters",
+                   "lr_wsd_decay_style", "weight_decay")
+
+
+def architecture_differences(recorded: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """``field: checkpoint X, recipe Y`` for every architecture field that differs."""
+    from megatron_grow.models.mcore_config import padded_vocab_size
+
+    out = []
+    for name in ARCHITECTURE_FIELDS:
+        old, new = getattr(recorded, name), getattr(wanted, name)
+        if name == "vocab_size" and old in (new, padded_vocab_size(wanted)):
+            continue  # Megatron-LM records the padded size
+        if old != new:
+            out.append(f"{name}: checkpoint {old}, recipe {new}")
+    return out
+
+
+def check_resume_architecture(load_root: str, model: ModelConfig) -> None:
+    """Refuse resuming ``load_root`` with a model that is not the one it records."""
+    ckpt_dir, iteration = layout.resolve_checkpoint_dir(load_root)
+    recorded = read_checkpoint_info(ckpt_dir, iteration).model
+    if recorded is None:
+        return  # nothing recorded: the tensor-by-tensor check at load is all there is
+    diffs = architecture_differences(recorded, model)
+    if diffs:
+        raise CheckpointError(f"cannot resume {ckpt_dir}: the recipe's model differs from the checkpoint's ("
+                              + "; ".join(diffs) + "); fix model: in the recipe or start a new checkpoint.save")
+
+
+def grow_from_source_model(recipe_model: ModelConfig, recorded: ModelConfig | None, source: str,
+                           log: Callable[[str], None]) -> None:
+    """--grow-from: the recipe's model: section must describe the source, or be left at the defaults."""
+    if recorded is None:
+        return
+    diffs = architecture_differences(recorded, recipe_model)
+    if not diffs:
+        return
+    if recipe_model == ModelConfig():
+        log(f"[train] the recipe has no model: section; growing {source} as the architecture it records "
+            f"({recorded.num_layers} layers, {recorded.num_moe_experts} experts)")
+        return
+    raise GrowthError(f"--grow-from {source}: the recipe's model: section (the source description) differs from "
+                      "the architecture the source records (" + "; ".join(diffs) + "); fix model: in the recipe, "
+                      "or pass --source-config to say which is right")
+
+
+def check_save_vs_source(save: str | None, grow_from: str | None) -> None:
+    """Training never writes into (or over) the checkpoint it grows from."""
+    if not save:
+        return
+    if grow_from:
+        problem = layout.nesting(save, grow_from)
+        if problem:
+            raise GrowthError(f"checkpoint.save {save} {problem} the --grow-from source {grow_from}; the source "
+                              "is never modified, choose another checkpoint.save")
+    layout.probe_writable(save, "checkpoint.save")
+
+
+def schedule_differences(saved_recipe: dict | None, recipe: Recipe) -> list[tuple[str, object, object]]:
+    saved = (saved_recipe or {}).get("training") or {}
+    new = dataclasses.asdict(recipe.training)
+    return [(k, saved[k], new[k]) for k in SCHEDULE_FIELDS if k in saved and saved[k] != new[k]]
+
+
+def apply_recipe_schedule(optimizer, scheduler, recipe: Recipe, ckpt_dir: str, iteration: int,
+                          log: Callable[[str], None]):
+    """After a resume loaded the checkpoint's scheduler: the recipe's schedule values win, logged.
+
+    The schedule started at ``iteration - scheduler.num_steps`` (0, or the growth point); the new
+    one spans from there to the recipe's ``train_iters`` with the recipe's LR settings.
+    """
+    from megatron_grow.training.optimizer import build_scheduler
+
+    changes = schedule_differences(io.read_manifest(ckpt_dir).get("recipe"), recipe)
+    if not changes:
+        return scheduler
+    start = iteration - int(scheduler.num_steps)
+    state = scheduler.state_dict()
+    applied = build_scheduler(optimizer, recipe, recipe.training.train_iters - start, override=True)
+    # MCore's scheduler reads each param group's own max_lr/min_lr, which the optimizer load restored.
+    for group in optimizer.param_groups:
+        if "max_lr" in group:
+            group["max_lr"], group["min_lr"] = recipe.training.lr, recipe.training.min_lr
+    applied.load_state_dict(state)
+    what = ", ".join(f"{k} {old} -> {new}" for k, old, new in changes)
+    log(f"[train] the recipe's schedule differs from {ckpt_dir}'s; applying the recipe's: {what} "
+        f"(schedule from iteration {start} to {recipe.training.train_iters}; LR now "
+        f"{optimizer.param_groups[0]['lr']:.3e})")
+    return applied
