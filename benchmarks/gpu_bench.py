@@ -116,7 +116,7 @@ def write_recipe(path: str, shape: BenchShape, data: dict, steps: int, *, save: 
 def train_phase(recipe_path: str, overrides: list, grown_from: str | None = None) -> dict:
     """The trainer, as ``megatron-grow train`` runs it; ``grown_from`` resumes a grown checkpoint
     (whose architecture its manifest records)."""
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
     from megatron_grow.checkpoint.manifest import read_checkpoint_info
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.training.flops import training_flops_per_step
@@ -126,7 +126,7 @@ def train_phase(recipe_path: str, overrides: list, grown_from: str | None = None
     recipe = load_recipe(recipe_path, overrides)
     model = recipe.model
     if grown_from:
-        ckpt_dir, it = layout.resolve_checkpoint_dir(grown_from)
+        ckpt_dir, it = paths.resolve_checkpoint_dir(grown_from)
         recorded = read_checkpoint_info(ckpt_dir, it).model
         model = dataclasses.replace(recorded, moe_expert_backend=recipe.model.moe_expert_backend)
     t0 = time.perf_counter()

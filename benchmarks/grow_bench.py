@@ -156,7 +156,7 @@ def naive_main(src: str, dst: str, recipe_path: str, out_json: str) -> None:
     phases = {}
     import torch
 
-    from megatron_grow.checkpoint import io, layout
+    from megatron_grow.checkpoint import io, paths
     from megatron_grow.checkpoint.manifest import build_manifest
     from megatron_grow.config.loader import load_recipe, recipe_to_dict
     from megatron_grow.config.schema import ParallelConfig
@@ -180,7 +180,7 @@ def naive_main(src: str, dst: str, recipe_path: str, out_json: str) -> None:
     t = mark("init", t0)
     source = build_gpt_model(plan.source)
     t = mark("build_source", t)
-    ckpt, it = layout.resolve_checkpoint_dir(src)
+    ckpt, it = paths.resolve_checkpoint_dir(src)
     io.load_checkpoint(ckpt, io.model_sharded_state_dict([source]))
     t = mark("load", t)
     source_sd = source.state_dict()

@@ -31,7 +31,7 @@ from megatron_grow.analysis.sunk_cost import (
     describe_sunk,
     sunk_cost,
 )
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.errors import CheckpointError
 
@@ -94,12 +94,12 @@ def advise_run(run_dir: str, progress: Callable[[str], None] | None = None) -> d
     """Rows for every complete ``iter_*`` in ``run_dir`` and the recommended growth point."""
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory does not exist: {run_dir}")
-    iterations = layout.list_iterations(run_dir)
+    iterations = paths.list_iterations(run_dir)
     if not iterations:
         raise CheckpointError(f"no complete iter_NNNNNNN checkpoints (with metadata.json) in {run_dir}")
     rows = []
     for i, it in enumerate(iterations):
-        info = read_checkpoint_info(layout.iteration_dir(run_dir, it), it)
+        info = read_checkpoint_info(paths.iteration_dir(run_dir, it), it)
         sunk = sunk_cost(info)
         training = training_schedule(info)
         start = int(info.lineage[-1].get("source_iteration") or 0) if info.lineage else 0

@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import CheckpointInfo, read_checkpoint_info
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ModelConfig
@@ -106,7 +106,7 @@ def growth_target(model: ModelConfig, recipe_path: str, overrides: Iterable[str]
 def flops_report(path: str, grow_recipe: str | None = None, extra_tokens: int | None = None,
                  overrides: Iterable[str] = ()) -> dict:
     """Everything ``megatron-grow flops`` prints, as plain data."""
-    ckpt_dir, it = layout.resolve_checkpoint_dir(path)
+    ckpt_dir, it = paths.resolve_checkpoint_dir(path)
     info = read_checkpoint_info(ckpt_dir, it)
     sunk = sunk_cost(info)
     mode, why = recommended_mode(sunk)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.megatron_args import model_config_from_args
 from megatron_grow.config.loader import build_dataclass, load_recipe
 from megatron_grow.config.schema import ModelConfig
@@ -47,14 +47,14 @@ def recorded_architecture(ckpt_dir: str, manifest: dict | None = None,
     """What the checkpoint itself records (steps 2 and 3); ``(None, reason)`` when it records nothing."""
     manifest = io.read_manifest(ckpt_dir) if manifest is None else manifest
     if manifest.get("model"):
-        where = os.path.join(ckpt_dir, layout.MANIFEST_FILENAME)
+        where = os.path.join(ckpt_dir, paths.MANIFEST_FILENAME)
         return model_config_from_dict(manifest["model"], where), where
     common = load_common_state(ckpt_dir) if common is None else common
     args = common.get("args")
     if args is not None:
         where = f"Megatron-LM args in {os.path.join(ckpt_dir, 'common.pt')}"
         return model_config_from_args(args, where), where
-    return None, f"{ckpt_dir} has neither {layout.MANIFEST_FILENAME} nor Megatron-LM args in common.pt"
+    return None, f"{ckpt_dir} has neither {paths.MANIFEST_FILENAME} nor Megatron-LM args in common.pt"
 
 
 def resolve_architecture(ckpt_dir: str, source_config: str | ModelConfig | None = None) -> tuple[ModelConfig, str]:

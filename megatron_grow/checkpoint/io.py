@@ -1,6 +1,6 @@
 """Save and load ``torch_dist`` checkpoints through Megatron-Core ``dist_checkpointing``.
 
-Saves are atomic (see ``layout``): every rank writes its shards into
+Saves are atomic (see ``paths``): every rank writes its shards into
 ``iter_N.incomplete-<id>``; rank 0 adds the manifest, fsyncs, renames the directory to
 ``iter_N`` and only then rewrites the tracker.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.errors import CheckpointError
 from megatron_grow.parallel.collectives import broadcast_object, rank
 
@@ -53,8 +53,8 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    final = layout.iteration_dir(root, iteration)
-    staging = broadcast_object(f"{final}{layout.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
+    final = paths.iteration_dir(root, iteration)
+    staging = broadcast_object(f"{final}{paths.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
     needed = _bytes_to_write(sharded_state_dict)
     _on_rank0(lambda: _prepare_save_dir(root, staging, needed), staging, final)
     try:
@@ -66,7 +66,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     if _any_rank(local_error is not None):
         disk_full = rank() == 0 and _free_bytes(root) < needed  # torch often hides ENOSPC in its own errors
         if rank() == 0:
-            layout.remove_tree(staging)
+            paths.remove_tree(staging)
         disk_full = broadcast_object(disk_full)
         if disk_full:
             raise CheckpointError(f"saving {final} failed: no space left on device ({needed / 2**20:.1f} MiB "
@@ -83,26 +83,26 @@ def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dic
     """A new run directory at ``dest`` holding one checkpoint (collective); returns its ``iter_N``.
 
     The checkpoint is saved into ``<dest>.staging-<id>`` beside ``dest`` and then swapped in
-    (``layout.replace_dir``), so an existing ``dest`` is removed only after the new one is
+    (``paths.replace_dir``), so an existing ``dest`` is removed only after the new one is
     complete, and a crash at any moment leaves the old or the new run directory at ``dest``.
     A link at ``dest`` keeps pointing at the new directory.
     """
     real = os.path.realpath(dest)
     staging = broadcast_object(f"{real}{STAGING_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
     if rank() == 0:
-        layout.recover_retired(real)
+        paths.recover_retired(real)
         parent, name = os.path.split(real)
         if os.path.isdir(parent):
             for entry in os.listdir(parent):  # left by a killed earlier attempt
                 if entry.startswith(name + STAGING_MARK):
-                    layout.remove_tree(os.path.join(parent, entry))
+                    paths.remove_tree(os.path.join(parent, entry))
     try:
         save_checkpoint(staging, iteration, sharded_state_dict, manifest)
-        _on_rank0(lambda: layout.replace_dir(staging, real), staging, real)
+        _on_rank0(lambda: paths.replace_dir(staging, real), staging, real)
     finally:
         if rank() == 0 and os.path.lexists(staging):
-            layout.remove_tree(staging)
-    return layout.iteration_dir(dest, iteration)
+            paths.remove_tree(staging)
+    return paths.iteration_dir(dest, iteration)
 
 
 def _prepare_save_dir(root: str, staging: str, needed: int) -> None:
@@ -111,25 +111,25 @@ def _prepare_save_dir(root: str, staging: str, needed: int) -> None:
     if free < needed:
         raise CheckpointError(f"cannot save to {root}: no space left on device ({free / 2**20:.1f} MiB free, "
                               f"the checkpoint needs about {needed / 2**20:.1f} MiB)")
-    for kept in layout.retired_iteration_dirs(root):  # an interrupted re-save: keep one complete copy
-        layout.recover_retired(kept)
-    for stale in layout.incomplete_dirs(root):
+    for kept in paths.retired_iteration_dirs(root):  # an interrupted re-save: keep one complete copy
+        paths.recover_retired(kept)
+    for stale in paths.incomplete_dirs(root):
         shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(staging)
 
 
 def _finish_save(root: str, iteration: int, staging: str, final: str, manifest: dict,
                  keep_last: int | None) -> None:
-    with open(os.path.join(staging, layout.MANIFEST_FILENAME), "w", encoding="utf-8") as f:
+    with open(os.path.join(staging, paths.MANIFEST_FILENAME), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-    layout.fsync_tree(staging)
+    paths.fsync_tree(staging)
     # Re-saving an iteration swaps the copies in one step: the tracker never names a missing directory.
-    layout.replace_dir(staging, final)
-    layout.write_tracker(root, iteration)
+    paths.replace_dir(staging, final)
+    paths.write_tracker(root, iteration)
     if keep_last:
-        for old in layout.list_iterations(root)[:-keep_last]:
+        for old in paths.list_iterations(root)[:-keep_last]:
             if old != iteration:
-                shutil.rmtree(layout.iteration_dir(root, old), ignore_errors=True)
+                shutil.rmtree(paths.iteration_dir(root, old), ignore_errors=True)
 
 
 def _on_rank0(step, staging: str, final: str) -> None:
@@ -139,7 +139,7 @@ def _on_rank0(step, staging: str, final: str) -> None:
         try:
             step()
         except Exception as e:
-            layout.remove_tree(staging)
+            paths.remove_tree(staging)
             error = e
             message = str(_save_error(e, final))
     message = broadcast_object(message)
@@ -213,7 +213,7 @@ def _has_errno(error: BaseException, code: int, depth: int = 0) -> bool:
 
 def read_manifest(ckpt_dir: str) -> dict:
     """Our manifest in ``iter_N`` (empty for checkpoints written by Megatron-LM itself)."""
-    path = os.path.join(ckpt_dir, layout.MANIFEST_FILENAME)
+    path = os.path.join(ckpt_dir, paths.MANIFEST_FILENAME)
     if not os.path.isfile(path):
         return {}
     try:

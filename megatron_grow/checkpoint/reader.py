@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.errors import CheckpointError
 
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -100,7 +100,7 @@ class CheckpointReader:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self.ckpt_dir, self.iteration = layout.resolve_checkpoint_dir(path, iteration)
+        self.ckpt_dir, self.iteration = paths.resolve_checkpoint_dir(path, iteration)
         self.metadata = io.read_storage_metadata(self.ckpt_dir)
         io.check_shard_files(self.ckpt_dir, self.metadata)
         self._reader = FileSystemReader(self.ckpt_dir)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from megatron_grow.checkpoint import keys, layout
+from megatron_grow.checkpoint import keys, paths
 from megatron_grow.checkpoint.architecture import resolve_architecture
 from megatron_grow.cli._common import (
     add_layout_arguments,
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise GrowthError("--max-kl/--min-routing-share need the verify step; drop --no-verify")
     # SRC's architecture, resolved once: the layout is checked against the model grown from it,
     # and the growth and its verify use it.
-    source_model, _ = resolve_architecture(layout.resolve_checkpoint_dir(args.load)[0], args.source_config)
+    source_model, _ = resolve_architecture(paths.resolve_checkpoint_dir(args.load)[0], args.source_config)
     parallel = checked_layout(args, dataclasses.replace(recipe, model=source_model))
     try:
         summary = grow_checkpoint(args.load, args.save, recipe.growth, parallel, source_model=source_model,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.loader import load_recipe, recipe_to_dict
 from megatron_grow.config.schema import ModelConfig, Recipe
@@ -210,7 +210,7 @@ def train_phase_body(recipe_path: str) -> dict:
     if has_checkpoint(recipe.checkpoint.load):
         if recipe.growth is not None:  # the output of an offline grow: the weights are the grown model's
             model = grown_model_of(recipe.checkpoint.load, recipe.model, recipe.growth)
-        start_counters = dict(read_checkpoint_info(*layout.resolve_checkpoint_dir(recipe.checkpoint.load)).counters)
+        start_counters = dict(read_checkpoint_info(*paths.resolve_checkpoint_dir(recipe.checkpoint.load)).counters)
     elif recipe.growth is not None:
         raise RuntimeError(f"{recipe_path}: the grown checkpoint is missing under {recipe.checkpoint.load}")
     start_loss, valid_digest = evaluate_start(recipe, model)

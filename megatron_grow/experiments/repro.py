@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import torch
 from megatron.core.transformer.moe import moe_utils
 
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.config.check import built_model
 from megatron_grow.experiments import demo
 from megatron_grow.experiments.common import (
@@ -166,7 +166,7 @@ class _Plan:
                    checkpoint={"load": init, "save": None, "save_interval": self.size.grown_iters, "keep_last": 1})
         recipe, path = write_recipe(self.recipe_dir, name, raw)
         self.steps.append({"name": name, "kind": "grow_train", "recipe": path,
-                           "source": layout.iteration_dir(self.base_dir, from_iter), "grown": init})
+                           "source": paths.iteration_dir(self.base_dir, from_iter), "grown": init})
         self.meta[name] = {"model": built_model(recipe), "from_iteration": from_iter, "growth": growth}
         return self.meta[name]["model"]
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_grow.checkpoint import io, keys, layout
+from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
 from megatron_grow.checkpoint.manifest import CheckpointInfo, build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
@@ -93,7 +93,7 @@ def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelCo
                    iteration: int | None = None) -> GrowthSource:
     """Resolve the source checkpoint and the plan; every problem is raised before any tensor is read."""
     optimizer_state.check_carry_recipe(growth)
-    ckpt_dir, it = layout.resolve_checkpoint_dir(source_path, iteration)
+    ckpt_dir, it = paths.resolve_checkpoint_dir(source_path, iteration)
     storage = io.read_storage_metadata(ckpt_dir)
     io.check_shard_files(ckpt_dir, storage)
     optimizer_state.check_carry_source(growth, ckpt_dir, storage)  # carry needs model-space optimizer state
@@ -298,10 +298,10 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
     """
     protected = [source_root]
     parent = os.path.dirname(os.path.normpath(source_root))
-    if layout.is_iteration_dir(source_root) and os.path.isfile(os.path.join(parent, layout.TRACKER_FILENAME)):
+    if paths.is_iteration_dir(source_root) and os.path.isfile(os.path.join(parent, paths.TRACKER_FILENAME)):
         protected.append(parent)  # --load ROOT/iter_N: the whole run directory is the source
     for src in protected:
-        problem = layout.nesting(save, src)
+        problem = paths.nesting(save, src)
         if problem:
             raise GrowthError(f"--save {save} {problem} the source checkpoint {src}; the source is never "
                               "modified, choose another directory")
@@ -309,7 +309,7 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
         raise GrowthError(f"--save {save} exists and is not a directory")
     if os.path.isdir(save) and os.listdir(save) and not overwrite:
         raise GrowthError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
-    layout.probe_writable(save, "--save")
+    paths.probe_writable(save, "--save")
 
 
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: ParallelConfig, *,
@@ -406,11 +406,11 @@ def discard_grown(save: str, iteration: int) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank() == 0:
-        tracker = os.path.join(save, layout.TRACKER_FILENAME)
+        tracker = os.path.join(save, paths.TRACKER_FILENAME)
         if os.path.isfile(tracker):
             os.remove(tracker)
-            layout.fsync_dir(save)
-        shutil.rmtree(layout.iteration_dir(save, iteration), ignore_errors=True)
+            paths.fsync_dir(save)
+        shutil.rmtree(paths.iteration_dir(save, iteration), ignore_errors=True)
         if os.path.isdir(save) and not os.listdir(save):
             os.rmdir(save)
     if torch.distributed.is_initialized():

@@ -8,7 +8,7 @@ them": the architecture the checkpoint records, else the source grown by the ope
 
 from __future__ import annotations
 
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.schema import GrowthConfig, ModelConfig
 from megatron_grow.growth.plan import make_growth_plan
@@ -18,6 +18,6 @@ def grown_model_of(checkpoint_root: str, source_model: ModelConfig, growth: Grow
     """The model of the grown checkpoint under ``checkpoint_root`` (its tracker's iteration): as the
     checkpoint records it (``megatron_grow.json`` or Megatron-LM args), else ``source_model`` grown by
     ``growth`` (validated as any growth plan is)."""
-    ckpt_dir, iteration = layout.resolve_checkpoint_dir(checkpoint_root)
+    ckpt_dir, iteration = paths.resolve_checkpoint_dir(checkpoint_root)
     recorded = read_checkpoint_info(ckpt_dir, iteration).model
     return recorded if recorded is not None else make_growth_plan(source_model, growth).target

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_grow.checkpoint import io, keys, layout
+from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import (
     model_config_from_dict,
     recorded_architecture,
@@ -60,11 +60,11 @@ def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *
     SRC's architecture is resolved as every command resolves it, and only when SRC records none,
     taken from the grown checkpoint's own growth record.
     """
-    grown_dir, grown_it = layout.resolve_checkpoint_dir(grown_root)
+    grown_dir, grown_it = paths.resolve_checkpoint_dir(grown_root)
     grown = read_checkpoint_info(grown_dir, grown_it)
     if grown.model is None or not grown.lineage:
         raise CheckpointError(f"{grown_dir} records no growth lineage; it was not written by megatron-grow grow")
-    src_dir, _ = layout.resolve_checkpoint_dir(source_root)
+    src_dir, _ = paths.resolve_checkpoint_dir(source_root)
     record = grown.lineage[-1]
     source_cfg = _source_architecture(src_dir, source_model, record, grown_dir)
     plan = make_growth_plan(source_cfg, _growth_from_record(record))

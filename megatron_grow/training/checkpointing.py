@@ -50,7 +50,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from megatron_grow.checkpoint import io, keys, layout
+from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.loader import recipe_to_dict
@@ -129,7 +129,7 @@ def save_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
 
 
 def has_checkpoint(root: str | None) -> bool:
-    return bool(root) and os.path.isfile(os.path.join(root, layout.TRACKER_FILENAME))
+    return bool(root) and os.path.isfile(os.path.join(root, paths.TRACKER_FILENAME))
 
 
 def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optimizer, scheduler,
@@ -143,7 +143,7 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     """
     from megatron.core import dist_checkpointing
 
-    ckpt_dir, it = layout.resolve_checkpoint_dir(root)
+    ckpt_dir, it = paths.resolve_checkpoint_dir(root)
     info = read_checkpoint_info(ckpt_dir, it)
     models = [unwrap(c) for c in chunks]
     state = io.model_sharded_state_dict(models)

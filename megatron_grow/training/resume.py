@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError, GrowthError
@@ -49,7 +49,7 @@ def architecture_differences(recorded: ModelConfig, wanted: ModelConfig) -> list
 
 def check_resume_architecture(load_root: str, model: ModelConfig) -> None:
     """Refuse resuming ``load_root`` with a model that is not the one it records."""
-    ckpt_dir, iteration = layout.resolve_checkpoint_dir(load_root)
+    ckpt_dir, iteration = paths.resolve_checkpoint_dir(load_root)
     recorded = read_checkpoint_info(ckpt_dir, iteration).model
     if recorded is None:
         return  # nothing recorded: the tensor-by-tensor check at load is all there is
@@ -81,11 +81,11 @@ def check_save_vs_source(save: str | None, grow_from: str | None) -> None:
     if not save:
         return
     if grow_from:
-        problem = layout.nesting(save, grow_from)
+        problem = paths.nesting(save, grow_from)
         if problem:
             raise GrowthError(f"checkpoint.save {save} {problem} the --grow-from source {grow_from}; the source "
                               "is never modified, choose another checkpoint.save")
-    layout.probe_writable(save, "checkpoint.save")
+    paths.probe_writable(save, "checkpoint.save")
 
 
 def schedule_differences(saved_recipe: dict | None, recipe: Recipe) -> list[tuple[str, object, object]]:

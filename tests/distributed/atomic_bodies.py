@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.errors import CheckpointError
 from megatron_grow.parallel.init import initialize_distributed
@@ -48,8 +48,8 @@ def _numel(ckpt_dir: str) -> int:
 def tracker_state(root: str) -> dict:
     """What a loader finds: the tracked iteration and its value, or the error it gets."""
     try:
-        iteration = layout.read_tracker(root)
-        return {"iteration": iteration, "value": stored_value(layout.iteration_dir(root, iteration))}
+        iteration = paths.read_tracker(root)
+        return {"iteration": iteration, "value": stored_value(paths.iteration_dir(root, iteration))}
     except CheckpointError as e:
         return {"error": str(e)}
 
@@ -84,9 +84,9 @@ def resave_with_crash(root: str, crash_at: int, exchange: bool) -> dict:
         return wrapper
 
     patches = [mock.patch(f"{mod}.{name}", counted(getattr(sys.modules[mod], name))) for mod, name in MUTATING]
-    if hasattr(layout, "exchange_paths"):
-        real_exchange = layout.exchange_paths
-        patches.append(mock.patch.object(layout, "exchange_paths",
+    if hasattr(paths, "exchange_paths"):
+        real_exchange = paths.exchange_paths
+        patches.append(mock.patch.object(paths, "exchange_paths",
                                          counted(real_exchange) if exchange else (lambda a, b: False)))
     crashed = None
     with contextlib_stack(patches):
@@ -98,7 +98,7 @@ def resave_with_crash(root: str, crash_at: int, exchange: bool) -> dict:
     save(root, 3, 3.0)
     kept = {}
     for it in (2, 3):
-        d = layout.iteration_dir(root, it)
+        d = paths.iteration_dir(root, it)
         kept[it] = stored_value(d) if os.path.isdir(d) else None
     return {"crashed": crashed, "after_crash": after_crash, "kept": kept, "calls": calls["n"],
             "left": sorted(os.listdir(root))}

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
 from megatron_grow.models.builder import build_gpt_model, build_model_chunks
 from megatron_grow.models.forward import forward_logits
@@ -56,7 +56,7 @@ def load_forward(model: ModelConfig, parallel: ParallelConfig, root: str, resave
     """Build in ``parallel``, load the checkpoint under ``root``, return logits (and optionally re-save)."""
     initialize_distributed(parallel, seed=99)  # a different init seed: everything must come from the load
     chunks = build_model_chunks(model, parallel)
-    ckpt, _ = layout.resolve_checkpoint_dir(root)
+    ckpt, _ = paths.resolve_checkpoint_dir(root)
     io.load_checkpoint(ckpt, io.model_sharded_state_dict(chunks))
     if resave_root:
         io.save_checkpoint(resave_root, 1, io.model_sharded_state_dict(chunks), test_manifest(model))
@@ -86,7 +86,7 @@ def plain_tensors(ckpt_root: str) -> dict:
     from megatron.core import dist_checkpointing
 
     initialize_distributed(ParallelConfig())
-    ckpt, _ = layout.resolve_checkpoint_dir(ckpt_root)
+    ckpt, _ = paths.resolve_checkpoint_dir(ckpt_root)
     return {k: v.clone() for k, v in dist_checkpointing.load_plain_tensors(ckpt).items()
             if isinstance(v, torch.Tensor)}
 
@@ -104,14 +104,14 @@ def oracle_vs_sharded(source_root: str, grown_root: str, growth) -> dict:
     from megatron_grow.growth.reference import grow_state_dict
 
     initialize_distributed(ParallelConfig())
-    src_dir, it = layout.resolve_checkpoint_dir(source_root)
+    src_dir, it = paths.resolve_checkpoint_dir(source_root)
     src_model = read_checkpoint_info(src_dir, it).model
     plan = make_growth_plan(src_model, growth)
     source = build_gpt_model(src_model)
     io.load_checkpoint(src_dir, io.model_sharded_state_dict([source]))
     oracle = grow_state_dict(source.state_dict(), plan)
     grown = build_gpt_model(plan.target)
-    io.load_checkpoint(layout.resolve_checkpoint_dir(grown_root)[0], io.model_sharded_state_dict([grown]))
+    io.load_checkpoint(paths.resolve_checkpoint_dir(grown_root)[0], io.model_sharded_state_dict([grown]))
     sharded = grown.state_dict()
     keep = lambda sd: {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
     return {"oracle": keep(oracle), "sharded": keep(sharded)}
@@ -155,7 +155,7 @@ def _sigterm_self_once_saved(run_dir: str) -> None:
     import threading
     import time
 
-    tracker = os.path.join(run_dir, layout.TRACKER_FILENAME)
+    tracker = os.path.join(run_dir, paths.TRACKER_FILENAME)
 
     def watch():
         while not os.path.exists(tracker):

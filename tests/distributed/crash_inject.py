@@ -22,7 +22,7 @@ MUTATING = [(os, "rename"), (os, "replace"), (os, "remove"), (shutil, "rmtree")]
 def main() -> int:
     crash_at, argv = int(sys.argv[1]), sys.argv[2:]
     from megatron_grow.__main__ import main as cli_main
-    from megatron_grow.checkpoint import io, layout
+    from megatron_grow.checkpoint import io, paths
 
     state = {"armed": False, "calls": 0}
     main_pid = os.getpid()
@@ -49,7 +49,7 @@ def main() -> int:
     with ExitStack() as stack:
         for module, name in MUTATING:
             stack.enter_context(mock.patch.object(module, name, counted(getattr(module, name))))
-        stack.enter_context(mock.patch.object(layout, "exchange_paths", counted(layout.exchange_paths)))
+        stack.enter_context(mock.patch.object(paths, "exchange_paths", counted(paths.exchange_paths)))
         stack.enter_context(mock.patch.object(io, "save_checkpoint_replacing", armed))
         code = cli_main(argv)
     print(f"CALLS {state['calls']}", file=sys.stderr)

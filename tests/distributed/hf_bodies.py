@@ -44,12 +44,12 @@ def import_in_layouts(cases: list, layouts: dict) -> dict:
 
 def grow_and_forward(source_root: str, grown_root: str, growth, parallel: ParallelConfig):
     """Offline growth of ``source_root`` (the real grow_checkpoint), then our logits of the grown model."""
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
     from megatron_grow.checkpoint.manifest import read_checkpoint_info
     from megatron_grow.growth.grow import grow_checkpoint
 
     grow_checkpoint(source_root, grown_root, growth, parallel, progress=False)
-    ckpt, it = layout.resolve_checkpoint_dir(grown_root)
+    ckpt, it = paths.resolve_checkpoint_dir(grown_root)
     model = read_checkpoint_info(ckpt, it).model
     result = load_forward(model, parallel, grown_root)
     return None if result is None else {"logits": result["logits"], "vocab": model.vocab_size}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.models.routing import unwrap
@@ -13,7 +13,7 @@ from tests.distributed.bodies import train_body
 
 
 def _recorded_model(recipe):
-    ckpt, it = layout.resolve_checkpoint_dir(recipe.checkpoint.load)
+    ckpt, it = paths.resolve_checkpoint_dir(recipe.checkpoint.load)
     return read_checkpoint_info(ckpt, it).model or recipe.model
 
 
@@ -83,7 +83,7 @@ def factories_after_shape_check(root: str) -> tuple[int, int]:
     from megatron_grow.parallel.init import initialize_distributed
 
     initialize_distributed(ParallelConfig())
-    ckpt, it = layout.resolve_checkpoint_dir(root)
+    ckpt, it = paths.resolve_checkpoint_dir(root)
     chunks = build_model_chunks(read_checkpoint_info(ckpt, it).model, ParallelConfig())
     sd = io.model_sharded_state_dict(chunks)
     count = lambda: sum(isinstance(x, ShardedTensorFactory) for x in _leaves(sd))

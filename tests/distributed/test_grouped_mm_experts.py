@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.config.schema import DepthGrowthConfig, GrowthConfig, ParallelConfig, WidthGrowthConfig
 from megatron_grow.models.builder import build_gpt_model
 from megatron_grow.models.forward import causal_attention_mask, position_ids_for
@@ -98,7 +98,7 @@ def compare_backends(parallel: ParallelConfig, seq_root: str, grp_root: str) -> 
     io.save_checkpoint(seq_root, 1, io.model_sharded_state_dict([seq]), manifest_for(SEQUENTIAL))
     torch.manual_seed(99)  # a different init: every grouped weight must come from the checkpoint
     grp = build_gpt_model(GROUPED, parallel)
-    io.load_checkpoint(layout.resolve_checkpoint_dir(seq_root)[0], io.model_sharded_state_dict([grp]))
+    io.load_checkpoint(paths.resolve_checkpoint_dir(seq_root)[0], io.model_sharded_state_dict([grp]))
     io.save_checkpoint(grp_root, 1, io.model_sharded_state_dict([grp]), manifest_for(GROUPED))
     batches = probe_batches(SEQUENTIAL)
     loss_seq, loss_grp = _forward_backward(seq, batches), _forward_backward(grp, batches)
@@ -144,7 +144,7 @@ def grouped_checkpoint_roundtrip(root_in: str, root_out: str) -> bool:
     grp = build_gpt_model(GROUPED, parallel)
     io.save_checkpoint(root_in, 1, io.model_sharded_state_dict([grp]), manifest_for(GROUPED))
     seq = build_gpt_model(SEQUENTIAL, parallel)
-    io.load_checkpoint(layout.resolve_checkpoint_dir(root_in)[0], io.model_sharded_state_dict([seq]))
+    io.load_checkpoint(paths.resolve_checkpoint_dir(root_in)[0], io.model_sharded_state_dict([seq]))
     io.save_checkpoint(root_out, 1, io.model_sharded_state_dict([seq]), manifest_for(SEQUENTIAL))
     return True
 

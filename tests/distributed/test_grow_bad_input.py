@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
@@ -111,10 +111,10 @@ def tree_digest(root: str) -> dict | None:
 
 def assert_complete_checkpoint(root: str) -> tuple[str, int]:
     """The tracker names an iteration whose every shard byte range exists; returns (dir, iteration)."""
-    iteration = layout.read_tracker(root)
-    ckpt = layout.iteration_dir(root, iteration)
+    iteration = paths.read_tracker(root)
+    ckpt = paths.iteration_dir(root, iteration)
     io.check_shard_files(ckpt)
-    assert os.path.isfile(os.path.join(ckpt, layout.MANIFEST_FILENAME)), f"{ckpt} has no manifest"
+    assert os.path.isfile(os.path.join(ckpt, paths.MANIFEST_FILENAME)), f"{ckpt} has no manifest"
     assert os.path.isfile(os.path.join(ckpt, "common.pt")), f"{ckpt} has no common.pt"
     return ckpt, iteration
 
@@ -173,7 +173,7 @@ def _model_yaml(ctx: Ctx, name: str, **model) -> str:
 
 
 def _ckpt(ctx: Ctx) -> str:
-    return layout.iteration_dir(ctx.src, 1)
+    return paths.iteration_dir(ctx.src, 1)
 
 
 def case_depth_factor_1(ctx):
@@ -218,12 +218,12 @@ def case_source_missing(ctx):
 
 
 def case_no_tracker(ctx):
-    os.remove(os.path.join(ctx.src, layout.TRACKER_FILENAME))
-    ctx.expect = [layout.TRACKER_FILENAME, ctx.src]
+    os.remove(os.path.join(ctx.src, paths.TRACKER_FILENAME))
+    ctx.expect = [paths.TRACKER_FILENAME, ctx.src]
 
 
 def case_tracker_names_missing_iteration(ctx):
-    layout.write_tracker(ctx.src, 7)
+    paths.write_tracker(ctx.src, 7)
     ctx.expect = ["iteration 7", "iter_0000007"]
 
 
@@ -298,9 +298,9 @@ def case_load_iteration_dir_save_its_run(ctx):
 
 
 def case_binary_tracker(ctx):
-    with open(os.path.join(ctx.src, layout.TRACKER_FILENAME), "wb") as f:
+    with open(os.path.join(ctx.src, paths.TRACKER_FILENAME), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01")
-    ctx.expect = [layout.TRACKER_FILENAME, "not a text file"]
+    ctx.expect = [paths.TRACKER_FILENAME, "not a text file"]
 
 
 def case_garbage_common_pt(ctx):
@@ -441,7 +441,7 @@ def test_overwrite_replaces_non_empty_destination(overwrite_run):
     assert run.proc.returncode == 0, f"stdout:\n{run.proc.stdout}\nstderr:\n{run.proc.stderr}"
     assert_grown(run.dst)
     left = sorted(os.listdir(run.dst))
-    assert left == sorted([layout.TRACKER_FILENAME, "iter_0000001"]), f"stale files survived: {left}"
+    assert left == sorted([paths.TRACKER_FILENAME, "iter_0000001"]), f"stale files survived: {left}"
     assert run.src_after == run.src_before, "the source checkpoint changed"
 
 
@@ -489,7 +489,7 @@ def test_killed_grow_leaves_no_valid_looking_partial_destination(source, overwri
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 rc, killed = proc.returncode, True
-        tracker = os.path.join(dst, layout.TRACKER_FILENAME)
+        tracker = os.path.join(dst, paths.TRACKER_FILENAME)
         context = f"run {i} (seed {seed}, delay {delay:.2f}s of a {full:.2f}s run, killed={killed}, rc={rc})"
         if not killed:
             assert rc == 0, f"{context}: {open(str(tmp_path / f'kill{i}.stderr')).read()}"
@@ -501,7 +501,7 @@ def test_killed_grow_leaves_no_valid_looking_partial_destination(source, overwri
             state = "complete"
         else:
             with pytest.raises(CheckpointError):
-                layout.read_tracker(dst)
+                paths.read_tracker(dst)
             state = "no tracker" + (f" ({len(os.listdir(dst))} entries)" if os.path.isdir(dst) else ", absent")
         report.append(f"{context}: {state}")
         assert tree_digest(source) == source_digest, f"{context}: the source checkpoint changed"
@@ -510,12 +510,12 @@ def test_killed_grow_leaves_no_valid_looking_partial_destination(source, overwri
 
     # A later grow with --overwrite into a destination a kill left behind succeeds.
     leftovers = [i for i in range(n) if os.path.isdir(str(tmp_path / f"kill{i}"))
-                 and not os.path.exists(str(tmp_path / f"kill{i}" / layout.TRACKER_FILENAME))]
+                 and not os.path.exists(str(tmp_path / f"kill{i}" / paths.TRACKER_FILENAME))]
     dst = str(tmp_path / f"kill{(leftovers or [0])[0]}")
     proc = run_cli(grow_argv(source, dst, "--overwrite"), threads=2)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert_grown(dst)
-    assert not layout.incomplete_dirs(dst), os.listdir(dst)
+    assert not paths.incomplete_dirs(dst), os.listdir(dst)
     assert tree_digest(source) == source_digest, "the source checkpoint changed"
 
 
@@ -556,7 +556,7 @@ def test_overwrite_crash_at_every_step_leaves_old_or_new_checkpoint(source, over
     # Whatever a crash left beside --save is cleared by the next grow.
     proc = run_cli(grow_argv(source, str(tmp_path / "crash1"), "--overwrite"), threads=2)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(tmp_path / "crash1")) == sorted([layout.TRACKER_FILENAME, "iter_0000001"])
+    assert sorted(os.listdir(tmp_path / "crash1")) == sorted([paths.TRACKER_FILENAME, "iter_0000001"])
     assert not [n for n in os.listdir(tmp_path) if n.startswith(("crash1.staging-", "crash1.retired-"))], \
         os.listdir(tmp_path)
 
@@ -584,7 +584,7 @@ def test_read_only_save_is_refused_before_loading_the_source(source, tmp_path):
         pytest.skip("unshare -rm (user + mount namespace) is not available")
     src = str(tmp_path / "src")
     shutil.copytree(source, src)
-    ckpt = layout.iteration_dir(src, 1)
+    ckpt = paths.iteration_dir(src, 1)
     shard = os.path.join(ckpt, shards(ckpt)[0])
     os.truncate(shard, os.path.getsize(shard) // 2)
     ro = tmp_path / "ro"

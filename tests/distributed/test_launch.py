@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from tests.distributed.conftest import REPO, write_recipe
 
 TIMEOUT = 400
@@ -92,9 +92,9 @@ def test_signal_to_launcher_saves_and_exits_3(kjv_dataset, tmp_path, sig):
     proc.send_signal(sig)
     rc, out = _finish(proc, log)
     assert rc == 3, out[-3000:]
-    iteration = layout.read_tracker(str(tmp_path / "run"))
+    iteration = paths.read_tracker(str(tmp_path / "run"))
     assert iteration >= 2, out[-3000:]
-    io.check_shard_files(layout.iteration_dir(str(tmp_path / "run"), iteration))
+    io.check_shard_files(paths.iteration_dir(str(tmp_path / "run"), iteration))
     assert "exiting with code 3" in out and "Traceback" not in out, out[-3000:]
 
 
@@ -126,6 +126,6 @@ def test_signal_during_start_up_never_gives_a_traceback(kjv_dataset, tmp_path):
         assert "Traceback" not in out, f"{context}\n{out[-3000:]}"
         assert rc in (3, 128 + signal.SIGTERM), f"{context}: rc {rc}\n{out[-3000:]}"
         if rc == 3:
-            iteration = layout.read_tracker(str(run_dir))
-            io.check_shard_files(layout.iteration_dir(str(run_dir), iteration))
+            iteration = paths.read_tracker(str(run_dir))
+            io.check_shard_files(paths.iteration_dir(str(run_dir), iteration))
     print(f"seed {seed}: (delay s, exit code) {outcomes}")

@@ -240,9 +240,9 @@ def grown(sources, recipe_path, tmp_path_factory):
 
 
 def read_all(ckpt_root: str) -> dict:
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
 
-    return run_in_processes(plain_tensors, 1, (layout.resolve_checkpoint_dir(ckpt_root)[0],))[0]
+    return run_in_processes(plain_tensors, 1, (paths.resolve_checkpoint_dir(ckpt_root)[0],))[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,10 +285,10 @@ def test_grown_tensors_match_the_definition(sources, grown, sname):
 
 def test_grown_checkpoints_load_strictly_into_stock_mcore(grown):
     for (sname, tname), dst in grown.items():
-        from megatron_grow.checkpoint import layout
+        from megatron_grow.checkpoint import paths
 
         te = TARGETS[tname][2] == "te"
-        n = run_in_processes(strict_load_into_stock_model, 1, (layout.resolve_checkpoint_dir(dst)[0], te))[0]
+        n = run_in_processes(strict_load_into_stock_model, 1, (paths.resolve_checkpoint_dir(dst)[0], te))[0]
         assert n > 0, f"{sname}->{tname}: nothing loaded"
 
 
@@ -296,10 +296,10 @@ def test_grown_checkpoint_carries_megatron_lm_state(grown):
     """What Megatron-LM's load_checkpoint / check_checkpoint_args read, and our own resolution of it."""
     from megatron.core import dist_checkpointing
 
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
     from megatron_grow.checkpoint.megatron_args import model_config_from_args
 
-    ckpt, it = layout.resolve_checkpoint_dir(grown[("local_ep2", "tp2_te")])
+    ckpt, it = paths.resolve_checkpoint_dir(grown[("local_ep2", "tp2_te")])
     common = dist_checkpointing.load_common_state_dict(ckpt)
     assert it == ITERATION and common["iteration"] == ITERATION and common["checkpoint_version"] == 3.0
     assert common["num_floating_point_operations_so_far"] == 1.5e15
@@ -343,10 +343,10 @@ def test_train_grow_from_a_megatron_lm_checkpoint(sources, kjv_dataset, tmp_path
                                 "width": {"factor": 2, "noise": "none"}})
     argv = ["train", "--config", path, "--grow-from", sources["te_tp2"]]
     assert run_in_processes(cli_main, 2, (argv + ["parallel.expert_model_parallel_size=2"],)) == [0, 0]
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
     from megatron_grow.checkpoint.manifest import read_checkpoint_info
 
-    ckpt, it = layout.resolve_checkpoint_dir(str(run_dir))
+    ckpt, it = paths.resolve_checkpoint_dir(str(run_dir))
     info = read_checkpoint_info(ckpt, it)
     assert it == ITERATION + 2
     assert (info.model.num_layers, info.model.num_moe_experts) == (2 * L, 2 * E)
@@ -355,7 +355,7 @@ def test_train_grow_from_a_megatron_lm_checkpoint(sources, kjv_dataset, tmp_path
 
 def test_train_resumes_a_te_named_grown_checkpoint(grown, kjv_dataset, tmp_path):
     """A checkpoint grown under TE names loads into this machine's (local-spec) model on resume."""
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
     from megatron_grow.checkpoint.manifest import read_checkpoint_info
 
     src = grown[("te_tp2", "tp2_te")]
@@ -367,7 +367,7 @@ def test_train_resumes_a_te_named_grown_checkpoint(grown, kjv_dataset, tmp_path)
                                 "width": {"factor": 2, "noise": "none"}})
     argv = ["train", "--config", path, "parallel.expert_model_parallel_size=2"]
     assert run_in_processes(cli_main, 2, (argv,)) == [0, 0]
-    ckpt, it = layout.resolve_checkpoint_dir(str(run_dir))
+    ckpt, it = paths.resolve_checkpoint_dir(str(run_dir))
     info = read_checkpoint_info(ckpt, it)
     assert it == ITERATION + 1 and (info.model.num_layers, info.model.num_moe_experts) == (2 * L, 2 * E)
 
@@ -387,14 +387,14 @@ UNSUPPORTED = [
 @pytest.fixture(scope="module")
 def bad_args_sources(sources, tmp_path_factory):
     """Copies of the EP=2 source whose common.pt args each carry one unsupported value."""
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
 
     out = {}
-    src_dir, _ = layout.resolve_checkpoint_dir(sources["local_ep2"])
+    src_dir, _ = paths.resolve_checkpoint_dir(sources["local_ep2"])
     for name, value in UNSUPPORTED:
         root = str(tmp_path_factory.mktemp(f"bad_{name}") / "ckpt")
         shutil.copytree(sources["local_ep2"], root)
-        common_path = os.path.join(layout.iteration_dir(root, ITERATION), "common.pt")
+        common_path = os.path.join(paths.iteration_dir(root, ITERATION), "common.pt")
         common = torch.load(common_path, weights_only=False)
         setattr(common["args"], name, value)
         torch.save(common, common_path)

@@ -22,7 +22,7 @@ import os
 import pytest
 import torch
 
-from megatron_grow.checkpoint import keys, layout
+from megatron_grow.checkpoint import keys, paths
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
@@ -44,7 +44,7 @@ LAYOUTS = {
 
 
 def _iter_dir(root, iteration=None):
-    return layout.resolve_checkpoint_dir(str(root), iteration)[0]
+    return paths.resolve_checkpoint_dir(str(root), iteration)[0]
 
 
 @pytest.fixture(scope="module")

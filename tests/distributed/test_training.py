@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed.bodies import train_body, train_sequence, train_straight_then_preempted
@@ -73,9 +73,9 @@ def test_sigterm_saves_and_exits(kjv_dataset, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 3, err[-2000:]
-    iteration = layout.read_tracker(str(tmp_path / "run"))
+    iteration = paths.read_tracker(str(tmp_path / "run"))
     assert iteration >= 2
-    io.check_shard_files(layout.iteration_dir(str(tmp_path / "run"), iteration))
+    io.check_shard_files(paths.iteration_dir(str(tmp_path / "run"), iteration))
     assert "exiting with code 3" in out
 
 
@@ -106,12 +106,12 @@ def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(kjv_dataset, t
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        staging = layout.incomplete_dirs(str(run_dir))
+        staging = paths.incomplete_dirs(str(run_dir))
         mid_save += bool(staging)
-        iteration = layout.read_tracker(str(run_dir))  # the tracker names a complete checkpoint
+        iteration = paths.read_tracker(str(run_dir))  # the tracker names a complete checkpoint
         context = f"kill {attempt} (seed {KILL_SEED}, {delay:.3f}s after a save, tracker {iteration})"
-        io.check_shard_files(layout.iteration_dir(str(run_dir), iteration))
-        manifest = io.read_manifest(layout.iteration_dir(str(run_dir), iteration))
+        io.check_shard_files(paths.iteration_dir(str(run_dir), iteration))
+        manifest = io.read_manifest(paths.iteration_dir(str(run_dir), iteration))
         assert manifest["counters"]["iteration"] == iteration, context
         report.append(f"{context}: {'inside a save' if staging else 'between saves'}")
     print("\n".join(report))
@@ -134,7 +134,7 @@ def test_grow_from_trains_and_verifies(kjv_dataset, tmp_path):
     out = run_in_processes(train_body, 2, (grow_recipe, [], str(tmp_path / "base")))[0]
     assert [i for i, _ in out["train_losses"]] == [4, 5]  # continues from the base's iteration 3
     assert out["counters"]["sunk_flops"] > 0 and out["counters"]["flops_so_far"] > out["counters"]["sunk_flops"]
-    manifest = io.read_manifest(layout.iteration_dir(str(tmp_path / "grown"), 5))
+    manifest = io.read_manifest(paths.iteration_dir(str(tmp_path / "grown"), 5))
     assert manifest["model"]["num_layers"] == 8 and manifest["model"]["num_moe_experts"] == 16
     assert manifest["lineage"][-1]["source_iteration"] == 3
     metrics = run_in_processes(verify_growth, 2, (str(tmp_path / "base"), str(tmp_path / "grown"),
@@ -195,9 +195,9 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(kjv_datase
     message = err.strip().splitlines()[-1]
     assert "non-finite" in message or "loss is nan" in message or "gradient norm is" in message, message
     assert "Traceback" not in err
-    last_good = layout.read_tracker(str(tmp_path / "run"))
+    last_good = paths.read_tracker(str(tmp_path / "run"))
     assert f"iter_{last_good:07d}" in message  # the message names the checkpoint left in place
-    io.check_shard_files(layout.iteration_dir(str(tmp_path / "run"), last_good))
+    io.check_shard_files(paths.iteration_dir(str(tmp_path / "run"), last_good))
 
 
 @pytest.mark.parametrize("name,world,parallel", [

@@ -61,10 +61,10 @@ def test_grown_checkpoint_verified(demo_run):
     assert r["models"]["base"]["experts"] * 2 == r["models"]["grown"]["experts"]
     assert r["models"]["base"]["topk"] * 2 == r["models"]["grown"]["topk"]
     # The offline growth output is a real checkpoint that records its lineage.
-    from megatron_grow.checkpoint import layout
+    from megatron_grow.checkpoint import paths
     from megatron_grow.checkpoint.manifest import read_checkpoint_info
 
-    ckpt_dir, iteration = layout.resolve_checkpoint_dir(r["checkpoints"]["grown_init"])
+    ckpt_dir, iteration = paths.resolve_checkpoint_dir(r["checkpoints"]["grown_init"])
     info = read_checkpoint_info(ckpt_dir, iteration)
     assert iteration == r["size"]["base_iters"]
     assert info.model.num_layers == r["models"]["grown"]["layers"]

@@ -86,7 +86,7 @@ def deterministic_train_sequence(runs: list) -> list:
 
 def grown_vs_oracle(source_root: str, grown_root: str, growth) -> dict:
     """The grown checkpoint loaded on the GPU vs the plain-tensor oracle applied on the CPU."""
-    from megatron_grow.checkpoint import io, layout
+    from megatron_grow.checkpoint import io, paths
     from megatron_grow.checkpoint.manifest import read_checkpoint_info
     from megatron_grow.growth.plan import make_growth_plan
     from megatron_grow.growth.reference import grow_state_dict
@@ -94,7 +94,7 @@ def grown_vs_oracle(source_root: str, grown_root: str, growth) -> dict:
     from megatron_grow.parallel.init import initialize_distributed
 
     initialize_distributed(ParallelConfig())
-    src_dir, it = layout.resolve_checkpoint_dir(source_root)
+    src_dir, it = paths.resolve_checkpoint_dir(source_root)
     plan = make_growth_plan(read_checkpoint_info(src_dir, it).model, growth)
     source = build_gpt_model(plan.source)
     io.load_checkpoint(src_dir, io.model_sharded_state_dict([source]))
@@ -102,7 +102,7 @@ def grown_vs_oracle(source_root: str, grown_root: str, growth) -> dict:
                         if isinstance(v, torch.Tensor) and "_extra_state" not in k}
     oracle = grow_state_dict(plain(source.state_dict()), plan)
     grown = build_gpt_model(plan.target)
-    io.load_checkpoint(layout.resolve_checkpoint_dir(grown_root)[0], io.model_sharded_state_dict([grown]))
+    io.load_checkpoint(paths.resolve_checkpoint_dir(grown_root)[0], io.model_sharded_state_dict([grown]))
     device = str(source.output_layer.weight.device)
     return {"oracle": plain(oracle), "sharded": plain(grown.state_dict()), "device": device}
 
@@ -111,7 +111,7 @@ def backends_side_by_side(dtype_name: str, seq_root: str, grp_root: str) -> dict
     """Sequential model saved; grouped_mm model loads it; both run forward+backward on the GPU."""
     import dataclasses
 
-    from megatron_grow.checkpoint import io, layout
+    from megatron_grow.checkpoint import io, paths
     from megatron_grow.models.builder import build_gpt_model
     from megatron_grow.models.forward import causal_attention_mask, position_ids_for
     from megatron_grow.parallel.init import initialize_distributed
@@ -124,7 +124,7 @@ def backends_side_by_side(dtype_name: str, seq_root: str, grp_root: str) -> dict
     seq = build_gpt_model(cfg, params_dtype=dtype, use_te=False)
     io.save_checkpoint(seq_root, 1, io.model_sharded_state_dict([seq]), test_manifest(cfg))
     grp = build_gpt_model(grouped_cfg, params_dtype=dtype)
-    io.load_checkpoint(layout.resolve_checkpoint_dir(seq_root)[0], io.model_sharded_state_dict([grp]))
+    io.load_checkpoint(paths.resolve_checkpoint_dir(seq_root)[0], io.model_sharded_state_dict([grp]))
     io.save_checkpoint(grp_root, 1, io.model_sharded_state_dict([grp]), test_manifest(grouped_cfg))
     tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_length), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(0))

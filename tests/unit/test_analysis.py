@@ -11,7 +11,7 @@ import torch
 
 from megatron_grow.analysis.advice import advise_run, decay_start, lr_phase
 from megatron_grow.analysis.weight_norms import largest_drop, rms
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import build_manifest
 from megatron_grow.checkpoint.reader import CheckpointReader, checkpoint_name
 from megatron_grow.errors import CheckpointError
@@ -24,12 +24,12 @@ def _dcp_checkpoint(root, tensors: dict) -> str:
     """A plain torch DCP checkpoint (one chunk per tensor) in Megatron-LM's layout."""
     import torch.distributed.checkpoint as dcp
 
-    ckpt = layout.iteration_dir(str(root), 7)
+    ckpt = paths.iteration_dir(str(root), 7)
     os.makedirs(ckpt)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(ckpt), no_dist=True)
     with open(os.path.join(ckpt, "metadata.json"), "w") as f:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, f)
-    layout.write_tracker(str(root), 7)
+    paths.write_tracker(str(root), 7)
     return ckpt
 
 
@@ -132,14 +132,14 @@ FC = chinchilla_flops(count_params(MODEL).activated)
 def _manifest_run(root, points, training=None) -> str:
     """Checkpoint directories holding only their description (advise reads no tensors)."""
     for it, fc_multiple in points:
-        d = layout.iteration_dir(str(root), it)
+        d = paths.iteration_dir(str(root), it)
         os.makedirs(d)
         with open(os.path.join(d, "metadata.json"), "w") as f:
             json.dump({"sharded_backend": "torch_dist"}, f)
         counters = {"iteration": it, "consumed_tokens": it * 1000, "flops_so_far": fc_multiple * FC}
         m = build_manifest(model=MODEL, layout={}, counters=counters, lineage=[],
                            recipe={"training": training} if training else None)
-        with open(os.path.join(d, layout.MANIFEST_FILENAME), "w") as f:
+        with open(os.path.join(d, paths.MANIFEST_FILENAME), "w") as f:
             json.dump(m, f)
     return str(root)
 
@@ -181,7 +181,7 @@ def test_advise_megatron_lm_checkpoint_without_manifest(tmp_path):
 
     m = MODEL
     for it in (100, 200):
-        d = layout.iteration_dir(str(tmp_path), it)
+        d = paths.iteration_dir(str(tmp_path), it)
         os.makedirs(d)
         with open(os.path.join(d, "metadata.json"), "w") as f:
             json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import ModelConfig
@@ -41,7 +41,7 @@ def hf_origin(ckpt_dir: str, depth: int = 8) -> dict | None:
         src = record.get("source_path")
         if depth > 0 and src and os.path.isdir(src):
             try:
-                parent, _ = layout.resolve_checkpoint_dir(src, record.get("source_iteration"))
+                parent, _ = paths.resolve_checkpoint_dir(src, record.get("source_iteration"))
             except Exception:
                 continue
             found = hf_origin(parent, depth - 1)
@@ -124,7 +124,7 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    ckpt_dir, iteration = layout.resolve_checkpoint_dir(load)
+    ckpt_dir, iteration = paths.resolve_checkpoint_dir(load)
     info = read_checkpoint_info(ckpt_dir, iteration)
     if info.model is None:
         raise InteropError(f"{ckpt_dir} does not record its architecture (no megatron_grow.json model section)")

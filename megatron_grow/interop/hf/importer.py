@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from megatron_grow.checkpoint import io, layout
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.architecture import model_config_from_dict
 from megatron_grow.checkpoint.manifest import build_manifest, empty_counters
 from megatron_grow.config.layout_rules import model_layout_problems
@@ -141,4 +141,4 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
             "model": model, "world_size": ctx.world_size,
             "layout": f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}",
             "bytes_read": int(totals.item()), "seconds": time.perf_counter() - t0,
-            "tracker": layout.TRACKER_FILENAME}
+            "tracker": paths.TRACKER_FILENAME}

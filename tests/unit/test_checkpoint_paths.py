@@ -1,4 +1,4 @@
-"""checkpoint.layout: tracker reading, directory replacement, source/destination path rules."""
+"""checkpoint.paths: tracker reading, directory replacement, source/destination path rules."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from megatron_grow.checkpoint import layout
+from megatron_grow.checkpoint import paths
 from megatron_grow.errors import CheckpointError
 
 
@@ -18,16 +18,16 @@ def _root_with_iteration(tmp_path, iteration=5):
 
 def test_binary_tracker_is_a_checkpoint_error(tmp_path):
     root = _root_with_iteration(tmp_path)
-    (root / layout.TRACKER_FILENAME).write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
+    (root / paths.TRACKER_FILENAME).write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
     with pytest.raises(CheckpointError, match="not a text file") as e:
-        layout.read_tracker(str(root))
-    assert layout.TRACKER_FILENAME in str(e.value) and "\n" not in str(e.value)
+        paths.read_tracker(str(root))
+    assert paths.TRACKER_FILENAME in str(e.value) and "\n" not in str(e.value)
 
 
 def test_text_tracker_still_reads(tmp_path):
     root = _root_with_iteration(tmp_path)
-    (root / layout.TRACKER_FILENAME).write_text("5\n")
-    assert layout.read_tracker(str(root)) == 5
+    (root / paths.TRACKER_FILENAME).write_text("5\n")
+    assert paths.read_tracker(str(root)) == 5
 
 
 def _tree(path, marker):
@@ -44,11 +44,11 @@ def _marker(path):
 @pytest.mark.parametrize("exchange", [True, False])
 def test_replace_dir_swaps_in_new_and_removes_old(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(layout, "exchange_paths", lambda a, b: False)
+        monkeypatch.setattr(paths, "exchange_paths", lambda a, b: False)
     new, dest = str(tmp_path / "new"), str(tmp_path / "dest")
     _tree(dest, "old")
     _tree(new, "new")
-    layout.replace_dir(new, dest)
+    paths.replace_dir(new, dest)
     assert _marker(dest) == "new"
     assert sorted(os.listdir(tmp_path)) == ["dest"]
 
@@ -57,18 +57,18 @@ def test_exchange_paths_is_atomic_swap(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     _tree(a, "A")
     _tree(b, "B")
-    if not layout.exchange_paths(a, b):
+    if not paths.exchange_paths(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this platform/filesystem")
     assert (_marker(a), _marker(b)) == ("B", "A")
 
 
 def test_recover_retired_puts_old_copy_back(tmp_path):
     dest = str(tmp_path / "dest")
-    _tree(dest + layout.RETIRED_MARK + "abcd", "old")
-    layout.recover_retired(dest)
+    _tree(dest + paths.RETIRED_MARK + "abcd", "old")
+    paths.recover_retired(dest)
     assert _marker(dest) == "old" and sorted(os.listdir(tmp_path)) == ["dest"]
-    _tree(dest + layout.RETIRED_MARK + "ef01", "older")  # dest exists: the retired copy is dropped
-    layout.recover_retired(dest)
+    _tree(dest + paths.RETIRED_MARK + "ef01", "older")  # dest exists: the retired copy is dropped
+    paths.recover_retired(dest)
     assert _marker(dest) == "old" and sorted(os.listdir(tmp_path)) == ["dest"]
 
 
@@ -77,11 +77,11 @@ def test_same_or_nested_resolves_links(tmp_path):
     src.mkdir(parents=True)
     link = tmp_path / "link"
     link.symlink_to(src)
-    assert layout.same_or_nested(str(link), str(src))
-    assert layout.same_or_nested(str(tmp_path / "p"), str(src))        # DST contains SRC
-    assert layout.same_or_nested(str(src / "grown"), str(src))         # DST inside SRC
-    assert layout.same_or_nested(str(tmp_path / "p" / "." / "src"), str(src))
-    assert not layout.same_or_nested(str(tmp_path / "p" / "src2"), str(src))  # a prefix is not a parent
+    assert paths.same_or_nested(str(link), str(src))
+    assert paths.same_or_nested(str(tmp_path / "p"), str(src))        # DST contains SRC
+    assert paths.same_or_nested(str(src / "grown"), str(src))         # DST inside SRC
+    assert paths.same_or_nested(str(tmp_path / "p" / "." / "src"), str(src))
+    assert not paths.same_or_nested(str(tmp_path / "p" / "src2"), str(src))  # a prefix is not a parent
 
 
 def test_probe_writable_refuses_read_only_directory(tmp_path):
@@ -93,8 +93,8 @@ def test_probe_writable_refuses_read_only_directory(tmp_path):
             pytest.skip("running as root: permissions do not stop writes (the read-only mount case is "
                         "tested in tests/distributed/test_grow_bad_input.py)")
         with pytest.raises(CheckpointError, match="not writable"):
-            layout.probe_writable(str(ro / "dst"), "--save")
+            paths.probe_writable(str(ro / "dst"), "--save")
     finally:
         os.chmod(ro, 0o755)
-    layout.probe_writable(str(tmp_path / "new" / "dst"), "--save")  # a missing dir under a writable one
+    paths.probe_writable(str(tmp_path / "new" / "dst"), "--save")  # a missing dir under a writable one
     assert sorted(os.listdir(tmp_path)) == ["ro"]  # the probe leaves nothing behind
