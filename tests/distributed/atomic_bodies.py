@@ -157,6 +157,9 @@ def failing_save(root: str) -> dict:
 if __name__ == "__main__":  # python -m tests.distributed.atomic_bodies fill ROOT SMALL BIG (world size 1)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    from megatron_grow.platform import cpu
+
+    cpu.apply_cpu_adaptations()  # this process is an entry point
     result = fill_disk_then_save(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "mid")
     print("RESULT " + json.dumps(result))
     shutil.rmtree(sys.argv[2], ignore_errors=True)
