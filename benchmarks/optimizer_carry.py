@@ -93,21 +93,20 @@ def base_body(recipe_path: str) -> dict:
 def grow_and_train_body(source: str, grown: str, recipe_path: str) -> dict:
     """Offline growth (the recipe's growth: section, optimizer mode included), validation of the grown
     weights before any step, then training -- all as ``megatron-grow grow`` / ``train`` run them."""
-    from megatron_grow.cli.train import _resumed_model
     from megatron_grow.config.loader import load_recipe, recipe_to_dict
     from megatron_grow.growth.grow import grow_checkpoint
-    from megatron_grow.training.checkpointing import load_training_checkpoint
+    from megatron_grow.growth.grown_model import grown_model_of
     from megatron_grow.training.trainer import Trainer
 
     recipe = load_recipe(recipe_path)
     grow_checkpoint(source, grown, recipe.growth, recipe.parallel, recipe_dict=recipe_to_dict(recipe),
                     overwrite=True, seed=recipe.training.seed, progress=False)
-    model = _resumed_model(recipe)
+    model = grown_model_of(recipe.checkpoint.load, recipe.model, recipe.growth)
     ev = Trainer(recipe, model=model, progress=False)
-    ev._build()
-    load_training_checkpoint(recipe.checkpoint.load, ev.chunks, None, None, load_optim=False)
-    ev._data()
-    start = ev._evaluate()
+    ev.build()
+    ev.load_weights(recipe.checkpoint.load)
+    ev.build_data()
+    start = ev.evaluate()
     del ev
     run = Trainer(recipe, model=model, progress=False).run()
     return {"start": start, "valid_losses": run.valid_losses, "train_losses": run.train_losses}

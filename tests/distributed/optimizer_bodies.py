@@ -22,15 +22,12 @@ def resave_body(recipe_path: str, overrides: list) -> str:
     unchanged to ``checkpoint.save``: the same training state, written by this layout."""
     recipe = load_recipe(recipe_path, overrides)
     trainer = Trainer(recipe, model=_recorded_model(recipe))
-    trainer._build()
+    trainer.build()
     scheduler = build_scheduler(trainer.optimizer, recipe, recipe.training.train_iters)
     counters, lineage, _, _ = load_training_checkpoint(recipe.checkpoint.load, trainer.chunks, trainer.optimizer,
                                                        scheduler)
-    ctx = trainer.ctx
-    layout_info = dict(tp=ctx.layout.tp, pp=ctx.layout.pp, ep=ctx.layout.ep, etp=ctx.layout.etp, dp=trainer.dp,
-                       world_size=ctx.world_size)
     return save_training_checkpoint(recipe.checkpoint.save, trainer.chunks, trainer.optimizer, scheduler, recipe,
-                                    trainer.model_cfg, counters, lineage, layout_info)
+                                    trainer.model_cfg, counters, lineage, trainer.ctx.layout.as_record())
 
 
 def resave_and_resume(resave: tuple, resumes: list) -> list:
@@ -48,12 +45,12 @@ def one_step(recipe_path: str, overrides: list) -> dict:
     """
     recipe = load_recipe(recipe_path, overrides)
     trainer = Trainer(recipe, model=_recorded_model(recipe))
-    trainer._build()
+    trainer.build()
     scheduler = build_scheduler(trainer.optimizer, recipe, recipe.training.train_iters)
     counters, _, _, _ = load_training_checkpoint(recipe.checkpoint.load, trainer.chunks, trainer.optimizer,
                                                  scheduler)
-    trainer._data()
-    batches = trainer._batches(trainer.datasets.train, counters["consumed_samples"])
+    trainer.build_data()
+    batches = trainer.train_batches(counters["consumed_samples"])
     micro = [next(batches) for _ in range(trainer.num_micro)]
     model = unwrap(trainer.chunks[0])
     params = dict(model.named_parameters())

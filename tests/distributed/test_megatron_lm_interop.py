@@ -336,7 +336,9 @@ def test_recipe_parallel_is_checked_against_the_grown_model():
 
 def test_train_grow_from_a_megatron_lm_checkpoint(sources, kjv_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    path = write_recipe(tmp_path / "train.yaml", kjv_dataset, run_dir,
+    # The recipe's model: describes the source as a user's would (a disagreement is refused, naming
+    # the field: tests/distributed/test_resume_rules.py).
+    path = write_recipe(tmp_path / "train.yaml", kjv_dataset, run_dir, model={"num_layers": L},
                         training={"train_iters": ITERATION + 2, "lr_decay_style": "constant"},
                         checkpoint={"save_interval": 2},
                         growth={"order": ["depth", "width"], "depth": {"factor": 2},

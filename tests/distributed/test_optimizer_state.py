@@ -170,20 +170,17 @@ def test_grown_checkpoint_keeps_the_step_and_resumes_in_another_layout(source, g
     with open(recipe, "a") as f:
         f.write("growth:\n  order: [depth, width]\n  depth: {mode: interposition, factor: 2}\n"
                 "  width: {factor: 2, noise: gaussian, alpha: 0.01}\n  optimizer: carry\n")
-    from megatron_grow.cli.train import _resumed_model
-
     out = run_in_processes(_train_grown, 2, (recipe,))[0]
     assert [i for i, _ in out["train_losses"]] == [4]
     assert steps(dist_checkpointing.load_common_state_dict(_iter_dir(tmp_path / "run"))["optimizer"]) == {4.0}
-    assert _resumed_model  # the CLI's rule for the model of a grown resume is what _train_grown uses
 
 
 def _train_grown(recipe_path):
-    from megatron_grow.cli.train import _resumed_model
+    from megatron_grow.growth.grown_model import grown_model_of
     from megatron_grow.training.trainer import Trainer
 
-    recipe = load_recipe(recipe_path)
-    run = Trainer(recipe, model=_resumed_model(recipe)).run()
+    recipe = load_recipe(recipe_path)  # the model of a grown resume, by the rule `megatron-grow train` uses
+    run = Trainer(recipe, model=grown_model_of(recipe.checkpoint.load, recipe.model, recipe.growth)).run()
     return {"train_losses": run.train_losses}
 
 
