@@ -6,7 +6,8 @@
   ``--grow-from`` with a recipe ``model:`` (the source description) that disagrees with the
   source's recorded architecture is refused the same way; a recipe that leaves ``model:`` at
   the defaults uses the recorded one, and says so.
-* Schedule (:data:`SCHEDULE_FIELDS` of ``training:``): the recipe's values are applied, as
+* Schedule (``training:``'s LR, warmup, decay and weight decay against the loaded scheduler's own
+  state, :func:`scheduler_differences`): the recipe's values are applied, as
   Megatron-LM's ``--override-opt_param-scheduler`` does: the scheduler keeps its step count and
   takes the new peak/min LR, warmup, decay style and span (a longer ``train_iters`` extends the
   decay to the new end). Each change is logged with both values.
@@ -14,10 +15,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
-from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError, GrowthError
@@ -29,8 +29,6 @@ ARCHITECTURE_FIELDS = (
     "layernorm_epsilon", "gated_linear_unit", "add_bias_linear", "vocab_size", "position_embedding_type",
     "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
 )
-SCHEDULE_FIELDS = ("train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_wsd_decay_iters",
-                   "lr_wsd_decay_style", "weight_decay")
 
 
 def architecture_differences(recorded: ModelConfig, wanted: ModelConfig) -> list[str]:
@@ -88,26 +86,23 @@ def check_save_vs_source(save: str | None, grow_from: str | None) -> None:
     paths.probe_writable(save, "checkpoint.save")
 
 
-def schedule_differences(saved_recipe: dict | None, recipe: Recipe) -> list[tuple[str, object, object]]:
-    saved = (saved_recipe or {}).get("training") or {}
-    new = dataclasses.asdict(recipe.training)
-    return [(k, saved[k], new[k]) for k in SCHEDULE_FIELDS if k in saved and saved[k] != new[k]]
-
 
 def apply_recipe_schedule(optimizer, scheduler, recipe: Recipe, ckpt_dir: str, iteration: int,
                           log: Callable[[str], None]):
     """After a resume loaded the checkpoint's scheduler: the recipe's schedule values win, logged.
 
     The schedule started at ``iteration - scheduler.num_steps`` (0, or the growth point); the new
-    one spans from there to the recipe's ``train_iters`` with the recipe's LR settings.
+    one spans from there to the recipe's ``train_iters`` with the recipe's LR settings. What is
+    compared is the loaded scheduler's own state (the schedule the run was actually following),
+    so a checkpoint re-saved by another run compares the same as the original.
     """
     from megatron_grow.training.optimizer import build_scheduler
 
-    changes = schedule_differences(io.read_manifest(ckpt_dir).get("recipe"), recipe)
-    if not changes:
-        return scheduler
     start = iteration - int(scheduler.num_steps)
     state = scheduler.state_dict()
+    changes = scheduler_differences(state, recipe, start)
+    if not changes:
+        return scheduler
     applied = build_scheduler(optimizer, recipe, recipe.training.train_iters - start, override=True)
     # MCore's scheduler reads each param group's own max_lr/min_lr, which the optimizer load restored.
     for group in optimizer.param_groups:
@@ -119,3 +114,18 @@ def apply_recipe_schedule(optimizer, scheduler, recipe: Recipe, ckpt_dir: str, i
         f"(schedule from iteration {start} to {recipe.training.train_iters}; LR now "
         f"{optimizer.param_groups[0]['lr']:.3e})")
     return applied
+
+
+def scheduler_differences(state: dict, recipe: Recipe, start: int) -> list[tuple[str, object, object]]:
+    """``(training field, loaded, recipe)`` for every value of a loaded MCore scheduler state (a schedule
+    that began at iteration ``start``) that the recipe sets differently; spans are reported as the
+    ``train_iters`` they end at (the arithmetic of ``build_scheduler``)."""
+    t = recipe.training
+    steps = max(t.train_iters - start, 1)
+    loaded = {"lr": state.get("max_lr"), "min_lr": state.get("min_lr"),
+              "lr_warmup_iters": state.get("lr_warmup_steps"),
+              "train_iters": None if state.get("lr_decay_steps") is None else start + state["lr_decay_steps"],
+              "lr_decay_style": state.get("lr_decay_style"), "weight_decay": state.get("start_wd")}
+    wanted = {"lr": t.lr, "min_lr": t.min_lr, "lr_warmup_iters": min(t.lr_warmup_iters, steps),
+              "train_iters": start + steps, "lr_decay_style": t.lr_decay_style, "weight_decay": t.weight_decay}
+    return [(k, loaded[k], v) for k, v in wanted.items() if loaded[k] is not None and loaded[k] != v]
