@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_grow.platform import cpu
 
     cpu.apply_cpu_adaptations()
-    code = run_with_clean_errors(args._run, args)
+    try:
+        code = run_with_clean_errors(args._run, args)
+    finally:
+        if argv[0] == "train":
+            from megatron_grow.parallel.preemption import restore_stop_signals
+
+            restore_stop_signals()
     record_exit_code(code)  # for `megatron-grow launch` (torchrun itself keeps only "failed")
     return code
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,14 @@ def _init_worker(model_file: str, append_eod: bool, dtype: str) -> None:
     _worker_tokenizer = Tokenizer(model_file)
     _worker_eod = _worker_tokenizer.eod if append_eod else None
     _worker_dtype = np.dtype(dtype)
+
+
+def _init_pool_worker(model_file: str, append_eod: bool, dtype: str) -> None:
+    # Pool.terminate() stops workers with SIGTERM: a handler inherited from the parent (a training
+    # process remembers SIGTERM to save first) would make a worker ignore it and the join hang.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    _init_worker(model_file, append_eod, dtype)
 
 
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
@@ -157,7 +166,7 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
 
     start = time.perf_counter()
     init_args = (tokenizer.model_file, append_eod, token_dtype.name)
-    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) if workers > 1 else None
+    pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args) if workers > 1 else None
     builder = IndexedDatasetBuilder(tmp_bin, dtype=token_dtype.type)
     try:
         if pool is None:

@@ -15,6 +15,7 @@ import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _pending: int | None = None
+_previous: dict = {}
 
 
 def _remember(signum, frame) -> None:
@@ -25,7 +26,18 @@ def _remember(signum, frame) -> None:
 def defer_stop_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _remember)
+            _previous.setdefault(sig, signal.signal(sig, _remember))
+
+
+def restore_stop_signals() -> None:
+    """Undo :func:`defer_stop_signals` when the command is over (it may run inside another program,
+    e.g. a test; a handler left behind would make forked workers ignore SIGTERM)."""
+    global _pending
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in _previous.items():
+            signal.signal(sig, handler)
+    _previous.clear()
+    _pending = None
 
 
 def pending_signal() -> int | None:
