@@ -10,6 +10,7 @@ validation tokens whatever its ``train_iters`` (the bodies record a SHA-256 of t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -283,3 +284,12 @@ def model_summary(model: ModelConfig, gbs: int, seq: int) -> dict:
     return {"params": count_params(model).as_dict(), "layers": model.num_layers,
             "experts": model.num_moe_experts, "topk": model.moe_router_topk,
             "flops_per_step": training_flops_per_step(model, gbs, seq)}
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON; dataclasses (e.g. a ``ModelConfig`` in a grow summary) as their fields."""
+    def plain(o):
+        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=plain)

@@ -30,7 +30,6 @@ is printed (``table.txt``). Only the sizes differ between CPU and GPU (``SIZES``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -59,6 +58,7 @@ from megatron_grow.experiments.common import (
     spawn,
     train_phase_body,
     training_section,
+    write_json,
     write_recipe,
 )
 
@@ -213,8 +213,7 @@ def _write_outputs(workdir: str, results: dict) -> None:
     with open(os.path.join(workdir, "table.txt"), "w") as f:
         f.write(table + "\n")
     results["plot"] = write_plot(results, os.path.join(workdir, "loss_vs_flops.png"))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(workdir, "results.json"), results)
     _say(f"wrote {results['plot']}, {os.path.join(workdir, 'results.json')}, {os.path.join(workdir, 'table.txt')}")
 
 

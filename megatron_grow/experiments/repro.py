@@ -32,7 +32,6 @@ Outputs in WORKDIR: ``results.json`` (every number), ``results.md`` (the tables)
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -62,6 +61,7 @@ from megatron_grow.experiments.common import (
     spawn,
     train_phase_body,
     training_section,
+    write_json,
     write_recipe,
 )
 from megatron_grow.experiments.repro_report import format_markdown, write_plots
@@ -263,8 +263,7 @@ def _write_outputs(workdir: str, summary: dict) -> None:
     summary["markdown"] = md
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(md + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(workdir, "results.json"), summary)
     print(md, flush=True)
     _say(f"wrote {os.path.join(workdir, 'results.md')}, results.json and {len(summary['plots'])} plots")
 
