@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_grow.config.check import expert_backend_problems
+from megatron_grow.errors import ConfigError
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -164,8 +165,9 @@ def _stacked_factory(param: torch.Tensor, expert_entries: list) -> ShardedTensor
     @torch.no_grad()
     def build(key: str, t: torch.Tensor, replica_id, flattened_range):
         if flattened_range is not None:
-            raise NotImplementedError("grouped_mm experts: flattened (fully sharded) optimizer state is not supported; "
-                                      "use the dp_reshardable distributed-optimizer format")
+            raise ConfigError(["model.moe_expert_backend: grouped_mm experts cannot save or load optimizer state "
+                               "in a flattened (dp_reshardable / fully_sharded) format; training checkpoints use "
+                               "the model-space format (fully_reshardable), which works"])
         # Callers rename the factory's key (MCore moves "layers.<i>." into an axis, the optimizer prepends
         # its own prefix); the same prefix rewrite applies to every key built here.
         old_prefix, new_prefix = _renamed_prefix(base_key, key)
