@@ -17,15 +17,22 @@ def _recorded_model(recipe):
     return read_checkpoint_info(ckpt, it).model or recipe.model
 
 
-def resave_body(recipe_path: str, overrides: list) -> str:
-    """Load ``checkpoint.load`` in this run's layout (weights, optimizer, scheduler, RNG) and save it
-    unchanged to ``checkpoint.save``: the same training state, written by this layout."""
-    recipe = load_recipe(recipe_path, overrides)
+def _loaded_trainer(recipe):
+    """A built trainer with ``checkpoint.load`` loaded (weights, optimizer, scheduler, RNG) in this
+    run's layout: (trainer, scheduler, counters, lineage)."""
     trainer = Trainer(recipe, model=_recorded_model(recipe))
     trainer.build()
     scheduler = build_scheduler(trainer.optimizer, recipe, recipe.training.train_iters)
     counters, lineage, _, _ = load_training_checkpoint(recipe.checkpoint.load, trainer.chunks, trainer.optimizer,
                                                        scheduler)
+    return trainer, scheduler, counters, lineage
+
+
+def resave_body(recipe_path: str, overrides: list) -> str:
+    """Load ``checkpoint.load`` in this run's layout (weights, optimizer, scheduler, RNG) and save it
+    unchanged to ``checkpoint.save``: the same training state, written by this layout."""
+    recipe = load_recipe(recipe_path, overrides)
+    trainer, scheduler, counters, lineage = _loaded_trainer(recipe)
     return save_training_checkpoint(recipe.checkpoint.save, trainer.chunks, trainer.optimizer, scheduler, recipe,
                                     trainer.model_cfg, counters, lineage, trainer.ctx.layout.as_record())
 
@@ -44,11 +51,7 @@ def one_step(recipe_path: str, overrides: list) -> dict:
     Adam state before the step (by parameter key) and the loss.
     """
     recipe = load_recipe(recipe_path, overrides)
-    trainer = Trainer(recipe, model=_recorded_model(recipe))
-    trainer.build()
-    scheduler = build_scheduler(trainer.optimizer, recipe, recipe.training.train_iters)
-    counters, _, _, _ = load_training_checkpoint(recipe.checkpoint.load, trainer.chunks, trainer.optimizer,
-                                                 scheduler)
+    trainer, _, counters, _ = _loaded_trainer(recipe)
     trainer.build_data()
     batches = trainer.train_batches(counters["consumed_samples"])
     micro = [next(batches) for _ in range(trainer.num_micro)]
