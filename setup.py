@@ -33,6 +33,7 @@ setup(
         "wandb",
         "pyyaml>=6",
         "matplotlib",
+        "scipy",  # Student t intervals of the reproduction over seeds
         "tqdm",
     ],
     extras_require={

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_grow.errors import UserInputError
 from megatron_grow.experiments.demo import run_demo
 
 
@@ -33,6 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.ranks is not None and args.ranks < 1:
-        raise SystemExit("--ranks must be >= 1")
+        raise UserInputError("--ranks must be >= 1")
     run_demo(workdir=args.workdir, texts=args.text, size=args.size, reduced=args.reduced, ranks=args.ranks)
     return 0

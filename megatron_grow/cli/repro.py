@@ -1,19 +1,23 @@
-"""Reproduce the paper's four findings at small scale (grown vs scratch, interposition vs stack, alpha, sunk cost).
+"""Reproduce the paper's four findings at small scale, over seeds (grown vs scratch, interposition vs
+stack below and above 1x F_c, the noise scale alpha, sunk cost).
 
-    megatron-grow repro --tiny                          # CI scale, about two minutes on 2 CPU cores
-    megatron-grow repro --size gpu                      # one GPU
-    megatron-grow repro [--workdir runs/repro] [--tiny] [--size gpu|cpu|auto] [--seed N] [--ranks N]
+    megatron-grow repro --size cpu                      # 3 seeds, about 30-45 minutes on 2 CPU cores
+    megatron-grow repro --tiny                          # CI: the machinery, not the science
+    megatron-grow repro --size gpu --dry-run            # write and check every recipe, train nothing
+    megatron-grow repro [--workdir runs/repro] [--tiny] [--size gpu|cpu|auto] [--seeds N ...] [--ranks N]
+                        [--jobs N] [--no-downstream] [--dry-run] [--text FILE ...]
 
-Trains one base (saved at three iterations), grows it in the ways the findings compare, trains
-every run on for the same additional FLOPs on the same validation tokens, and writes
-WORKDIR/results.md (the tables), WORKDIR/results.json and four plots. docs/results.md reads the
-numbers.
+Trains one base per seed (saved near 0.25, 0.5, 1 and 2 F_c), grows it in the ways the findings
+compare, trains every run on for the same additional FLOPs on the same validation tokens, scores
+the final checkpoints on the shipped cloze task, and writes WORKDIR/results.md (every finding as a
+mean difference ± standard error over seeds), WORKDIR/results.json and four plots.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from megatron_grow.errors import UserInputError
 from megatron_grow.experiments.repro import run_repro
 
 
@@ -22,16 +26,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="CI scale (every finding, a few steps each)")
     parser.add_argument("--size", choices=("cpu", "gpu", "auto"), default="auto",
                         help="model and step sizes (auto: gpu when CUDA is available); ignored with --tiny")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                        help="seeds of init, data order and growth noise (default: the size's, 3 for cpu/gpu)")
     parser.add_argument("--ranks", type=int, default=None, metavar="N",
-                        help="processes (default: 2 on CPU, one per GPU)")
-    parser.add_argument("--seed", type=int, default=1234, help="training and growth-noise seed")
+                        help="processes per seed (default: the size's on CPU, one per GPU)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="seeds trained side by side (default: cores / ranks on CPU, 1 on GPU)")
+    parser.add_argument("--no-downstream", action="store_true", help="skip the cloze scoring of final checkpoints")
+    parser.add_argument("--dry-run", action="store_true", help="write and validate every recipe, print the plan, "
+                        "train nothing")
+    parser.add_argument("--report-only", action="store_true", help="rebuild results.md, results.json and the "
+                        "plots from WORKDIR/raw_results.json (e.g. after changing the report), train nothing")
     parser.add_argument("--text", nargs="+", default=None, metavar="FILE",
                         help="corpus (.txt[.gz]/.jsonl[.gz]); default: the shipped KJV Bible")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ranks is not None and args.ranks < 1:
-        raise SystemExit("--ranks must be >= 1")
+    for flag in ("ranks", "jobs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserInputError(f"--{flag} must be >= 1")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        raise UserInputError(f"--seeds has repeats: {args.seeds}")
     run_repro(workdir=args.workdir, size=args.size, tiny=args.tiny, ranks=args.ranks, texts=args.text,
-              seed=args.seed)
+              seeds=args.seeds, jobs=args.jobs, dry_run=args.dry_run, downstream=not args.no_downstream,
+              report_only=args.report_only)
     return 0

@@ -172,6 +172,10 @@ class DataConfig:
         None, "validation samples to build, fixed whatever training.train_iters is: runs compared with each "
         "other set it so they are evaluated on the same tokens; null: Megatron-LM's count, (train_iters // "
         "eval_interval + 1) * eval_iters * global_batch_size, which changes with train_iters", ge=1)
+    eval_seed: int | None = spec(
+        None, "seed of the validation and test sample order; null: training.seed. Runs with different "
+        "training seeds (init and training data order) set the same value to be evaluated on the same tokens",
+        ge=0)
 
 
 @dataclass(frozen=True)

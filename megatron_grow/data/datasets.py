@@ -29,6 +29,7 @@ a dict of tensors ``tokens``, ``labels`` (``[micro_batch_size, seq_length]`` int
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -229,6 +230,12 @@ def build_datasets(data: DataConfig, model: ModelConfig, training: TrainingConfi
         raise DataError("training.train_iters is 0: there is no training data to build")
     builder_cls = BlendedMegatronDatasetBuilder if torch.distributed.is_initialized() else _single_process_builder()
     train, valid, test = builder_cls(GPTDataset, sizes, is_built_on_rank, config).build()
+    if data.eval_seed is not None and data.eval_seed != training.seed:
+        # A second build whose sample order follows eval_seed; only its validation and test splits are
+        # kept (its train split, one sample, is built because MCore builds every split it is given).
+        eval_config = build_dataset_config(data, model, dataclasses.replace(training, seed=data.eval_seed),
+                                           tokenizer, cache_dir=cache_dir, create_attention_mask=create_attention_mask)
+        _, valid, test = builder_cls(GPTDataset, [1, sizes[1], sizes[2]], is_built_on_rank, eval_config).build()
     return SplitDatasets(train, valid, test)
 
 

@@ -10,6 +10,7 @@ validation tokens whatever its ``train_iters`` (the bodies record a SHA-256 of t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -240,19 +241,27 @@ def grow_body(source: str, grown: str, recipe_path: str, verify: bool = True, pr
 # Orchestration helpers
 
 
-def spawn(fn, ranks: int, args: tuple, timeout: float) -> dict:
-    """``fn(*args)`` in ``ranks`` fresh processes (gloo on CPU, NCCL on GPU); rank 0's result."""
-    # Library warnings (no TE/apex on CPU, deprecations) are read at interpreter start-up, so the
-    # children inherit the filter from this process's environment.
+@contextlib.contextmanager
+def library_warnings_ignored():
+    """Library warnings (no TE/apex on CPU, deprecations) off in processes started inside: the filter
+    is read at interpreter start-up, so children inherit it from this process's environment."""
     saved = os.environ.get("PYTHONWARNINGS")
     os.environ["PYTHONWARNINGS"] = "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"
     try:
-        results = run_in_processes(fn, ranks, args, timeout=timeout, threads_per_rank=1, env={"OMP_NUM_THREADS": "1"})
+        yield
     finally:
         if saved is None:
             os.environ.pop("PYTHONWARNINGS", None)
         else:
             os.environ["PYTHONWARNINGS"] = saved
+
+
+def spawn(fn, ranks: int, args: tuple, timeout: float, filter_warnings: bool = True) -> dict:
+    """``fn(*args)`` in ``ranks`` fresh processes (gloo on CPU, NCCL on GPU), one thread each; rank 0's
+    result. ``filter_warnings=False`` when the caller holds :func:`library_warnings_ignored` itself
+    (e.g. around several spawns in threads)."""
+    with library_warnings_ignored() if filter_warnings else contextlib.nullcontext():
+        results = run_in_processes(fn, ranks, args, timeout=timeout, threads_per_rank=1, env={"OMP_NUM_THREADS": "1"})
     return results[0]
 
 

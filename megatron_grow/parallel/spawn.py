@@ -5,12 +5,17 @@ LOCAL_RANK/MASTER_ADDR/MASTER_PORT (a free port), runs ``fn(*args)``, and its re
 value comes back to the caller. Any failure in any rank, or the timeout, kills every
 process and raises :class:`SpawnError` carrying the failing rank's traceback.
 
-``fn`` must be importable (a module-level function), since processes are started with
-the ``spawn`` method (``fork`` is unsafe with torch threads).
+``fn`` must be importable (a module-level function). Processes start from a fork server
+(``multiprocessing``'s ``forkserver``) that has imported torch and megatron.core once, so a
+rank starts in a fraction of a second instead of re-importing them (seconds per process);
+``fork`` of the caller itself is unsafe with torch threads. Each rank takes the caller's
+current environment and working directory, as a ``spawn``-ed one would. Set
+``MEGATRON_GROW_START_METHOD=spawn`` for plain ``spawn``.
 """
 
 from __future__ import annotations
 
+import builtins
 import multiprocessing as mp
 import os
 import pickle
@@ -18,6 +23,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,8 +36,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Imported once by the fork server, inherited by every rank it forks: the slow imports. Only
+# third-party modules, whose import-time state does not depend on a test's environment.
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt",
+                      "megatron.core.dist_checkpointing", "megatron.core.optimizer", "megatron.core.pipeline_parallel"]
+START_METHOD_ENV = "MEGATRON_GROW_START_METHOD"
+
+
+def _start_context():
+    method = os.environ.get(START_METHOD_ENV, "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"{START_METHOD_ENV}={method!r}: choose forkserver or spawn")
+    if method == "forkserver" and "forkserver" in mp.get_all_start_methods():
+        mp.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server first starts
+        return mp.get_context("forkserver")
+    return mp.get_context("spawn")
+
+
+def _take_callers_state(caller: dict | None) -> None:
+    """The environment and working directory the caller had at start (a forked rank would otherwise
+    keep the fork server's, from whenever it started)."""
+    if caller is None:
+        return
+    os.environ.clear()
+    os.environ.update(caller["env"])
+    os.chdir(caller["cwd"])
+    for spec in filter(None, caller["env"].get("PYTHONWARNINGS", "").split(",")):
+        # -W filters are read at interpreter start-up, which a forked rank does not go through.
+        action, _, category, *_ = (spec.split(":") + ["", "", ""])[:5]
+        category_type = getattr(builtins, category, None)
+        if action in ("ignore", "default", "error", "always", "module", "once") and isinstance(category_type, type) \
+                and issubclass(category_type, Warning):
+            warnings.filterwarnings(action, category=category_type)
+
+
 def _rank_main(fn: Callable, args: Sequence, rank: int, world_size: int, port: int, result_dir: str,
-               threads: int, extra_env: dict) -> None:
+               threads: int, extra_env: dict, caller: dict | None = None) -> None:
+    _take_callers_state(caller)
     os.environ.update({
         "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -65,11 +106,12 @@ def run_in_processes(fn: Callable, world_size: int, args: Sequence = (), *, time
                      threads_per_rank: int | None = None, env: dict | None = None) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` ranks; return the list of per-rank results."""
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = _start_context()
     port = free_port()
+    caller = {"env": dict(os.environ), "cwd": os.getcwd()}
     with tempfile.TemporaryDirectory(prefix="mg_spawn_") as result_dir:
         procs = [ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, result_dir,
-                                                      threads, dict(env or {})), daemon=False)
+                                                      threads, dict(env or {}), caller), daemon=False)
                  for r in range(world_size)]
         for p in procs:
             p.start()

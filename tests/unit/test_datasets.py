@@ -175,6 +175,25 @@ def test_eval_samples_fix_the_validation_tokens_whatever_train_iters(data):
     assert not torch.equal(validation_ids(c, n), validation_ids(d, n))
 
 
+def test_eval_seed_fixes_the_validation_tokens_whatever_the_training_seed(data):
+    n = TRAINING.eval_iters * TRAINING.global_batch_size
+    seeds = [dataclasses.replace(TRAINING, seed=s) for s in (7, 8, 9)]
+    fixed = DataConfig(data_path=(data["a"],), split="80,10,10", eval_samples=n, eval_seed=5)
+    splits = [build_datasets(fixed, MODEL, t, data["tok"]) for t in seeds]
+    for other in splits[1:]:
+        assert torch.equal(validation_ids(splits[0].valid, n), validation_ids(other.valid, n))
+        assert torch.equal(validation_ids(splits[0].test, n), validation_ids(other.test, n))
+        # The training order still follows each run's own seed.
+        assert not torch.equal(validation_ids(splits[0].train, 2 * n), validation_ids(other.train, 2 * n))
+    # eval_seed equal to the training seed is the plain build; without it, the validation order
+    # follows the training seed (Megatron-LM's behaviour).
+    plain = DataConfig(data_path=(data["a"],), split="80,10,10", eval_samples=n)
+    same = build_datasets(plain, MODEL, dataclasses.replace(TRAINING, seed=5), data["tok"])
+    assert torch.equal(validation_ids(same.valid, n), validation_ids(splits[0].valid, n))
+    other = build_datasets(plain, MODEL, seeds[1], data["tok"])
+    assert not torch.equal(validation_ids(other.valid, n), validation_ids(splits[0].valid, n))
+
+
 def test_empty_or_damaged_dataset_is_named_before_training(data, tmp_path):
     """Empty .bin/.idx files, a valid index of zero documents, and a garbage index: one DataError
     each (MCore itself fails with AttributeError: 'IndexedDataset' object has no attribute 'bin_reader')."""

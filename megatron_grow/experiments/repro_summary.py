@@ -1,0 +1,165 @@
+"""The reproduction's numbers for one seed: every run's curve and the four findings, each checked
+to compare runs that spent equal additional FLOPs (from the trainer's counters)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from megatron_grow.experiments.common import check_same_validation, interpolate, model_summary
+from megatron_grow.models.params import count_params
+from megatron_grow.training.flops import chinchilla_flops
+
+ALPHAS = (0.0, 0.01, 0.1)
+
+
+def _curve(run: dict, start_flops: float) -> list:
+    """(additional FLOPs, validation loss), starting with the evaluation before the first step."""
+    sunk = run["counters"]["sunk_flops"]
+    pts = [(start_flops - sunk, run["start_loss"])] if run["start_loss"] is not None else []
+    return pts + [(f - sunk, loss) for _, loss, f in run["valid_losses"]]
+
+
+def _additional(run: dict) -> float:
+    return run["counters"]["flops_so_far"] - run["counters"]["sunk_flops"]
+
+
+def check_equal_budgets(names: Sequence[str], results: dict) -> float:
+    """The additional FLOPs every named run spent (equal, > 0); RuntimeError naming them otherwise."""
+    extra = [_additional(results[n]) for n in names]
+    if not all(math.isclose(e, extra[0], rel_tol=1e-9) for e in extra) or extra[0] <= 0:
+        raise RuntimeError("additional FLOPs differ: " + ", ".join(f"{n} {e:.4e}" for n, e in zip(names, extra)))
+    return extra[0]
+
+
+def _run_summary(name: str, r: dict, m: dict, size, flops_per_step: float, base_curve: list) -> dict:
+    """One run's curve and numbers; checks that a grown run's sunk cost is the base's at its iteration."""
+    start_flops = r["start_counters"]["flops_so_far"] if r["start_counters"] else 0.0
+    if name != "base" and m["from_iteration"]:
+        sunk_expected = flops_per_step * m["from_iteration"]
+        if not math.isclose(r["counters"]["sunk_flops"], sunk_expected, rel_tol=1e-9):
+            raise RuntimeError(f"{name}: sunk FLOPs {r['counters']['sunk_flops']:.4e} != the base's "
+                               f"{sunk_expected:.4e} at iteration {m['from_iteration']}")
+    curve = _curve(r, start_flops) if name != "base" else base_curve
+    return {
+        "model": model_summary(m["model"], size.global_batch_size, size.seq_length), "growth": m["growth"],
+        "from_iteration": m["from_iteration"], "sunk_flops": r["counters"]["sunk_flops"],
+        "additional_flops": _additional(r), "curve": curve, "start_loss": r["start_loss"],
+        "final_loss": curve[-1][1], "train_losses": r["train_losses"], "counters": r["counters"],
+        "valid_tokens_sha256": r["valid_tokens_sha256"], "downstream": r.get("downstream"),
+        "seconds": round(r["seconds"], 1), "grow_seconds": round(r["grow"]["seconds"], 2) if "grow" in r else None,
+    }
+
+
+def _acc(run: dict) -> float | None:
+    return run["downstream"]["acc"] if run.get("downstream") else None
+
+
+def _pair(runs: dict, results: dict, grown: str, scratch: str, label: str) -> dict:
+    extra = check_equal_budgets([grown, scratch], results)
+    g, s = runs[grown]["curve"], runs[scratch]["curve"]
+    g_final, s_final = runs[grown]["final_loss"], runs[scratch]["final_loss"]
+    reach = next((f for f, loss in s if loss <= g_final), None)
+    acc = (_acc(runs[grown]), _acc(runs[scratch]))
+    return {"label": label, "grown": grown, "scratch": scratch, "additional_flops": extra,
+            "grown_final": g_final, "scratch_final": s_final, "grown_minus_scratch": g_final - s_final,
+            "grown_acc": acc[0], "scratch_acc": acc[1],
+            "acc_grown_minus_scratch": acc[0] - acc[1] if None not in acc else None,
+            "scratch_flops_to_reach_grown_final": reach,
+            "rows": [{"additional_flops": f, "grown": loss, "scratch": interpolate(s, f)} for f, loss in g]}
+
+
+def _finding_a(runs: dict, results: dict, last: int) -> list:
+    a = [_pair(runs, results, f"interposition_at_{last}", "scratch_depth", "depth interposition x2")]
+    if "full" in results:
+        a.append(_pair(runs, results, "full", "scratch_full",
+                       "depth interposition x2, then width x2 (alpha 0.01, top-k x2)"))
+    return a
+
+
+def _finding_b(runs: dict, results: dict, saves: list, f_c: float) -> list:
+    out = []
+    for it in (saves[0], saves[-1]):
+        i, s = runs[f"interposition_at_{it}"], runs[f"stack_at_{it}"]
+        out.append({
+            "base_iteration": it, "sunk_flops": i["sunk_flops"], "sunk_over_fc": i["sunk_flops"] / f_c,
+            "additional_flops": check_equal_budgets([f"interposition_at_{it}", f"stack_at_{it}"], results),
+            "interposition_start": i["start_loss"], "stack_start": s["start_loss"],
+            "interposition_final": i["final_loss"], "stack_final": s["final_loss"],
+            "interposition_minus_stack": i["final_loss"] - s["final_loss"],
+            "start_interposition_minus_stack": i["start_loss"] - s["start_loss"],
+            "interposition_acc": _acc(i), "stack_acc": _acc(s)})
+    return out
+
+
+def _finding_c(runs: dict, results: dict, base_final: float) -> dict:
+    names = [f"width_alpha_{alpha:g}" for alpha in ALPHAS]
+    rows = [{"alpha": alpha, "run": n, "start_loss": runs[n]["start_loss"], "final_loss": runs[n]["final_loss"],
+             "acc": _acc(runs[n])} for alpha, n in zip(ALPHAS, names)]
+    return {"additional_flops": check_equal_budgets(names, results), "base_final_loss": base_final, "rows": rows,
+            "best_alpha": min(rows, key=lambda row: row["final_loss"])["alpha"]}
+
+
+def _finding_d(runs: dict, results: dict, saves: list, base_at: dict, f_c: float) -> dict:
+    names = ["scratch_depth"] + [f"interposition_at_{it}" for it in saves]
+    rows = []
+    for name, it in zip(names, [0] + saves):
+        sunk = runs[name]["sunk_flops"]
+        rows.append({"run": name, "base_iteration": it, "sunk_flops": sunk, "sunk_over_fc": sunk / f_c,
+                     "base_loss": base_at[it][0] if it else None, "start_loss": runs[name]["start_loss"],
+                     "final_loss": runs[name]["final_loss"], "acc": _acc(runs[name])})
+    finals = [row["final_loss"] for row in rows]
+    return {"additional_flops": check_equal_budgets(names, results), "rows": rows,
+            "final_loss_monotone_in_sunk": all(x > y for x, y in zip(finals, finals[1:])),
+            "spearman_sunk_vs_final": spearman([row["sunk_flops"] for row in rows], finals)}
+
+
+def summarize_seed(size, meta: dict, results: dict, saves: list, seed: int) -> dict:
+    """One seed's runs and findings (``size``: the experiment size with the resolved ``base_iters``)."""
+    base = results["base"]
+    n_a = count_params(meta["base"]["model"]).activated
+    f_c = chinchilla_flops(n_a)
+    base_curve = [(0.0, base["start_loss"])] + [(f, loss) for _, loss, f in base["valid_losses"]]
+    base_at = {it: (loss, f) for it, loss, f in base["valid_losses"]}
+    flops_per_step = base["counters"]["flops_so_far"] / base["counters"]["iteration"]
+    runs = {name: _run_summary(name, r, meta[name], size, flops_per_step, base_curve) for name, r in results.items()}
+    return {
+        "seed": seed, "validation_tokens_sha256": check_same_validation(results),
+        "save_iterations": saves, "flops_per_base_step": flops_per_step,
+        "base": {"activated_params": n_a, "chinchilla_flops": f_c, "final_loss": base_curve[-1][1],
+                 "acc": _acc(runs["base"]),
+                 "saves": [{"iteration": it, "sunk_flops": base_at[it][1], "sunk_over_fc": base_at[it][1] / f_c,
+                            "valid_loss": base_at[it][0]} for it in saves]},
+        "runs": runs,
+        "findings": {"a_grown_vs_scratch": _finding_a(runs, results, saves[-1]),
+                     "b_interposition_vs_stack": _finding_b(runs, results, saves, f_c),
+                     "c_width_alpha": _finding_c(runs, results, base_curve[-1][1]),
+                     "d_sunk_cost": _finding_d(runs, results, saves, base_at, f_c)},
+    }
+
+
+def check_same_validation_everywhere(per_seed: list) -> str:
+    """The one validation-token digest of every run of every seed; RuntimeError naming seeds that differ."""
+    digests = {s["seed"]: s["validation_tokens_sha256"] for s in per_seed}
+    if len(set(digests.values())) != 1:
+        raise RuntimeError("seeds were evaluated on different validation tokens: "
+                           + ", ".join(f"seed {k} {d[:12]}" for k, d in digests.items()))
+    return next(iter(digests.values()))
+
+
+def spearman(xs: list, ys: list) -> float:
+    """Spearman's rank correlation (ties broken by position; the inputs here have none)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = float(pos)
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    n = len(xs)
+    mx, my = sum(rx) / n, sum(ry) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else float("nan")
