@@ -20,11 +20,13 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from multiprocessing import reduction
 from typing import Any
 
 from megatron_grow.errors import SpawnError
@@ -53,6 +55,32 @@ def _start_context():
     return mp.get_context("spawn")
 
 
+class _CallersFd:
+    """One of the caller's file descriptors, handed to a rank as it starts (pickled while the process
+    starts, the only time ``multiprocessing`` can pass a descriptor)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _attached_fd, (reduction.DupFd(self.fd),)
+
+
+def _attached_fd(passed) -> int:
+    return passed.detach()
+
+
+def _callers_state() -> dict:
+    stdio = []
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+            stdio.append(_CallersFd(fd))
+        except OSError:  # closed (e.g. a daemon): the rank keeps its own
+            stdio.append(None)
+    return {"env": dict(os.environ), "cwd": os.getcwd(), "stdio": stdio}
+
+
 def _take_callers_state(caller: dict | None) -> None:
     """The environment and working directory the caller had at start (a forked rank would otherwise
     keep the fork server's, from whenever it started)."""
@@ -61,6 +89,11 @@ def _take_callers_state(caller: dict | None) -> None:
     os.environ.clear()
     os.environ.update(caller["env"])
     os.chdir(caller["cwd"])
+    for target, fd in zip((1, 2), caller["stdio"]):  # the caller's stdout/stderr, not the fork server's
+        if fd is not None and fd != target:  # spawn passes them under their own numbers
+            (sys.stdout if target == 1 else sys.stderr).flush()
+            os.dup2(fd, target)
+            os.close(fd)
     for spec in filter(None, caller["env"].get("PYTHONWARNINGS", "").split(",")):
         # -W filters are read at interpreter start-up, which a forked rank does not go through.
         action, _, category, *_ = (spec.split(":") + ["", "", ""])[:5]
@@ -108,7 +141,7 @@ def run_in_processes(fn: Callable, world_size: int, args: Sequence = (), *, time
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     ctx = _start_context()
     port = free_port()
-    caller = {"env": dict(os.environ), "cwd": os.getcwd()}
+    caller = _callers_state()
     with tempfile.TemporaryDirectory(prefix="mg_spawn_") as result_dir:
         procs = [ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, result_dir,
                                                       threads, dict(env or {}), caller), daemon=False)

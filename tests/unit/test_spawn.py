@@ -5,6 +5,7 @@ traceback, and the plain ``spawn`` method stays available."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -18,6 +19,15 @@ def _report() -> dict:
     return {"var": os.environ.get("MG_SPAWN_TEST_VAR"), "gone": "MG_SPAWN_TEST_GONE" in os.environ,
             "cwd": os.getcwd(), "rank": int(os.environ["RANK"]), "threads": torch.get_num_threads(),
             "extra": os.environ.get("MG_EXTRA")}
+
+
+def _say_hello() -> None:
+    print(f"hello from rank {os.environ['RANK']}", flush=True)
+    print(f"warning from rank {os.environ['RANK']}", file=sys.stderr, flush=True)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _fail() -> None:
@@ -39,6 +49,18 @@ def test_ranks_take_the_callers_environment_and_directory(method, tmp_path, monk
         assert [r["rank"] for r in results] == [0, 1]
         for r in results:
             assert r == dict(r, var=value, gone=False, cwd=str(where), threads=1, extra="x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_rank_output_reaches_the_callers_stdout_and_stderr(method, capfd, monkeypatch):
+    monkeypatch.setenv(START_METHOD_ENV, method)
+    with capfd.disabled():  # the fork server (if this starts it) sees the terminal, not this capture
+        run_in_processes(_nothing, 1)
+    run_in_processes(_say_hello, 2)
+    out, err = capfd.readouterr()
+    assert "hello from rank 0" in out and "hello from rank 1" in out, (out, err)
+    assert "warning from rank 0" in err and "warning from rank 1" in err, (out, err)
 
 
 @pytest.mark.slow
