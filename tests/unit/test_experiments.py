@@ -93,3 +93,15 @@ def test_gpu_size_dry_run_writes_every_recipe(tmp_path, capsys):
         assert base.training.train_iters == saves[-1] and base.training.seed == seed and base.training.bf16
         assert base.data.eval_seed == repro.EVAL_SEED and base.model.vocab_size == 4096
     assert not any((tmp_path / f"seed_{s}" / "runs").exists() for s in rsize.seeds)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--ranks", "0"], "--ranks must be >= 1"),
+    (["--seeds", "7", "7"], "--seeds has repeats"),
+    (["--report-only"], "raw_results.json does not exist"),
+])
+def test_repro_bad_flags_are_one_line_exit_2(args, message, tmp_path, capsys):
+    assert main(["repro", "--tiny", "--workdir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
