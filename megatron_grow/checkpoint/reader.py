@@ -93,16 +93,19 @@ class CheckpointReader:
 
     ``path`` may be a run root (the tracker picks the iteration) or an ``iter_N`` directory.
     ``progress``: a callable taking a message, called on long reads (see :meth:`iter_slabs`).
+    Reads are local to the calling process (no collectives) and may run in several threads.
     """
 
     def __init__(self, path: str, iteration: int | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, storage_metadata=None):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.ckpt_dir, self.iteration = paths.resolve_checkpoint_dir(path, iteration)
-        self.metadata = io.read_storage_metadata(self.ckpt_dir)
-        io.check_shard_files(self.ckpt_dir, self.metadata)
+        if storage_metadata is None:  # a caller that has read and checked it passes it in
+            storage_metadata = io.read_storage_metadata(self.ckpt_dir)
+            io.check_shard_files(self.ckpt_dir, storage_metadata)
+        self.metadata = storage_metadata
         self._reader = FileSystemReader(self.ckpt_dir)
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors: dict[str, StoredTensor] = {}
