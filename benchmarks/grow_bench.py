@@ -306,7 +306,7 @@ def parse_summary(text: str) -> dict:
         m = re.search(pattern, text)
         return cast(m.group(1).replace(",", "")) if m else None
 
-    m = re.search(r"time\s+([\d.]+)s \(stats ([\d.]+)s, load ([\d.]+)s, save ([\d.]+)s\)", text)
+    m = re.search(r"time\s+([\d.]+)s \(stats ([\d.]+)s, load ([\d.]+)s, save ([\d.]+)s", text)
     return {
         "bytes_read": grab(r"bytes read \(all ranks\)\s+([\d,.]+) MiB") * MiB,
         "bytes_written": grab(r"bytes written\s+([\d,.]+) MiB") * MiB,
