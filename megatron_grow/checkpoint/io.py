@@ -204,13 +204,15 @@ def _save_error(error: BaseException, final: str) -> BaseException:
 
 def _has_errno(error: BaseException, code: int, depth: int = 0) -> bool:
     """Whether ``code`` appears in ``error``: its chain, torch's per-rank failures, or its text."""
-    if error is None or depth > 8:
+    if not isinstance(error, BaseException) or depth > 8:
         return False
     if isinstance(error, OSError) and error.errno == code:
         return True
     failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
     if isinstance(failures, dict):
         for failure in failures.values():
+            if isinstance(failure, tuple):  # torch's WRAPPED_EXCEPTION: (exception, traceback)
+                failure = failure[0]
             if _has_errno(getattr(failure, "exc", failure), code, depth + 1):
                 return True
     if f"[Errno {code}]" in str(error):

@@ -62,20 +62,35 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
     planner = _producing_planner(lazy, produce)
     writer = FileSystemWriter(checkpoint_dir, thread_count=threads, sync_files=False)
-    dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
-    if planner.error is not None:  # raised in a writer thread, where DCP would only print it
-        raise planner.error
-    if planner.produced != len(lazy):
-        raise CheckpointError(f"{checkpoint_dir}: {len(lazy) - planner.produced} of {len(lazy)} tensors of this "
-                              "rank were planned but never written")
-    if hasattr(produce, "check_complete"):  # the producer's own account, before the save counts as done
-        produce.check_complete()
-    _fsync_own_files(checkpoint_dir)
+    dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+    problem = _local_problem(planner, len(lazy), produce, checkpoint_dir)
+    if problem is None:
+        _fsync_own_files(checkpoint_dir)
+    flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank leaves the same way
+    if flag.item():
+        raise problem or CheckpointError(f"saving {checkpoint_dir} failed on another rank")
     strategy = get_default_save_sharded_strategy("torch_dist")
     if torch.distributed.get_rank() == 0:
         save_config(CheckpointingConfig(strategy.backend, strategy.version), checkpoint_dir)
     torch.distributed.barrier()
     return planner.produced
+
+
+def _local_problem(planner, expected: int, produce: Callable, checkpoint_dir: str) -> BaseException | None:
+    """What went wrong on this rank only: an error in a writer thread other than the main one (DCP
+    would only print it), a tensor never asked for, or the producer's own account."""
+    if planner.error is not None:
+        return planner.error
+    if planner.produced != expected:
+        return CheckpointError(f"{checkpoint_dir}: {expected - planner.produced} of {expected} tensors of this "
+                               "rank were planned but never written")
+    try:
+        if hasattr(produce, "check_complete"):
+            produce.check_complete()
+    except Exception as e:  # raised after the barrier, like the others
+        return e
+    return None
 
 
 def _producing_planner(lazy: dict, produce: Callable):
