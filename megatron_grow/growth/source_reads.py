@@ -26,17 +26,22 @@ def target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
     return list(io.iter_sharded_tensors(sd))
 
 
-def read_requests(requests: dict, reader: CheckpointReader) -> None:
+def read_requests(requests: dict, reader: CheckpointReader) -> int:
     """Read this rank's requests (each a ShardedTensor naming a source region) into their ``data``.
 
     Local to this rank: no collective, so ranks read at their own pace (and writer threads may
     read while others write). The region is read in the stored dtype and cast to the request's
-    (``Tensor.to``: the same rounding as the copy a load into that buffer does).
+    (``Tensor.to``: the same rounding as the copy a load into that buffer does). Returns the bytes
+    read (in the stored dtype).
     """
+    nbytes = 0
     for st in requests.values():
         offsets = tuple(st.global_offset)
         sizes = (1,) * st.prepend_axis_num + tuple(st.local_shape)
-        st.data = reader.read(st.key, offsets, sizes).reshape(st.local_shape).to(st.dtype)
+        stored = reader.read(st.key, offsets, sizes)
+        nbytes += stored.numel() * stored.element_size()
+        st.data = stored.reshape(st.local_shape).to(st.dtype)
+    return nbytes
 
 
 def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict:

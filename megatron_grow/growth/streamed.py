@@ -80,11 +80,11 @@ class GrownTensors:
                 value = self.loaded.get(request_id)
             if value is None:
                 request = self.requests[request_id]
-                read_requests({request_id: request}, self.reader)
+                nbytes = read_requests({request_id: request}, self.reader)
                 value, request.data = request.data, None
                 with self.lock:
                     self.loaded[request_id] = value
-                    self.bytes_read += value.numel() * value.element_size()
+                    self.bytes_read += nbytes
         return value
 
     def _release(self, request_id) -> None:
