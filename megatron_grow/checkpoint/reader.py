@@ -11,8 +11,8 @@ module talks to ``torch.distributed.checkpoint`` directly:
   chunks overlap it; ``FileSystemReader.read_data`` then copies those overlaps into a buffer of
   the region's shape.
 
-Why not Megatron-Core's loader: with a 1-rank gloo group it cannot read part of a tensor (see
-``growth.grow._collective_load``), and it needs torch.distributed. Why not ``dcp.load`` with a
+Why not Megatron-Core's loader: with a 1-rank gloo group it cannot read part of a tensor (its
+torch ShardedTensor conversion needs the shard grid to cover the tensor), and it needs torch.distributed. Why not ``dcp.load`` with a
 full-shape tensor: that reads whole stacked tensors (``[L, E, 2F, H]`` is a third of an MoE).
 
 Memory: ``FileSystemReader`` deserialises each stored chunk that overlaps the request whole and
