@@ -1,6 +1,6 @@
-"""Benchmark offline growth: sharded grow (1/2/4 ranks) vs ``cp -r`` vs a naive in-memory grow.
+"""Benchmark offline growth: streaming grow (1/2/4 ranks) vs ``cp -r`` + sync vs a naive in-memory grow.
 
-    python benchmarks/grow_bench.py [--target-gib 1.0] [--ranks 1 2 4]
+    python benchmarks/grow_bench.py [--target-gib 1.0] [--ranks 1 2 4] [--source-dtypes fp32 bf16]
                                     [--growth depth|width|depth_width] [--workdir DIR]
 
 1. Builds a synthetic source checkpoint (random init, one process through
@@ -9,16 +9,20 @@
    experts, 96 experts top-6) scaled by 1/4 in width (hidden 512, kv_channels 32, expert FFN
    ~256) with a small vocabulary (8192), so that routed experts dominate. The number of
    layers and then the expert FFN width are chosen so that the *grown* checkpoint is about
-   ``--target-gib`` in fp32.
-2. Grows it with ``torchrun --standalone --nproc-per-node N -m megatron_grow grow ... --no-verify
-   --quiet`` for each N in ``--ranks``, target layout EP=N when N divides the grown expert
-   count (DP=N otherwise), polling every worker's RSS (psutil, every 50 ms) and parsing
+   ``--target-gib`` in fp32. One source per ``--source-dtypes`` entry: ``bf16`` stores the
+   parameters in bf16, as real training checkpoints do (the grown model is fp32 either way).
+2. Grows each source with ``torchrun --standalone --nproc-per-node N -m megatron_grow grow ...
+   --no-verify --quiet`` for each N in ``--ranks``, target layout EP=N when N divides the grown
+   expert count (DP=N otherwise), polling every worker's RSS (psutil, every 50 ms) and parsing
    the summary the CLI prints.
-3. Times ``cp -r`` of the grown checkpoint directory followed by ``sync``.
+3. Times ``cp -r`` of the grown checkpoint directory followed by ``sync`` after each grow.
 4. Naive baseline: one process builds the whole source model, loads it with
    ``io.load_checkpoint``, grows its plain ``state_dict`` with ``reference.grow_state_dict``,
    builds the whole target model, ``load_state_dict`` and saves with ``io.save_checkpoint``.
-5. Prints a markdown table and writes everything to ``WORKDIR/results.json``.
+5. Prints one markdown table for all sources side by side (grow phase and whole command as
+   multiples of ``cp -r`` + sync, peak RSS per rank against the rank's share of the grown
+   checkpoint), a line per source with the issue's three goals for 2 ranks, the load average
+   before and after, and writes everything to ``WORKDIR/results_<growth>.json``.
 
 The RSS of an idle process that only imports torch + megatron.core + megatron_grow is
 reported as the per-process constant. Nothing here asserts on time: it is a measurement.
