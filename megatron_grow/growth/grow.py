@@ -10,8 +10,10 @@ Entry points:
   source ``torch_dist`` checkpoint (one layer group at a time, so peak memory stays near the
   local model size), applies the growth transforms and verifies that every parameter was
   sourced. This is the *online* path the trainer uses for ``--grow-from``.
-* :func:`grow_checkpoint` is the *offline* ``megatron-grow grow``: build the target model,
-  ``load_grown_weights``, save atomically with the growth record appended to the lineage.
+* :func:`grow_checkpoint` is the *offline* ``megatron-grow grow``: build the target model on
+  the meta device, plan the same reads, and save atomically (growth record appended to the
+  lineage) while ``growth.streamed`` computes each grown slice as the writer asks for it: the
+  grown model is never in memory.
 
 Noise does not depend on the layout (see ``growth.noise``), so the grown tensors are the
 same whatever TP/PP/EP the target uses.
