@@ -1,6 +1,6 @@
-"""Benchmark offline growth: sharded grow (1/2/4 ranks) vs ``cp -r`` vs a naive in-memory grow.
+"""Benchmark offline growth: streaming grow (1/2/4 ranks) vs ``cp -r`` + sync vs a naive in-memory grow.
 
-    python benchmarks/grow_bench.py [--target-gib 1.0] [--ranks 1 2 4]
+    python benchmarks/grow_bench.py [--target-gib 1.0] [--ranks 1 2 4] [--source-dtypes fp32 bf16]
                                     [--growth depth|width|depth_width] [--workdir DIR]
 
 1. Builds a synthetic source checkpoint (random init, one process through
@@ -9,16 +9,20 @@
    experts, 96 experts top-6) scaled by 1/4 in width (hidden 512, kv_channels 32, expert FFN
    ~256) with a small vocabulary (8192), so that routed experts dominate. The number of
    layers and then the expert FFN width are chosen so that the *grown* checkpoint is about
-   ``--target-gib`` in fp32.
-2. Grows it with ``torchrun --standalone --nproc-per-node N -m megatron_grow grow ... --no-verify
-   --quiet`` for each N in ``--ranks``, target layout EP=N when N divides the grown expert
-   count (DP=N otherwise), polling every worker's RSS (psutil, every 50 ms) and parsing
+   ``--target-gib`` in fp32. One source per ``--source-dtypes`` entry: ``bf16`` stores the
+   parameters in bf16, as real training checkpoints do (the grown model is fp32 either way).
+2. Grows each source with ``torchrun --standalone --nproc-per-node N -m megatron_grow grow ...
+   --no-verify --quiet`` for each N in ``--ranks``, target layout EP=N when N divides the grown
+   expert count (DP=N otherwise), polling every worker's RSS (psutil, every 50 ms) and parsing
    the summary the CLI prints.
-3. Times ``cp -r`` of the grown checkpoint directory followed by ``sync``.
+3. Times ``cp -r`` of the grown checkpoint directory followed by ``sync`` after each grow.
 4. Naive baseline: one process builds the whole source model, loads it with
    ``io.load_checkpoint``, grows its plain ``state_dict`` with ``reference.grow_state_dict``,
    builds the whole target model, ``load_state_dict`` and saves with ``io.save_checkpoint``.
-5. Prints a markdown table and writes everything to ``WORKDIR/results.json``.
+5. Prints one markdown table for all sources side by side (grow phase and whole command as
+   multiples of ``cp -r`` + sync, peak RSS per rank against the rank's share of the grown
+   checkpoint), a line per source with the issue's three goals for 2 ranks, the load average
+   before and after, and writes everything to ``WORKDIR/results_<growth>.json``.
 
 The RSS of an idle process that only imports torch + megatron.core + megatron_grow is
 reported as the per-process constant. Nothing here asserts on time: it is a measurement.
@@ -118,8 +122,10 @@ def size_model(kind: str, target_bytes: float) -> tuple[dict, object, object]:
 # Bodies that run in their own process
 
 
-def build_source_body(model_dict: dict, root: str, seed: int) -> dict:
-    """Runs in one gloo process (run_in_processes): init a model, save it with a manifest."""
+def build_source_body(model_dict: dict, root: str, seed: int, dtype: str = "fp32") -> dict:
+    """Runs in one gloo process (run_in_processes): init a model, save it with a manifest.
+    ``dtype="bf16"`` stores the parameters in bf16 (as real training checkpoints do; buffers such
+    as the expert bias stay fp32)."""
     import torch
 
     from megatron_grow.checkpoint import io
@@ -137,6 +143,9 @@ def build_source_body(model_dict: dict, root: str, seed: int) -> dict:
         for name, t in chunk.state_dict().items():
             if isinstance(t, torch.Tensor) and name.endswith("expert_bias"):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+        if dtype == "bf16":
+            for p in chunk.parameters():
+                p.data = p.data.to(torch.bfloat16)
     t_build = time.perf_counter() - t0
     counters = {"iteration": 1000, "consumed_samples": 16000, "consumed_tokens": 16000 * model.seq_length,
                 "flops_so_far": 1.0e18, "sunk_flops": 0}
@@ -165,7 +174,9 @@ def naive_main(src: str, dst: str, recipe_path: str, out_json: str) -> None:
     from megatron_grow.growth.reference import grow_state_dict
     from megatron_grow.models.builder import build_gpt_model
     from megatron_grow.parallel.init import destroy_distributed, initialize_distributed
+    from megatron_grow.platform import cpu
 
+    cpu.apply_cpu_adaptations()  # this process is an entry point too
     torch.set_num_threads(os.cpu_count() or 1)
     phases["import"] = time.perf_counter() - t_start
     t0 = time.perf_counter()
@@ -306,7 +317,7 @@ def parse_summary(text: str) -> dict:
         m = re.search(pattern, text)
         return cast(m.group(1).replace(",", "")) if m else None
 
-    m = re.search(r"time\s+([\d.]+)s \(stats ([\d.]+)s, load ([\d.]+)s, save ([\d.]+)s\)", text)
+    m = re.search(r"time\s+([\d.]+)s \(stats ([\d.]+)s, load ([\d.]+)s, save ([\d.]+)s", text)
     return {
         "bytes_read": grab(r"bytes read \(all ranks\)\s+([\d,.]+) MiB") * MiB,
         "bytes_written": grab(r"bytes written\s+([\d,.]+) MiB") * MiB,
@@ -347,11 +358,10 @@ def torchrun() -> str:
 
 
 def fmt_table(rows: list[dict]) -> str:
-    headers = ["method", "ranks", "layout", "wall s", "grow s", "read MiB", "written MiB",
-               "peak RSS/rank MiB", "peak-idle / (grown/N)", "peak PSS all procs MiB", "grow s / cp s", "wall s / cp s"]
+    headers = list(TABLE_HEADERS)
     body = [[str(r.get(h, "")) for h in headers] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    numeric = set(headers[3:])
+    numeric = set(headers[4:])
 
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if h in numeric else c.ljust(w)
@@ -362,25 +372,178 @@ def fmt_table(rows: list[dict]) -> str:
     return "\n".join([line(headers), sep] + [line(b) for b in body])
 
 
-def main(argv=None) -> int:
-    from megatron_grow.platform import cpu
+TABLE_HEADERS = ("source", "method", "ranks", "layout", "wall s", "grow s", "read MiB", "written MiB",
+                 "peak RSS/rank MiB", "share/rank MiB", "RSS / (1.5 share + 300 MB)", "peak PSS all procs MiB",
+                 "grow s / cp s", "wall s / cp s")
+GOAL_GROW_X, GOAL_WALL_X, GOAL_RSS_SHARE, GOAL_RSS_MB = 1.5, 3.0, 1.5, 300e6
 
-    cpu.apply_cpu_adaptations()  # an entry point: CPU mode is installed here, a no-op with CUDA
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target-gib", type=float, default=1.0, help="size of the grown fp32 checkpoint")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--growth", choices=("depth", "width", "depth_width"), default="depth")
+    ap.add_argument("--source-dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                    help="source checkpoints to grow, one after the other (the grown model is fp32 either way)")
     ap.add_argument("--workdir", default="/tmp/megatron_grow_bench")
     ap.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
     ap.add_argument("--keep", action="store_true", help="keep the grown checkpoints (default: delete)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration (the fastest is reported)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def model_description(kind: str, plan) -> str:
+    from megatron_grow.models.params import count_params
+
+    src_params, tgt_params = count_params(plan.source).total, count_params(plan.target).total
+    src_expert = count_params(plan.source).expert
+    s, t = plan.source, plan.target
+    return (f"model: {kind} growth, source {s.num_layers} layers x {s.num_moe_experts} experts "
+            f"(top-{s.moe_router_topk}) -> target {t.num_layers} layers x {t.num_moe_experts} experts "
+            f"(top-{t.moe_router_topk}); hidden {s.hidden_size}, 16 heads / 4 groups x kv {s.kv_channels}, "
+            f"expert FFN {s.moe_ffn_hidden_size} (SwiGLU), vocab {s.vocab_size}; params {src_params:,} -> "
+            f"{tgt_params:,} ({4 * src_params / GiB:.2f} GiB -> {4 * tgt_params / GiB:.2f} GiB fp32; "
+            f"experts {100 * src_expert / src_params:.0f}% of the source)")
+
+
+def ensure_source(wd: str, kind: str, model: dict, dtype: str) -> str:
+    """The synthetic source checkpoint (reused when it matches)."""
+    from megatron_grow.parallel.spawn import run_in_processes
+
+    src_root = os.path.join(wd, f"src_{kind}" + ("" if dtype == "fp32" else f"_{dtype}"))
+    stamp = os.path.join(src_root, "bench_model.json")
+    wanted = dict(model, _source_dtype=dtype)
+    if os.path.isfile(stamp) and json.load(open(stamp)) in (wanted, model if dtype == "fp32" else None):
+        print(f"reusing source checkpoint {src_root}", flush=True)
+        return src_root
+    shutil.rmtree(src_root, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = run_in_processes(build_source_body, 1, (model, src_root, 1234, dtype), timeout=3600)[0]
+    print(f"built {dtype} source checkpoint {res['dir']} in {time.perf_counter() - t0:.1f}s "
+          f"(init {res['build_s']:.1f}s, save {res['save_s']:.1f}s)", flush=True)
+    with open(stamp, "w") as f:
+        json.dump(wanted, f)
+    return src_root
+
+
+def grow_runs(args, wd: str, src_root: str, recipe_path: str, n_experts: int, tag: str) -> tuple[list, list]:
+    """``megatron_grow grow`` under torchrun for every rank count; each followed by cp -r + sync."""
+    runs, cp_times = [], []
+    for n in args.ranks:
+        ep = n if n_experts % n == 0 else 1
+        layout_name = f"EP={ep}" + (f" DP={n}" if ep == 1 and n > 1 else "")
+        best = None
+        for rep in range(args.repeat):
+            dst = os.path.join(wd, f"grown_{tag}_n{n}")
+            shutil.rmtree(dst, ignore_errors=True)
+            cmd = [torchrun(), "--standalone", "--nproc-per-node", str(n), "-m", "megatron_grow", "grow",
+                   "--load", src_root, "--save", dst, "--recipe", recipe_path, "--no-verify", "--quiet",
+                   "--expert-model-parallel-size", str(ep)]
+            subprocess.run(["sync"], check=True)
+            print(f"[{tag}] grow with {n} rank(s), {layout_name} (run {rep + 1}/{args.repeat}) ...", flush=True)
+            r = run_polled(cmd)
+            run = grow_record(r, n, layout_name, dst)
+            run["cp_s"] = time_cp(dst, os.path.join(wd, "cp_copy"))
+            cp_times.append(run["cp_s"])
+            print(f"  wall {run['wall_s']:.1f}s, grow {run['summary']['seconds']:.1f}s; peak RSS/rank "
+                  + ", ".join(f"r{k}={v / MiB:.0f}" for k, v in sorted(run["peak_rss_by_rank"].items()))
+                  + f" MiB; cp -r + sync of the result {run['cp_s']:.2f}s", flush=True)
+            runs.append(run)
+            if best is None or run["summary"]["seconds"] < best["summary"]["seconds"]:
+                best = run
+            if not args.keep:
+                shutil.rmtree(dst, ignore_errors=True)
+        best["best"] = True
+    return runs, cp_times
+
+
+def grow_record(r: dict, n: int, layout_name: str, dst: str) -> dict:
+    return {"method": "grow", "ranks": n, "layout": layout_name, "wall_s": r["wall_s"],
+            "summary": parse_summary(r["output"]), "peak_rss_by_rank": r["poller"].worker_peaks(),
+            "peak_pss_total": r["poller"].peak_pss_total, "samples": r["poller"].samples,
+            "procs": r["poller"].peak_procs, "proc_io_by_rank": r["poller"].worker_io(),
+            "grown_bytes": dir_bytes(dst), "output": r["output"][-4000:]}
+
+
+def naive_run(wd: str, src_root: str, recipe_path: str, tag: str, keep: bool) -> dict:
+    dst = os.path.join(wd, f"naive_{tag}")
+    shutil.rmtree(dst, ignore_errors=True)
+    out_json = os.path.join(wd, f"naive_phases_{tag}.json")
+    print(f"[{tag}] naive baseline (1 process, whole model in memory) ...", flush=True)
+    subprocess.run(["sync"], check=True)
+    r = run_polled([sys.executable, os.path.abspath(__file__), "_naive", src_root, dst, recipe_path, out_json],
+                   include_root=True)
+    naive = json.load(open(out_json))
+    peak = r["poller"].worker_peaks()["0"]
+    print(f"  wall {r['wall_s']:.1f}s, grow {naive['phases']['grow_total']:.1f}s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in naive["phases"].items() if k != "grow_total")
+          + f"); peak RSS {peak / MiB:.0f} MiB", flush=True)
+    if not keep:
+        shutil.rmtree(dst, ignore_errors=True)
+    return {"method": "naive", "ranks": 1, "layout": "whole model", "wall_s": r["wall_s"],
+            "phases": naive["phases"], "bytes_read": naive["bytes_read"], "bytes_written": naive["bytes_written"],
+            "peak_rss": peak, "peak_pss_total": r["poller"].peak_pss_total, "best": True}
+
+
+def table_rows(dtype: str, runs: list, cp_s: float, grown_bytes: int) -> list[dict]:
+    rows = [{"source": dtype, "method": "cp -r + sync", "ranks": "1", "layout": "-", "wall s": f"{cp_s:.2f}",
+             "grow s": f"{cp_s:.2f}", "read MiB": f"{grown_bytes / MiB:.0f}",
+             "written MiB": f"{grown_bytes / MiB:.0f}", "grow s / cp s": "1.00", "wall s / cp s": "1.00"}]
+    for run in runs:
+        if not run.get("best"):
+            continue
+        n = run["ranks"]
+        share = grown_bytes / n
+        if run["method"] == "grow":
+            sm, peak = run["summary"], max(run["peak_rss_by_rank"].values())
+            grow_s, read, written, label = sm["seconds"], sm["bytes_read"], sm["bytes_written"], "streaming grow (torchrun)"
+        else:
+            peak, grow_s, label = run["peak_rss"], run["phases"]["grow_total"], "naive (whole model, 1 proc)"
+            read, written = run["bytes_read"], run["bytes_written"]
+        rows.append({"source": dtype, "method": label, "ranks": str(n), "layout": run["layout"],
+                     "wall s": f"{run['wall_s']:.1f}", "grow s": f"{grow_s:.2f}", "read MiB": f"{read / MiB:.0f}",
+                     "written MiB": f"{written / MiB:.0f}", "peak RSS/rank MiB": f"{peak / MiB:.0f}",
+                     "share/rank MiB": f"{share / MiB:.0f}",
+                     "RSS / (1.5 share + 300 MB)": f"{peak / (GOAL_RSS_SHARE * share + GOAL_RSS_MB):.2f}",
+                     "peak PSS all procs MiB": f"{run['peak_pss_total'] / MiB:.0f}",
+                     "grow s / cp s": f"{grow_s / cp_s:.2f}", "wall s / cp s": f"{run['wall_s'] / cp_s:.2f}"})
+    return rows
+
+
+def goal_lines(dtype: str, runs: list, cp_s: float, grown_bytes: int) -> list[str]:
+    """The issue's three goals, for the 2-rank run of this source."""
+    two = next((r for r in runs if r.get("best") and r["method"] == "grow" and r["ranks"] == 2), None)
+    if two is None:
+        return []
+    grow_x, wall_x = two["summary"]["seconds"] / cp_s, two["wall_s"] / cp_s
+    rss = max(two["peak_rss_by_rank"].values()) / (GOAL_RSS_SHARE * grown_bytes / 2 + GOAL_RSS_MB)
+    verdict = lambda ok: "met" if ok else "NOT met"
+    return [f"goals ({dtype} source, 2 ranks): grow phase {grow_x:.2f}x cp (<= {GOAL_GROW_X}: "
+            f"{verdict(grow_x <= GOAL_GROW_X)}); whole command {wall_x:.2f}x cp (<= {GOAL_WALL_X}: "
+            f"{verdict(wall_x <= GOAL_WALL_X)}); peak RSS/rank {rss:.2f}x (1.5 share + 300 MB) (<= 1: "
+            f"{verdict(rss <= 1)})"]
+
+
+def bench_source(args, wd: str, kind: str, model: dict, recipe_path: str, n_experts: int, dtype: str) -> dict:
+    src_root = ensure_source(wd, kind, model, dtype)
+    tag = f"{kind}_{dtype}"
+    runs, cp_times = grow_runs(args, wd, src_root, recipe_path, n_experts, tag)
+    if not args.skip_naive:
+        runs.append(naive_run(wd, src_root, recipe_path, tag, args.keep))
+    grown_bytes = next(r["grown_bytes"] for r in runs if r["method"] == "grow")
+    cp_s = min(cp_times)
+    return {"dtype": dtype, "source_bytes": dir_bytes(src_root), "runs": runs, "cp_s": cp_s, "cp_s_all": cp_times,
+            "grown_bytes": grown_bytes, "rows": table_rows(dtype, runs, cp_s, grown_bytes),
+            "goals": goal_lines(dtype, runs, cp_s, grown_bytes)}
+
+
+def main(argv=None) -> int:
+    from megatron_grow.platform import cpu
+
+    cpu.apply_cpu_adaptations()  # an entry point: CPU mode is installed here, a no-op with CUDA
+    args = parse_args(argv)
     import psutil
     import yaml
-
-    from megatron_grow.models.params import count_params
-    from megatron_grow.parallel.spawn import run_in_processes
 
     wd = os.path.abspath(args.workdir)
     os.makedirs(wd, exist_ok=True)
@@ -389,155 +552,35 @@ def main(argv=None) -> int:
     with open(recipe_path, "w") as f:
         f.write("# written by benchmarks/grow_bench.py: model = the synthetic source, growth = the paper's\n")
         yaml.safe_dump(recipe_dict(model, args.growth), f, sort_keys=False)
-    src_params, tgt_params = count_params(plan.source).total, count_params(plan.target).total
-    src_expert = count_params(plan.source).expert
-    s, t = plan.source, plan.target
-    model_line = (f"model: {args.growth} growth, source {s.num_layers} layers x {s.num_moe_experts} experts "
-                  f"(top-{s.moe_router_topk}) -> target {t.num_layers} layers x {t.num_moe_experts} experts "
-                  f"(top-{t.moe_router_topk}); hidden {s.hidden_size}, 16 heads / 4 groups x kv {s.kv_channels}, "
-                  f"expert FFN {s.moe_ffn_hidden_size} (SwiGLU), vocab {s.vocab_size}; params {src_params:,} -> "
-                  f"{tgt_params:,} ({4 * src_params / GiB:.2f} GiB -> {4 * tgt_params / GiB:.2f} GiB fp32; "
-                  f"experts {100 * src_expert / src_params:.0f}% of the source)")
+    model_line = model_description(args.growth, plan)
     print(model_line, flush=True)
-
-    # 1. source checkpoint (reused when it matches)
-    src_root = os.path.join(wd, f"src_{args.growth}")
-    stamp = os.path.join(src_root, "bench_model.json")
-    if os.path.isfile(stamp) and json.load(open(stamp)) == model:
-        print(f"reusing source checkpoint {src_root}", flush=True)
-    else:
-        shutil.rmtree(src_root, ignore_errors=True)
-        t0 = time.perf_counter()
-        res = run_in_processes(build_source_body, 1, (model, src_root, 1234), timeout=3600)[0]
-        print(f"built source checkpoint {res['dir']} in {time.perf_counter() - t0:.1f}s "
-              f"(init {res['build_s']:.1f}s, save {res['save_s']:.1f}s)", flush=True)
-        with open(stamp, "w") as f:
-            json.dump(model, f)
-    src_bytes = dir_bytes(src_root)
-
     idle = idle_rss()
     print(f"idle process (imports torch + megatron.core + megatron_grow): RSS {idle / MiB:.0f} MiB", flush=True)
-
-    results = {"model": model, "model_line": model_line, "growth": args.growth, "recipe": recipe_path,
-               "params_source": src_params, "params_target": tgt_params, "source_bytes": src_bytes,
-               "idle_rss": idle, "machine": {"cpus": os.cpu_count(), "mem_gib": psutil.virtual_memory().total / GiB,
-                                             "platform": platform.platform(), "python": platform.python_version()},
-               "runs": [], "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + (argv or sys.argv[1:]))}
-    rows = []
-    cp_times = []
-    grown_bytes = None
-
-    # 2. sharded grow with N ranks
-    for n in args.ranks:
-        ep = n if t.num_moe_experts % n == 0 else 1
-        layout_name = f"EP={ep}" + (f" DP={n}" if ep == 1 and n > 1 else "")
-        best = None
-        for rep in range(args.repeat):
-            dst = os.path.join(wd, f"grown_{args.growth}_n{n}")
-            shutil.rmtree(dst, ignore_errors=True)
-            cmd = [torchrun(), "--standalone", "--nproc-per-node", str(n), "-m", "megatron_grow", "grow",
-                   "--load", src_root, "--save", dst, "--recipe", recipe_path, "--no-verify", "--quiet",
-                   "--expert-model-parallel-size", str(ep)]
-            subprocess.run(["sync"], check=True)
-            print(f"grow with {n} rank(s), {layout_name} (run {rep + 1}/{args.repeat}) ...", flush=True)
-            r = run_polled(cmd)
-            summary = parse_summary(r["output"])
-            peaks = r["poller"].worker_peaks()
-            io_by_rank = r["poller"].worker_io()
-            grown_bytes = dir_bytes(dst)
-            run = {"method": "grow", "ranks": n, "layout": layout_name, "wall_s": r["wall_s"],
-                   "summary": summary,
-                   "peak_rss_by_rank": peaks, "peak_pss_total": r["poller"].peak_pss_total,
-                   "samples": r["poller"].samples,
-                   "procs": r["poller"].peak_procs,
-                   "proc_io_by_rank": io_by_rank, "grown_bytes": grown_bytes, "output": r["output"][-4000:]}
-            print(f"  wall {r['wall_s']:.1f}s, grow {summary['seconds']:.1f}s (stats {summary['stats_seconds']:.1f}, "
-                  f"load {summary['load_seconds']:.1f}, save {summary['save_seconds']:.1f}); peak RSS/rank "
-                  + ", ".join(f"r{k}={v / MiB:.0f}" for k, v in sorted(peaks.items()))
-                  + f" MiB; peak PSS of all {r['poller'].peak_procs} processes "
-                  f"{r['poller'].peak_pss_total / MiB:.0f} MiB",
-                  flush=True)
-            cp_s = time_cp(dst, os.path.join(wd, "cp_copy"))
-            cp_times.append(cp_s)
-            run["cp_s"] = cp_s
-            print(f"  cp -r of the grown checkpoint ({grown_bytes / MiB:.0f} MiB) + sync: {cp_s:.1f}s", flush=True)
-            results["runs"].append(run)
-            if best is None or summary["seconds"] < best["summary"]["seconds"]:
-                best = run
-            if not args.keep:
-                shutil.rmtree(dst, ignore_errors=True)
-        best["best"] = True
-
-    # 4. naive baseline
-    if not args.skip_naive:
-        dst = os.path.join(wd, f"naive_{args.growth}")
-        shutil.rmtree(dst, ignore_errors=True)
-        out_json = os.path.join(wd, "naive_phases.json")
-        print("naive baseline (1 process, whole model in memory) ...", flush=True)
-        subprocess.run(["sync"], check=True)
-        r = run_polled([sys.executable, os.path.abspath(__file__), "_naive", src_root, dst, recipe_path, out_json],
-                       include_root=True)
-        naive = json.load(open(out_json))
-        peak = r["poller"].worker_peaks()["0"]
-        grown_bytes = grown_bytes or dir_bytes(dst)
-        results["runs"].append({"method": "naive", "ranks": 1, "layout": "whole model", "wall_s": r["wall_s"],
-                                "phases": naive["phases"], "bytes_read": naive["bytes_read"],
-                                "bytes_written": naive["bytes_written"], "peak_rss": peak,
-                                "peak_pss_total": r["poller"].peak_pss_total, "best": True})
-        print(f"  wall {r['wall_s']:.1f}s, grow {naive['phases']['grow_total']:.1f}s ("
-              + ", ".join(f"{k} {v:.1f}" for k, v in naive["phases"].items() if k != "grow_total")
-              + f"); peak RSS {peak / MiB:.0f} MiB", flush=True)
-        if not args.keep:
-            shutil.rmtree(dst, ignore_errors=True)
-
-    # 3./5. table
-    cp_s = min(cp_times) if cp_times else float("nan")
-    results["cp_s"] = cp_s
-    results["cp_s_all"] = cp_times
-    results["grown_bytes"] = grown_bytes
-    model_bytes = 4 * tgt_params
-    rows.append({"method": "cp -r + sync", "ranks": "1", "layout": "-", "wall s": f"{cp_s:.1f}",
-                 "grow s": f"{cp_s:.1f}", "read MiB": f"{grown_bytes / MiB:.0f}",
-                 "written MiB": f"{grown_bytes / MiB:.0f}", "peak RSS/rank MiB": "-", "peak-idle / (grown/N)": "-",
-                 "peak PSS all procs MiB": "-",
-                 "grow s / cp s": "1.00", "wall s / cp s": "1.00"})
-    for run in results["runs"]:
-        if not run.get("best"):
-            continue
-        if run["method"] == "grow":
-            n, sm = run["ranks"], run["summary"]
-            peak = max(run["peak_rss_by_rank"].values())
-            rows.append({"method": "sharded grow (torchrun)", "ranks": str(n), "layout": run["layout"],
-                         "wall s": f"{run['wall_s']:.1f}", "grow s": f"{sm['seconds']:.1f}",
-                         "read MiB": f"{sm['bytes_read'] / MiB:.0f}", "written MiB": f"{sm['bytes_written'] / MiB:.0f}",
-                         "peak RSS/rank MiB": f"{peak / MiB:.0f}",
-                         "peak-idle / (grown/N)": f"{(peak - idle) / (model_bytes / n):.2f}",
-                         "peak PSS all procs MiB": f"{run['peak_pss_total'] / MiB:.0f}",
-                         "grow s / cp s": f"{sm['seconds'] / cp_s:.2f}",
-                         "wall s / cp s": f"{run['wall_s'] / cp_s:.2f}"})
-        else:
-            ph = run["phases"]
-            rows.append({"method": "naive (whole model, 1 proc)", "ranks": "1", "layout": run["layout"],
-                         "wall s": f"{run['wall_s']:.1f}", "grow s": f"{ph['grow_total']:.1f}",
-                         "read MiB": f"{run['bytes_read'] / MiB:.0f}",
-                         "written MiB": f"{run['bytes_written'] / MiB:.0f}",
-                         "peak RSS/rank MiB": f"{run['peak_rss'] / MiB:.0f}",
-                         "peak-idle / (grown/N)": f"{(run['peak_rss'] - idle) / model_bytes:.2f}",
-                         "peak PSS all procs MiB": f"{run['peak_pss_total'] / MiB:.0f}",
-                         "grow s / cp s": f"{ph['grow_total'] / cp_s:.2f}",
-                         "wall s / cp s": f"{run['wall_s'] / cp_s:.2f}"})
-    table = fmt_table(rows)
-    results["table"] = table
+    load_before = os.getloadavg()
+    per_dtype = [bench_source(args, wd, args.growth, model, recipe_path, plan.target.num_moe_experts, dtype)
+                 for dtype in args.source_dtypes]
+    load_after = os.getloadavg()
+    table = fmt_table([row for d in per_dtype for row in d["rows"]])
     print()
     print(model_line)
-    print(f"source checkpoint {src_bytes / MiB:.0f} MiB, grown {grown_bytes / MiB:.0f} MiB; idle process RSS "
-          f"(torch + megatron imports) {idle / MiB:.0f} MiB; cp -r + sync of the grown checkpoint {cp_s:.1f}s "
-          f"(min of {len(cp_times)})")
-    print("wall s = whole subprocess (torchrun + imports + grow); grow s = the summary's time "
-          "(grow_checkpoint: plan, build, load, save incl. fsync); read MiB = the summary's bytes read "
-          "(the width statistics pass is not counted); peak RSS/rank = max over ranks of each worker's own "
-          "RSS; peak PSS = whole process tree (torchrun agent, workers, checkpoint-writer forks)")
+    for d in per_dtype:
+        print(f"{d['dtype']} source checkpoint {d['source_bytes'] / MiB:.0f} MiB, grown {d['grown_bytes'] / MiB:.0f} "
+              f"MiB; cp -r + sync of the grown checkpoint {d['cp_s']:.2f}s (min of {len(d['cp_s_all'])})")
+    print(f"idle process RSS (torch + megatron imports) {idle / MiB:.0f} MiB; load average before "
+          f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+    print("wall s = whole subprocess (torchrun + imports + grow); grow s = the summary's time (grow_checkpoint: "
+          "plan, meta build, streaming save incl. reads and fsync); share/rank = grown bytes / ranks; "
+          "peak RSS/rank = max over ranks of each worker's own RSS; peak PSS = whole process tree")
     print(table)
+    for d in per_dtype:
+        for line in d["goals"]:
+            print(line)
+    results = {"model": model, "model_line": model_line, "growth": args.growth, "recipe": recipe_path,
+               "idle_rss": idle, "loadavg_before": load_before, "loadavg_after": load_after,
+               "machine": {"cpus": os.cpu_count(), "mem_gib": psutil.virtual_memory().total / GiB,
+                           "platform": platform.platform(), "python": platform.python_version()},
+               "sources": per_dtype, "table": table,
+               "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + (argv or sys.argv[1:]))}
     out = os.path.join(wd, f"results_{args.growth}.json")
     with open(out, "w") as f:
         json.dump(results, f, indent=2, default=str)

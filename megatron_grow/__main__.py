@@ -54,7 +54,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"megatron-grow {command}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    parser.set_defaults(_run=module.run)
+    # A command that checks its input before the slow imports installs CPU mode itself, after them.
+    parser.set_defaults(_run=module.run, _installs_cpu_mode=getattr(module, "INSTALLS_CPU_MODE", False))
     return parser
 
 
@@ -78,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_grow.cli._errors import run_with_clean_errors
     from megatron_grow.parallel.launch import record_exit_code
-    from megatron_grow.platform import cpu
+    if not args._installs_cpu_mode:
+        from megatron_grow.platform import cpu
 
-    cpu.apply_cpu_adaptations()
+        cpu.apply_cpu_adaptations()
     try:
         code = run_with_clean_errors(args._run, args)
     finally:

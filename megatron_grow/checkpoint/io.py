@@ -18,12 +18,12 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from megatron_grow.checkpoint import paths
+from megatron_grow.checkpoint import paths, streaming
 from megatron_grow.errors import CheckpointError
 from megatron_grow.parallel.collectives import broadcast_object, rank
 
@@ -42,9 +42,12 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifest: dict,
-                    keep_last: int | None = None) -> str:
+                    keep_last: int | None = None, produce: Callable | None = None) -> str:
     """Write one checkpoint atomically; returns the final ``iter_N`` directory (collective).
 
+    ``produce``: tensors of ``sharded_state_dict`` on the meta device are computed by
+    ``produce(sharded_tensor)`` while they are written (``checkpoint.streaming``), so they never
+    all sit in memory; without it, ``dist_checkpointing.save`` writes tensors already in memory.
     Any failure (a full disk, an exception mid-write, on any rank) removes the staging
     directory and leaves the previous checkpoint and the tracker as they were; a full or
     read-only disk is a :class:`CheckpointError`, anything else keeps its own type.
@@ -58,8 +61,11 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     needed = _bytes_to_write(sharded_state_dict)
     _on_rank0(lambda: _prepare_save_dir(root, staging, needed), staging, final)
     try:
-        dist_checkpointing.save(sharded_state_dict, staging,
-                                sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        if produce is not None:
+            streaming.save_streaming(sharded_state_dict, staging, produce)
+        else:
+            dist_checkpointing.save(sharded_state_dict, staging,
+                                    sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
         local_error = None
     except (Exception, CheckpointException) as e:  # collected below: every rank takes the same way out
         local_error = e
@@ -79,7 +85,8 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     return final
 
 
-def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dict, manifest: dict) -> str:
+def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dict, manifest: dict,
+                              produce: Callable | None = None) -> str:
     """A new run directory at ``dest`` holding one checkpoint (collective); returns its ``iter_N``.
 
     The checkpoint is saved into ``<dest>.staging-<id>`` beside ``dest`` and then swapped in
@@ -97,7 +104,7 @@ def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dic
                 if entry.startswith(name + STAGING_MARK):
                     paths.remove_tree(os.path.join(parent, entry))
     try:
-        save_checkpoint(staging, iteration, sharded_state_dict, manifest)
+        save_checkpoint(staging, iteration, sharded_state_dict, manifest, produce=produce)
         _on_rank0(lambda: paths.replace_dir(staging, real), staging, real)
     finally:
         if rank() == 0 and os.path.lexists(staging):
@@ -197,13 +204,15 @@ def _save_error(error: BaseException, final: str) -> BaseException:
 
 def _has_errno(error: BaseException, code: int, depth: int = 0) -> bool:
     """Whether ``code`` appears in ``error``: its chain, torch's per-rank failures, or its text."""
-    if error is None or depth > 8:
+    if not isinstance(error, BaseException) or depth > 8:
         return False
     if isinstance(error, OSError) and error.errno == code:
         return True
     failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
     if isinstance(failures, dict):
         for failure in failures.values():
+            if isinstance(failure, tuple):  # torch's WRAPPED_EXCEPTION: (exception, traceback)
+                failure = failure[0]
             if _has_errno(getattr(failure, "exc", failure), code, depth + 1):
                 return True
     if f"[Errno {code}]" in str(error):

@@ -11,8 +11,8 @@ module talks to ``torch.distributed.checkpoint`` directly:
   chunks overlap it; ``FileSystemReader.read_data`` then copies those overlaps into a buffer of
   the region's shape.
 
-Why not Megatron-Core's loader: with a 1-rank gloo group it cannot read part of a tensor (see
-``growth.grow._collective_load``), and it needs torch.distributed. Why not ``dcp.load`` with a
+Why not Megatron-Core's loader: with a 1-rank gloo group it cannot read part of a tensor (its
+torch ShardedTensor conversion needs the shard grid to cover the tensor), and it needs torch.distributed. Why not ``dcp.load`` with a
 full-shape tensor: that reads whole stacked tensors (``[L, E, 2F, H]`` is a third of an MoE).
 
 Memory: ``FileSystemReader`` deserialises each stored chunk that overlaps the request whole and
@@ -93,16 +93,19 @@ class CheckpointReader:
 
     ``path`` may be a run root (the tracker picks the iteration) or an ``iter_N`` directory.
     ``progress``: a callable taking a message, called on long reads (see :meth:`iter_slabs`).
+    Reads are local to the calling process (no collectives) and may run in several threads.
     """
 
     def __init__(self, path: str, iteration: int | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, storage_metadata=None):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.ckpt_dir, self.iteration = paths.resolve_checkpoint_dir(path, iteration)
-        self.metadata = io.read_storage_metadata(self.ckpt_dir)
-        io.check_shard_files(self.ckpt_dir, self.metadata)
+        if storage_metadata is None:  # a caller that has read and checked it passes it in
+            storage_metadata = io.read_storage_metadata(self.ckpt_dir)
+            io.check_shard_files(self.ckpt_dir, storage_metadata)
+        self.metadata = storage_metadata
         self._reader = FileSystemReader(self.ckpt_dir)
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors: dict[str, StoredTensor] = {}
@@ -111,6 +114,7 @@ class CheckpointReader:
                 self.tensors[key] = StoredTensor(key, tuple(md.size), md.properties.dtype, len(md.chunks))
         self.progress = progress
         self.bytes_read = 0
+        self._chunks_by_row: dict[str, dict[int, list]] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
@@ -140,7 +144,7 @@ class CheckpointReader:
         if buffer.numel() == 0:
             return buffer
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        items = create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        items = create_read_items_for_chunk_list(key, self._candidates(key, offsets, sizes), [chunk])
         covered = sum(math.prod(item.lengths) for item in items)
         if covered != buffer.numel():
             raise CheckpointError(f"{self.ckpt_dir}: the stored chunks of {key} cover {covered} of the "
@@ -156,6 +160,28 @@ class CheckpointReader:
             raise CheckpointError(f"reading {key} from {self.ckpt_dir} failed ({type(e).__name__}: {e})") from None
         self.bytes_read += buffer.numel() * buffer.element_size()
         return buffer
+
+    def _candidates(self, key: str, offsets: tuple, sizes: tuple):
+        """The key's metadata with only the stored chunks in the request's first-dim rows.
+
+        Megatron-Core stores stacked per-layer tensors one chunk per layer (and expert): a request
+        for one layer need not be matched against every chunk of every layer (DCP's matcher scans
+        them all, per request). The chunks' list indices are only hints in the storage index.
+        """
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        md = self.metadata.state_dict_metadata[key]
+        if not offsets:
+            return md
+        rows = self._chunks_by_row.get(key)
+        if rows is None:
+            rows = {}
+            for c in md.chunks:
+                for row in range(c.offsets[0], c.offsets[0] + c.sizes[0]):
+                    rows.setdefault(row, []).append(c)
+            self._chunks_by_row[key] = rows
+        chunks = {id(c): c for row in range(offsets[0], offsets[0] + sizes[0]) for c in rows.get(row, [])}
+        return TensorStorageMetadata(md.properties, md.size, list(chunks.values()))
 
     def slab_extent(self, key: str, lead_dims: int, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
         """How many indices of the last of ``lead_dims`` leading dims fit in ``max_bytes`` (at least 1)."""

@@ -10,8 +10,10 @@ Entry points:
   source ``torch_dist`` checkpoint (one layer group at a time, so peak memory stays near the
   local model size), applies the growth transforms and verifies that every parameter was
   sourced. This is the *online* path the trainer uses for ``--grow-from``.
-* :func:`grow_checkpoint` is the *offline* ``megatron-grow grow``: build the target model,
-  ``load_grown_weights``, save atomically with the growth record appended to the lineage.
+* :func:`grow_checkpoint` is the *offline* ``megatron-grow grow``: build the target model on
+  the meta device, plan the same reads, and save atomically (growth record appended to the
+  lineage) while ``growth.streamed`` computes each grown slice as the writer asks for it: the
+  grown model is never in memory.
 
 Noise does not depend on the layout (see ``growth.noise``), so the grown tensors are the
 same whatever TP/PP/EP the target uses.
@@ -33,26 +35,24 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from megatron.core.dist_checkpointing.mapping import apply_factories
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
 from megatron_grow.checkpoint.manifest import CheckpointInfo, build_manifest, read_checkpoint_info
+from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import optimizer_state, retarget
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
-from megatron_grow.growth.source_reads import (
-    collective_load,
-    collective_rounds,
-    expert_stds,
-    layer_groups,
-    target_sharded_tensors,
-)
+from megatron_grow.growth.source_reads import expert_stds, layer_groups, read_requests, target_sharded_tensors
+from megatron_grow.growth.streamed import GrownTensors
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params
@@ -73,10 +73,19 @@ class GrowthSource:
     info: CheckpointInfo
     plan: GrowthPlan
     source_spec: str = keys.LOCAL_SPEC   # which layer spec's names SRC is stored under
+    storage: Any = None                  # SRC's torch DCP metadata, read (and checked) once
+    _reader: CheckpointReader | None = field(default=None, repr=False)
 
     @property
     def ckpt_dir(self) -> str:
         return self.info.ckpt_dir
+
+    @property
+    def reader(self) -> CheckpointReader:
+        """Region reads of SRC on this rank (no collectives), sharing the metadata read once."""
+        if self._reader is None:
+            self._reader = CheckpointReader(self.ckpt_dir, storage_metadata=self.storage)
+        return self._reader
 
 
 @dataclass
@@ -104,7 +113,7 @@ def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelCo
         info.model = resolve_architecture(ckpt_dir)[0]  # raises, saying what to pass
     plan = make_growth_plan(info.model, growth)
     _check_source_shapes(plan.source, storage, ckpt_dir)
-    return GrowthSource(source_path, info, plan, _source_spec(storage, ckpt_dir))
+    return GrowthSource(source_path, info, plan, _source_spec(storage, ckpt_dir), storage)
 
 
 def _source_spec(storage, ckpt_dir: str) -> str:
@@ -157,41 +166,44 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
     """Fill ``model_chunks`` (this rank's part of the grown model) from the source checkpoint.
 
     The algorithm: rewrite the target's sharded tensors into source read requests; check them
-    against the source metadata; NaN-fill the model; read the expert statistics the noise needs;
-    then, one source layer at a time, read its requests and write every target slice grown from
-    it; finally prove that no parameter was left unfilled.
+    against the source metadata; NaN-fill the model; read the expert statistics the noise needs
+    (collective); then, one source layer at a time, read its requests (this rank alone) and write
+    every target slice grown from it; finally prove that no parameter was left unfilled.
     """
     stats = LoadStats()
     t0 = time.perf_counter()
-    plan = source.plan
-    _check_target_model(model_chunks, plan.target)
-    built = keys.built_spec(te_available())
-    tasks, requests = retarget.build_tasks(target_sharded_tensors(model_chunks), plan,
-                                           lambda key: keys.spec_storage_key(key, built, source.source_spec))
-    # The source must hold every tensor the target asks for, with the global shape we expect.
-    io.check_against_checkpoint({"r": list(requests.values())}, source.ckpt_dir)
+    tasks, requests, expert_std = plan_reads(target_sharded_tensors(model_chunks), model_chunks, source, stats)
     poison_parameters(model_chunks)
-    ts = time.perf_counter()
-    expert_std = expert_stds(tasks, plan, source.ckpt_dir)
-    stats.stats_seconds = time.perf_counter() - ts
     order, groups = layer_groups(tasks)
-    whole: dict = {}
-    rounds = collective_rounds(len(order))
-    for r in range(rounds):
-        name = order[r] if r < len(order) else None
-        _load_group(r, rounds, name, groups.get(name, []), requests, source, expert_std, whole, stats, progress)
-    whole.clear()
+    for r, name in enumerate(order):
+        _load_group(r, len(order), name, groups[name], requests, source, expert_std, stats, progress)
     verify_all_sourced(model_chunks)
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
+def plan_reads(targets: list, model_chunks, source: GrowthSource, stats: LoadStats) -> tuple[list, dict, dict]:
+    """Tasks and read requests for ``targets`` (the grown model's sharded tensors), checked against
+    SRC's metadata, and the noise statistics (collective: every rank calls it)."""
+    plan = source.plan
+    _check_target_model(model_chunks, plan.target)
+    built = keys.built_spec(te_available())
+    tasks, requests = retarget.build_tasks(targets, plan,
+                                           lambda key: keys.spec_storage_key(key, built, source.source_spec))
+    # The source must hold every tensor the target asks for, with the global shape we expect.
+    io.check_against_checkpoint({"r": list(requests.values())}, source.ckpt_dir, source.storage)
+    ts = time.perf_counter()
+    expert_std = expert_stds(tasks, plan, source.reader)
+    stats.stats_seconds = time.perf_counter() - ts
+    return tasks, requests, expert_std
+
+
 def _load_group(r: int, rounds: int, name, group_tasks: list, requests: dict, source: GrowthSource,
-                expert_std: dict, whole: dict, stats: LoadStats, progress: bool) -> None:
-    """One collective round: read one source layer's requests, write the target slices grown from it."""
+                expert_std: dict, stats: LoadStats, progress: bool) -> None:
+    """Read one source layer's requests, write the target slices grown from it."""
     group_requests = {t.request_id: requests[t.request_id] for t in group_tasks}
     tg = time.perf_counter()
-    collective_load(group_requests, source.ckpt_dir, whole)
+    read_requests(group_requests, source.reader)
     for t in group_tasks:
         value = retarget.grown_slice(t, requests[t.request_id].data, source.plan, expert_std)
         t.target.data.copy_(value.to(t.target.data.dtype))
@@ -204,9 +216,7 @@ def _load_group(r: int, rounds: int, name, group_tasks: list, requests: dict, so
     stats.groups += 1
     stats.per_group.append((name, nbytes, seconds))
     if progress:
-        if name is None:
-            label = "(no tensors on this rank)"
-        elif name == ("other", 0):
+        if name == ("other", 0):
             label = "embedding, output layer, final norm"
         else:
             label = f"source layer {name[1]} -> target layers {sorted({t.target_layer for t in group_tasks})}"
@@ -319,9 +329,11 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     """Offline growth (collective): returns a summary dict (rank 0's numbers).
 
     The algorithm: check DST, resolve the source and the plan, check the target layout against
-    the grown model, build the grown model in that layout (no init), fill it from SRC, save it
+    the grown model, build the grown model in that layout *on the meta device* (its sharded state
+    dict says what this rank writes; no weight is allocated), plan the source reads, then save
     atomically under ``target_spec``'s names (default: the spec this machine builds, TE on a GPU
-    with Transformer Engine, else local) with the growth appended to the lineage.
+    with Transformer Engine, else local) with the growth appended to the lineage, each grown
+    tensor computed from its source region while the writer writes (``growth.streamed``).
     ``expert_backend`` builds the target with that ``model.moe_expert_backend`` (how the grown
     model runs, not what it stores: the checkpoint is the same either way).
     """
@@ -333,21 +345,32 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     _log_start(source, ctx)
     built = (dataclasses.replace(source.plan.target, moe_expert_backend=expert_backend) if expert_backend
              else source.plan.target)
-    chunks = build_model_chunks(built, parallel, initialize=False)  # every weight comes from SRC
-    stats = load_grown_weights(chunks, source, progress=progress)
+    chunks = build_model_chunks(built, parallel, meta=True)  # every weight comes from SRC, streamed
+    state = io.model_sharded_state_dict(chunks)
+    apply_factories(state)  # the sharded tensors the tasks fill are the ones the writer saves
+    targets = list(io.iter_sharded_tensors(state))
+    for st in targets:  # buffers MCore creates on an explicit device (expert_bias) are grown too
+        st.data = st.data.to("meta")
+    stats = LoadStats()
+    tasks, requests, expert_std = plan_reads(targets, chunks, source, stats)
+    grown = GrownTensors(tasks, requests, source.plan, source.reader, expert_std, progress)
     # growth.optimizer: carry: Adam state grown through the same maps (growth/optimizer_state.py).
-    carried = (optimizer_state.grown_optimizer_checkpoint_state(target_sharded_tensors(chunks), source, progress)
+    carried = (optimizer_state.grown_optimizer_checkpoint_state(targets, source, progress)
                if optimizer_state.carries(growth) else {})
     before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)
     ts = time.perf_counter()
-    final = _save_grown(chunks, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
-                        target_spec=target_spec or keys.built_spec(te_available()),
-                        carried_optimizer=carried)
-    save_seconds = time.perf_counter() - ts
+    final = _save_grown(state, grown, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
+                        target_spec=target_spec or keys.built_spec(te_available()), carried_optimizer=carried)
+    return _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
+
+
+def _summary(source: GrowthSource, final: str, grown: GrownTensors, stats: LoadStats, ctx, t0: float,
+             save_seconds: float) -> dict:
+    before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     total = time.perf_counter() - t0
     bytes_written = io.checkpoint_bytes(final) if rank() == 0 else 0
-    totals = torch.tensor([stats.bytes_read], dtype=torch.float64)
+    totals = torch.tensor([grown.bytes_read], dtype=torch.float64)
     if torch.distributed.is_initialized():
         all_reduce_host(totals)
     return {
@@ -355,7 +378,8 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
         "source_model": source.plan.source, "source_spec": source.source_spec,
         "params_before": before, "params_after": after,
         "bytes_read": int(totals[0].item()), "bytes_written": bytes_written,
-        "load_seconds": stats.seconds, "stats_seconds": stats.stats_seconds, "save_seconds": save_seconds,
+        # load: reading and growing inside the save, summed over the writer threads of rank 0
+        "load_seconds": grown.seconds, "stats_seconds": stats.stats_seconds, "save_seconds": save_seconds,
         "seconds": total, "world_size": ctx.world_size,
         "throughput_gib_s": (bytes_written / 2**30) / total if total > 0 else 0.0,
     }
@@ -379,9 +403,11 @@ def _log_start(source: GrowthSource, ctx) -> None:
         f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}")
 
 
-def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel: ParallelConfig, ctx, *,
-                recipe_dict: dict | None, target_spec: str, carried_optimizer: dict) -> str:
-    """Write the grown model (weights, Megatron-LM's common state, our manifest) atomically."""
+def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: dict, save: str,
+                parallel: ParallelConfig, ctx, *, recipe_dict: dict | None, target_spec: str,
+                carried_optimizer: dict) -> str:
+    """Write the grown model (weights produced by ``grown`` while they are written, Megatron-LM's
+    common state, our manifest) atomically."""
     if target_spec not in keys.SPECS:
         raise GrowthError(f"--target-spec {target_spec!r} is not one of {', '.join(keys.SPECS)}")
     counters = grown_counters(source)
@@ -390,14 +416,13 @@ def _save_grown(chunks, source: GrowthSource, record: dict, save: str, parallel:
                               counters=counters, lineage=source.info.lineage + [record])
     manifest["layer_spec"] = target_spec
     manifest = io.broadcast_object(manifest)  # the common state must be identical on every rank
-    state = io.model_sharded_state_dict(chunks)
     keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)
     state.update(carried_optimizer)
     args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
                          base=load_common_state(source.ckpt_dir).get("args"))
     state.update(common_state(counters, manifest, args))
     # Written beside --save, then swapped in: an old --save (with --overwrite) goes only after.
-    return io.save_checkpoint_replacing(save, counters["iteration"], state, manifest)
+    return io.save_checkpoint_replacing(save, counters["iteration"], state, manifest, produce=grown)
 
 
 def discard_grown(save: str, iteration: int) -> None:
@@ -436,7 +461,8 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
         ("bytes written", f"{summary['bytes_written'] / 2**20:,.1f} MiB"),
         ("ranks", summary["world_size"]),
         ("time", f"{summary['seconds']:.2f}s (stats {summary['stats_seconds']:.2f}s, load "
-                 f"{summary['load_seconds']:.2f}s, save {summary['save_seconds']:.2f}s)"),
+                 f"{summary['load_seconds']:.2f}s, save {summary['save_seconds']:.2f}s; the save reads and "
+                 "grows each tensor as it writes it, load = that part summed over writer threads)"),
         ("throughput", f"{summary['throughput_gib_s'] * 1024:.1f} MiB/s written"),
     ]
     width = max(len(r[0]) for r in rows)

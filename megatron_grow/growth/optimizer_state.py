@@ -18,7 +18,7 @@ The router's ``expert_bias`` is a buffer updated by the aux-loss-free balancing,
 Adam: it has no optimizer state (it grows with the weights).
 
 This module holds only the optimizer-specific glue: which tensors, how moments grow, the
-checks. The requests, the collective loads and the noise are the weights' (``retarget``,
+checks. The requests, the region reads and the noise are the weights' (``retarget``,
 ``grow``, ``noise``). Loading grown tensors into a live optimizer is the trainer's
 (``training.checkpointing.load_optimizer_in_memory``).
 """
@@ -144,21 +144,12 @@ def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progre
     tasks, requests, state_of = _tasks_for(targets, plan)
     weight_tasks = [t for t in tasks if state_of[t.request_id] == keys.MAIN_PARAM_STATE]
     # The main copy grows like the weight: the noise scale comes from the source *weights*.
-    expert_std = source_reads.expert_stds(weight_tasks, plan, source.ckpt_dir)
-    groups: dict = {}
-    for t in tasks:
-        groups.setdefault(source_reads.group_of(t), []).append(t)
-    order = sorted(groups, key=lambda g: (g[0] != "other", g[1]))
-    rounds = len(order)
-    if torch.distributed.is_initialized():  # PP stages hold different layer counts
-        n = torch.tensor([rounds], dtype=torch.long)
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-        rounds = int(n.item())
-    whole: dict = {}
-    for r in range(rounds):
-        group_tasks = groups[order[r]] if r < len(order) else []
+    expert_std = source_reads.expert_stds(weight_tasks, plan, source.reader)
+    order, groups = source_reads.layer_groups(tasks)
+    for name in order:  # reads are this rank's alone: no rounds to keep in step with other ranks
+        group_tasks = groups[name]
         group_requests = {t.request_id: requests[t.request_id] for t in group_tasks}
-        source_reads.collective_load(group_requests, source.ckpt_dir, whole)
+        source_reads.read_requests(group_requests, source.reader)
         for t in group_tasks:
             loaded = requests[t.request_id].data
             if state_of[t.request_id] == keys.MAIN_PARAM_STATE:
@@ -168,7 +159,6 @@ def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progre
             t.target.data.copy_(value.to(t.target.data.dtype))
         for st in group_requests.values():
             st.data = torch.empty(0, dtype=st.data.dtype)
-    whole.clear()
     if progress:
         print_rank0(f"optimizer state ({plan.growth.optimizer}): {len(tasks)} tensors grown from the source's "
                     "model-space Adam state", prefix="[grow] ")

@@ -1,0 +1,138 @@
+"""Save a ``torch_dist`` checkpoint whose tensors are produced one at a time while they are written.
+
+``dist_checkpointing.save`` needs every tensor in memory before it writes the first byte (and
+Megatron-Core's writer then copies views and forks writer processes). A checkpoint that is
+*computed* from another one -- a grown model -- does not need to exist in memory at all: this
+module writes the same format with torch's own ``torch.distributed.checkpoint.save`` and a
+``FileSystemWriter``, whose writer threads ask the planner for each tensor just before writing
+it (``SavePlanner.resolve_data``). Tensors whose ``ShardedTensor.data`` is on the meta device are
+*lazy*: the planner calls ``produce(sharded_tensor)`` for them, writes the result and drops it,
+so memory holds a few tensors per writer thread, not the rank's share of the model.
+
+The result is what ``dist_checkpointing.save`` writes (stock Megatron-Core loads it strictly):
+the sharded part goes through Megatron-Core's own conversion (``mcore_to_pyt_state_dict``, main
+replicas only) and save planner, the common part to ``common.pt`` through Megatron-Core's
+common strategy, and ``metadata.json`` through ``save_config``. Files are written without a
+per-file fsync; every rank fsyncs its own files once at the end (the caller still fsyncs the
+tree and renames it into place, ``checkpoint.io``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import torch
+
+from megatron_grow.errors import CheckpointError
+
+DEFAULT_WRITER_THREADS = 2
+
+
+def is_lazy(sharded_tensor) -> bool:
+    data = getattr(sharded_tensor, "data", None)
+    return isinstance(data, torch.Tensor) and data.is_meta
+
+
+def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Callable,
+                   threads: int = DEFAULT_WRITER_THREADS) -> int:
+    """Write ``sharded_state_dict`` into ``checkpoint_dir`` (collective); returns the number of lazy
+    tensors this rank produced. ``produce(st)`` returns the values of lazy ShardedTensor ``st``
+    (shape ``st.local_shape``); a ``produce.check_complete()`` method, if any, is called once all
+    is written (raising fails the save)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_common_strategy,
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    # The model's own sharded state dict: the sharding is Megatron-Core's, so integrity is not re-proven here.
+    sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=False)
+    get_default_save_common_strategy().save_common(common, checkpoint_dir)
+    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    lazy = {(st.key, tuple(st.global_offset)): st for sts in flat.values() for st in sts if is_lazy(st)}
+    pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
+    planner = _producing_planner(lazy, produce)
+    writer = FileSystemWriter(checkpoint_dir, thread_count=threads, sync_files=False)
+    dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+    problem = _local_problem(planner, len(lazy), produce, checkpoint_dir)
+    if problem is None:
+        _fsync_own_files(checkpoint_dir)
+    flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank leaves the same way
+    if flag.item():
+        raise problem or CheckpointError(f"saving {checkpoint_dir} failed on another rank")
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if torch.distributed.get_rank() == 0:
+        save_config(CheckpointingConfig(strategy.backend, strategy.version), checkpoint_dir)
+    torch.distributed.barrier()
+    return planner.produced
+
+
+def _local_problem(planner, expected: int, produce: Callable, checkpoint_dir: str) -> BaseException | None:
+    """What went wrong on this rank only: an error in a writer thread other than the main one (DCP
+    would only print it), a tensor never asked for, or the producer's own account."""
+    if planner.error is not None:
+        return planner.error
+    if planner.produced != expected:
+        return CheckpointError(f"{checkpoint_dir}: {expected - planner.produced} of {expected} tensors of this "
+                               "rank were planned but never written")
+    try:
+        if hasattr(produce, "check_complete"):
+            produce.check_complete()
+    except Exception as e:  # raised after the barrier, like the others
+        return e
+    return None
+
+
+def _producing_planner(lazy: dict, produce: Callable):
+    """Megatron-Core's save planner, except that lazy tensors are produced when the writer asks."""
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class ProducingPlanner(MCoreSavePlanner):
+        def __init__(self):
+            super().__init__(flatten_state_dict=False)
+            self.produced = 0
+            self.error: BaseException | None = None
+            self._lock = threading.Lock()
+
+        def resolve_data(self, write_item):
+            index = write_item.index
+            st = lazy.get((index.fqn, tuple(index.offset))) if write_item.type != WriteItemType.BYTE_IO else None
+            if st is None:
+                return super().resolve_data(write_item)
+            try:
+                value = produce(st)
+            except BaseException as e:
+                self.error = self.error or e
+                raise
+            if tuple(value.shape) != tuple(st.local_shape) or value.dtype != st.dtype:
+                raise CheckpointError(f"{st.key} at {tuple(st.global_offset)}: produced {tuple(value.shape)} "
+                                      f"{value.dtype}, the checkpoint needs {tuple(st.local_shape)} {st.dtype}")
+            with self._lock:
+                self.produced += 1
+            # The stored chunk carries the prepended (layer, expert) axes as size-1 dims.
+            return value.contiguous().reshape(tuple(write_item.tensor_data.chunk.sizes))
+
+    return ProducingPlanner()
+
+
+def _fsync_own_files(checkpoint_dir: str) -> None:
+    """One fsync per file this rank wrote (``__<rank>_<i>.distcp``), after all of them are written."""
+    mine = f"__{torch.distributed.get_rank()}_"
+    for name in os.listdir(checkpoint_dir):
+        if name.startswith(mine) and name.endswith(".distcp"):
+            fd = os.open(os.path.join(checkpoint_dir, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
