@@ -496,7 +496,8 @@ def table_rows(dtype: str, runs: list, cp_s: float, grown_bytes: int) -> list[di
         share = grown_bytes / n
         if run["method"] == "grow":
             sm, peak = run["summary"], max(run["peak_rss_by_rank"].values())
-            grow_s, read, written, label = sm["seconds"], sm["bytes_read"], sm["bytes_written"], "streaming grow (torchrun)"
+            grow_s, read, written = sm["seconds"], sm["bytes_read"], sm["bytes_written"]
+            label = "streaming grow (torchrun)"
         else:
             peak, grow_s, label = run["peak_rss"], run["phases"]["grow_total"], "naive (whole model, 1 proc)"
             read, written = run["bytes_read"], run["bytes_written"]

@@ -12,8 +12,9 @@ module talks to ``torch.distributed.checkpoint`` directly:
   the region's shape.
 
 Why not Megatron-Core's loader: with a 1-rank gloo group it cannot read part of a tensor (its
-torch ShardedTensor conversion needs the shard grid to cover the tensor), and it needs torch.distributed. Why not ``dcp.load`` with a
-full-shape tensor: that reads whole stacked tensors (``[L, E, 2F, H]`` is a third of an MoE).
+torch ShardedTensor conversion needs the shard grid to cover the tensor), and it needs
+torch.distributed. Why not ``dcp.load`` with a full-shape tensor: that reads whole stacked
+tensors (``[L, E, 2F, H]`` is a third of an MoE).
 
 Memory: ``FileSystemReader`` deserialises each stored chunk that overlaps the request whole and
 then narrows it, so the peak is the request buffer plus one stored chunk. Megatron-Core stores

@@ -44,8 +44,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
 from megatron_grow.checkpoint.manifest import CheckpointInfo, build_manifest, read_checkpoint_info
-from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
+from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
 from megatron_grow.errors import GrowthError

@@ -75,7 +75,8 @@ def read_body(ckpt_dir: str) -> dict:
     initialize_distributed(ParallelConfig())
     tensors = dist_checkpointing.load_plain_tensors(ckpt_dir)
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    return {"tensors": {k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)}, "iteration": common.get("iteration")}
+    return {"tensors": {k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)},
+            "iteration": common.get("iteration")}
 
 
 def test_streamed_values_are_saved(tmp_path):
