@@ -24,8 +24,9 @@ from megatron_grow.experiments.repro import run_repro
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/repro", help="where data, checkpoints and results go")
     parser.add_argument("--tiny", action="store_true", help="CI scale (every finding, a few steps each)")
-    parser.add_argument("--size", choices=("cpu", "gpu", "auto"), default="auto",
-                        help="model and step sizes (auto: gpu when CUDA is available); ignored with --tiny")
+    parser.add_argument("--size", choices=("cpu", "cpu4", "gpu", "auto"), default="auto",
+                        help="model and step sizes (auto: gpu when CUDA is available; cpu4: finding (b) alone on a "
+                             "4-layer base); ignored with --tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
                         help="seeds of init, data order and growth noise (default: the size's, 3 for cpu/gpu)")
     parser.add_argument("--ranks", type=int, default=None, metavar="N",

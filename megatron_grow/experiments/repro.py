@@ -85,6 +85,7 @@ class ReproSize:
     downstream: str               # which final checkpoints are scored: "all", "a" (finding (a) only), "none"
     downstream_limit: int | None  # questions per evaluation (None: the whole task)
     ranks: int                    # processes per seed on CPU (on a GPU: one per device)
+    findings: tuple[str, ...] = ("a", "b", "c", "d")  # which findings' runs to train
 
 
 SIZES = {
@@ -104,6 +105,14 @@ SIZES = {
                                     grown_iters=800, eval_interval=40, eval_iters=16, lr=3e-3),
                      first_save_fc=0.25, seeds=(1234, 1235, 1236), full_recipe=True, downstream="all",
                      downstream_limit=None, ranks=1),
+    # CPU, finding (b) alone on a 4-layer base (a 2-layer base leaves interposition and stack only the
+    # order of the middle pair to differ in): the same width, saves at 0.25-2 F_c, 3 seeds.
+    "cpu4": ReproSize(ExperimentSize("cpu4", num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                     kv_channels=8, num_moe_experts=4, moe_router_topk=1, moe_ffn_hidden_size=32,
+                                     seq_length=64, micro_batch_size=16, global_batch_size=16, base_iters=0,
+                                     grown_iters=800, eval_interval=40, eval_iters=16, lr=3e-3),
+                      first_save_fc=0.25, seeds=(1234, 1235, 1236), full_recipe=False, downstream="none",
+                      downstream_limit=None, ranks=1, findings=("b",)),
     # One GPU: a 4-layer MoE (vocabulary 4096). Defined and dry-run tested; not run in this repository.
     "gpu": ReproSize(ExperimentSize("gpu", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
                                     kv_channels=32, num_moe_experts=8, moe_router_topk=1, moe_ffn_hidden_size=512,
@@ -123,8 +132,8 @@ def choose_size(size: str, tiny: bool) -> ReproSize:
         return SIZES["tiny"]
     if size == "auto":
         size = "gpu" if torch.cuda.is_available() else "cpu"
-    if size not in ("cpu", "gpu"):
-        raise ValueError(f"unknown size {size!r}; choose cpu, gpu or auto (or --tiny)")
+    if size not in ("cpu", "cpu4", "gpu"):
+        raise ValueError(f"unknown size {size!r}; choose cpu, cpu4, gpu or auto (or --tiny)")
     return SIZES[size]
 
 
@@ -226,16 +235,22 @@ def build_plan(seed_dir: str, rsize: ReproSize, ranks: int, data: dict, seed: in
     plan = _Plan(seed_dir, size, ranks, data, seed, rsize.downstream)
     saves = save_iterations(rsize)
     first, last = saves[0], saves[-1]
+    want = set(rsize.findings)
     plan.base(save_interval=first)
     depth_target = None
     for it in saves:
-        depth_target = plan.grown(f"interposition_at_{it}", depth_growth("interposition", seed), it, in_a=it == last)
-        if it in (first, last):
+        ends = it in (first, last)
+        if "d" in want or (ends and "b" in want) or (it == last and "a" in want):
+            depth_target = plan.grown(f"interposition_at_{it}", depth_growth("interposition", seed), it,
+                                      in_a=it == last)
+        if ends and "b" in want:
             plan.grown(f"stack_at_{it}", depth_growth("stack", seed), it)
-    plan.scratch("scratch_depth", depth_target)
-    for alpha in ALPHAS:
-        plan.grown(f"width_alpha_{alpha:g}", width_growth(alpha, seed), last)
-    if rsize.full_recipe:
+    if want & {"a", "d"}:
+        plan.scratch("scratch_depth", depth_target)
+    if "c" in want:
+        for alpha in ALPHAS:
+            plan.grown(f"width_alpha_{alpha:g}", width_growth(alpha, seed), last)
+    if "a" in want and rsize.full_recipe:
         plan.scratch("scratch_full", plan.grown("full", full_growth(seed), last, in_a=True))
     return plan.steps, plan.meta
 
@@ -385,7 +400,7 @@ def run_repro(workdir: str = "runs/repro", size: str = "auto", tiny: bool = Fals
         return {"dry_run": True, "plans": [dataclasses.asdict(p) for p in plans]}
     raw = _read_raw(workdir, plans) if report_only else _train_all(workdir, plans, ranks, jobs, data, rsize)
     per_seed = [summarize_seed(resolved_size(rsize), p.meta, raw["results"][str(p.seed)], save_iterations(rsize),
-                               p.seed) for p in plans]
+                               p.seed, rsize.findings) for p in plans]
     summary = _summary(rsize, ranks, jobs, texts, data, per_seed)
     # Data preparation and the runs (with --report-only: those of the run being reported).
     summary["timings_s"] = {"data": round(raw["data_seconds"], 1), "runs": round(raw["runs_seconds"], 1),
@@ -400,6 +415,7 @@ def _summary(rsize: ReproSize, ranks: int, jobs: int, texts, data: dict, per_see
     size = resolved_size(rsize)
     return {
         "size": dataclasses.asdict(size), "first_save_fc": rsize.first_save_fc, "ranks": ranks, "jobs": jobs,
+        "findings": list(rsize.findings),
         "seeds": [s["seed"] for s in per_seed], "texts": texts,
         "dataset": {"prefix": data["prefix"], "tokenizer_model": data["tokenizer_model"]},
         "validation": {"samples": size.eval_samples, "eval_seed": EVAL_SEED,

@@ -33,8 +33,13 @@ def _ci(stat: dict, digits: int = 4) -> str:
 # Markdown
 
 
+SECTIONS = ("a_grown_vs_scratch", "b_interposition_vs_stack", "c_width_alpha", "d_sunk_cost")
+
+
 def format_markdown(r: dict) -> str:
-    sections = [_md_header(r), _md_findings(r), _md_a(r), _md_b(r), _md_c(r), _md_d(r), _md_timings(r)]
+    present = r["per_seed"][0]["findings"]
+    per_finding = [md(r) for key, md in zip(SECTIONS, (_md_a, _md_b, _md_c, _md_d)) if key in present]
+    sections = [_md_header(r), _md_findings(r), *per_finding, _md_timings(r)]
     return "\n".join(line for section in sections for line in section)
 
 
@@ -60,7 +65,9 @@ def _md_header(r: dict) -> list:
 
 def _downstream_scope(r: dict) -> str:
     d = r["downstream"]
-    scope = {"all": "every run", "a": "finding (a)'s runs", "none": "not scored"}[d["runs"]]
+    if d["runs"] == "none":
+        return "not scored in this run"
+    scope = {"all": "every run", "a": "finding (a)'s runs"}[d["runs"]]
     return scope + (f", first {d['limit']} questions" if d["limit"] else ", all 200 questions")
 
 
@@ -235,5 +242,6 @@ def _plot_d(r: dict, workdir: str) -> str:
 
 
 def write_plots(r: dict, workdir: str) -> list:
-    """The four findings' plots under ``workdir``; their paths."""
-    return [plot(r, workdir) for plot in (_plot_a, _plot_b, _plot_c, _plot_d)]
+    """One plot per finding that ran, under ``workdir``; their paths."""
+    present = r["per_seed"][0]["findings"]
+    return [plot(r, workdir) for key, plot in zip(SECTIONS, (_plot_a, _plot_b, _plot_c, _plot_d)) if key in present]

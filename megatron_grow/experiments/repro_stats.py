@@ -147,8 +147,13 @@ def run_stats(per_seed: list) -> dict:
 
 def aggregate(per_seed: list) -> dict:
     """Every finding over seeds (``findings``: one row per compared quantity) and every run's statistics."""
-    rows = _rows_a(per_seed) + _rows_b(per_seed) + _rows_c(per_seed) + _rows_d(per_seed)
-    d_rows = per_seed[0]["findings"]["d_sunk_cost"]["rows"]
-    return {"n_seeds": len(per_seed), "findings": [r for r in rows if r is not None], "runs": run_stats(per_seed),
-            "d_levels": [{"run": row["run"], "sunk_over_fc": row["sunk_over_fc"]} for row in d_rows],
-            "monotone_seeds": sum(s["findings"]["d_sunk_cost"]["final_loss_monotone_in_sunk"] for s in per_seed)}
+    present = per_seed[0]["findings"]
+    rows = [row for key, make in (("a_grown_vs_scratch", _rows_a), ("b_interposition_vs_stack", _rows_b),
+                                  ("c_width_alpha", _rows_c), ("d_sunk_cost", _rows_d)) if key in present
+            for row in make(per_seed)]
+    out = {"n_seeds": len(per_seed), "findings": [r for r in rows if r is not None], "runs": run_stats(per_seed)}
+    if "d_sunk_cost" in present:
+        out["d_levels"] = [{"run": row["run"], "sunk_over_fc": row["sunk_over_fc"]}
+                           for row in present["d_sunk_cost"]["rows"]]
+        out["monotone_seeds"] = sum(s["findings"]["d_sunk_cost"]["final_loss_monotone_in_sunk"] for s in per_seed)
+    return out

@@ -114,8 +114,9 @@ def _finding_d(runs: dict, results: dict, saves: list, base_at: dict, f_c: float
             "spearman_sunk_vs_final": spearman([row["sunk_flops"] for row in rows], finals)}
 
 
-def summarize_seed(size, meta: dict, results: dict, saves: list, seed: int) -> dict:
-    """One seed's runs and findings (``size``: the experiment size with the resolved ``base_iters``)."""
+def summarize_seed(size, meta: dict, results: dict, saves: list, seed: int,
+                   findings: tuple = ("a", "b", "c", "d")) -> dict:
+    """One seed's runs and the chosen findings (``size``: the experiment size with the resolved ``base_iters``)."""
     base = results["base"]
     n_a = count_params(meta["base"]["model"]).activated
     f_c = chinchilla_flops(n_a)
@@ -131,10 +132,11 @@ def summarize_seed(size, meta: dict, results: dict, saves: list, seed: int) -> d
                  "saves": [{"iteration": it, "sunk_flops": base_at[it][1], "sunk_over_fc": base_at[it][1] / f_c,
                             "valid_loss": base_at[it][0]} for it in saves]},
         "runs": runs,
-        "findings": {"a_grown_vs_scratch": _finding_a(runs, results, saves[-1]),
-                     "b_interposition_vs_stack": _finding_b(runs, results, saves, f_c),
-                     "c_width_alpha": _finding_c(runs, results, base_curve[-1][1]),
-                     "d_sunk_cost": _finding_d(runs, results, saves, base_at, f_c)},
+        "findings": {key: compute() for letter, key, compute in (
+            ("a", "a_grown_vs_scratch", lambda: _finding_a(runs, results, saves[-1])),
+            ("b", "b_interposition_vs_stack", lambda: _finding_b(runs, results, saves, f_c)),
+            ("c", "c_width_alpha", lambda: _finding_c(runs, results, base_curve[-1][1])),
+            ("d", "d_sunk_cost", lambda: _finding_d(runs, results, saves, base_at, f_c))) if letter in findings},
     }
 
 

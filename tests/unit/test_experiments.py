@@ -105,3 +105,15 @@ def test_repro_bad_flags_are_one_line_exit_2(args, message, tmp_path, capsys):
     assert main(["repro", "--tiny", "--workdir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_cpu4_plans_only_finding_b(tmp_path):
+    """``--size cpu4``: a 4-layer base and only the runs finding (b) compares."""
+    files = {"prefix": "/nonexistent/corpus", "tokenizer_model": "/nonexistent/tok.model"}
+    rsize = repro.SIZES["cpu4"]
+    steps, meta = repro.build_plan(str(tmp_path), rsize, 1, files, seed=1234)
+    first, last = repro.save_iterations(rsize)[::3]
+    assert [s["name"] for s in steps] == ["base", f"interposition_at_{first}", f"stack_at_{first}",
+                                          f"interposition_at_{last}", f"stack_at_{last}"]
+    assert meta["base"]["model"].num_layers == 4 and meta[f"stack_at_{last}"]["model"].num_layers == 8
+    assert not any(s["downstream"] for s in steps)
