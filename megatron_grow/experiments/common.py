@@ -70,6 +70,18 @@ class ExperimentSize:
         return self.eval_iters * self.global_batch_size
 
 
+def pick_size(sizes: dict, size: str, ci_name: str, ci: bool):
+    """``sizes[ci_name]`` when ``ci`` (the CI flag), else ``sizes[size]``; "auto" is gpu with CUDA, else cpu."""
+    if ci:
+        return sizes[ci_name]
+    if size == "auto":
+        size = "gpu" if torch.cuda.is_available() else "cpu"
+    choices = [name for name in sizes if name != ci_name]
+    if size not in choices:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(choices)}, auto")
+    return sizes[size]
+
+
 def default_ranks(size: ExperimentSize) -> int:
     if torch.cuda.is_available() and size.name == "gpu":
         return torch.cuda.device_count()

@@ -37,7 +37,6 @@ import time
 from collections.abc import Sequence
 
 import matplotlib
-import torch
 
 from megatron_grow.config.check import built_model
 from megatron_grow.config.loader import load_recipe
@@ -52,6 +51,7 @@ from megatron_grow.experiments.common import (
     interpolate,
     load_average,
     model_summary,
+    pick_size,
     prepare_data,
     resolve_texts,
     scratch_model_section,
@@ -96,13 +96,7 @@ def _say(msg: str) -> None:
 
 
 def choose_size(size: str, reduced: bool) -> ExperimentSize:
-    if reduced:
-        return SIZES["reduced"]
-    if size == "auto":
-        size = "gpu" if torch.cuda.is_available() else "cpu"
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of cpu, gpu, auto")
-    return SIZES[size]
+    return pick_size(SIZES, size, "reduced", reduced)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from megatron_grow.experiments.common import (
     grow_body,
     library_warnings_ignored,
     load_average,
+    pick_size,
     prepare_data,
     resolve_texts,
     scratch_model_section,
@@ -128,13 +129,7 @@ def _say(msg: str) -> None:
 
 
 def choose_size(size: str, tiny: bool) -> ReproSize:
-    if tiny:
-        return SIZES["tiny"]
-    if size == "auto":
-        size = "gpu" if torch.cuda.is_available() else "cpu"
-    if size not in ("cpu", "cpu4", "gpu"):
-        raise ValueError(f"unknown size {size!r}; choose cpu, cpu4, gpu or auto (or --tiny)")
-    return SIZES[size]
+    return pick_size(SIZES, size, "tiny", tiny)
 
 
 def base_flops_per_step(size: ExperimentSize) -> float:
