@@ -86,18 +86,19 @@ def factories_after_shape_check(root: str) -> tuple[int, int]:
     ckpt, it = paths.resolve_checkpoint_dir(root)
     chunks = build_model_chunks(read_checkpoint_info(ckpt, it).model, ParallelConfig())
     sd = io.model_sharded_state_dict(chunks)
-    count = lambda: sum(isinstance(x, ShardedTensorFactory) for x in _leaves(sd))
+    count = lambda: sum(isinstance(x, ShardedTensorFactory) for x in state_dict_leaves(sd))
     before = count()
     io.check_against_checkpoint(sd, ckpt)
     return before, count()
 
 
-def _leaves(tree):
+def state_dict_leaves(tree):
+    """Every leaf of a nested dict/list state dict (sharded tensors, objects, factories, values)."""
     if isinstance(tree, dict):
         for v in tree.values():
-            yield from _leaves(v)
+            yield from state_dict_leaves(v)
     elif isinstance(tree, list):
         for v in tree:
-            yield from _leaves(v)
+            yield from state_dict_leaves(v)
     else:
         yield tree

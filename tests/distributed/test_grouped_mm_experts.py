@@ -21,6 +21,7 @@ from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed.bodies import grow_body, plain_tensors_of_many, probe_batches, tiny_model, train_sequence
 from tests.distributed.bodies import test_manifest as manifest_for
 from tests.distributed.conftest import write_recipe
+from tests.distributed.optimizer_bodies import state_dict_leaves
 
 SEQUENTIAL = tiny_model()
 GROUPED = dataclasses.replace(SEQUENTIAL, moe_expert_backend="grouped_mm")
@@ -45,20 +46,9 @@ def _layout_of(model) -> list:
         if isinstance(st, ShardedTensor):
             rows.append((st.key, tuple(st.global_shape), tuple(st.global_offset), tuple(st.axis_fragmentations),
                          str(st.replica_id), tuple(st.local_shape), st.prepend_axis_num, str(st.dtype)))
-    objects = [v for v in _leaves(sd) if isinstance(v, ShardedObject)]
+    objects = [v for v in state_dict_leaves(sd) if isinstance(v, ShardedObject)]
     rows += [(o.key, tuple(o.global_shape), tuple(o.global_offset), str(o.replica_id)) for o in objects]
     return sorted(rows, key=str)
-
-
-def _leaves(x):
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _leaves(v)
-    elif isinstance(x, list):
-        for v in x:
-            yield from _leaves(v)
-    else:
-        yield x
 
 
 def _forward_backward(model, batches):
