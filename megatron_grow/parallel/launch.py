@@ -6,7 +6,7 @@ failure becomes torchrun's ``ChildFailedError`` report and exit 1 (so "bad input
 is not among the signals torchrun handles, so it kills torchrun with the workers orphaned.
 
 :func:`launch` runs torchrun's own launcher (``torch.distributed.run``, same arguments) in this
-process with three changes:
+process with four changes:
 
 * SIGUSR1 is added to ``--signals-to-handle``: torchrun then forwards SIGTERM and SIGUSR1 to
   every worker's process group and waits for them (``--shutdown-timeout``, default here
@@ -15,7 +15,9 @@ process with three changes:
   ``megatron_grow.__main__``; ``scripts/slurm/rank.sh`` writes the same files under SLURM);
 * the launcher's exit code is :func:`combined_exit_code` of those: 3 if any local worker exited 3,
   else 2 if any exited 2, else torchrun's own outcome (0, 1, or 128 + signal), without
-  torchrun's traceback.
+  torchrun's traceback;
+* after a stop signal, workers left waiting for a worker that ended without saving are stopped
+  after a few seconds instead of at the end of the shutdown timeout (``stranded_workers``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def launch(argv: list[str]) -> int:
     from torch.distributed.run import run as torchrun
 
     from megatron_grow.parallel.preemption import pending_signal
+    from megatron_grow.parallel.stranded_workers import StrandedWorkerGuard
 
     for name in ("SIGTERM", "SIGUSR1"):
         signal.signal(getattr(signal, name), _early_signal)
@@ -105,14 +108,16 @@ def launch(argv: list[str]) -> int:
     args = torchrun_arguments(argv)
     status_dir = tempfile.mkdtemp(prefix="mg-ranks-")
     os.environ[STATUS_DIR_ENV] = status_dir
+    stop_signals = tuple(int(getattr(signal, name)) for name in FORWARDED_SIGNALS)
     try:
-        try:
-            torchrun(args)
-            launcher_code = 0
-        except ChildFailedError:
-            launcher_code = 1
-        except SignalException as e:
-            launcher_code = 128 + int(e.sigval)
+        with StrandedWorkerGuard(status_dir, stop_signals):
+            try:
+                torchrun(args)
+                launcher_code = 0
+            except ChildFailedError:
+                launcher_code = 1
+            except SignalException as e:
+                launcher_code = 128 + int(e.sigval)
         codes = worker_exit_codes(status_dir)
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)

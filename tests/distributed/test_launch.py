@@ -6,6 +6,8 @@ corpus. Plain ``torchrun -m megatron_grow train`` turns each of these into exit 
 
 * bad input: exit 2, one ``megatron-grow: error:`` line, no traceback, no ChildFailedError;
 * SIGTERM / SIGUSR1 sent to the launcher once training runs: the workers save, exit 3;
+* a worker killed unsaved after SIGTERM while its peer waits for it: the launcher stops the peer
+  within seconds (exit 143) instead of sitting out torchrun's shutdown timeout;
 * a signal during start-up (seeded delays spread over the time to the first step): exit 3 with
   a checkpoint, or, before any worker got going, 128 + signal; never a traceback (slow: four
   runs of about a minute each on 2 cores).
@@ -96,6 +98,30 @@ def test_signal_to_launcher_saves_and_exits_3(kjv_dataset, tmp_path, sig):
     assert iteration >= 2, out[-3000:]
     io.check_shard_files(paths.iteration_dir(str(tmp_path / "run"), iteration))
     assert "exiting with code 3" in out and "Traceback" not in out, out[-3000:]
+
+
+def test_worker_dead_before_saving_does_not_hold_the_launcher(kjv_dataset, tmp_path):
+    """The case behind a 400 s hang in CI: SIGTERM reached one worker before its handler existed
+    (it died) and the other remembered it, then waited in start-up for the dead rank. Here rank 0
+    is killed right after the launcher forwarded SIGTERM. torchrun alone would wait out its
+    shutdown timeout (600 s); the launcher stops the stranded worker within seconds."""
+    import psutil
+
+    log = str(tmp_path / "log")
+    proc = _launch(["train", "--config", _long_recipe(tmp_path, kjv_dataset)], log)
+    launcher = psutil.Process(proc.pid)
+    deadline = time.monotonic() + TIMEOUT
+    while len(launcher.children()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # both workers are past their first milliseconds: SIGTERM is remembered
+    rank0 = next(w for w in launcher.children() if w.environ().get("RANK") == "0")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    rank0.kill()
+    rc, out = _finish(proc, log)
+    assert rc == 128 + signal.SIGTERM, out[-3000:]
+    assert "a worker ended without saving" in out and "Traceback" not in out, out[-3000:]
+    assert not os.path.exists(os.path.join(tmp_path, "run", paths.TRACKER_FILENAME)), out[-3000:]
 
 
 @pytest.mark.slow

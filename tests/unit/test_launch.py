@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
 
 from megatron_grow.cli.launch import split_argv
 from megatron_grow.parallel import launch
+from megatron_grow.parallel.stranded_workers import StrandedWorkerGuard
 
 COMMANDS = {"train", "grow", "verify", "launch"}
 
@@ -50,3 +58,63 @@ def test_split_argv_at_first_command():
     assert split_argv(["--rdzv-id", "train", "grow", "--load", "x"], COMMANDS) == (
         ["--rdzv-id", "train"], ["grow", "--load", "x"])
     assert split_argv(["--standalone"], COMMANDS) == (["--standalone"], [])
+
+
+
+def _sleeper(ignore_sigterm: bool) -> subprocess.Popen:
+    """A stand-in worker: dies of SIGTERM, or ignores it as one that remembered it for later."""
+    code = ("import signal, time\n"
+            + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "")
+            + "print('ready', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline().strip() == b"ready"
+    return proc
+
+
+def _signal_to_launcher(sig: int, workers: list[subprocess.Popen]) -> None:
+    """``sig`` reaches this process through a Python handler (as torchrun's), then SIGTERM is
+    forwarded to the workers, as torchrun does."""
+    previous = signal.signal(sig, lambda *_: None)
+    try:
+        signal.raise_signal(sig)
+    finally:
+        signal.signal(sig, previous)
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("clean_exit_recorded", [False, True])
+def test_guard_stops_a_worker_stranded_by_a_peer_that_died_unsaved(tmp_path, clean_exit_recorded):
+    died, stranded = _sleeper(ignore_sigterm=False), _sleeper(ignore_sigterm=True)
+    if clean_exit_recorded:  # the dead one saved and exited 3: the other is finishing its own exit
+        (tmp_path / "rank-0.rc").write_text("3\n")
+    handles = [psutil.Process(died.pid), psutil.Process(stranded.pid)]
+    try:
+        with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
+                                 grace_s=0.5) as guard:
+            _signal_to_launcher(signal.SIGTERM, [died, stranded])
+            assert died.wait(timeout=20) == -signal.SIGTERM
+            if clean_exit_recorded:
+                time.sleep(2.0)  # well past the grace period
+                assert stranded.poll() is None and guard.killed == []
+            else:
+                assert stranded.wait(timeout=20) == -signal.SIGKILL
+                assert guard.killed == [stranded.pid]
+    finally:
+        stranded.kill()
+        stranded.wait()
+
+
+def test_guard_ignores_signals_that_are_not_stop_signals(tmp_path):
+    died, other = _sleeper(ignore_sigterm=False), _sleeper(ignore_sigterm=True)
+    handles = [psutil.Process(died.pid), psutil.Process(other.pid)]
+    try:
+        with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
+                                 grace_s=0.1) as guard:
+            _signal_to_launcher(signal.SIGUSR2, [died, other])
+            died.wait(timeout=20)
+            time.sleep(1.0)
+            assert other.poll() is None and guard.killed == []
+    finally:
+        other.kill()
+        other.wait()
