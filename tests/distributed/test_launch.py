@@ -100,6 +100,16 @@ def test_signal_to_launcher_saves_and_exits_3(kjv_dataset, tmp_path, sig):
     assert "exiting with code 3" in out and "Traceback" not in out, out[-3000:]
 
 
+def _catches_sigterm(process) -> bool:
+    """The worker has installed its SIGTERM handler (Linux: the SigCgt mask in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{process.pid}/status", encoding="ascii") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
 def test_worker_dead_before_saving_does_not_hold_the_launcher(kjv_dataset, tmp_path):
     """The case behind a 400 s hang in CI: SIGTERM reached one worker before its handler existed
     (it died) and the other remembered it, then waited in start-up for the dead rank. Here rank 0
@@ -111,12 +121,12 @@ def test_worker_dead_before_saving_does_not_hold_the_launcher(kjv_dataset, tmp_p
     proc = _launch(["train", "--config", _long_recipe(tmp_path, kjv_dataset)], log)
     launcher = psutil.Process(proc.pid)
     deadline = time.monotonic() + TIMEOUT
-    while len(launcher.children()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+    while not (len(launcher.children()) == 2 and all(map(_catches_sigterm, launcher.children()))):
+        assert time.monotonic() < deadline and proc.poll() is None, open(log).read()[-3000:]
         time.sleep(0.05)
-    time.sleep(1.0)  # both workers are past their first milliseconds: SIGTERM is remembered
     rank0 = next(w for w in launcher.children() if w.environ().get("RANK") == "0")
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    time.sleep(0.3)  # torchrun has forwarded it: both workers remembered it
     rank0.kill()
     rc, out = _finish(proc, log)
     assert rc == 128 + signal.SIGTERM, out[-3000:]
