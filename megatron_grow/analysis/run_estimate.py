@@ -18,9 +18,8 @@ from megatron_grow.errors import LayoutError
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params, memory_per_gpu
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_token
-from megatron_grow.training.peak_flops import lookup_peak_tflops
+from megatron_grow.training.peak_flops import DEFAULT_GPU, lookup_peak_tflops
 
-DEFAULT_GPU = "H100 SXM"
 # nvidia-smi reports 81,559 MiB on an H100 80GB.
 H100_MEMORY_GIB = 81559 / 1024
 

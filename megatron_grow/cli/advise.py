@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_grow.analysis.advice import advise_run, format_advice
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run's checkpoint root (holds iter_* directories)")
@@ -24,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.analysis.advice import advise_run, format_advice
 
     report = advise_run(args.run_dir)
     print(json.dumps(report, sort_keys=True) if args.json else format_advice(report))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 
 from megatron_grow.errors import UserInputError
-from megatron_grow.experiments.demo import run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.experiments.demo import run_demo
+
     if args.ranks is not None and args.ranks < 1:
         raise UserInputError("--ranks must be >= 1")
     run_demo(workdir=args.workdir, texts=args.text, size=args.size, reduced=args.reduced, ranks=args.ranks)

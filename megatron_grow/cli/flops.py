@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_grow.analysis.sunk_cost import flops_report, format_flops_report
 from megatron_grow.errors import UserInputError
 
 
@@ -44,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.analysis.sunk_cost import flops_report, format_flops_report
 
     if args.overrides and not args.grow_recipe:
         raise UserInputError("recipe overrides given without --grow-recipe")

@@ -26,11 +26,10 @@ import argparse
 import dataclasses
 import json
 
-from megatron_grow.analysis.run_estimate import DEFAULT_GPU, choose_world_size, estimate_run, format_estimate
 from megatron_grow.config.check import built_model
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import ConfigError
-from megatron_grow.training.peak_flops import PEAK_BF16_TFLOPS, lookup_peak_tflops
+from megatron_grow.training.peak_flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, lookup_peak_tflops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +62,8 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.analysis.run_estimate import choose_world_size, estimate_run, format_estimate
+
     problems = _argument_problems(args)
     if problems:
         raise ConfigError(problems)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 
 from megatron_grow.errors import UserInputError
-from megatron_grow.experiments.repro import run_repro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.experiments.repro import run_repro
+
     for flag in ("ranks", "jobs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserInputError(f"--{flag} must be >= 1")

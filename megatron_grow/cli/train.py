@@ -19,14 +19,6 @@ import time
 from megatron_grow.config.check import layout_problems
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import GrowthError
-from megatron_grow.growth import optimizer_state
-from megatron_grow.growth.grow import grow_load_into, prepare_growth
-from megatron_grow.growth.grown_model import grown_model_of
-from megatron_grow.parallel.collectives import print_rank0
-from megatron_grow.parallel.init import destroy_distributed
-from megatron_grow.training.checkpointing import has_checkpoint, load_optimizer_in_memory
-from megatron_grow.training.resume import check_resume_architecture, check_save_vs_source, grow_from_source_model
-from megatron_grow.training.trainer import Trainer, check_data_inputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.growth.grown_model import grown_model_of
+    from megatron_grow.parallel.init import destroy_distributed
+    from megatron_grow.training.checkpointing import has_checkpoint
+    from megatron_grow.training.resume import check_resume_architecture, check_save_vs_source
+    from megatron_grow.training.trainer import Trainer, check_data_inputs
+
     recipe = load_recipe(args.config, args.overrides)
     check_save_vs_source(recipe.checkpoint.save, args.grow_from)  # before anything is read or built
     model, initialize = recipe.model, None
@@ -70,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
 def growth_initializer(args: argparse.Namespace, recipe):
     """Growth on load of ``args.grow_from`` as the trainer's weight initializer (the CLI composes
     growth and training, which never import each other): (grown model, initialize callback)."""
+    from megatron_grow.growth import optimizer_state
+    from megatron_grow.growth.grow import grow_load_into, prepare_growth
+    from megatron_grow.parallel.collectives import print_rank0
+    from megatron_grow.training.checkpointing import load_optimizer_in_memory
+    from megatron_grow.training.resume import grow_from_source_model
+
     source_model = load_recipe(args.source_config).model if args.source_config else None
     source = prepare_growth(args.grow_from, recipe.growth, source_model)
     if source_model is None:  # the recipe's model: must describe the source (or be left out)

@@ -16,8 +16,6 @@ import os
 
 from megatron_grow.cli._common import add_layout_arguments, add_verify_threshold_arguments, layout_from_args
 from megatron_grow.config.schema import ParallelConfig
-from megatron_grow.growth.verify import check_thresholds, format_metrics, verify_growth
-from megatron_grow.parallel.init import destroy_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_grow.growth.verify import check_thresholds, format_metrics, verify_growth
+    from megatron_grow.parallel.init import destroy_distributed
+
     try:
         metrics = verify_growth(args.load, args.grown, layout_from_args(args, ParallelConfig()),
                                 seq_length=args.seq_length, source_model=args.source_config)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_grow.analysis.weight_norms import format_profiles, norm_profile, plot_profiles
-from megatron_grow.checkpoint.reader import stderr_progress
 from megatron_grow.errors import UserInputError
 
 
@@ -33,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+
+    from megatron_grow.analysis.weight_norms import format_profiles, norm_profile, plot_profiles
+    from megatron_grow.checkpoint.reader import stderr_progress
 
     if args.max_mib <= 0:
         raise UserInputError(f"--max-mib must be > 0, got {args.max_mib}")

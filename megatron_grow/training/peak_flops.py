@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+DEFAULT_GPU = "H100 SXM"  # what plans and estimates assume when no GPU is named
+
 # (pattern on the device name, label, dense bf16 TFLOP/s); first match wins, so variants come first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
     (r"\bGB200\b", "GB200", 2500.0),
