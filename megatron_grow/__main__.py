@@ -4,7 +4,8 @@ Each subcommand lives in ``megatron_grow/cli/<name>.py`` and exposes ``add_argum
 and ``run(args) -> int``; this file only dispatches. Only the chosen subcommand's module is
 imported (the command list and its one-line help are read from the modules' docstrings
 without importing them), and each module imports its heavy work inside ``run()``, so
-``--help`` and argument errors answer before torch and Megatron-Core load. CPU mode (``platform.cpu``) is installed here, before any command runs.
+``--help`` and argument errors answer before torch and Megatron-Core load. CPU mode
+(``platform.cpu``) is installed here, before any command runs.
 
     megatron-grow plan --config configs/models/70b.yaml
     megatron-grow launch --nproc-per-node 2 grow --load SRC --save DST --recipe R.yaml

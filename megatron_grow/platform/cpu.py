@@ -24,6 +24,8 @@ item  where MCore assumes CUDA                          what CPU mode does
       state and buffers
 10    checkpoint writer's results queue from a spawn    a fork Manager (startup cost only: ~7 s
       Manager                                           per process on 2 cores otherwise)
+11    ``torch.compile`` (MCore's ``jit_fuser``: MoE    off: those functions run eagerly
+      activations, router expert bias, dispatcher)      (``torch._dynamo.config.disable``)
 ====  ===============================================  =========================================
 
 ``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available.
@@ -383,6 +385,21 @@ def _patch_writer_results_queue() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# 11: torch.compile
+
+
+def _disable_torch_compile() -> None:
+    """Inductor on CPU builds C++ kernels at the first step, with g++ and probe processes that run
+    in the rank's process group. A preemption signal forwarded to that group kills them: the rank
+    crashes with a C++ compile error instead of saving (seen in CI). At this scale compiling also
+    costs seconds per fresh machine for no gain. MCore wraps its fused functions with
+    ``torch.compile`` at import; with dynamo disabled those wrappers call the plain function."""
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
+# ----------------------------------------------------------------------------------------------
 
 ADAPTATIONS: dict[str, Callable[[], None]] = {
     "current_device": _patch_current_device,
@@ -393,6 +410,7 @@ ADAPTATIONS: dict[str, Callable[[], None]] = {
     "gloo_collectives": _patch_gloo_collectives,
     "tensor_methods": _patch_tensor_methods,
     "writer_results_queue": _patch_writer_results_queue,
+    "torch_compile": _disable_torch_compile,
 }
 
 

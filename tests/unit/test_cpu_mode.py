@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ def cpu_mode():
 def test_every_adaptation_is_registered():
     assert set(cpu.ADAPTATIONS) == {"current_device", "synchronize", "rng_tracker", "te_general_gemm",
                                     "cuda_pinned_modules", "gloo_collectives", "tensor_methods",
-                                    "writer_results_queue"}
+                                    "writer_results_queue", "torch_compile"}
 
 
 def test_current_device_is_cpu():
@@ -173,3 +174,18 @@ def test_no_op_when_cuda_is_available():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "untouched" in out.stdout
+
+
+def test_mcore_fused_functions_run_eagerly_without_building_kernels(tmp_path):
+    """A fresh process in CPU mode calls an MCore ``@jit_fuser`` (torch.compile) function: the
+    value is the definition's, and inductor writes nothing (no g++ run) into a fresh cache."""
+    cache = tmp_path / "inductor"
+    code = ("import torch\n"
+            "from megatron_grow.platform import cpu\n"
+            "cpu.apply_cpu_adaptations()\n"
+            "from megatron.core.activations import squared_relu\n"
+            "print(squared_relu(torch.tensor([-2.0, 3.0])).tolist())\n")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[0.0, 9.0]"  # relu(x)^2
+    assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*")), sorted(cache.rglob("*"))
