@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import psutil
 
+from megatron_grow.parallel.launch import worker_exit_codes
+
 GRACE_S = 5.0
 POLL_S = 0.2
 CLEAN_EXIT_CODES = (0, 3)
@@ -50,8 +52,6 @@ def _kill_with_its_group(process: psutil.Process) -> None:
 
 
 def _clean_exits(status_dir: str) -> int:
-    from megatron_grow.parallel.launch import worker_exit_codes
-
     return sum(code in CLEAN_EXIT_CODES for code in worker_exit_codes(status_dir).values())
 
 
