@@ -26,11 +26,11 @@ from collections.abc import Callable
 
 import psutil
 
-from megatron_grow.parallel.launch import worker_exit_codes
+from megatron_grow.parallel.launch import EXIT_PREEMPTED, worker_exit_codes
 
 GRACE_S = 5.0
 POLL_S = 0.2
-CLEAN_EXIT_CODES = (0, 3)
+CLEAN_EXIT_CODES = (0, EXIT_PREEMPTED)
 
 
 def _is_running(process: psutil.Process) -> bool:

@@ -83,38 +83,39 @@ def _signal_to_launcher(sig: int, workers: list[subprocess.Popen]) -> None:
         worker.send_signal(signal.SIGTERM)
 
 
+@pytest.fixture
+def dying_and_remembering_workers():
+    """Two stand-in workers: one dies of SIGTERM, one outlives it; both are gone afterwards."""
+    died, survivor = _sleeper(ignore_sigterm=False), _sleeper(ignore_sigterm=True)
+    yield died, survivor, [psutil.Process(died.pid), psutil.Process(survivor.pid)]
+    for proc in (died, survivor):
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("clean_exit_recorded", [False, True])
-def test_guard_stops_a_worker_stranded_by_a_peer_that_died_unsaved(tmp_path, clean_exit_recorded):
-    died, stranded = _sleeper(ignore_sigterm=False), _sleeper(ignore_sigterm=True)
+def test_guard_stops_a_worker_stranded_by_a_peer_that_died_unsaved(tmp_path, clean_exit_recorded,
+                                                                    dying_and_remembering_workers):
+    died, stranded, handles = dying_and_remembering_workers
     if clean_exit_recorded:  # the dead one saved and exited 3: the other is finishing its own exit
         (tmp_path / "rank-0.rc").write_text("3\n")
-    handles = [psutil.Process(died.pid), psutil.Process(stranded.pid)]
-    try:
-        with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
-                                 grace_s=0.5) as guard:
-            _signal_to_launcher(signal.SIGTERM, [died, stranded])
-            assert died.wait(timeout=20) == -signal.SIGTERM
-            if clean_exit_recorded:
-                time.sleep(2.0)  # well past the grace period
-                assert stranded.poll() is None and guard.killed == []
-            else:
-                assert stranded.wait(timeout=20) == -signal.SIGKILL
-                assert guard.killed == [stranded.pid]
-    finally:
-        stranded.kill()
-        stranded.wait()
+    with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
+                             grace_s=0.5) as guard:
+        _signal_to_launcher(signal.SIGTERM, [died, stranded])
+        assert died.wait(timeout=20) == -signal.SIGTERM
+        if clean_exit_recorded:
+            time.sleep(2.0)  # well past the grace period
+            assert stranded.poll() is None and guard.killed == []
+        else:
+            assert stranded.wait(timeout=20) == -signal.SIGKILL
+            assert guard.killed == [stranded.pid]
 
 
-def test_guard_ignores_signals_that_are_not_stop_signals(tmp_path):
-    died, other = _sleeper(ignore_sigterm=False), _sleeper(ignore_sigterm=True)
-    handles = [psutil.Process(died.pid), psutil.Process(other.pid)]
-    try:
-        with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
-                                 grace_s=0.1) as guard:
-            _signal_to_launcher(signal.SIGUSR2, [died, other])
-            died.wait(timeout=20)
-            time.sleep(1.0)
-            assert other.poll() is None and guard.killed == []
-    finally:
-        other.kill()
-        other.wait()
+def test_guard_ignores_signals_that_are_not_stop_signals(tmp_path, dying_and_remembering_workers):
+    died, other, handles = dying_and_remembering_workers
+    with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
+                             grace_s=0.1) as guard:
+        _signal_to_launcher(signal.SIGUSR2, [died, other])
+        died.wait(timeout=20)
+        time.sleep(1.0)
+        assert other.poll() is None and guard.killed == []
