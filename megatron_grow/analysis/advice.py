@@ -33,6 +33,7 @@ from megatron_grow.analysis.sunk_cost import (
 )
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
+from megatron_grow.config.schema import DepthMode
 from megatron_grow.errors import CheckpointError
 
 CONSTANT_LR_PHASES = ("stable", "constant")
@@ -115,7 +116,7 @@ def advise_run(run_dir: str, progress: Callable[[str], None] | None = None) -> d
         r.pop("_sunk")
     rec = None
     if choice is not None:
-        rec = {"iteration": choice["iteration"], "checkpoint": choice["checkpoint"], "mode": "interposition",
+        rec = {"iteration": choice["iteration"], "checkpoint": choice["checkpoint"], "mode": DepthMode.INTERPOSITION.value,
                "phase": choice["phase"], "sunk_flops": choice["sunk_flops"], "fc_ratio": choice["fc_ratio"],
                "chinchilla_flops": choice["chinchilla_flops"],
                "min_continued_flops": MIN_BUDGET_SUNK_MULTIPLE * choice["sunk_flops"],

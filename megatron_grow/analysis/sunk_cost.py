@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import CheckpointInfo, read_checkpoint_info
 from megatron_grow.config.loader import load_recipe
-from megatron_grow.config.schema import ModelConfig
+from megatron_grow.config.schema import DepthMode, ModelConfig
 from megatron_grow.errors import CheckpointError, GrowthError
 from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.models.params import count_params
@@ -77,10 +77,10 @@ def recommended_mode(sunk: SunkCost) -> tuple[str, str]:
     """(operator, why) per the paper's rule."""
     r = sunk.fc_ratio
     if r >= INTERPOSITION_FC_MULTIPLE:
-        return "interposition", (f"sunk = {r:.2f}x F_c >= {INTERPOSITION_FC_MULTIPLE:g}x: past this point "
+        return DepthMode.INTERPOSITION.value, (f"sunk = {r:.2f}x F_c >= {INTERPOSITION_FC_MULTIPLE:g}x: past this point "
                                  "interposition clearly beats stacking (the layer-norm profile has settled and "
                                  "stacking puts a cliff at the seam)")
-    return "interposition", (f"sunk = {r:.2f}x F_c < {INTERPOSITION_FC_MULTIPLE:g}x: interposition and stack are "
+    return DepthMode.INTERPOSITION.value, (f"sunk = {r:.2f}x F_c < {INTERPOSITION_FC_MULTIPLE:g}x: interposition and stack are "
                              "about equal this early (interposition stays the default); more base training "
                              "before growing raises the final accuracy")
 

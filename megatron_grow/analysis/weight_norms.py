@@ -32,6 +32,7 @@ import torch
 from megatron_grow.checkpoint import keys
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import DEFAULT_MAX_BYTES, CheckpointReader, checkpoint_name
+from megatron_grow.config.schema import DepthMode
 from megatron_grow.errors import CheckpointError
 
 EXPERT_FC1_SUFFIX = keys.FC1_NAME
@@ -95,7 +96,7 @@ def _stack_seams(info) -> list:
     depth = info.lineage[-1].get("depth") or {}
     src = info.lineage[-1].get("source_model") or {}
     n = src.get("num_layers")
-    if depth.get("mode") != "stack" or not n or depth.get("ignore_first") or depth.get("ignore_last"):
+    if depth.get("mode") != DepthMode.STACK or not n or depth.get("ignore_first") or depth.get("ignore_last"):
         return []
     return [n * i for i in range(1, int(depth.get("factor", 2)))]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 
@@ -218,12 +219,59 @@ class Recipe:
     growth: GrowthConfig | None = spec(None, "grow the loaded checkpoint before training; null for none")
 
 
+# ----------------------------------------------------------------------------------------------
+# Growth: the spelled-once values of the operators' string options. ``StrEnum`` members compare
+# equal to their plain-string values, so recipes, manifests and growth records keep plain strings
+# (the fields below hold ``.value``s) while code compares against the members.
+
+
+class DepthMode(StrEnum):
+    """How depth growth orders the copies of the source layers."""
+
+    INTERPOSITION = "interposition"   # l1,l1,l2,l2,... (the paper)
+    STACK = "stack"                   # l1..ln,l1..ln
+
+
+class ExpertLayout(StrEnum):
+    """Where width growth puts the expert copies."""
+
+    APPEND = "append"           # copies after all originals (the paper)
+    INTERLEAVE = "interleave"   # [e0, e0', e1, e1', ...]
+
+
+class NoiseKind(StrEnum):
+    """What width growth adds to the expert copies."""
+
+    GAUSSIAN = "gaussian"
+    ANTITHETIC = "antithetic"
+    NONE = "none"
+
+
+class NoiseGranularity(StrEnum):
+    """Whose std scales the noise of an expert tensor."""
+
+    PER_EXPERT = "per_expert"
+    PER_LAYER = "per_layer"
+
+
+class NewExperts(StrEnum):
+    """How width growth initialises the new experts."""
+
+    COPY = "copy"
+    RANDOM = "random"
+
+
+def values(kind: type[StrEnum]) -> tuple[str, ...]:
+    """The plain-string values of an enum, for a field's ``choices`` (error messages quote them)."""
+    return tuple(member.value for member in kind)
+
+
 @dataclass(frozen=True)
 class DepthGrowthConfig:
     """Depth growth: copy decoder layers (docs/paper.md §1). Copies are exact; no noise."""
 
-    mode: str = spec("interposition", "interposition (l1,l1,l2,l2,...; the paper) or stack (l1..ln,l1..ln)",
-                     choices=("interposition", "stack"))
+    mode: str = spec(DepthMode.INTERPOSITION.value,
+                     "interposition (l1,l1,l2,l2,...; the paper) or stack (l1..ln,l1..ln)", choices=values(DepthMode))
     factor: int = spec(2, "growth factor k: layers L -> k*L (less the ignored layers)", ge=2)
     ignore_first: int = spec(0, "the first N source layers appear once, not duplicated (paper scripts use 2)",
                              ge=0)
@@ -240,18 +288,18 @@ class WidthGrowthConfig:
     topk_factor: int | None = spec(
         None, "top-k k -> topk_factor*k; null means the same as factor (the paper); 1 is the E-only ablation",
         ge=1)
-    expert_layout: str = spec("append", "append (copies after all originals; the paper) or interleave "
-                              "([e0, e0', e1, e1', ...])", choices=("append", "interleave"))
-    noise: str = spec("gaussian", "gaussian (copies get N(0,(alpha*std)^2)), antithetic (zero-sum fc2 noise "
+    expert_layout: str = spec(ExpertLayout.APPEND.value, "append (copies after all originals; the paper) or "
+                              "interleave ([e0, e0', e1, e1', ...])", choices=values(ExpertLayout))
+    noise: str = spec(NoiseKind.GAUSSIAN.value, "gaussian (copies get N(0,(alpha*std)^2)), antithetic (zero-sum fc2 noise "
                       "within each copy group; function-preserving), none (exact copies)",
-                      choices=("gaussian", "antithetic", "none"))
+                      choices=values(NoiseKind))
     alpha: float = spec(0.01, "noise std relative to the copied tensor's std (the paper: 0.01)", ge=0.0)
     noise_granularity: str = spec(
-        "per_expert", "std of one expert's tensor (per_expert) or of all experts of the layer for that tensor "
-        "(per_layer; the paper's fused-GEMM runs)", choices=("per_expert", "per_layer"))
+        NoiseGranularity.PER_EXPERT.value, "std of one expert's tensor (per_expert) or of all experts of the "
+        "layer for that tensor (per_layer; the paper's fused-GEMM runs)", choices=values(NoiseGranularity))
     zero_expert_bias: bool = spec(False, "reset the whole enlarged router expert_bias to zero")
-    new_experts: str = spec("copy", "copy (the paper) or random (ablation: new experts and their router rows "
-                            "re-initialised)", choices=("copy", "random"))
+    new_experts: str = spec(NewExperts.COPY.value, "copy (the paper) or random (ablation: new experts and their "
+                            "router rows re-initialised)", choices=values(NewExperts))
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_grow.config.growth_rules import grown_depth
+from megatron_grow.config.schema import DepthMode, ExpertLayout, values
 
-DEPTH_MODES = ("interposition", "stack")
-EXPERT_LAYOUTS = ("append", "interleave")
+DEPTH_MODES = values(DepthMode)
+EXPERT_LAYOUTS = values(ExpertLayout)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def build_depth_map(num_layers: int, mode: str, factor: int, ignore_first: int =
         raise ValueError(f"ignore_first + ignore_last ({ignore_first} + {ignore_last}) must be >= 0 and "
                          f"< num_layers ({num_layers})")
     first, last, L = ignore_first, ignore_last, num_layers
-    if mode == "interposition":
+    if mode == DepthMode.INTERPOSITION:
         src: list[int] = []
         for i in range(L):
             repeats = factor if first <= i < L - last else 1
@@ -99,7 +100,7 @@ def build_width_map(num_experts: int, factor: int, layout: str) -> WidthMap:
     if factor < 1 or num_experts < 1:
         raise ValueError(f"need num_experts >= 1 and factor >= 1, got {num_experts} and {factor}")
     n = num_experts * factor
-    if layout == "append":
+    if layout == ExpertLayout.APPEND:
         return WidthMap(tuple(e % num_experts for e in range(n)), tuple(e // num_experts for e in range(n)))
     return WidthMap(tuple(e // factor for e in range(n)), tuple(e % factor for e in range(n)))
 

@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import torch
 
+from megatron_grow.config.schema import NewExperts, NoiseGranularity, NoiseKind
 from megatron_grow.growth.plan import GrowthPlan
 
 FC1_KEY = "experts.linear_fc1"
@@ -146,7 +147,7 @@ def expert_noise_std(plan: GrowthPlan, moments_by_expert: Sequence[Moments], sou
     of all experts' elements, combined in expert order (the paper's fused-GEMM runs).
     """
     w = plan.growth.width
-    if w is not None and w.noise_granularity == "per_layer":
+    if w is not None and w.noise_granularity == NoiseGranularity.PER_LAYER:
         return canonical_std(std_from_moments(combine_moments(moments_by_expert)))
     return canonical_std(std_from_moments(moments_by_expert[source_expert]))
 
@@ -198,11 +199,11 @@ def _expert_noise_fp32(plan: GrowthPlan, logical_key: str, target_layer: int, ta
     w = plan.growth.width
     copy_idx = plan.expert_copy_index[target_expert]
     scale = w.alpha * std
-    if w.noise == "none" or scale == 0.0:
+    if w.noise == NoiseKind.NONE or scale == 0.0:
         return None
     layer = plan.noise_layer(target_layer)
     seed = plan.growth.seed
-    if w.noise == "gaussian":
+    if w.noise == NoiseKind.GAUSSIAN:
         if copy_idx == 0:
             return None  # originals stay exact
         g = noise_generator(seed, logical_key, layer, target_expert)
@@ -256,7 +257,7 @@ def grow_expert_tensor(plan: GrowthPlan, logical_key: str, target_layer: int, ta
     w = plan.growth.width
     if w is None:
         return src.clone()
-    if w.new_experts == "random":
+    if w.new_experts == NewExperts.RANDOM:
         if plan.expert_copy_index[target_expert] == 0:
             return src.clone()  # the ablation keeps the originals exact, whatever `noise` says
         g = noise_generator(plan.growth.seed, logical_key, plan.noise_layer(target_layer), target_expert)
@@ -291,9 +292,9 @@ def grow_router(plan: GrowthPlan, target_layer: int, source_router_EH: torch.Ten
     index = torch.tensor(plan.expert_source, dtype=torch.long, device=source_router_EH.device)
     out_EH = source_router_EH.index_select(0, index).clone()
     row_shape = tuple(source_router_EH.shape[1:])
-    if w.new_experts == "random":
+    if w.new_experts == NewExperts.RANDOM:
         scale, add = plan.source.init_method_std, False
-    elif w.noise == "gaussian":
+    elif w.noise == NoiseKind.GAUSSIAN:
         scale, add = w.alpha * tensor_std(source_router_EH), True
         if scale == 0.0:
             return out_EH
@@ -321,12 +322,12 @@ def grow_expert_bias(plan: GrowthPlan, target_layer: int, source_bias_E: torch.T
     out_E = source_bias_E.index_select(0, index).clone()
     if w.zero_expert_bias:
         return torch.zeros_like(out_E)
-    if w.new_experts == "random":
+    if w.new_experts == NewExperts.RANDOM:
         for e, c in enumerate(plan.expert_copy_index):
             if c > 0:
                 out_E[e] = 0
         return out_E
-    if w.noise != "gaussian":
+    if w.noise != NoiseKind.GAUSSIAN:
         return out_E
     scale = w.alpha * tensor_std(source_bias_E)
     if scale == 0.0:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_grow.checkpoint import io, keys
-from megatron_grow.config.schema import GrowthConfig
+from megatron_grow.config.schema import GrowthConfig, NewExperts
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import retarget, source_reads
 from megatron_grow.growth.plan import GrowthPlan
@@ -55,7 +55,7 @@ def carries(growth: GrowthConfig) -> bool:
 def check_carry_recipe(growth: GrowthConfig) -> None:
     """Refuse carry with randomly initialised new experts (before anything is read)."""
     w = growth.width
-    if carries(growth) and w is not None and w.new_experts == "random":
+    if carries(growth) and w is not None and w.new_experts == NewExperts.RANDOM:
         raise GrowthError(f"growth.optimizer: {growth.optimizer} cannot be combined with growth.width.new_experts: "
                           "random (randomly initialised experts have no source whose Adam state they could "
                           "take); use growth.optimizer: reset")

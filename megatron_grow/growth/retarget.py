@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from megatron_grow.checkpoint import keys
+from megatron_grow.config.schema import NewExperts, NoiseKind
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import noise
 from megatron_grow.growth.plan import GrowthPlan
@@ -155,7 +156,7 @@ def _task_and_request(st, plan: GrowthPlan, key: str) -> tuple[SliceTask, Any]:
 def needs_expert_stats(plan: GrowthPlan) -> bool:
     """Whether noise scales depend on the std of source expert tensors (a statistics pass)."""
     w = plan.growth.width
-    return bool(w is not None and w.new_experts == "copy" and w.noise in ("gaussian", "antithetic")
+    return bool(w is not None and w.new_experts == NewExperts.COPY and w.noise in (NoiseKind.GAUSSIAN, NoiseKind.ANTITHETIC)
                 and w.alpha > 0)
 
 
