@@ -116,7 +116,8 @@ def advise_run(run_dir: str, progress: Callable[[str], None] | None = None) -> d
         r.pop("_sunk")
     rec = None
     if choice is not None:
-        rec = {"iteration": choice["iteration"], "checkpoint": choice["checkpoint"], "mode": DepthMode.INTERPOSITION.value,
+        rec = {"iteration": choice["iteration"], "checkpoint": choice["checkpoint"],
+               "mode": DepthMode.INTERPOSITION.value,
                "phase": choice["phase"], "sunk_flops": choice["sunk_flops"], "fc_ratio": choice["fc_ratio"],
                "chinchilla_flops": choice["chinchilla_flops"],
                "min_continued_flops": MIN_BUDGET_SUNK_MULTIPLE * choice["sunk_flops"],

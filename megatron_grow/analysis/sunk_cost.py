@@ -76,11 +76,12 @@ def sunk_cost(info: CheckpointInfo) -> SunkCost:
 def recommended_mode(sunk: SunkCost) -> tuple[str, str]:
     """(operator, why) per the paper's rule."""
     r = sunk.fc_ratio
+    interposition = DepthMode.INTERPOSITION.value
     if r >= INTERPOSITION_FC_MULTIPLE:
-        return DepthMode.INTERPOSITION.value, (f"sunk = {r:.2f}x F_c >= {INTERPOSITION_FC_MULTIPLE:g}x: past this point "
+        return interposition, (f"sunk = {r:.2f}x F_c >= {INTERPOSITION_FC_MULTIPLE:g}x: past this point "
                                  "interposition clearly beats stacking (the layer-norm profile has settled and "
                                  "stacking puts a cliff at the seam)")
-    return DepthMode.INTERPOSITION.value, (f"sunk = {r:.2f}x F_c < {INTERPOSITION_FC_MULTIPLE:g}x: interposition and stack are "
+    return interposition, (f"sunk = {r:.2f}x F_c < {INTERPOSITION_FC_MULTIPLE:g}x: interposition and stack are "
                              "about equal this early (interposition stays the default); more base training "
                              "before growing raises the final accuracy")
 

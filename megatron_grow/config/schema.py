@@ -288,10 +288,10 @@ class WidthGrowthConfig:
     topk_factor: int | None = spec(
         None, "top-k k -> topk_factor*k; null means the same as factor (the paper); 1 is the E-only ablation",
         ge=1)
-    expert_layout: str = spec(ExpertLayout.APPEND.value, "append (copies after all originals; the paper) or "
-                              "interleave ([e0, e0', e1, e1', ...])", choices=values(ExpertLayout))
-    noise: str = spec(NoiseKind.GAUSSIAN.value, "gaussian (copies get N(0,(alpha*std)^2)), antithetic (zero-sum fc2 noise "
-                      "within each copy group; function-preserving), none (exact copies)",
+    expert_layout: str = spec(ExpertLayout.APPEND.value, "append (copies after all originals; the paper) "
+                              "or interleave ([e0, e0', e1, e1', ...])", choices=values(ExpertLayout))
+    noise: str = spec(NoiseKind.GAUSSIAN.value, "gaussian (copies get N(0,(alpha*std)^2)), antithetic (zero-sum "
+                      "fc2 noise within each copy group; function-preserving), none (exact copies)",
                       choices=values(NoiseKind))
     alpha: float = spec(0.01, "noise std relative to the copied tensor's std (the paper: 0.01)", ge=0.0)
     noise_granularity: str = spec(

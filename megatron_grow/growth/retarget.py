@@ -156,7 +156,8 @@ def _task_and_request(st, plan: GrowthPlan, key: str) -> tuple[SliceTask, Any]:
 def needs_expert_stats(plan: GrowthPlan) -> bool:
     """Whether noise scales depend on the std of source expert tensors (a statistics pass)."""
     w = plan.growth.width
-    return bool(w is not None and w.new_experts == NewExperts.COPY and w.noise in (NoiseKind.GAUSSIAN, NoiseKind.ANTITHETIC)
+    return bool(w is not None and w.new_experts == NewExperts.COPY
+                and w.noise in (NoiseKind.GAUSSIAN, NoiseKind.ANTITHETIC)
                 and w.alpha > 0)
 
 
