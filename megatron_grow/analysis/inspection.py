@@ -18,6 +18,7 @@ from collections.abc import Callable
 from megatron_grow.checkpoint import io
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import DEFAULT_MAX_BYTES, CheckpointReader
+from megatron_grow.growth.operators import REGISTRY
 from megatron_grow.models.params import count_params
 
 _DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
@@ -110,18 +111,7 @@ def describe_growth(record: dict) -> str:
     parts = []
     for op in record.get("operators") or []:
         cfg = record.get(op) or {}
-        if op == "depth":
-            extra = "".join(f", {k}={cfg[k]}" for k in ("ignore_first", "ignore_last") if cfg.get(k))
-            if cfg.get("identity_init"):
-                extra += ", identity_init"
-            parts.append(f"depth {cfg.get('mode')} x{cfg.get('factor')}{extra}")
-        elif op == "width":
-            topk = cfg.get("topk_factor") or cfg.get("factor")
-            parts.append(f"width x{cfg.get('factor')} (top-k x{topk}, {cfg.get('expert_layout')}, noise "
-                         f"{cfg.get('noise')} alpha={cfg.get('alpha')} {cfg.get('noise_granularity')}, "
-                         f"new experts {cfg.get('new_experts')})")
-        else:
-            parts.append(str(op))
+        parts.append(REGISTRY[op].describe(cfg) if op in REGISTRY else str(op))
     src = f"{record.get('source_path')} @ iteration {record.get('source_iteration')}"
     before, after = record.get("params_before"), record.get("params_after")
     size = f"params {_count(before)} -> {_count(after)}"

@@ -27,6 +27,7 @@ import dataclasses
 import json
 
 from megatron_grow.config.check import built_model
+from megatron_grow.config.growth_rules import resolved_order
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import ConfigError
 from megatron_grow.training.peak_flops import DEFAULT_GPU, PEAK_BF16_TFLOPS, lookup_peak_tflops
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, model=built_model(recipe))
         if not args.json:
             grown = recipe.model
-            print(f"planning the grown model ({' then '.join(recipe.growth.order or ('depth', 'width'))} growth of "
+            print(f"planning the grown model ({' then '.join(resolved_order(recipe.growth))} growth of "
                   f"the recipe's model: section): {grown.num_layers} layers, {grown.num_moe_experts} experts, "
                   f"top-{grown.moe_router_topk}")
     if args.nodes is not None:

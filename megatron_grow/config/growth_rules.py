@@ -2,7 +2,9 @@
 
 Pure arithmetic over the config dataclasses (no torch, no index maps): the recipe checks
 (``config.check``), ``plan`` and the growth engine (``growth.plan``, which adds the per-layer
-and per-expert index maps) all ask these functions, so a bound is checked in one place.
+and per-expert index maps) all ask these functions, so a bound is checked in one place. Nothing
+here names an operator: each section (a ``GrowthSection``) answers for itself, applied in the
+recipe's ``growth.order``.
 """
 
 from __future__ import annotations
@@ -12,38 +14,32 @@ from typing import Any
 
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, field_problem
 
-OPERATORS = ("depth", "width")
-
-
-def grown_depth(num_layers: int, factor: int, ignore_first: int = 0, ignore_last: int = 0) -> int:
-    """Target depth ``k*L - (k-1)*(first+last)``: the ignored layers appear once, the rest k times."""
-    return factor * num_layers - (factor - 1) * (ignore_first + ignore_last)
-
-
-def topk_factor(growth: GrowthConfig) -> int:
-    """How much width growth multiplies top-k (1 without width growth; ``factor`` unless set)."""
-    w = growth.width
-    if w is None:
-        return 1
-    return w.topk_factor if w.topk_factor is not None else w.factor
+OPERATORS = GrowthConfig.operator_names()
 
 
 def grown_model(source: ModelConfig, growth: GrowthConfig | None) -> ModelConfig:
-    """The architecture a growth produces from ``source`` (``source`` itself without growth)."""
+    """The architecture a growth produces from ``source`` (``source`` itself without growth).
+
+    Args:
+        source: the model the growth starts from.
+        growth: the recipe's growth section, or None.
+
+    Returns:
+        ``source`` grown by each operator in ``resolved_order(growth)``.
+    """
     if growth is None:
         return source
-    d, w = growth.depth, growth.width
-    layers = grown_depth(source.num_layers, d.factor, d.ignore_first, d.ignore_last) if d else source.num_layers
-    experts = source.num_moe_experts * (w.factor if w else 1)
-    return dataclasses.replace(source, num_layers=layers, num_moe_experts=experts,
-                               moe_router_topk=source.moe_router_topk * topk_factor(growth))
+    model = source
+    for name in resolved_order(growth):
+        model = getattr(growth, name).grown_model(model)
+    return model
 
 
 def resolved_order(growth: GrowthConfig) -> tuple[str, ...]:
-    """The explicit order, or depth-then-width over the non-null sections when left empty."""
+    """The explicit order, or the default order (``OPERATORS``) over the non-null sections when left empty."""
     if growth.order:
         return tuple(growth.order)
-    return tuple(name for name in OPERATORS if getattr(growth, name) is not None)
+    return tuple(growth.sections())
 
 
 def bounds_problems(obj: Any, prefix: str) -> list[str]:
@@ -54,9 +50,9 @@ def bounds_problems(obj: Any, prefix: str) -> list[str]:
 
 
 def _order_problems(growth: GrowthConfig, prefix: str) -> list[str]:
-    active = [name for name in OPERATORS if getattr(growth, name) is not None]
+    active = list(growth.sections())
     if not active:
-        return [f"{prefix}: at least one of {prefix}.depth and {prefix}.width must be set"]
+        return [f"{prefix}: at least one of {' and '.join(f'{prefix}.{name}' for name in OPERATORS)} must be set"]
     order = tuple(growth.order)
     unknown = [o for o in order if o not in OPERATORS]
     if unknown:
@@ -68,29 +64,35 @@ def _order_problems(growth: GrowthConfig, prefix: str) -> list[str]:
     return []
 
 
-def _source_problems(growth: GrowthConfig, model: ModelConfig, prefix: str) -> list[str]:
+def _source_problems(growth: GrowthConfig, model: ModelConfig, prefix: str, order: tuple[str, ...]) -> list[str]:
+    """Each operator's problems against the model it is applied to (the source grown by those before it)."""
     out = []
-    d, w = growth.depth, growth.width
-    if d is not None and d.ignore_first + d.ignore_last >= model.num_layers:
-        out.append(f"{prefix}.depth.ignore_first + {prefix}.depth.ignore_last ({d.ignore_first} + "
-                   f"{d.ignore_last}) must be < the source model's num_layers ({model.num_layers})")
-    if w is not None:
-        tf = topk_factor(growth)
-        if model.moe_router_topk * tf > model.num_moe_experts * w.factor:
-            out.append(f"{prefix}.width.topk_factor ({tf}): grown top-k {model.moe_router_topk * tf} "
-                       f"exceeds grown experts {model.num_moe_experts * w.factor}")
+    for name in order:
+        section = getattr(growth, name)
+        out.extend(section.problems(model, f"{prefix}.{name}"))
+        model = section.grown_model(model)
     return out
 
 
 def growth_problems(growth: GrowthConfig, model: ModelConfig | None = None,
                     prefix: str = "growth") -> list[str]:
-    """Every problem of ``growth`` (against ``model`` when given), one line each naming its key."""
+    """Every problem of ``growth`` (against ``model`` when given), one line each naming its key.
+
+    Args:
+        growth: the growth section to check.
+        model: the source model, or None to check the section alone.
+        prefix: the section's key path in messages.
+
+    Returns:
+        The problems; empty when ``growth`` is valid.
+    """
     out = bounds_problems(growth, prefix)
-    for name in OPERATORS:
-        section = getattr(growth, name)
-        if section is not None:
-            out.extend(bounds_problems(section, f"{prefix}.{name}"))
-    out.extend(_order_problems(growth, prefix))
+    for name, section in growth.sections().items():
+        out.extend(bounds_problems(section, f"{prefix}.{name}"))
+    order_problems = _order_problems(growth, prefix)
+    out.extend(order_problems)
     if model is not None:
-        out.extend(_source_problems(growth, model, prefix))
+        # With a bad order the sections are still checked, in the default order.
+        order = tuple(growth.sections()) if order_problems else resolved_order(growth)
+        out.extend(_source_problems(growth, model, prefix, order))
     return out

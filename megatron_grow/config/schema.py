@@ -13,6 +13,7 @@ Every field carries its documentation and its constraints in ``field(metadata=..
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,9 +22,13 @@ from typing import Any
 
 
 def spec(default: Any = None, doc: str = "", *, choices=None, ge=None, gt=None, le=None,
-         factory=None) -> Any:
-    """A dataclass field with its documentation and constraints attached."""
-    metadata = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+         factory=None, operator: bool = False) -> Any:
+    """A dataclass field with its documentation and constraints attached.
+
+    ``operator`` marks a ``GrowthConfig`` field as a growth operator's section: the field's name
+    is the operator's name (``growth.order`` names it, ``growth.operators`` registers it).
+    """
+    metadata = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "operator": operator}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -266,8 +271,46 @@ def values(kind: type[StrEnum]) -> tuple[str, ...]:
     return tuple(member.value for member in kind)
 
 
+class GrowthSection:
+    """The pure rules of one growth operator's recipe section (no tensors, no index maps).
+
+    Each operator's section dataclass implements these two, so the recipe checks
+    (``config.check``), ``plan`` and the growth engine ask the section itself instead of branching
+    on its name. The operator's index maps, tensor transforms and optimizer rule live in its
+    ``growth.operators`` class (docs/extending.md).
+    """
+
+    def grown_model(self, model: ModelConfig) -> ModelConfig:
+        """The architecture this operator makes of ``model`` (the model before it in ``growth.order``).
+
+        Args:
+            model: the model the operator is applied to.
+
+        Returns:
+            The grown model (``model`` itself for an operator that keeps the architecture).
+        """
+        return model
+
+    def problems(self, model: ModelConfig, prefix: str) -> list[str]:
+        """What is wrong with this section for ``model``, one line each naming its key under ``prefix``.
+
+        Args:
+            model: the model the operator is applied to.
+            prefix: the section's key path (``growth.depth``).
+
+        Returns:
+            The problems; empty when the section fits ``model``.
+        """
+        return []
+
+
+def grown_depth(num_layers: int, factor: int, ignore_first: int = 0, ignore_last: int = 0) -> int:
+    """Target depth ``k*L - (k-1)*(first+last)``: the ignored layers appear once, the rest k times."""
+    return factor * num_layers - (factor - 1) * (ignore_first + ignore_last)
+
+
 @dataclass(frozen=True)
-class DepthGrowthConfig:
+class DepthGrowthConfig(GrowthSection):
     """Depth growth: copy decoder layers (docs/paper.md §1). Copies are exact; no noise."""
 
     mode: str = spec(DepthMode.INTERPOSITION.value,
@@ -279,9 +322,19 @@ class DepthGrowthConfig:
     identity_init: bool = spec(
         False, "new copies start with attention linear_proj and (shared-)expert linear_fc2 at zero (LLaMA-Pro)")
 
+    def grown_model(self, model: ModelConfig) -> ModelConfig:
+        layers = grown_depth(model.num_layers, self.factor, self.ignore_first, self.ignore_last)
+        return dataclasses.replace(model, num_layers=layers)
+
+    def problems(self, model: ModelConfig, prefix: str) -> list[str]:
+        if self.ignore_first + self.ignore_last >= model.num_layers:
+            return [f"{prefix}.ignore_first + {prefix}.ignore_last ({self.ignore_first} + {self.ignore_last}) "
+                    f"must be < the source model's num_layers ({model.num_layers})"]
+        return []
+
 
 @dataclass(frozen=True)
-class WidthGrowthConfig:
+class WidthGrowthConfig(GrowthSection):
     """Width growth: duplicate experts with noise and raise top-k (docs/paper.md §2)."""
 
     factor: int = spec(2, "growth factor m: experts E -> m*E", ge=2)
@@ -301,6 +354,22 @@ class WidthGrowthConfig:
     new_experts: str = spec(NewExperts.COPY.value, "copy (the paper) or random (ablation: new experts and their "
                             "router rows re-initialised)", choices=values(NewExperts))
 
+    @property
+    def resolved_topk_factor(self) -> int:
+        """How much top-k grows: ``topk_factor``, or ``factor`` when it is null (the paper)."""
+        return self.topk_factor if self.topk_factor is not None else self.factor
+
+    def grown_model(self, model: ModelConfig) -> ModelConfig:
+        return dataclasses.replace(model, num_moe_experts=model.num_moe_experts * self.factor,
+                                   moe_router_topk=model.moe_router_topk * self.resolved_topk_factor)
+
+    def problems(self, model: ModelConfig, prefix: str) -> list[str]:
+        tf = self.resolved_topk_factor
+        if model.moe_router_topk * tf > model.num_moe_experts * self.factor:
+            return [f"{prefix}.topk_factor ({tf}): grown top-k {model.moe_router_topk * tf} "
+                    f"exceeds grown experts {model.num_moe_experts * self.factor}"]
+        return []
+
 
 @dataclass(frozen=True)
 class GrowthConfig:
@@ -308,10 +377,20 @@ class GrowthConfig:
 
     order: tuple = spec(factory=tuple, doc="operators in the order applied, e.g. [depth, width]; each at most "
                         "once and exactly the non-null sections; empty means depth then width")
-    depth: DepthGrowthConfig | None = spec(None, "depth growth; null for none")
-    width: WidthGrowthConfig | None = spec(None, "width growth; null for none")
+    # One field per operator (``operator=True``), in the default order (docs/extending.md).
+    depth: DepthGrowthConfig | None = spec(None, "depth growth; null for none", operator=True)
+    width: WidthGrowthConfig | None = spec(None, "width growth; null for none", operator=True)
     seed: int = spec(1234, "seed of the growth noise (keyed with tensor, layer and expert, never with rank)",
                      ge=0)
     optimizer: str = spec("reset", "reset (fresh Adam state; the paper), carry (Adam moments and step grown "
                           "through the weights' index maps) or carry_zero_new (carry, new entries at zero moments)",
                           choices=("reset", "carry", "carry_zero_new"))
+
+    @classmethod
+    def operator_names(cls) -> tuple[str, ...]:
+        """Every operator a recipe may name, in the default order (the fields marked ``operator``)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("operator"))
+
+    def sections(self) -> dict[str, GrowthSection]:
+        """The operators this growth switches on (their non-null sections), by name, in the default order."""
+        return {name: getattr(self, name) for name in self.operator_names() if getattr(self, name) is not None}

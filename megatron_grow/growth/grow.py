@@ -35,7 +35,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing.mapping import apply_factories
@@ -43,14 +42,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
-from megatron_grow.checkpoint.manifest import CheckpointInfo, build_manifest, read_checkpoint_info
+from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
-from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import optimizer_state, retarget
-from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
+from megatron_grow.growth.plan import make_growth_plan
+from megatron_grow.growth.source import GrowthSource
 from megatron_grow.growth.source_reads import expert_stds, layer_groups, read_requests, target_sharded_tensors
 from megatron_grow.growth.streamed import GrownTensors
 from megatron_grow.models.builder import build_model_chunks
@@ -63,29 +62,6 @@ from megatron_grow.parallel.init import initialize_distributed
 
 def log(msg: str) -> None:
     print_rank0(msg, prefix="[grow] ")
-
-
-@dataclass
-class GrowthSource:
-    """A validated growth: the source checkpoint, its architecture and the plan."""
-
-    root: str
-    info: CheckpointInfo
-    plan: GrowthPlan
-    source_spec: str = keys.LOCAL_SPEC   # which layer spec's names SRC is stored under
-    storage: Any = None                  # SRC's torch DCP metadata, read (and checked) once
-    _reader: CheckpointReader | None = field(default=None, repr=False)
-
-    @property
-    def ckpt_dir(self) -> str:
-        return self.info.ckpt_dir
-
-    @property
-    def reader(self) -> CheckpointReader:
-        """Region reads of SRC on this rank (no collectives), sharing the metadata read once."""
-        if self._reader is None:
-            self._reader = CheckpointReader(self.ckpt_dir, storage_metadata=self.storage)
-        return self._reader
 
 
 @dataclass
@@ -266,10 +242,11 @@ def verify_all_sourced(model_chunks) -> None:
 
 def growth_record(source: GrowthSource, params_before: int, params_after: int, seconds: float) -> dict:
     g = source.plan.growth
+    sections = {name: dataclasses.asdict(s) if (s := getattr(g, name)) is not None else None
+                for name in g.operator_names()}
     return {
         "operators": list(source.plan.order),
-        "depth": dataclasses.asdict(g.depth) if g.depth else None,
-        "width": dataclasses.asdict(g.width) if g.width else None,
+        **sections,
         "seed": g.seed,
         "optimizer": g.optimizer,
         "source_path": os.path.abspath(source.root),

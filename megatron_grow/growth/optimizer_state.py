@@ -28,19 +28,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
+from megatron.core import dist_checkpointing
 
 from megatron_grow.checkpoint import io, keys
-from megatron_grow.config.schema import GrowthConfig, NewExperts
+from megatron_grow.config.schema import GrowthConfig
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import retarget, source_reads
+from megatron_grow.growth.operators import operator_class
 from megatron_grow.growth.plan import GrowthPlan
+from megatron_grow.growth.source import GrowthSource
 from megatron_grow.parallel.collectives import print_rank0
-
-if TYPE_CHECKING:  # growth.grow uses this module; the type is only an annotation here
-    from megatron_grow.growth.grow import GrowthSource
 
 CARRY = "carry"
 CARRY_ZERO_NEW = "carry_zero_new"
@@ -53,12 +52,20 @@ def carries(growth: GrowthConfig) -> bool:
 
 
 def check_carry_recipe(growth: GrowthConfig) -> None:
-    """Refuse carry with randomly initialised new experts (before anything is read)."""
-    w = growth.width
-    if carries(growth) and w is not None and w.new_experts == NewExperts.RANDOM:
-        raise GrowthError(f"growth.optimizer: {growth.optimizer} cannot be combined with growth.width.new_experts: "
-                          "random (randomly initialised experts have no source whose Adam state they could "
-                          "take); use growth.optimizer: reset")
+    """Refuse a carry an operator cannot do, e.g. width's random new experts (before anything is read).
+
+    Args:
+        growth: the recipe's growth section.
+
+    Raises:
+        GrowthError: the first operator's reason.
+    """
+    if not carries(growth):
+        return
+    for name, section in growth.sections().items():
+        problem = operator_class(name)(section).carry_problem(growth.optimizer)
+        if problem:
+            raise GrowthError(problem)
 
 
 def check_carry_source(growth: GrowthConfig, ckpt_dir: str, storage) -> None:
@@ -167,8 +174,6 @@ def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progre
 def carried_common_state(ckpt_dir: str) -> dict:
     """The source's non-tensor optimizer state (param_groups with Adam's step and hyper-parameters,
     the sharding type), without the per-parameter part (which the grown tensors replace)."""
-    from megatron.core import dist_checkpointing
-
     common = dist_checkpointing.load_common_state_dict(ckpt_dir).get("optimizer")
     if common is None:
         raise GrowthError(f"{ckpt_dir} has optimizer tensors but no optimizer common state (param_groups)")

@@ -1,12 +1,12 @@
 """A validated growth plan: the composed index maps from a source model to its grown target.
 
 Input: the source ``ModelConfig`` and the recipe's ``GrowthConfig``. Output: a frozen
-``GrowthPlan`` holding the target ``ModelConfig`` and, for every target layer and target
-expert, the source it reads (depth and width maps from ``growth.mapping`` composed in the
-recipe's order). No tensors, no I/O: the plan is what both the plain-tensor oracle and the
-sharded loader consume.
+``GrowthPlan`` (``growth.operators.base``) holding the target ``ModelConfig``, the bound
+operators in the recipe's order and, for every target layer and target expert, the source it
+reads (each operator's maps from ``growth.operators``, composed in that order). No tensors, no
+I/O: the plan is what both the plain-tensor oracle and the sharded loader consume.
 
-Order matters only for which layer index keys the width noise (``noise_layer``):
+Order matters only for which layer index keys per-layer noise (``layer_index_after``):
 
 - depth then width: width acts on the deep model, so every depth copy of a layer is
   widened independently and its copies get their own noise -> keyed by the *target* layer;
@@ -19,96 +19,52 @@ last (after width noise), so it gives the same tensors in both orders.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from megatron_grow.config.growth_rules import grown_model, growth_problems, resolved_order, topk_factor
+from megatron_grow.config.growth_rules import growth_problems, resolved_order
 from megatron_grow.config.schema import GrowthConfig, ModelConfig
 from megatron_grow.errors import ConfigError
-from megatron_grow.growth.mapping import (
-    DepthMap,
-    WidthMap,
-    build_depth_map,
-    build_width_map,
-    identity_depth_map,
-    identity_width_map,
-)
+from megatron_grow.growth.mapping import compose
+from megatron_grow.growth.operators import operator_class
+from megatron_grow.growth.operators.base import GrowthOperator, GrowthPlan
 
-
-@dataclass(frozen=True)
-class GrowthPlan:
-    """Everything needed to produce target tensors from source tensors.
-
-    ``layer_source[j]``: source layer of target layer ``j``; ``layer_is_new_copy[j]``: the
-    target layer is a depth copy (not the first occurrence of its source layer).
-    ``expert_source[e]``: source expert of target expert ``e``; ``expert_copy_index[e]``: 0 for
-    the original, 1..m-1 for copies. Identity maps when the operator is off.
-    """
-
-    source: ModelConfig
-    target: ModelConfig
-    growth: GrowthConfig
-    order: tuple[str, ...]
-    layer_source: tuple[int, ...]
-    layer_is_new_copy: tuple[bool, ...]
-    expert_source: tuple[int, ...]
-    expert_copy_index: tuple[int, ...]
-
-    @property
-    def depth_first(self) -> bool:
-        """True when depth runs before width (or only one operator runs)."""
-        return self.order.index("depth") < self.order.index("width") if len(self.order) == 2 else True
-
-    @property
-    def width_factor(self) -> int:
-        return self.growth.width.factor if self.growth.width is not None else 1
-
-    def noise_layer(self, target_layer: int) -> int:
-        """The layer index that keys width noise for ``target_layer`` (see the module docstring)."""
-        if not 0 <= target_layer < len(self.layer_source):
-            raise IndexError(f"target layer {target_layer} out of range [0, {len(self.layer_source)})")
-        return target_layer if self.depth_first else self.layer_source[target_layer]
-
-    def is_original_expert(self, target_expert: int) -> bool:
-        return self.expert_copy_index[target_expert] == 0
-
-    def counts(self) -> dict[str, tuple[int, int]]:
-        """Before/after sizes: ``{name: (source, target)}``; parameters are counted in models.params."""
-        s, t = self.source, self.target
-        return {
-            "num_layers": (s.num_layers, t.num_layers),
-            "num_moe_experts": (s.num_moe_experts, t.num_moe_experts),
-            "moe_router_topk": (s.moe_router_topk, t.moe_router_topk),
-            "experts_total": (s.num_layers * s.num_moe_experts, t.num_layers * t.num_moe_experts),
-        }
-
-
-# ----------------------------------------------------------------------------------------------
-# Plan
+__all__ = ["GrowthPlan", "make_growth_plan"]
 
 
 def make_growth_plan(source: ModelConfig, growth: GrowthConfig) -> GrowthPlan:
-    """Validate ``growth`` against ``source`` and compose its index maps; raises ``ConfigError``."""
+    """Validate ``growth`` against ``source`` and compose its operators' index maps.
+
+    Args:
+        source: the source model.
+        growth: the recipe's growth section.
+
+    Returns:
+        The plan.
+
+    Raises:
+        ConfigError: every problem of ``growth``, one line each naming its key.
+    """
     problems = growth_problems(growth, source)
     if problems:
         raise ConfigError(problems)
-    d, w = growth.depth, growth.width
-    target = grown_model(source, growth)
-    dmap: DepthMap = (build_depth_map(source.num_layers, d.mode, d.factor, d.ignore_first, d.ignore_last)
-                      if d is not None else identity_depth_map(source.num_layers))
-    wmap: WidthMap = (build_width_map(source.num_moe_experts, w.factor, w.expert_layout)
-                      if w is not None else identity_width_map(source.num_moe_experts))
-    # The rules (config.growth_rules) and the index maps must agree on the grown sizes.
-    assert (dmap.num_layers, wmap.num_experts) == (target.num_layers, target.num_moe_experts)
-    assert target.moe_router_topk == source.moe_router_topk * topk_factor(growth)
-    # Depth and width act on different axes, so the composition is the pair of maps in either
-    # order; only the noise keying (noise_layer) depends on the order.
+    order = resolved_order(growth)
+    operators: list[GrowthOperator] = [operator_class(name)(getattr(growth, name)) for name in order]
+    layer_maps, expert_maps, model = [], [], source
+    for op in operators:
+        layer_maps.append(op.layer_map(model))
+        expert_maps.append(op.expert_map(model))
+        model = op.config.grown_model(model)
+        # The section's rule (config) and the operator's maps must agree on the grown sizes.
+        assert (len(layer_maps[-1]), len(expert_maps[-1])) == (model.num_layers, model.num_moe_experts), op.name
+    layers = compose(layer_maps, model.num_layers)
+    experts = compose(expert_maps, model.num_moe_experts)
     return GrowthPlan(
         source=source,
-        target=target,
+        target=model,
         growth=growth,
-        order=resolved_order(growth),
-        layer_source=dmap.source_layer,
-        layer_is_new_copy=dmap.is_new_copy,
-        expert_source=wmap.source_expert,
-        expert_copy_index=wmap.copy_index,
+        order=order,
+        operators=tuple(operators),
+        layer_source=layers.source,
+        layer_is_new_copy=tuple(c > 0 for c in layers.copy_index),
+        expert_source=experts.source,
+        expert_copy_index=experts.copy_index,
+        layers_after=layers.after,
     )

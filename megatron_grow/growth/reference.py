@@ -10,8 +10,9 @@ the *local* spec in one process (no TP/PP/EP), so every tensor is whole and keys
 - ``embedding.*``, ``decoder.final_layernorm.*``, ``output_layer.*``: not per layer
 - ``*._extra_state``: opaque values, moved with their layer/expert untouched.
 
-Depth growth moves every per-layer entry with its layer; width growth touches only the
-router weight, the expert bias and the routed experts; everything else is copied. The
+Every per-layer entry moves with its layer (``plan.layer_source``); the router weight, the
+expert bias and the routed experts also follow ``plan.expert_source`` and the operators'
+transforms; everything else is copied (or zeroed where an operator says so). The
 tensors themselves are produced by the same functions the sharded loader calls
 (``grow_expert_tensor``, ``grow_router``, ``grow_expert_bias``), so this is the reference
 the sharded path is compared against, not a second implementation of the noise.
@@ -26,18 +27,15 @@ import torch
 
 from megatron_grow.checkpoint import keys
 from megatron_grow.errors import GrowthError
-from megatron_grow.growth.noise import (
-    FC1_KEY,
-    FC2_KEY,
-    Moments,
+from megatron_grow.growth.noise import FC1_KEY, FC2_KEY, Moments, tensor_moments
+from megatron_grow.growth.plan import GrowthPlan
+from megatron_grow.growth.transforms import (
     expert_noise_std,
     grow_expert_bias,
     grow_expert_tensor,
     grow_router,
-    identity_zeroed,
-    tensor_moments,
+    zeroed,
 )
-from megatron_grow.growth.plan import GrowthPlan
 
 _LOGICAL = {keys.FC1_NAME: FC1_KEY, keys.FC2_NAME: FC2_KEY}
 
@@ -113,7 +111,7 @@ def grow_state_dict(source_sd: dict[str, Any], plan: GrowthPlan) -> dict[str, An
                 out[key] = grow_router(plan, j, value)
             elif suffix == keys.EXPERT_BIAS_SUFFIX:
                 out[key] = grow_expert_bias(plan, j, value)
-            elif isinstance(value, torch.Tensor) and identity_zeroed(plan, j, suffix):
+            elif isinstance(value, torch.Tensor) and zeroed(plan, j, suffix):
                 out[key] = torch.zeros_like(value)
             else:
                 out[key] = _copy(value)
@@ -125,7 +123,7 @@ def grow_state_dict(source_sd: dict[str, Any], plan: GrowthPlan) -> dict[str, An
                 if logical is not None:
                     std = expert_noise_std(plan, moments[s][logical], e_s)
                     out[key] = grow_expert_tensor(plan, logical, j, e_t, value, std)
-                elif isinstance(value, torch.Tensor) and identity_zeroed(plan, j, f"mlp.experts.{rest}"):
+                elif isinstance(value, torch.Tensor) and zeroed(plan, j, f"mlp.experts.{rest}"):
                     out[key] = torch.zeros_like(value)  # fc2 bias of a new depth copy
                 else:
                     out[key] = _copy(value)  # expert linear biases and _extra_state: exact copies

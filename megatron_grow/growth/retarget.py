@@ -14,8 +14,8 @@ routed-expert tensors over layers and experts (prepended axes 0, 1)::
 For every target :class:`ShardedTensor` (after ``apply_factories``) this module builds a
 :class:`SliceTask`: the *source* request (same key, the layer/expert axes moved through the
 growth plan's index maps, a fresh buffer) and how to turn the loaded bytes into the target
-slice (copy, or router/bias/expert growth with noise). Several target slices may share one
-source request (layers 4 and 5 both read layer 2): requests are deduplicated by
+slice (copy, or the operators' router/bias/expert transforms, ``growth.transforms``). Several
+target slices may share one source request (layers 4 and 5 both read layer 2): requests are deduplicated by
 ``(key, global_offset, local_shape)``.
 
 No I/O and no torch.distributed here: ``growth.grow`` loads the requests and applies the tasks.
@@ -31,9 +31,8 @@ from typing import Any
 import torch
 
 from megatron_grow.checkpoint import keys
-from megatron_grow.config.schema import NewExperts, NoiseKind
 from megatron_grow.errors import GrowthError
-from megatron_grow.growth import noise
+from megatron_grow.growth import noise, transforms
 from megatron_grow.growth.plan import GrowthPlan
 
 # Kinds of target slices.
@@ -153,33 +152,25 @@ def _task_and_request(st, plan: GrowthPlan, key: str) -> tuple[SliceTask, Any]:
                      logical_key=expert_logical_key(st.key)), req
 
 
-def needs_expert_stats(plan: GrowthPlan) -> bool:
-    """Whether noise scales depend on the std of source expert tensors (a statistics pass)."""
-    w = plan.growth.width
-    return bool(w is not None and w.new_experts == NewExperts.COPY
-                and w.noise in (NoiseKind.GAUSSIAN, NoiseKind.ANTITHETIC)
-                and w.alpha > 0)
-
-
 def grown_slice(task: SliceTask, source: torch.Tensor, plan: GrowthPlan,
                 expert_std: dict | None = None) -> torch.Tensor:
     """The target slice's values, from its loaded source request."""
     if task.kind in (UNCHANGED,):
         return source
     if task.kind == LAYER:
-        if noise.identity_zeroed(plan, task.target_layer, task.target.key):
+        if transforms.zeroed(plan, task.target_layer, task.target.key):
             return torch.zeros_like(source)
         return source
     if task.kind == ROUTER:
-        return noise.grow_router(plan, task.target_layer, source)
+        return transforms.grow_router(plan, task.target_layer, source)
     if task.kind == EXPERT_BIAS:
-        return noise.grow_expert_bias(plan, task.target_layer, source)
+        return transforms.grow_expert_bias(plan, task.target_layer, source)
     # EXPERT
     if task.logical_key is None:
-        return torch.zeros_like(source) if noise.identity_zeroed(plan, task.target_layer, task.target.key) \
+        return torch.zeros_like(source) if transforms.zeroed(plan, task.target_layer, task.target.key) \
             else source
     std = 0.0
-    if needs_expert_stats(plan):
+    if transforms.needs_expert_stats(plan):
         std = expert_std[(task.logical_key, task.source_layer, task.source_expert)]
-    return noise.grow_expert_tensor(plan, task.logical_key, task.target_layer, task.target_expert, source, std,
+    return transforms.grow_expert_tensor(plan, task.logical_key, task.target_layer, task.target_expert, source, std,
                                     full_shape=task.full_shape, region=task.region)

@@ -15,7 +15,7 @@ from megatron.core.dist_checkpointing.mapping import apply_factories
 
 from megatron_grow.checkpoint import io
 from megatron_grow.checkpoint.reader import CheckpointReader
-from megatron_grow.growth import noise, retarget
+from megatron_grow.growth import noise, retarget, transforms
 from megatron_grow.growth.plan import GrowthPlan
 from megatron_grow.parallel.collectives import all_reduce_host, rank, world_size
 
@@ -51,7 +51,7 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
     summed across ranks (exact: every entry is non-zero on one rank only) and combined in
     expert order, so every rank derives the same stds whatever the layout.
     """
-    if not retarget.needs_expert_stats(plan):
+    if not transforms.needs_expert_stats(plan):
         return {}
     L, E = plan.source.num_layers, plan.source.num_moe_experts
     templates: dict[str, Any] = {}
@@ -76,7 +76,7 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
         for ls in range(L):
             per_expert = [noise.Moments(int(n), float(mu), float(m2)) for n, mu, m2 in moments[k, ls].tolist()]
             for es in range(E):
-                out[(key, ls, es)] = noise.expert_noise_std(plan, per_expert, es)
+                out[(key, ls, es)] = transforms.expert_noise_std(plan, per_expert, es)
     return out
 
 

@@ -23,14 +23,9 @@ from megatron_grow.checkpoint.architecture import (
 )
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.layout_rules import model_layout_problems
-from megatron_grow.config.schema import (
-    DepthGrowthConfig,
-    GrowthConfig,
-    ModelConfig,
-    ParallelConfig,
-    WidthGrowthConfig,
-)
+from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
 from megatron_grow.errors import CheckpointError, LayoutError, VerificationError
+from megatron_grow.growth.operators import operator_class
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.forward import forward_logits
@@ -40,10 +35,11 @@ from megatron_grow.parallel.init import initialize_distributed
 
 
 def _growth_from_record(record: dict) -> GrowthConfig:
-    depth = DepthGrowthConfig(**record["depth"]) if record.get("depth") else None
-    width = WidthGrowthConfig(**record["width"]) if record.get("width") else None
-    return GrowthConfig(order=tuple(record["operators"]), depth=depth, width=width, seed=record["seed"],
-                        optimizer=record.get("optimizer", "reset"))
+    """The growth a lineage record (``grow.growth_record``) describes, its sections rebuilt by their operators."""
+    sections = {name: operator_class(name).config_type(**record[name])
+                for name in GrowthConfig.operator_names() if record.get(name)}
+    return GrowthConfig(order=tuple(record["operators"]), seed=record["seed"],
+                        optimizer=record.get("optimizer", "reset"), **sections)
 
 
 def _probe_batches(vocab: int, seq: int, n_micro: int, micro: int, seed: int) -> list:

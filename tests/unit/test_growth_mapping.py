@@ -2,8 +2,9 @@
 
 import pytest
 
-from megatron_grow.config.growth_rules import grown_depth
-from megatron_grow.growth.mapping import build_depth_map, build_width_map
+from megatron_grow.config.schema import grown_depth
+from megatron_grow.growth.operators.depth import build_depth_map
+from megatron_grow.growth.operators.width import build_width_map
 
 
 def test_interposition_k2():

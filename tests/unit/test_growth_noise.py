@@ -11,15 +11,13 @@ from megatron_grow.growth.noise import (
     FC2_KEY,
     canonical_std,
     combine_moments,
-    grow_expert_bias,
-    grow_expert_tensor,
-    grow_router,
     noise_generator,
     noise_seed,
     std_from_moments,
     tensor_moments,
-    zeroed_by_identity_init,
 )
+from megatron_grow.growth.operators.depth import zeroed_by_identity_init
+from megatron_grow.growth.transforms import grow_expert_bias, grow_expert_tensor, grow_router
 from megatron_grow.growth.plan import make_growth_plan
 
 SRC = ModelConfig(num_layers=2, num_moe_experts=4, moe_router_topk=2, init_method_std=0.02)

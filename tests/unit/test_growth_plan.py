@@ -56,8 +56,8 @@ def test_noise_layer_depends_on_order():
     depth_first = make_growth_plan(SRC, grow(order=("depth", "width"), depth=d, width=w))
     width_first = make_growth_plan(SRC, grow(order=("width", "depth"), depth=d, width=w))
     assert depth_first.layer_source == width_first.layer_source
-    assert [depth_first.noise_layer(j) for j in range(8)] == list(range(8))
-    assert [width_first.noise_layer(j) for j in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [depth_first.layer_index_after("width", j) for j in range(8)] == list(range(8))
+    assert [width_first.layer_index_after("width", j) for j in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     # empty order means depth then width
     assert make_growth_plan(SRC, grow(depth=d, width=w)).order == ("depth", "width")
 
