@@ -17,8 +17,8 @@ from megatron_grow.growth.noise import (
     tensor_moments,
 )
 from megatron_grow.growth.operators.depth import zeroed_by_identity_init
-from megatron_grow.growth.transforms import grow_expert_bias, grow_expert_tensor, grow_router
 from megatron_grow.growth.plan import make_growth_plan
+from megatron_grow.growth.transforms import grow_expert_bias, grow_expert_tensor, grow_router
 
 SRC = ModelConfig(num_layers=2, num_moe_experts=4, moe_router_topk=2, init_method_std=0.02)
 
