@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
+from megatron_grow.checkpoint.grown_start import GrownStart
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.layout_rules import model_layout_problems
@@ -267,13 +268,23 @@ def grown_counters(source: GrowthSource) -> dict:
     return c
 
 
-def grow_load_into(model_chunks, source: GrowthSource, started: float, progress: bool = True) -> dict:
-    """Online growth (collective): fill ``model_chunks`` and return the counters and lineage the
-    grown model carries (what the trainer's first checkpoint records)."""
+def grow_load_into(model_chunks, source: GrowthSource, started: float, progress: bool = True) -> GrownStart:
+    """Online growth (collective): fill ``model_chunks`` and say where the grown model starts.
+
+    Args:
+        model_chunks: this rank's chunks of the grown model (built in the run's layout).
+        source: the prepared growth (``prepare_growth``).
+        started: ``time.perf_counter()`` when the growth began (for the growth record).
+        progress: log one line per source layer group.
+
+    Returns:
+        The counters and lineage the grown model carries (what the trainer's first checkpoint
+        records), without an optimizer loader (the caller adds one for ``growth.optimizer: carry``).
+    """
     load_grown_weights(model_chunks, source, progress=progress)
     before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     record = io.broadcast_object(growth_record(source, before, after, time.perf_counter() - started))
-    return {"counters": grown_counters(source), "lineage": source.info.lineage + [record]}
+    return GrownStart(counters=grown_counters(source), lineage=tuple(source.info.lineage) + (record,))
 
 
 def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:

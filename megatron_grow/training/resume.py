@@ -3,9 +3,8 @@
 * Architecture (:data:`ARCHITECTURE_FIELDS`): a resume whose recipe model differs from the one the
   checkpoint records is refused, naming every differing field (shape differences would also be
   caught tensor by tensor at load; these checks also catch top-k, RoPE base, norm epsilon ...).
-  ``--grow-from`` with a recipe ``model:`` (the source description) that disagrees with the
-  source's recorded architecture is refused the same way; a recipe that leaves ``model:`` at
-  the defaults uses the recorded one, and says so.
+  ``--grow-from`` compares the recipe's ``model:`` with the source the same way
+  (``architecture_differences``; the ``--grow-from`` rules are in ``cli/_grow_from.py``).
 * Schedule (``training:``'s LR, warmup, decay and weight decay against the loaded scheduler's own
   state, :func:`scheduler_differences`): the recipe's values are applied, as
   Megatron-LM's ``--override-opt_param-scheduler`` does: the scheduler keeps its step count and
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.schema import ModelConfig, Recipe
-from megatron_grow.errors import CheckpointError, GrowthError
+from megatron_grow.errors import CheckpointError
 
 ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_moe_experts",
@@ -55,36 +54,6 @@ def check_resume_architecture(load_root: str, model: ModelConfig) -> None:
     if diffs:
         raise CheckpointError(f"cannot resume {ckpt_dir}: the recipe's model differs from the checkpoint's ("
                               + "; ".join(diffs) + "); fix model: in the recipe or start a new checkpoint.save")
-
-
-def grow_from_source_model(recipe_model: ModelConfig, recorded: ModelConfig | None, source: str,
-                           log: Callable[[str], None]) -> None:
-    """--grow-from: the recipe's model: section must describe the source, or be left at the defaults."""
-    if recorded is None:
-        return
-    diffs = architecture_differences(recorded, recipe_model)
-    if not diffs:
-        return
-    if recipe_model == ModelConfig():
-        log(f"[train] the recipe has no model: section; growing {source} as the architecture it records "
-            f"({recorded.num_layers} layers, {recorded.num_moe_experts} experts)")
-        return
-    raise GrowthError(f"--grow-from {source}: the recipe's model: section (the source description) differs from "
-                      "the architecture the source records (" + "; ".join(diffs) + "); fix model: in the recipe, "
-                      "or pass --source-config to say which is right")
-
-
-def check_save_vs_source(save: str | None, grow_from: str | None) -> None:
-    """Training never writes into (or over) the checkpoint it grows from."""
-    if not save:
-        return
-    if grow_from:
-        problem = paths.nesting(save, grow_from)
-        if problem:
-            raise GrowthError(f"checkpoint.save {save} {problem} the --grow-from source {grow_from}; the source "
-                              "is never modified, choose another checkpoint.save")
-    paths.probe_writable(save, "checkpoint.save")
-
 
 
 def apply_recipe_schedule(optimizer, scheduler, recipe: Recipe, ckpt_dir: str, iteration: int,

@@ -37,6 +37,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_grow.checkpoint.grown_start import GrownStart
 from megatron_grow.checkpoint.manifest import empty_counters
 from megatron_grow.config.layout_rules import world_layout_problems
 from megatron_grow.config.schema import ModelConfig, Recipe
@@ -196,7 +197,7 @@ class Trainer:
     """Build everything from a recipe, then ``run()`` (or drive the public steps one by one)."""
 
     def __init__(self, recipe: Recipe, *, model: ModelConfig | None = None,
-                 initialize: Callable[[list], dict] | None = None, progress: bool = True):
+                 initialize: Callable[[list], GrownStart | None] | None = None, progress: bool = True):
         check_data_inputs(recipe, model)
         # MCore's aux-loss tracker is process-global and sized by the first model's layer count.
         moe_utils.get_moe_layer_wise_logging_tracker().clear()
@@ -262,15 +263,15 @@ class Trainer:
     def _initialize_weights(self) -> None:
         counters, lineage, schedule_start = empty_counters(), [], 0
         if self.initialize is not None:
-            grown = self.initialize(self.raw_chunks) or {}
-            counters.update(grown.get("counters", {}))
-            lineage = list(grown.get("lineage", []))
+            grown = self.initialize(self.raw_chunks) or GrownStart()
+            counters.update(grown.counters)
+            lineage = list(grown.lineage)
             schedule_start = counters["iteration"]
             for chunk in self.chunks:  # the grown weights must reach the optimizer's fp32 copies
                 chunk.broadcast_params()
             self.optimizer.reload_model_params()
-            if grown.get("load_optimizer") is not None:  # growth.optimizer: carry
-                grown["load_optimizer"](self.optimizer, self.chunks)
+            if grown.load_optimizer is not None:  # growth.optimizer: carry
+                grown.load_optimizer(self.optimizer, self.chunks)
         self.counters, self.lineage = counters, lineage
         self.scheduler = build_scheduler(self.optimizer, self.recipe, self.recipe.training.train_iters - schedule_start)
 

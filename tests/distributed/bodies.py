@@ -121,7 +121,7 @@ def train_body(recipe_path: str, overrides: list, grow_from: str | None = None):
     """Run the trainer (as ``megatron-grow train`` would) and return its RunResult fields."""
     import argparse
 
-    from megatron_grow.cli import train as train_cli
+    from megatron_grow.cli import _grow_from
 
     result = {}
     args = argparse.Namespace(config=recipe_path, grow_from=grow_from, source_config=None, overrides=list(overrides))
@@ -131,7 +131,7 @@ def train_body(recipe_path: str, overrides: list, grow_from: str | None = None):
     recipe = load_recipe(recipe_path, overrides)
     model, initialize = recipe.model, None
     if grow_from:
-        model, initialize = train_cli.growth_initializer(args, recipe)
+        model, initialize = _grow_from.growth_initializer(args, recipe)
     run = Trainer(recipe, model=model, initialize=initialize).run()
     result.update(exit_code=run.exit_code, iteration=run.iteration, train_losses=run.train_losses,
                   valid_losses=run.valid_losses, counters=run.counters, last_checkpoint=run.last_checkpoint)
