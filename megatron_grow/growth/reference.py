@@ -16,6 +16,13 @@ transforms; everything else is copied (or zeroed where an operator says so). The
 tensors themselves are produced by the same functions the sharded loader calls
 (``grow_expert_tensor``, ``grow_router``, ``grow_expert_bias``), so this is the reference
 the sharded path is compared against, not a second implementation of the noise.
+
+Why it ships in the package although no command imports it: it is the library's single-process
+reference for the sharded growth (the design conventions, principle 5: every distributed behaviour has
+one, in ``growth/``), and both the tests (``tests/distributed/bodies.py: oracle_vs_sharded``, the
+unit and GPU tests) and the benchmarks' naive baseline (``benchmarks/grow_bench.py``) grow with it;
+``tests/`` is not importable from an installed package. Its independent counterpart, written from
+docs/growth.md without importing any operator code, is ``tests/distributed/oracle.py``.
 """
 
 from __future__ import annotations
@@ -90,7 +97,18 @@ def _expert_moments(entries: dict[str, Any], num_experts: int) -> dict[str, list
 
 
 def grow_state_dict(source_sd: dict[str, Any], plan: GrowthPlan) -> dict[str, Any]:
-    """The grown model's plain state dict (loadable into a model built with ``plan.target``)."""
+    """The grown model's plain state dict (loadable into a model built with ``plan.target``).
+
+    Args:
+        source_sd: ``GPTModel.state_dict()`` of the source (local spec, one process).
+        plan: the growth plan (``plan.make_growth_plan``).
+
+    Returns:
+        The grown state dict, every tensor a new one.
+
+    Raises:
+        GrowthError: the state dict does not match the plan's source (layers, experts, spec).
+    """
     layers, head, tail = _split_layers(source_sd)
     _check_source(layers, plan)
     out: dict[str, Any] = {key: _copy(source_sd[key]) for key in head}
