@@ -67,6 +67,7 @@ def log(msg: str) -> None:
 
 @dataclass
 class LoadStats:
+    """What an online load read and how long it took (``load_grown_weights``; per group: name, bytes, seconds)."""
     bytes_read: int = 0
     tensors: int = 0
     groups: int = 0
@@ -77,7 +78,20 @@ class LoadStats:
 
 def prepare_growth(source_path: str, growth: GrowthConfig, source_model: ModelConfig | None = None,
                    iteration: int | None = None) -> GrowthSource:
-    """Resolve the source checkpoint and the plan; every problem is raised before any tensor is read."""
+    """Resolve the source checkpoint and the plan; every problem is raised before any tensor is read.
+
+    Args:
+        source_path: SRC: a run directory with a tracker, or an ``iter_N`` directory.
+        growth: the recipe's growth section.
+        source_model: SRC's architecture (``--source-config``); None: what SRC records.
+        iteration: which iteration of SRC; None: the tracker's.
+
+    Returns:
+        The validated growth (every rank calls it; it reads only metadata).
+
+    Raises:
+        GrowthError, CheckpointError, ConfigError: one line naming the problem.
+    """
     optimizer_state.check_carry_recipe(growth)
     ckpt_dir, it = paths.resolve_checkpoint_dir(source_path, iteration)
     storage = io.read_storage_metadata(ckpt_dir)
@@ -140,12 +154,20 @@ def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
 @torch.no_grad()
 def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSource,
                        progress: bool = True) -> LoadStats:
-    """Fill ``model_chunks`` (this rank's part of the grown model) from the source checkpoint.
+    """Fill ``model_chunks`` (this rank's part of the grown model) from the source checkpoint (collective).
 
     The algorithm: rewrite the target's sharded tensors into source read requests; check them
     against the source metadata; NaN-fill the model; read the expert statistics the noise needs
     (collective); then, one source layer at a time, read its requests (this rank alone) and write
     every target slice grown from it; finally prove that no parameter was left unfilled.
+
+    Args:
+        model_chunks: this rank's chunks of the grown model, built in the target layout.
+        source: the prepared growth (``prepare_growth``).
+        progress: log one line per source layer group.
+
+    Returns:
+        What was read and how long it took.
     """
     stats = LoadStats()
     t0 = time.perf_counter()
@@ -160,8 +182,18 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
 
 
 def plan_reads(targets: list, model_chunks, source: GrowthSource, stats: LoadStats) -> tuple[list, dict, dict]:
-    """Tasks and read requests for ``targets`` (the grown model's sharded tensors), checked against
-    SRC's metadata, and the noise statistics (collective: every rank calls it)."""
+    """Tasks and read requests for ``targets``, checked against SRC's metadata, and the noise
+    statistics (collective: every rank calls it).
+
+    Args:
+        targets: this rank's sharded tensors of the grown model (after ``apply_factories``).
+        model_chunks: the grown model's chunks (their config is checked against the plan's target).
+        source: the prepared growth.
+        stats: receives the statistics pass's time.
+
+    Returns:
+        (tasks, deduplicated source requests by id, noise std per (logical key, source layer, source expert)).
+    """
     plan = source.plan
     _check_target_model(model_chunks, plan.target)
     built = keys.built_spec(te_available())
@@ -242,6 +274,18 @@ def verify_all_sourced(model_chunks) -> None:
 
 
 def growth_record(source: GrowthSource, params_before: int, params_after: int, seconds: float) -> dict:
+    """The lineage entry of this growth (appended to the grown checkpoint's manifest).
+
+    Args:
+        source: the prepared growth.
+        params_before: the source model's parameter count.
+        params_after: the grown model's parameter count.
+        seconds: how long the growth took.
+
+    Returns:
+        A JSON-able dict: the operators in order, every operator section (None when off), seed,
+        optimizer, the source's path, iteration, model and FLOPs, the sizes, the time.
+    """
     g = source.plan.growth
     sections = {name: dataclasses.asdict(s) if (s := getattr(g, name)) is not None else None
                 for name in g.operator_names()}
@@ -262,7 +306,14 @@ def growth_record(source: GrowthSource, params_before: int, params_after: int, s
 
 
 def grown_counters(source: GrowthSource) -> dict:
-    """Counters a resumed run needs: position and FLOPs carry over; all of it is now sunk cost."""
+    """Counters a resumed run needs: position and FLOPs carry over; all of it is now sunk cost.
+
+    Args:
+        source: the prepared growth.
+
+    Returns:
+        The source's counters with ``sunk_flops`` set to its ``flops_so_far``.
+    """
     c = dict(source.info.counters)
     c["sunk_flops"] = c.get("flops_so_far", 0)
     return c
@@ -293,6 +344,14 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
     The source is never modified: --save may not be the source, lie inside it or contain it
     (paths compared after resolving links). A non-empty --save needs --overwrite, and then it
     is replaced only once the new checkpoint is complete (``io.save_checkpoint_replacing``).
+
+    Args:
+        save: DST.
+        overwrite: whether a non-empty DST may be replaced.
+        source_root: SRC as given (``--load``).
+
+    Raises:
+        GrowthError: one line naming the problem.
     """
     protected = [source_root]
     parent = os.path.dirname(os.path.normpath(source_root))
@@ -314,16 +373,22 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
                     source_model: ModelConfig | None = None, recipe_dict: dict | None = None,
                     overwrite: bool = False, seed: int = 1234, progress: bool = True,
                     target_spec: str | None = None, expert_backend: str | None = None) -> dict:
-    """Offline growth (collective): returns a summary dict (rank 0's numbers).
+    """Offline growth (collective): grow SRC into DST in the layout ``parallel`` (module docstring).
 
-    The algorithm: check DST, resolve the source and the plan, check the target layout against
-    the grown model, build the grown model in that layout *on the meta device* (its sharded state
-    dict says what this rank writes; no weight is allocated), plan the source reads, then save
-    atomically under ``target_spec``'s names (default: the spec this machine builds, TE on a GPU
-    with Transformer Engine, else local) with the growth appended to the lineage, each grown
-    tensor computed from its source region while the writer writes (``growth.streamed``).
-    ``expert_backend`` builds the target with that ``model.moe_expert_backend`` (how the grown
-    model runs, not what it stores: the checkpoint is the same either way).
+    The target is built on the meta device and saved atomically, each grown tensor computed from
+    its source region while the writer writes (``growth.streamed``), the growth appended to the lineage.
+
+    Args:
+        load, save: SRC and DST.
+        growth, parallel: the operators; the grown model's layout.
+        source_model: SRC's architecture; None: what SRC records.
+        recipe_dict, seed: recorded in the manifest; the process-group seed.
+        overwrite, progress: replace a non-empty DST; log progress.
+        target_spec: the layer spec whose names DST uses; None: the spec this machine builds.
+        expert_backend: the target's ``model.moe_expert_backend`` (how it runs, not what it stores).
+
+    Returns:
+        A summary dict (rank 0's numbers), for ``print_summary``.
     """
     t0 = time.perf_counter()
     prepare_destination(save, overwrite, load)
@@ -376,7 +441,15 @@ def _summary(source: GrowthSource, final: str, grown: GrownTensors, stats: LoadS
 def check_target_layout(target: ModelConfig, parallel: ParallelConfig) -> None:
     """The layout must fit the *grown* model. Checked before initialize_distributed, whose world-size
     check would otherwise hide the real problem (16 grown experts on EP=3 reported as "world size 1 is
-    not divisible by 3")."""
+    not divisible by 3").
+
+    Args:
+        target: the grown model.
+        parallel: the target layout.
+
+    Raises:
+        GrowthError: naming every problem.
+    """
     problems = model_layout_problems(target, parallel)
     if problems:
         raise GrowthError("target layout does not fit the grown model: " + "; ".join(problems))
@@ -415,7 +488,12 @@ def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: 
 
 def discard_grown(save: str, iteration: int) -> None:
     """Undo a grow whose check failed: the tracker goes first (so nothing names the iteration), then
-    the iteration written, then DST itself if nothing else is in it. Rank 0 does it; all ranks wait."""
+    the iteration written, then DST itself if nothing else is in it. Rank 0 does it; all ranks wait.
+
+    Args:
+        save: DST.
+        iteration: the iteration the grow wrote.
+    """
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank() == 0:
@@ -440,6 +518,12 @@ def common_state(counters: dict, manifest: dict, args=None) -> dict:
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:
+    """Print ``grow_checkpoint``'s summary as an aligned table.
+
+    Args:
+        summary: ``grow_checkpoint``'s return value.
+        file: where to print.
+    """
     rows = [
         ("source", summary["source"]), ("grown checkpoint", summary["grown"]),
         ("iteration", summary["iteration"]),

@@ -15,9 +15,17 @@ from megatron_grow.growth.plan import make_growth_plan
 
 
 def grown_model_of(checkpoint_root: str, source_model: ModelConfig, growth: GrowthConfig) -> ModelConfig:
-    """The model of the grown checkpoint under ``checkpoint_root`` (its tracker's iteration): as the
-    checkpoint records it (``megatron_grow.json`` or Megatron-LM args), else ``source_model`` grown by
-    ``growth`` (validated as any growth plan is)."""
+    """The model of the grown checkpoint under ``checkpoint_root`` (its tracker's iteration).
+
+    Args:
+        checkpoint_root: a run directory holding the grown checkpoint.
+        source_model: the recipe's ``model:`` (the source).
+        growth: the recipe's ``growth:`` (validated as any growth plan is).
+
+    Returns:
+        The architecture the checkpoint records (``megatron_grow.json`` or Megatron-LM args), else
+        ``source_model`` grown by ``growth``.
+    """
     ckpt_dir, iteration = paths.resolve_checkpoint_dir(checkpoint_root)
     recorded = read_checkpoint_info(ckpt_dir, iteration).model
     return recorded if recorded is not None else make_growth_plan(source_model, growth).target

@@ -29,12 +29,26 @@ class IndexMap:
 
 
 def identity_map(n: int) -> IndexMap:
-    """The map of an operator that leaves an axis of ``n`` entries alone."""
+    """The map of an operator that leaves an axis of ``n`` entries alone.
+
+    Args:
+        n: entries on the axis.
+
+    Returns:
+        ``source[j] = j``, every entry an original.
+    """
     return IndexMap(tuple(range(n)), (0,) * n)
 
 
 def first_occurrence_copies(source: Sequence[int]) -> tuple[int, ...]:
-    """Copy indices for ``source``: 0 at each source index's first occurrence, then 1, 2, ..."""
+    """Copy indices for ``source``: 0 at each source index's first occurrence, then 1, 2, ...
+
+    Args:
+        source: output index -> input index.
+
+    Returns:
+        One copy index per output entry.
+    """
     seen: dict[int, int] = {}
     out = []
     for s in source:

@@ -56,16 +56,30 @@ _MASK_63 = (1 << 63) - 1
 
 
 def noise_seed(seed: int, logical_key: str, layer: int, expert: int, stream: int = 0) -> int:
-    """A stable 63-bit seed for one draw: first 8 bytes of SHA-256 of the tuple, masked."""
+    """A stable 63-bit seed for one draw: first 8 bytes of SHA-256 of the tuple, masked.
+
+    Args:
+        seed: ``growth.seed``.
+        logical_key: one of the logical keys above.
+        layer: the layer index that keys the draw.
+        expert: the expert index (or router row) that keys the draw.
+        stream: separates several draws for the same tensor.
+
+    Returns:
+        The seed.
+    """
     text = f"megatron_grow.noise|{int(seed)}|{logical_key}|{int(layer)}|{int(expert)}|{int(stream)}"
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") & _MASK_63
 
 
 def noise_generator(seed: int, logical_key: str, layer: int, expert: int, *, stream: int = 0) -> torch.Generator:
-    """A fresh CPU generator for ``(seed, logical_key, layer, expert[, stream])``.
+    """A fresh CPU generator for ``(seed, logical_key, layer, expert[, stream])`` (``noise_seed``'s arguments).
 
     ``stream`` separates several draws for the same tensor (antithetic noise draws one per
     copy-group member).
+
+    Returns:
+        A seeded ``torch.Generator``.
     """
     g = torch.Generator(device="cpu")
     g.manual_seed(noise_seed(seed, logical_key, layer, expert, stream))
@@ -85,7 +99,14 @@ class Moments(NamedTuple):
 
 
 def tensor_moments(t: torch.Tensor) -> Moments:
-    """Moments of all elements of ``t``, computed in float64."""
+    """Moments of all elements of ``t``, computed in float64.
+
+    Args:
+        t: any tensor (any device, any dtype).
+
+    Returns:
+        (count, mean, M2).
+    """
     n = t.numel()
     if n == 0:
         return Moments(0, 0.0, 0.0)
@@ -95,7 +116,14 @@ def tensor_moments(t: torch.Tensor) -> Moments:
 
 
 def combine_moments(parts: Sequence[Moments]) -> Moments:
-    """Chan et al.'s parallel combination, folded left in the given order."""
+    """Chan et al.'s parallel combination, folded left in the given order.
+
+    Args:
+        parts: moments of disjoint parts.
+
+    Returns:
+        The moments of their union.
+    """
     n, mean, m2 = 0, 0.0, 0.0
     for p in parts:
         pn, pmean, pm2 = int(p[0]), float(p[1]), float(p[2])
@@ -110,7 +138,14 @@ def combine_moments(parts: Sequence[Moments]) -> Moments:
 
 
 def std_from_moments(moments: Moments) -> float:
-    """Unbiased std (like ``torch.std``); 0.0 for fewer than two elements (no noise, not NaN)."""
+    """Unbiased std (like ``torch.std``); 0.0 for fewer than two elements (no noise, not NaN).
+
+    Args:
+        moments: (count, mean, M2).
+
+    Returns:
+        The std.
+    """
     n, _, m2 = moments
     if n < 2:
         return 0.0
@@ -134,5 +169,12 @@ def canonical_std(x: float) -> float:
 
 
 def tensor_std(t: torch.Tensor) -> float:
-    """``canonical_std`` of the unbiased std of all elements of ``t``."""
+    """``canonical_std`` of the unbiased std of all elements of ``t``.
+
+    Args:
+        t: any tensor.
+
+    Returns:
+        The rounded std.
+    """
     return canonical_std(std_from_moments(tensor_moments(t)))

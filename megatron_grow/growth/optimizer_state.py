@@ -48,6 +48,14 @@ OPTIMIZER_STATES = (keys.MAIN_PARAM_STATE,) + keys.ADAM_MOMENTS
 
 
 def carries(growth: GrowthConfig) -> bool:
+    """Whether ``growth.optimizer`` carries Adam state (``carry`` or ``carry_zero_new``).
+
+    Args:
+        growth: the recipe's growth section.
+
+    Returns:
+        True for a carry.
+    """
     return growth.optimizer in CARRY_MODES
 
 
@@ -69,7 +77,16 @@ def check_carry_recipe(growth: GrowthConfig) -> None:
 
 
 def check_carry_source(growth: GrowthConfig, ckpt_dir: str, storage) -> None:
-    """Refuse carry from a checkpoint without model-space optimizer state (metadata only)."""
+    """Refuse carry from a checkpoint without model-space optimizer state (metadata only).
+
+    Args:
+        growth: the recipe's growth section.
+        ckpt_dir: SRC's iteration directory (for the message).
+        storage: SRC's torch DCP metadata.
+
+    Raises:
+        GrowthError: carry asked and SRC has no model-space optimizer state.
+    """
     if not carries(growth):
         return
     if not any(keys.is_model_space_optimizer_key(k) for k in storage.state_dict_metadata):
@@ -80,7 +97,14 @@ def check_carry_source(growth: GrowthConfig, ckpt_dir: str, storage) -> None:
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """``optimizer.state.<state>.<model key>`` -> (state, model key); None for other keys."""
+    """``optimizer.state.<state>.<model key>`` -> (state, model key).
+
+    Args:
+        key: a storage key.
+
+    Returns:
+        The pair, or None for other keys.
+    """
     for state in OPTIMIZER_STATES:
         prefix = keys.optimizer_state_key(state, "")
         if key.startswith(prefix):
@@ -90,7 +114,15 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 def optimizer_tensors_for(model_tensors: Iterable, stored_keys: set) -> list:
     """Fresh fp32 optimizer-state ShardedTensors (this rank's slices) for the target model's tensors
-    that have optimizer state in the source (parameters; buffers such as expert_bias have none)."""
+    that have optimizer state in the source (parameters; buffers such as expert_bias have none).
+
+    Args:
+        model_tensors: the grown model's sharded tensors (this rank's).
+        stored_keys: SRC's storage keys.
+
+    Returns:
+        One ShardedTensor per (tensor, optimizer state) SRC stores.
+    """
     out = []
     for st in model_tensors:
         for state in OPTIMIZER_STATES:
@@ -104,8 +136,15 @@ def optimizer_tensors_for(model_tensors: Iterable, stored_keys: set) -> list:
 def grown_moment(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPlan, zero_new: bool) -> torch.Tensor:
     """An Adam moment slice of the grown model from its source slice: the weights' index maps, no noise.
 
-    With ``zero_new``, entries that are new in the grown model get 0: a whole depth copy, an
-    expert copy, a copied router row.
+    Args:
+        task: the slice's growth task (``retarget.build_tasks``).
+        source: the loaded source slice.
+        plan: the growth plan.
+        zero_new: entries new in the grown model (a whole depth copy, an expert copy, a copied
+            router row: the composed maps' copies) get 0.
+
+    Returns:
+        The grown slice.
     """
     new_layer = task.target_layer is not None and plan.layer_is_new_copy[task.target_layer]
     if task.kind in (retarget.ROUTER, retarget.EXPERT_BIAS):
@@ -144,8 +183,13 @@ def _tasks_for(targets: Sequence, plan: GrowthPlan) -> tuple[list, dict, dict]:
 
 @torch.no_grad()
 def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progress: bool = True) -> None:
-    """Fill ``targets`` (this rank's optimizer-state ShardedTensors of the grown model, keyed
-    ``optimizer.state.<state>.<storage key>``) from the source checkpoint (collective)."""
+    """Fill the grown model's optimizer-state tensors from the source checkpoint (collective).
+
+    Args:
+        targets: this rank's optimizer-state ShardedTensors, keyed ``optimizer.state.<state>.<storage key>``.
+        source: the prepared growth.
+        progress: log one line when done.
+    """
     plan = source.plan
     zero_new = plan.growth.optimizer == CARRY_ZERO_NEW
     tasks, requests, state_of = _tasks_for(targets, plan)
@@ -173,7 +217,17 @@ def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progre
 
 def carried_common_state(ckpt_dir: str) -> dict:
     """The source's non-tensor optimizer state (param_groups with Adam's step and hyper-parameters,
-    the sharding type), without the per-parameter part (which the grown tensors replace)."""
+    the sharding type), without the per-parameter part (which the grown tensors replace).
+
+    Args:
+        ckpt_dir: SRC's iteration directory.
+
+    Returns:
+        The common optimizer state.
+
+    Raises:
+        GrowthError: SRC has optimizer tensors but no common optimizer state.
+    """
     common = dist_checkpointing.load_common_state_dict(ckpt_dir).get("optimizer")
     if common is None:
         raise GrowthError(f"{ckpt_dir} has optimizer tensors but no optimizer common state (param_groups)")
@@ -187,7 +241,16 @@ def carried_common_state(ckpt_dir: str) -> dict:
 def grown_optimizer_checkpoint_state(model_tensors: Sequence, source: GrowthSource,
                                      progress: bool = True) -> dict:
     """Entries for the grown checkpoint (offline growth): the grown model-space optimizer tensors
-    and the source's common optimizer state, as a training checkpoint stores them."""
+    and the source's common optimizer state, as a training checkpoint stores them.
+
+    Args:
+        model_tensors: the grown model's sharded tensors (this rank's).
+        source: the prepared growth.
+        progress: log one line when done.
+
+    Returns:
+        ``{"optimizer": common state, "optimizer_model_space": {index: ShardedTensor}}``.
+    """
     storage = {k for k in io.read_storage_metadata(source.ckpt_dir).state_dict_metadata}
     targets = optimizer_tensors_for(model_tensors, storage)
     fill_grown_optimizer_tensors(targets, source, progress)

@@ -65,11 +65,20 @@ class SliceTask:
 
     @property
     def full_shape(self) -> tuple:
+        """The full per-expert (or per-layer) shape, without the prepended layer/expert axes."""
         st = self.target
         return tuple(st.global_shape[st.prepend_axis_num:])
 
 
 def expert_logical_key(storage_key: str) -> str | None:
+    """The noise's logical key of a routed-expert storage key.
+
+    Args:
+        storage_key: a routed-expert tensor's storage key.
+
+    Returns:
+        ``noise.FC1_KEY`` / ``noise.FC2_KEY``, or None for tensors copied exactly (biases).
+    """
     if storage_key.endswith(keys.FC1_NAME):
         return noise.FC1_KEY
     if storage_key.endswith(keys.FC2_NAME):
@@ -78,6 +87,17 @@ def expert_logical_key(storage_key: str) -> str | None:
 
 
 def classify(st) -> str:
+    """Which kind of target slice ``st`` is (``UNCHANGED``, ``LAYER``, ``ROUTER``, ``EXPERT_BIAS``, ``EXPERT``).
+
+    Args:
+        st: a target ShardedTensor.
+
+    Returns:
+        The kind.
+
+    Raises:
+        GrowthError: a layer-indexed layout this module cannot grow (legacy GroupedMLP).
+    """
     if not keys.is_layer_key(st.key):
         return UNCHANGED
     if st.key.endswith(keys.ROUTER_SUFFIX):
@@ -109,8 +129,14 @@ def build_tasks(target_sharded: Iterable, plan: GrowthPlan,
                 source_key: Callable[[str], str] = lambda key: key) -> tuple[list[SliceTask], dict[tuple, Any]]:
     """Tasks for every target ShardedTensor, and the deduplicated source requests they read.
 
-    ``source_key`` names a target tensor as the source checkpoint stores it (the layer specs
-    differ in a few names, see ``checkpoint.keys.spec_storage_key``).
+    Args:
+        target_sharded: the grown model's ShardedTensors (after ``apply_factories``).
+        plan: the growth plan.
+        source_key: names a target tensor as the source checkpoint stores it (the layer specs
+            differ in a few names, see ``checkpoint.keys.spec_storage_key``).
+
+    Returns:
+        (tasks, source requests by request id).
     """
     tasks: list[SliceTask] = []
     requests: dict[tuple, Any] = {}
@@ -154,7 +180,17 @@ def _task_and_request(st, plan: GrowthPlan, key: str) -> tuple[SliceTask, Any]:
 
 def grown_slice(task: SliceTask, source: torch.Tensor, plan: GrowthPlan,
                 expert_std: dict | None = None) -> torch.Tensor:
-    """The target slice's values, from its loaded source request."""
+    """The target slice's values, from its loaded source request.
+
+    Args:
+        task: the slice's task.
+        source: the loaded source request's data.
+        plan: the growth plan.
+        expert_std: noise stds by (logical key, source layer, source expert) (``source_reads.expert_stds``).
+
+    Returns:
+        The values to copy into the target slice.
+    """
     if task.kind in (UNCHANGED,):
         return source
     if task.kind == LAYER:

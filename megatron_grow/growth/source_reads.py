@@ -21,6 +21,14 @@ from megatron_grow.parallel.collectives import all_reduce_host, rank, world_size
 
 
 def target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
+    """This rank's sharded tensors of ``model_chunks`` (after ``apply_factories``).
+
+    Args:
+        model_chunks: the grown model's chunks.
+
+    Returns:
+        The ShardedTensors.
+    """
     sd = io.model_sharded_state_dict(model_chunks)
     apply_factories(sd)
     return list(io.iter_sharded_tensors(sd))
@@ -31,8 +39,14 @@ def read_requests(requests: dict, reader: CheckpointReader) -> int:
 
     Local to this rank: no collective, so ranks read at their own pace (and writer threads may
     read while others write). The region is read in the stored dtype and cast to the request's
-    (``Tensor.to``: the same rounding as the copy a load into that buffer does). Returns the bytes
-    read (in the stored dtype).
+    (``Tensor.to``: the same rounding as the copy a load into that buffer does).
+
+    Args:
+        requests: ShardedTensors by request id.
+        reader: SRC's region reader.
+
+    Returns:
+        The bytes read (in the stored dtype).
     """
     nbytes = 0
     for st in requests.values():
@@ -49,7 +63,15 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
 
     Each full per-expert tensor is read by exactly one rank (round robin); moments are
     summed across ranks (exact: every entry is non-zero on one rank only) and combined in
-    expert order, so every rank derives the same stds whatever the layout.
+    expert order, so every rank derives the same stds whatever the layout (collective).
+
+    Args:
+        tasks: this rank's growth tasks (their routed-expert tensors name the keys).
+        plan: the growth plan.
+        reader: SRC's region reader.
+
+    Returns:
+        The stds; empty when no operator needs them.
     """
     if not transforms.needs_expert_stats(plan):
         return {}
@@ -82,11 +104,21 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
 
 def group_of(task) -> Any:
     # By *source* layer: all copies of a layer share its requests, which are freed after the group.
+    """The read group of a task: its *source* layer (all copies of a layer share its requests,
+    which are freed after the group), or one group for the tensors outside the layers.
+    """
     return ("layer", task.source_layer) if task.source_layer is not None else ("other", 0)
 
 
 def layer_groups(tasks: list) -> tuple[list, dict]:
-    """Tasks grouped by the source layer they read, in reading order (non-layer tensors first)."""
+    """Tasks grouped by the source layer they read, in reading order (non-layer tensors first).
+
+    Args:
+        tasks: growth tasks.
+
+    Returns:
+        (group names in reading order, tasks by group name).
+    """
     groups: dict[Any, list] = {}
     for t in tasks:
         groups.setdefault(group_of(t), []).append(t)

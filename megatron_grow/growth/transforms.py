@@ -35,7 +35,14 @@ def zeroed(plan: GrowthPlan, target_layer: int, name: str) -> bool:
 
 
 def needs_expert_stats(plan: GrowthPlan) -> bool:
-    """Whether noise scales depend on the std of source expert tensors (a statistics pass)."""
+    """Whether noise scales depend on the std of source expert tensors (a statistics pass).
+
+    Args:
+        plan: the growth plan.
+
+    Returns:
+        True when some operator of the plan needs them.
+    """
     return any(op.needs_expert_stats() for op in plan.operators)
 
 
@@ -105,7 +112,16 @@ def grow_expert_tensor(plan: GrowthPlan, logical_key: str, target_layer: int, ta
 
 def grow_router(plan: GrowthPlan, target_layer: int, source_router_EH: torch.Tensor) -> torch.Tensor:
     """Router weight ``[E_src, H] -> [E_tgt, H]``: rows follow ``plan.expert_source``, then each
-    operator's ``router`` transform (width: noise on the copy rows)."""
+    operator's ``router`` transform (width: noise on the copy rows).
+
+    Args:
+        plan: the growth plan.
+        target_layer: the layer index in the grown model.
+        source_router_EH: the source layer's router weight.
+
+    Returns:
+        A new tensor.
+    """
     index = torch.tensor(plan.expert_source, dtype=torch.long, device=source_router_EH.device)
     out_EH = source_router_EH.index_select(0, index).clone()
     for op in plan.operators:
@@ -115,7 +131,16 @@ def grow_router(plan: GrowthPlan, target_layer: int, source_router_EH: torch.Ten
 
 def grow_expert_bias(plan: GrowthPlan, target_layer: int, source_bias_E: torch.Tensor) -> torch.Tensor:
     """Router ``expert_bias`` ``[E_src] -> [E_tgt]``: entries follow ``plan.expert_source``, then each
-    operator's ``expert_bias`` transform (width: zero_expert_bias, random new experts, noise)."""
+    operator's ``expert_bias`` transform (width: zero_expert_bias, random new experts, noise).
+
+    Args:
+        plan: the growth plan.
+        target_layer: the layer index in the grown model.
+        source_bias_E: the source layer's expert bias.
+
+    Returns:
+        A new tensor.
+    """
     index = torch.tensor(plan.expert_source, dtype=torch.long, device=source_bias_E.device)
     out_E = source_bias_E.index_select(0, index).clone()
     for op in plan.operators:

@@ -50,11 +50,18 @@ def _probe_batches(vocab: int, seq: int, n_micro: int, micro: int, seed: int) ->
 def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *,
                   batches: Sequence[torch.Tensor] | None = None, seq_length: int | None = None,
                   seed: int = 0, source_model: str | ModelConfig | None = None) -> dict:
-    """Compare logits and routing; returns the metrics (the same dict on every rank).
+    """Compare the grown model's logits and routing with the source's on a probe batch (collective).
 
-    ``source_model`` (a ModelConfig, or a --source-config recipe path) describes SRC; without it
-    SRC's architecture is resolved as every command resolves it, and only when SRC records none,
-    taken from the grown checkpoint's own growth record.
+    Args:
+        source_root, grown_root: SRC and the grown checkpoint.
+        parallel: the layout both are loaded in.
+        batches, seq_length, seed: the probe tokens; None: drawn from ``seed``.
+        source_model: a ModelConfig or a --source-config recipe path describing SRC; None: SRC's
+            architecture as every command resolves it, and only when SRC records none, taken from
+            the grown checkpoint's own growth record.
+
+    Returns:
+        The metrics (the same dict on every rank).
     """
     grown_dir, grown_it = paths.resolve_checkpoint_dir(grown_root)
     grown = read_checkpoint_info(grown_dir, grown_it)
@@ -132,10 +139,16 @@ def _routing_metrics(loads: torch.Tensor, plan: GrowthPlan) -> dict:
 
 
 def threshold_failures(metrics: dict, max_kl: float | None = None, min_routing_share: float | None = None) -> list:
-    """The thresholds ``metrics`` fails, one line each (empty: passed or no threshold set).
+    """The thresholds ``metrics`` fails, one line each.
 
-    ``max_kl`` bounds the mean KL(source || grown); ``min_routing_share`` is the least share of
-    routed tokens the copied experts must receive (mean over layers), for a width growth.
+    Args:
+        metrics: ``verify_growth``'s result.
+        max_kl: bound on the mean KL(source || grown); None: not checked.
+        min_routing_share: the least share of routed tokens the copied experts must receive (mean
+            over layers), for a width growth; None: not checked.
+
+    Returns:
+        The failures; empty when passed or no threshold is set.
     """
     failures = []
     if max_kl is not None and "kl_mean" in metrics and not metrics["kl_mean"] <= max_kl:
@@ -150,6 +163,11 @@ def threshold_failures(metrics: dict, max_kl: float | None = None, min_routing_s
 
 
 def check_thresholds(metrics: dict, max_kl: float | None = None, min_routing_share: float | None = None) -> None:
+    """Raise when ``metrics`` fails a threshold (``threshold_failures``' arguments).
+
+    Raises:
+        VerificationError: naming every failed threshold (the CLI's exit 4).
+    """
     failures = threshold_failures(metrics, max_kl, min_routing_share)
     if failures:
         raise VerificationError("verify failed: " + "; ".join(failures))
@@ -165,6 +183,14 @@ def _original_of(plan, target_expert: int) -> int:
 
 
 def format_metrics(m: dict) -> str:
+    """``verify_growth``'s metrics as the lines ``megatron-grow verify`` prints.
+
+    Args:
+        m: ``verify_growth``'s result.
+
+    Returns:
+        The text.
+    """
     lines = ["verify: grown vs source on the probe batch"]
     if "kl_mean" in m:
         lines += [

@@ -53,7 +53,14 @@ class GrowthOperator:
         return identity_map(model.num_layers)
 
     def expert_map(self, model: ModelConfig) -> IndexMap:
-        """Output expert -> input expert when this operator is applied to ``model`` (as ``layer_map``)."""
+        """Output expert -> input expert when this operator is applied to ``model``.
+
+        Args:
+            model: the model the operator is applied to.
+
+        Returns:
+            A map with one entry per expert of ``self.config.grown_model(model)`` (the same for every layer).
+        """
         return identity_map(model.num_moe_experts)
 
     # ---- per-tensor transforms ----------------------------------------------------------------
@@ -108,28 +115,64 @@ class GrowthOperator:
 
     def expert_bias(self, plan: GrowthPlan, target_layer: int, grown_E: torch.Tensor,
                     source_E: torch.Tensor) -> torch.Tensor:
-        """The router ``expert_bias`` ``[E_tgt]`` after this operator (as ``router``)."""
+        """The router ``expert_bias`` ``[E_tgt]`` after this operator.
+
+        Args:
+            plan: the plan this operator is part of.
+            target_layer: the layer index in the grown model.
+            grown_E: the entries gathered through ``plan.expert_source`` (a fresh tensor; may be changed).
+            source_E: the source layer's expert bias ``[E_src]``.
+
+        Returns:
+            The new value.
+        """
         return grown_E
 
     def needs_expert_stats(self) -> bool:
-        """Whether ``expert_tensor`` needs the std of the source expert tensors (a statistics pass)."""
+        """Whether ``expert_tensor`` needs the std of the source expert tensors (a statistics pass).
+
+        Returns:
+            True to have the engine compute them (``source_reads.expert_stds``) before any tensor is grown.
+        """
         return False
 
     def expert_noise_std(self, moments_by_expert: Sequence[Moments], source_expert: int) -> float | None:
-        """The std ``expert_tensor`` is given for ``source_expert``; None: the default (that expert's std)."""
+        """The std ``expert_tensor`` is given for ``source_expert``.
+
+        Args:
+            moments_by_expert: the moments of each source expert's tensor (one layer, one logical key).
+            source_expert: the source expert.
+
+        Returns:
+            The std, or None for the default (that expert's own, ``noise.canonical_std``-rounded).
+        """
         return None
 
     # ---- optimizer state ----------------------------------------------------------------------
 
     def carry_problem(self, optimizer: str) -> str | None:
-        """Why ``growth.optimizer: <optimizer>`` cannot carry Adam state through this operator, or None."""
+        """Why ``growth.optimizer: <optimizer>`` cannot carry Adam state through this operator.
+
+        Args:
+            optimizer: ``carry`` or ``carry_zero_new``.
+
+        Returns:
+            One line naming the keys involved, or None when the carry is possible.
+        """
         return None
 
     # ---- records ------------------------------------------------------------------------------
 
     @classmethod
     def describe(cls, section: dict) -> str:
-        """One phrase for a growth record's section of this operator (``megatron-grow inspect``)."""
+        """One phrase for a growth record's section of this operator (``megatron-grow inspect``).
+
+        Args:
+            section: the operator's section as the growth record stores it (``dataclasses.asdict``).
+
+        Returns:
+            The phrase.
+        """
         return f"{cls.name} " + ", ".join(f"{k}={v}" for k, v in section.items())
 
 
@@ -175,11 +218,22 @@ class GrowthPlan:
         return self.layers_after[self.order.index(operator)][target_layer]
 
     def is_original_expert(self, target_expert: int) -> bool:
-        """True for a target expert that is the first occurrence of its source expert."""
+        """True for a target expert that is the first occurrence of its source expert.
+
+        Args:
+            target_expert: an expert index in the grown model.
+
+        Returns:
+            Whether its copy index is 0.
+        """
         return self.expert_copy_index[target_expert] == 0
 
     def counts(self) -> dict[str, tuple[int, int]]:
-        """Before/after sizes: ``{name: (source, target)}``; parameters are counted in models.params."""
+        """Before/after sizes (parameters are counted in ``models.params``).
+
+        Returns:
+            ``{name: (source, target)}`` for layers, experts per layer, top-k and experts in total.
+        """
         s, t = self.source, self.target
         return {
             "num_layers": (s.num_layers, t.num_layers),
