@@ -266,6 +266,14 @@ class NewExperts(StrEnum):
     RANDOM = "random"
 
 
+class OptimizerCarry(StrEnum):
+    """What the grown model's Adam state starts from (``growth.optimizer``, docs/growth.md)."""
+
+    RESET = "reset"                     # fresh moments (the paper)
+    CARRY = "carry"                     # grown through the weights' index maps
+    CARRY_ZERO_NEW = "carry_zero_new"   # carry, entries new in the grown model at zero
+
+
 def values(kind: type[StrEnum]) -> tuple[str, ...]:
     """The plain-string values of an enum, for a field's ``choices`` (error messages quote them)."""
     return tuple(member.value for member in kind)
@@ -382,9 +390,10 @@ class GrowthConfig:
     width: WidthGrowthConfig | None = spec(None, "width growth; null for none", operator=True)
     seed: int = spec(1234, "seed of the growth noise (keyed with tensor, layer and expert, never with rank)",
                      ge=0)
-    optimizer: str = spec("reset", "reset (fresh Adam state; the paper), carry (Adam moments and step grown "
-                          "through the weights' index maps) or carry_zero_new (carry, new entries at zero moments)",
-                          choices=("reset", "carry", "carry_zero_new"))
+    optimizer: str = spec(OptimizerCarry.RESET.value, "reset (fresh Adam state; the paper), carry (Adam moments "
+                          "and step grown through the weights' index maps) or carry_zero_new (carry, new entries at "
+                          "zero moments)",
+                          choices=values(OptimizerCarry))
 
     @classmethod
     def operator_names(cls) -> tuple[str, ...]:

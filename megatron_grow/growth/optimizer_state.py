@@ -33,7 +33,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_grow.checkpoint import io, keys
-from megatron_grow.config.schema import GrowthConfig
+from megatron_grow.config.schema import GrowthConfig, OptimizerCarry
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import retarget, source_reads
 from megatron_grow.growth.operators import operator_class
@@ -41,9 +41,7 @@ from megatron_grow.growth.plan import GrowthPlan
 from megatron_grow.growth.source import GrowthSource
 from megatron_grow.parallel.collectives import print_rank0
 
-CARRY = "carry"
-CARRY_ZERO_NEW = "carry_zero_new"
-CARRY_MODES = (CARRY, CARRY_ZERO_NEW)
+CARRY_MODES = (OptimizerCarry.CARRY, OptimizerCarry.CARRY_ZERO_NEW)
 OPTIMIZER_STATES = (keys.MAIN_PARAM_STATE,) + keys.ADAM_MOMENTS
 
 
@@ -191,7 +189,7 @@ def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progre
         progress: log one line when done.
     """
     plan = source.plan
-    zero_new = plan.growth.optimizer == CARRY_ZERO_NEW
+    zero_new = plan.growth.optimizer == OptimizerCarry.CARRY_ZERO_NEW
     tasks, requests, state_of = _tasks_for(targets, plan)
     weight_tasks = [t for t in tasks if state_of[t.request_id] == keys.MAIN_PARAM_STATE]
     # The main copy grows like the weight: the noise scale comes from the source *weights*.
