@@ -20,6 +20,8 @@ import os
 import sys
 import warnings
 
+from megatron_grow.errors import EXIT_BAD_INPUT
+
 DESCRIPTION = ("Grow converged Mixture-of-Experts checkpoints (depth and width) inside Megatron-Core "
                "distributed checkpoints, and keep training them.")
 CLI_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = available_commands()
     if not argv or argv[0] not in commands:
         _top_parser(commands).parse_args(argv[:1])  # prints help, or names the unknown command; exits
-        return 2
+        return EXIT_BAD_INPUT
     # Megatron-Core warns at import time that Apex/TE are absent; the local spec is the design here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
     if argv[0] in ("train", "launch"):  # before the slow imports: a notice must not kill start-up
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv[0]).parse_args(argv[1:])
 
     from megatron_grow.cli._errors import run_with_clean_errors
-    from megatron_grow.parallel.launch import record_exit_code
+    from megatron_grow.parallel.rank_status import record_exit_code
     if not args._installs_cpu_mode:
         from megatron_grow.platform import cpu
 

@@ -73,6 +73,12 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
+def _row(name: str, row: dict[str, int]) -> str:
+    per_1k = 1000 * row["function_imports"] / row["lines"]
+    return (f"{name:<12} {row['lines']:>6} {row['function_imports']:>10} {per_1k:>6.1f} "
+            f"{_percent(row['documented'], row['public']):>9} {_percent(row['args_documented'], row['with_args']):>6}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--list", metavar="FOLDER", help="list the function-level imports of this folder")
@@ -81,16 +87,11 @@ def main() -> None:
     total: dict[str, int] = defaultdict(int)
     print(f"{'folder':<12} {'lines':>6} {'fn-imports':>10} {'per 1k':>6} {'docstring':>9} {'Args:':>6}")
     for folder in sorted(stats):
-        row = stats[folder]
-        for key, value in row.items():
+        for key, value in stats[folder].items():
             total[key] += value
-        print(f"{folder:<12} {row['lines']:>6} {row['function_imports']:>10} "
-              f"{1000 * row['function_imports'] / row['lines']:>6.1f} "
-              f"{_percent(row['documented'], row['public']):>9} {_percent(row['args_documented'], row['with_args']):>6}")
+        print(_row(folder, stats[folder]))
     outside_cli = total["function_imports"] - stats.get("cli", {}).get("function_imports", 0)
-    print(f"{'total':<12} {total['lines']:>6} {total['function_imports']:>10} "
-          f"{1000 * total['function_imports'] / total['lines']:>6.1f} "
-          f"{_percent(total['documented'], total['public']):>9} {_percent(total['args_documented'], total['with_args']):>6}")
+    print(_row("total", total))
     print(f"function-level imports outside cli/: {outside_cli}")
     if args.list:
         for path in sorted(PACKAGE.rglob("*.py")):

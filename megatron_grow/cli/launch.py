@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_grow.errors import EXIT_BAD_INPUT
+
 COMMAND = "launch"
 
 
@@ -41,16 +43,16 @@ _TORCHRUN_FLAGS_WITH_VALUE = {
 
 
 def main(argv: list[str], commands: set[str]) -> int:
-    from megatron_grow.parallel.launch import launch
-
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    from megatron_grow.parallel.launch import launch  # torch: not for --help
+
     torchrun_options, command = split_argv(argv, commands - {COMMAND})
     if not command:
         print(f"megatron-grow: error: launch needs a megatron-grow command after the torchrun options "
               f"(one of: {', '.join(sorted(commands - {COMMAND}))})", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return launch([*torchrun_options, "--module", "megatron_grow", *command])
 
 

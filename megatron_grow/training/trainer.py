@@ -49,7 +49,7 @@ from megatron_grow.data.datasets import (
     parse_data_path,
 )
 from megatron_grow.data.tokenizer import load_tokenizer
-from megatron_grow.errors import TrainingError
+from megatron_grow.errors import EXIT_PREEMPTED, TrainingError
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.forward import causal_attention_mask
 from megatron_grow.models.routing import RoutingCounter
@@ -62,8 +62,6 @@ from megatron_grow.training.metrics import MetricSinks
 from megatron_grow.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_grow.training.peak_flops import current_device_peak
 from megatron_grow.training.resume import apply_recipe_schedule
-
-EXIT_PREEMPTED = 3  # saved after SIGUSR1/SIGTERM; the launcher may requeue
 
 
 @dataclass
