@@ -8,7 +8,7 @@ back (``write_config``); both raise :class:`InteropError` naming the setting tha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.errors import InteropError
@@ -37,6 +37,8 @@ class Family:
     read_config: Callable[[dict, str], dict]             # (hf config, where) -> ModelConfig fields
     write_config: Callable[[ModelConfig], dict]          # -> hf config fields (no architectures/model_type)
     summary: str = ""
+    # ``transformers`` config fields of the tiny test model (``interop.hf.tiny``), on top of its shared sizes.
+    tiny_config: dict = field(default_factory=dict, compare=False)
 
 
 def refuse(where: str, what: str) -> InteropError:
