@@ -42,6 +42,16 @@ ROUTER = LAYER_PREFIX + ROUTER_SUFFIX
 EXPERT_BIAS = LAYER_PREFIX + EXPERT_BIAS_SUFFIX
 EXPERT_FC1 = LAYER_PREFIX + "mlp.experts.experts." + FC1_NAME
 EXPERT_FC2 = LAYER_PREFIX + "mlp.experts.experts." + FC2_NAME
+# Stacked storage keys present only with some settings: the input norm under the name both specs
+# save it as (TE fuses it into linear_qkv; the local spec renames it so), q/k/v biases
+# (``add_qkv_bias``), QK-norms (``qk_layernorm``) and the shared expert.
+INPUT_NORM = LAYER_PREFIX + "self_attention.linear_qkv.layer_norm_weight"
+QKV_BIAS = LAYER_PREFIX + "self_attention.linear_qkv.bias"
+Q_NORM = LAYER_PREFIX + "self_attention.q_layernorm.weight"
+K_NORM = LAYER_PREFIX + "self_attention.k_layernorm.weight"
+SHARED_FC1 = LAYER_PREFIX + "mlp.shared_experts." + FC1_NAME
+SHARED_FC2 = LAYER_PREFIX + "mlp.shared_experts." + FC2_NAME
+SHARED_GATE = LAYER_PREFIX + "mlp.shared_experts.gate_weight"
 
 # Module keys.
 MODULE_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -94,6 +104,8 @@ SPECS = (LOCAL_SPEC, TE_SPEC)
 
 # Storage-key infixes (after ``decoder.layers.``) of the pre-MLP norm's weight and bias, per spec.
 PRE_MLP_NORM_PREFIX = {LOCAL_SPEC: "mlp.linear_fc1.layer_norm_", TE_SPEC: "pre_mlp_layernorm."}
+# The pre-MLP norm's weight as the local spec stores it (HF import and export use the local spec's names).
+LOCAL_PRE_MLP_NORM = LAYER_PREFIX + PRE_MLP_NORM_PREFIX[LOCAL_SPEC] + "weight"
 EXTRA_STATE_SUFFIX = "_extra_state"
 SINGLETON_EXPERT_RE = re.compile(r"^decoder\.layers\.mlp\.experts\.experts\.\d+\.")
 

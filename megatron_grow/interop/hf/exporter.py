@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import ModelConfig
@@ -85,10 +85,10 @@ def _constant_tensors(model: ModelConfig, family: Family) -> dict[tuple, dict[st
 
 def plan_export(model: ModelConfig, family: Family, reader: CheckpointReader):
     """(groups in order: {group: [items]}, HF names per group, HF sources, constant tensors)."""
-    padded = reader.stored(tensor_map.EMBEDDING).shape[0]
+    padded = reader.stored(keys.EMBEDDING).shape[0]
     items = []
     for it in tensor_map.all_items(model, family, padded):
-        if it.key == tensor_map.OUTPUT and not model.untie_embeddings_and_output_weights \
+        if it.key == keys.OUTPUT_LAYER and not model.untie_embeddings_and_output_weights \
                 and it.key not in reader:
             continue  # tied: transformers ties lm_head to the embedding
         _check_stored(reader, it)
@@ -139,7 +139,7 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
         raise InteropError(f"--hf-dir {hf_dir} exists and is not empty; pass --overwrite to replace it")
     reader = CheckpointReader(ckpt_dir)
     groups, names, sources, constants = plan_export(model, family, reader)
-    out_dtype = reader.stored(tensor_map.EMBEDDING).dtype if dtype == "auto" else DTYPES[dtype]
+    out_dtype = reader.stored(keys.EMBEDDING).dtype if dtype == "auto" else DTYPES[dtype]
     shapes = tensor_map.hf_tensor_shapes([it for its in groups.values() for it in its])
     plan = []
     for g in groups:

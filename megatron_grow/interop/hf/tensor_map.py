@@ -20,28 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_grow.checkpoint import keys
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.interop.hf.families.base import Family
-
-# Megatron-Core storage keys (the same for the local spec, whose norms MCore saves under TE names).
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT = "output_layer.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
-_L = "decoder.layers."
-INPUT_NORM = _L + "self_attention.linear_qkv.layer_norm_weight"
-QKV = _L + "self_attention.linear_qkv.weight"
-QKV_BIAS = _L + "self_attention.linear_qkv.bias"
-PROJ = _L + "self_attention.linear_proj.weight"
-Q_NORM = _L + "self_attention.q_layernorm.weight"
-K_NORM = _L + "self_attention.k_layernorm.weight"
-PRE_MLP_NORM = _L + "mlp.linear_fc1.layer_norm_weight"
-ROUTER = _L + "mlp.router.weight"
-EXPERT_BIAS = _L + "mlp.router.expert_bias"
-FC1 = _L + "mlp.experts.experts.linear_fc1.weight"
-FC2 = _L + "mlp.experts.experts.linear_fc2.weight"
-SHARED_FC1 = _L + "mlp.shared_experts.linear_fc1.weight"
-SHARED_FC2 = _L + "mlp.shared_experts.linear_fc2.weight"
-SHARED_GATE = _L + "mlp.shared_experts.gate_weight"
 
 
 @dataclass(frozen=True)
@@ -88,35 +69,35 @@ def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
     p = f"model.layers.{layer}."
     att = p + "self_attn."
-    items = [Item(INPUT_NORM, layer, None, (H,), _whole(p + "input_layernorm.weight", H)),
-             Item(QKV, layer, None, (q + 2 * kv, H), _qkv_pieces(att, "weight", model))]
+    items = [Item(keys.INPUT_NORM, layer, None, (H,), _whole(p + "input_layernorm.weight", H)),
+             Item(keys.QKV, layer, None, (q + 2 * kv, H), _qkv_pieces(att, "weight", model))]
     if model.add_qkv_bias:
-        items.append(Item(QKV_BIAS, layer, None, (q + 2 * kv,), _qkv_pieces(att, "bias", model)))
-    items.append(Item(PROJ, layer, None, (H, q), _whole(att + "o_proj.weight", H)))
+        items.append(Item(keys.QKV_BIAS, layer, None, (q + 2 * kv,), _qkv_pieces(att, "bias", model)))
+    items.append(Item(keys.PROJ, layer, None, (H, q), _whole(att + "o_proj.weight", H)))
     if model.qk_layernorm:
         qn, kn = (q, kv) if model.qk_layernorm_across_heads else (d, d)  # OLMoE: one norm over all heads
-        items += [Item(Q_NORM, layer, None, (qn,), _whole(att + "q_norm.weight", qn)),
-                  Item(K_NORM, layer, None, (kn,), _whole(att + "k_norm.weight", kn))]
+        items += [Item(keys.Q_NORM, layer, None, (qn,), _whole(att + "q_norm.weight", qn)),
+                  Item(keys.K_NORM, layer, None, (kn,), _whole(att + "k_norm.weight", kn))]
     E, F = model.num_moe_experts, model.moe_ffn_hidden_size
-    items += [Item(PRE_MLP_NORM, layer, None, (H,), _whole(p + "post_attention_layernorm.weight", H)),
-              Item(ROUTER, layer, None, (E, H), _whole(f"{p}{n.moe_block}.gate.weight", E))]
+    items += [Item(keys.LOCAL_PRE_MLP_NORM, layer, None, (H,), _whole(p + "post_attention_layernorm.weight", H)),
+              Item(keys.ROUTER, layer, None, (E, H), _whole(f"{p}{n.moe_block}.gate.weight", E))]
     if model.moe_router_enable_expert_bias:
-        items.append(Item(EXPERT_BIAS, layer, None, (E,), _whole(p + n.router_bias, E) if n.router_bias
+        items.append(Item(keys.EXPERT_BIAS, layer, None, (E,), _whole(p + n.router_bias, E) if n.router_bias
                           else ()))
     S = model.moe_shared_expert_intermediate_size
     if S:
         sp = f"{p}{n.shared_expert}."
-        items += [Item(SHARED_FC1, layer, None, (2 * S, H),
+        items += [Item(keys.SHARED_FC1, layer, None, (2 * S, H),
                        (Piece(sp + "gate_proj.weight", 0, S), Piece(sp + "up_proj.weight", 0, S))),
-                  Item(SHARED_FC2, layer, None, (H, S), _whole(sp + "down_proj.weight", H))]
+                  Item(keys.SHARED_FC2, layer, None, (H, S), _whole(sp + "down_proj.weight", H))]
         if model.moe_shared_expert_gate:
-            items.append(Item(SHARED_GATE, layer, None, (1, H), _whole(p + n.shared_expert_gate, 1)))
+            items.append(Item(keys.SHARED_GATE, layer, None, (1, H), _whole(p + n.shared_expert_gate, 1)))
     gate, up, down = n.expert_proj
     for e in range(E):
         ep = f"{p}{n.moe_block}.experts.{e}."
-        items += [Item(FC1, layer, e, (2 * F, H), (Piece(ep + f"{gate}.weight", 0, F),
+        items += [Item(keys.EXPERT_FC1, layer, e, (2 * F, H), (Piece(ep + f"{gate}.weight", 0, F),
                                                    Piece(ep + f"{up}.weight", 0, F))),
-                  Item(FC2, layer, e, (H, F), _whole(ep + f"{down}.weight", H))]
+                  Item(keys.EXPERT_FC2, layer, e, (H, F), _whole(ep + f"{down}.weight", H))]
     return items
 
 
@@ -127,11 +108,11 @@ def vocab_items(model: ModelConfig, padded_vocab: int) -> tuple[list[Item], list
     def padded(name: str) -> tuple[Piece, ...]:
         return (Piece(name, 0, V),) + ((Piece(None, 0, padded_vocab - V),) if padded_vocab > V else ())
 
-    first = [Item(EMBEDDING, None, None, (padded_vocab, H), padded("model.embed_tokens.weight"))]
-    last = [Item(FINAL_NORM, None, None, (H,), _whole("model.norm.weight", H))]
+    first = [Item(keys.EMBEDDING, None, None, (padded_vocab, H), padded("model.embed_tokens.weight"))]
+    last = [Item(keys.FINAL_NORM, None, None, (H,), _whole("model.norm.weight", H))]
     # Tied weights: MCore's output layer (on the last pipeline stage) holds a copy of the embedding.
     head = "lm_head.weight" if model.untie_embeddings_and_output_weights else "model.embed_tokens.weight"
-    last.append(Item(OUTPUT, None, None, (padded_vocab, H), padded(head)))
+    last.append(Item(keys.OUTPUT_LAYER, None, None, (padded_vocab, H), padded(head)))
     return first, last
 
 
