@@ -257,3 +257,21 @@ def megatron_common_state(args: argparse.Namespace, counters: dict) -> dict:
         "iteration": counters["iteration"],
         "num_floating_point_operations_so_far": counters.get("flops_so_far", 0),
     }
+
+
+def common_state(counters: dict, manifest: dict, args=None) -> dict:
+    """Non-sharded entries of a checkpoint: Megatron-LM's (``args``, ``checkpoint_version``,
+    ``iteration``, FLOPs so far) and our manifest.
+
+    Args:
+        counters: the run's counters (``iteration``, optionally ``flops_so_far``).
+        manifest: our manifest (``checkpoint.manifest.build_manifest``), stored as ``megatron_grow``.
+        args: Megatron-LM's ``args`` namespace to store; None leaves the ``args`` entry out.
+
+    Returns:
+        The dict to merge into the state dict handed to ``dist_checkpointing.save``.
+    """
+    state = megatron_common_state(args, counters) if args is not None else {
+        k: v for k, v in megatron_common_state(None, counters).items() if k != "args"}
+    state["megatron_grow"] = manifest
+    return state

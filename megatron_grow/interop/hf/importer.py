@@ -17,11 +17,12 @@ import torch
 
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.architecture import model_config_from_dict
+from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_sourced
 from megatron_grow.checkpoint.manifest import build_manifest, empty_counters
+from megatron_grow.checkpoint.megatron_args import common_state
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
 from megatron_grow.errors import InteropError
-from megatron_grow.growth.grow import common_state, poison_parameters, verify_all_sourced
 from megatron_grow.interop.hf import tensor_map
 from megatron_grow.interop.hf.families import family_for_hf_config
 from megatron_grow.interop.hf.families.base import Family
