@@ -54,16 +54,15 @@ from megatron_grow.growth import optimizer_state, retarget
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
 from megatron_grow.growth.source_reads import expert_stds, layer_groups, read_requests, target_sharded_tensors
 from megatron_grow.growth.streamed import GrownTensors
+from megatron_grow.log import component_log
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params
 from megatron_grow.models.specs import te_available
-from megatron_grow.parallel.collectives import all_reduce_host, print_rank0, rank
+from megatron_grow.parallel.collectives import all_reduce_host, rank
 from megatron_grow.parallel.init import initialize_distributed
 
-
-def log(msg: str) -> None:
-    print_rank0(msg, prefix="[grow] ")
+log = component_log("grow")
 
 
 @dataclass

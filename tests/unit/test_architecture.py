@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer and the layers below it):
 
-    errors < config < platform < parallel < models < checkpoint < data
+    errors < config < platform < parallel < log < models < checkpoint < data
            < growth | training (side by side: never import each other)
            < analysis < interop < experiments < cli < __main__
 
@@ -20,7 +20,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "megatron_grow"
 
 LAYERS = [
-    ("errors",), ("config",), ("platform",), ("parallel",), ("models",), ("checkpoint",), ("data",),
+    ("errors",), ("config",), ("platform",), ("parallel",), ("log",), ("models",), ("checkpoint",), ("data",),
     ("growth", "training"), ("analysis",), ("interop",), ("experiments",), ("cli",), ("__main__",),
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
