@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from megatron.core import dist_checkpointing
+
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.megatron_args import model_config_from_args
 from megatron_grow.config.loader import build_dataclass, load_recipe
@@ -34,8 +36,6 @@ def model_config_from_dict(d: dict, where: str) -> ModelConfig:
 
 def load_common_state(ckpt_dir: str) -> dict:
     """``common.pt`` (the non-sharded entries) of a torch_dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
     try:
         return dist_checkpointing.load_common_state_dict(ckpt_dir) or {}
     except Exception as e:  # torch.load raises many types for a damaged file

@@ -22,6 +22,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import paths, streaming
 from megatron_grow.errors import CheckpointError
@@ -52,10 +58,6 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     directory and leaves the previous checkpoint and the tracker as they were; a full or
     read-only disk is a :class:`CheckpointError`, anything else keeps its own type.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
     final = paths.iteration_dir(root, iteration)
     staging = broadcast_object(f"{final}{paths.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
     needed = _bytes_to_write(sharded_state_dict)
@@ -234,8 +236,6 @@ def read_manifest(ckpt_dir: str) -> dict:
 
 def read_storage_metadata(ckpt_dir: str):
     """torch.distributed.checkpoint metadata (``.metadata``) with clear errors."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     meta_json = os.path.join(ckpt_dir, "metadata.json")
     if not os.path.isfile(meta_json):
         raise CheckpointError(f"{ckpt_dir} is not a torch_dist checkpoint: metadata.json is missing")
@@ -254,8 +254,6 @@ def read_storage_metadata(ckpt_dir: str):
 
 def read_common_state(ckpt_dir: str) -> dict:
     """The non-sharded part of a checkpoint (``common.pt``), or a CheckpointError naming the file."""
-    from megatron.core import dist_checkpointing
-
     path = os.path.join(ckpt_dir, "common.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file missing: {path}")
@@ -283,8 +281,6 @@ def check_shard_files(ckpt_dir: str, storage_metadata=None) -> None:
 
 def iter_sharded_tensors(sharded_state_dict: Any) -> Iterable:
     """All ShardedTensors in a (factory-applied) sharded state dict, nested dicts and lists included."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     if isinstance(sharded_state_dict, ShardedTensor):
         yield sharded_state_dict
     elif isinstance(sharded_state_dict, dict):
@@ -297,9 +293,6 @@ def iter_sharded_tensors(sharded_state_dict: Any) -> Iterable:
 
 def check_against_checkpoint(sharded_state_dict: dict, ckpt_dir: str, storage_metadata=None) -> None:
     """Name the first tensor the checkpoint lacks or stores with another global shape."""
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     md = storage_metadata or read_storage_metadata(ckpt_dir)
     stored = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     probe = _copy_containers(sharded_state_dict)  # apply_factories replaces entries in place: not the caller's
@@ -329,8 +322,6 @@ def _copy_containers(tree: Any) -> Any:
 def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool = True,
                     strict: str = "assume_ok_unexpected") -> dict:
     """Load into ``sharded_state_dict`` after the checks above; returns the loaded state dict."""
-    from megatron.core import dist_checkpointing
-
     md = read_storage_metadata(ckpt_dir)
     check_shard_files(ckpt_dir, md)
     check_against_checkpoint(sharded_state_dict, ckpt_dir, md)

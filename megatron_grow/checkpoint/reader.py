@@ -38,6 +38,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.errors import CheckpointError
@@ -99,9 +103,6 @@ class CheckpointReader:
 
     def __init__(self, path: str, iteration: int | None = None,
                  progress: Callable[[str], None] | None = None, storage_metadata=None):
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         self.ckpt_dir, self.iteration = paths.resolve_checkpoint_dir(path, iteration)
         if storage_metadata is None:  # a caller that has read and checked it passes it in
             storage_metadata = io.read_storage_metadata(self.ckpt_dir)
@@ -131,10 +132,6 @@ class CheckpointReader:
     def read(self, key: str, offsets: Sequence[int] | None = None,
              sizes: Sequence[int] | None = None) -> torch.Tensor:
         """The region ``[offsets, offsets + sizes)`` of stored tensor ``key`` (whole tensor by default)."""
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
         st = self.stored(key)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(st.shape)
         sizes = tuple(sizes) if sizes is not None else st.shape
@@ -169,8 +166,6 @@ class CheckpointReader:
         for one layer need not be matched against every chunk of every layer (DCP's matcher scans
         them all, per request). The chunks' list indices are only hints in the storage index.
         """
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         md = self.metadata.state_dict_metadata[key]
         if not offsets:
             return md
