@@ -84,6 +84,7 @@ def evaluate_checkpoint(load: str, tasks: list[str], *, tokenizer: str | None = 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="mg_eval_") as tmp:
+        # Lazy: lm-eval is optional (the hf extra), and it and `datasets` read the offline settings above at import.
         import lm_eval
         from lm_eval.tasks import TaskManager
 

@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
@@ -121,8 +122,6 @@ def _hf_config(model: ModelConfig, family: Family, fields: dict, dtype: torch.dt
 def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
               tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               overwrite: bool = False, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     ckpt_dir, iteration = paths.resolve_checkpoint_dir(load)
     info = read_checkpoint_info(ckpt_dir, iteration)

@@ -14,6 +14,8 @@ import sys
 import time
 
 import torch
+from megatron.core.dist_checkpointing.mapping import apply_factories
+from tqdm import tqdm
 
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.architecture import model_config_from_dict
@@ -83,9 +85,6 @@ def _item_of(st, index: dict) -> tensor_map.Item:
 def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: SafetensorsCheckpoint,
                  tp: int, progress: bool = True) -> int:
     """Fill this rank's model chunks from the HF files; returns bytes read."""
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-    from tqdm import tqdm
-
     items = tensor_map.all_items(model, family, padded_vocab_size(model, tp))
     index = {(it.key, it.layer, it.expert): it for it in items}
     sd = io.model_sharded_state_dict(model_chunks)

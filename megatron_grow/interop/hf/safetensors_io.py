@@ -64,7 +64,7 @@ class SafetensorsCheckpoint:
         self._handles: dict[str, object] = {}
 
     def _open(self, rel: str):
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: optional dependency (the hf extra)
 
         path = os.path.join(self.hf_dir, rel)
         try:
@@ -135,7 +135,7 @@ class ShardedSafetensorsWriter:
         return f"model-{shard + 1:05d}-of-{self.num_shards:05d}.safetensors"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # lazy: optional dependency (the hf extra)
 
         s = self.shard_of[name]
         self.buffers[s][name] = tensor.to(self.dtypes[name]).contiguous().clone()
