@@ -18,6 +18,9 @@ import sys
 from megatron_grow.errors import EXIT_BAD_INPUT
 
 COMMAND = "launch"
+RAW_ARGV = True  # torchrun's own options follow: main() gets them unparsed
+DEFERS_STOP_SIGNALS = True  # forwarded to the workers once they run; before that, remembered
+INSTALLS_CPU_MODE = True  # never needed: the launcher builds no model (each worker installs it)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

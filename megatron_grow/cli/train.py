@@ -20,6 +20,8 @@ from megatron_grow.config.check import layout_problems
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import GrowthError
 
+DEFERS_STOP_SIGNALS = True  # a preemption notice during start-up makes the run save after its first step
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML")

@@ -156,3 +156,14 @@ def test_the_cycle_check_sees_a_function_level_cycle():
         "megatron_grow.parallel.c": "from megatron_grow.parallel import a\n",
     }
     assert _cycles(_import_graph(sources)) == [["megatron_grow.parallel.a", "megatron_grow.parallel.b"]]
+
+
+def test_the_entry_point_names_no_command():
+    """``__main__`` dispatches by what a command module declares, so adding a command is adding its file."""
+    from megatron_grow.__main__ import available_commands
+
+    tree = ast.parse((PACKAGE / "__main__.py").read_text(encoding="utf-8"))
+    code = [node for node in tree.body if not isinstance(node, ast.Expr)]  # the module docstring may give examples
+    named = sorted({node.value for part in code for node in ast.walk(part)
+                    if isinstance(node, ast.Constant) and node.value in available_commands()})
+    assert not named, f"__main__.py special-cases commands {named}: declare it in the command's module instead"
