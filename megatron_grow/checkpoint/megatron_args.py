@@ -170,7 +170,18 @@ _ARG_OF_FIELD = {"num_moe_experts": "num_experts", "gated_linear_unit": "swiglu"
 
 
 def model_config_from_args(args: Any, where: str = "Megatron-LM args in common.pt") -> ModelConfig:
-    """The architecture a Megatron-LM ``args`` namespace describes; one line per refused argument."""
+    """The architecture a Megatron-LM ``args`` namespace describes; one line per refused argument.
+
+    Args:
+        args: the ``argparse.Namespace`` (or a dict of it) from ``common.pt``.
+        where: where it came from, named in every message.
+
+    Returns:
+        The model configuration.
+
+    Raises:
+        CheckpointError: an argument the model cannot represent, or a required one missing.
+    """
     values = dict(args) if isinstance(args, dict) else dict(vars(args))
     problems = _refusals(values, where)
     for required in ("num_layers", "hidden_size", "num_attention_heads"):
@@ -250,7 +261,15 @@ _TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_fil
 
 
 def megatron_common_state(args: argparse.Namespace, counters: dict) -> dict:
-    """The non-sharded entries Megatron-LM's ``load_checkpoint`` reads, named as it names them."""
+    """The non-sharded entries Megatron-LM's ``load_checkpoint`` reads, named as it names them.
+
+    Args:
+        args: the ``args`` namespace to store (:func:`megatron_args`).
+        counters: the run's counters (``iteration``, optionally ``flops_so_far``).
+
+    Returns:
+        ``args``, ``checkpoint_version``, ``iteration`` and ``num_floating_point_operations_so_far``.
+    """
     return {
         "args": args,
         "checkpoint_version": CHECKPOINT_VERSION,
