@@ -34,7 +34,15 @@ _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def hf_origin(ckpt_dir: str, depth: int = 8) -> dict | None:
-    """The ``hf_import`` record of this checkpoint or, through the growth lineage, of its ancestors."""
+    """The ``hf_import`` record of this checkpoint or, through the growth lineage, of its ancestors.
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        depth: how many lineage steps to follow at most.
+
+    Returns:
+        The record (``hf_dir``, ``architecture``, ...), or None when no ancestor came from HF.
+    """
     manifest = io.read_manifest(ckpt_dir)
     if manifest.get("hf_import"):
         return manifest["hf_import"]
@@ -85,7 +93,17 @@ def _constant_tensors(model: ModelConfig, family: Family) -> dict[tuple, dict[st
 
 
 def plan_export(model: ModelConfig, family: Family, reader: CheckpointReader):
-    """(groups in order: {group: [items]}, HF names per group, HF sources, constant tensors)."""
+    """What an export reads and writes, group by group (non-layer tensors, each layer, each expert).
+
+    Args:
+        model: the checkpoint's architecture.
+        family: the HF class to write.
+        reader: the checkpoint.
+
+    Returns:
+        ``(groups, names, sources, constants)``: ``{group: [items]}`` in order, the HF names each group
+        completes, the HF sources (``tensor_map.hf_sources``) and tensors with constant values.
+    """
     padded = reader.stored(keys.EMBEDDING).shape[0]
     items = []
     for it in tensor_map.all_items(model, family, padded):
@@ -122,6 +140,22 @@ def _hf_config(model: ModelConfig, family: Family, fields: dict, dtype: torch.dt
 def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
               tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               overwrite: bool = False, progress: bool = True) -> dict:
+    """Write checkpoint ``load`` as a Hugging Face model directory (one process; sharded safetensors).
+
+    Args:
+        load: a run root or an ``iter_NNNNNNN`` directory.
+        hf_dir: the output directory; it appears only once complete.
+        architecture: the HF class (default: the one the checkpoint came from, else the first that fits).
+        dtype: ``auto`` (the stored dtype) or a dtype name.
+        tokenizer: a directory of tokenizer files to copy in.
+        max_shard_bytes: the size at which shards are cut.
+        overwrite: replace an existing ``hf_dir``.
+        progress: show a progress bar.
+
+    Returns:
+        A summary: ``checkpoint``, ``hf_dir``, ``architecture``, ``tensors``, ``shards``,
+        ``bytes_written``, ``bytes_read``, ``dtype``, ``tokenizer_files``, ``seconds``.
+    """
     t0 = time.perf_counter()
     ckpt_dir, iteration = paths.resolve_checkpoint_dir(load)
     info = read_checkpoint_info(ckpt_dir, iteration)

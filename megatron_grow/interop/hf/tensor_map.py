@@ -36,6 +36,8 @@ class Piece:
 
 @dataclass(frozen=True)
 class Item:
+    """One layer's (or one layer-and-expert's) slice of a stored tensor, as row blocks of HF tensors."""
+
     key: str
     layer: int | None
     expert: int | None
@@ -63,7 +65,16 @@ def _qkv_pieces(prefix: str, suffix: str, model: ModelConfig) -> tuple[Piece, ..
 
 
 def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
-    """One layer's items: attention and norms, router, shared expert, then each routed expert."""
+    """One layer's items: attention and norms, router, shared expert, then each routed expert.
+
+    Args:
+        model: the architecture.
+        family: the HF class (its on-disk names).
+        layer: the 0-based layer index.
+
+    Returns:
+        The items, in that order.
+    """
     n = family.naming
     H, d = model.hidden_size, model.kv_channels
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
@@ -102,7 +113,15 @@ def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
 
 
 def vocab_items(model: ModelConfig, padded_vocab: int) -> tuple[list[Item], list[Item]]:
-    """(first, last) non-layer items; rows past the real vocabulary are MCore padding (zeros)."""
+    """(first, last) non-layer items; rows past the real vocabulary are MCore padding (zeros).
+
+    Args:
+        model: the architecture.
+        padded_vocab: MCore's padded vocabulary size.
+
+    Returns:
+        ``([embedding], [final norm, output layer])``.
+    """
     H, V = model.hidden_size, model.vocab_size
 
     def padded(name: str) -> tuple[Piece, ...]:
@@ -117,6 +136,16 @@ def vocab_items(model: ModelConfig, padded_vocab: int) -> tuple[list[Item], list
 
 
 def all_items(model: ModelConfig, family: Family, padded_vocab: int) -> list[Item]:
+    """Every item of the model, in checkpoint order.
+
+    Args:
+        model: the architecture.
+        family: the HF class.
+        padded_vocab: MCore's padded vocabulary size.
+
+    Returns:
+        The embedding, each layer's items, then the final norm and the output layer.
+    """
     first, last = vocab_items(model, padded_vocab)
     out = list(first)
     for layer in range(model.num_layers):
@@ -125,7 +154,14 @@ def all_items(model: ModelConfig, family: Family, padded_vocab: int) -> list[Ite
 
 
 def hf_tensor_shapes(items: list[Item]) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor the items read, with its shape (rows summed over its pieces)."""
+    """Every HF tensor the items read, with its shape (rows summed over its pieces).
+
+    Args:
+        items: items of :func:`all_items`.
+
+    Returns:
+        ``{HF tensor name: shape}``.
+    """
     rows: dict[str, int] = {}
     trailing: dict[str, tuple] = {}
     for it in items:
@@ -141,6 +177,12 @@ def hf_sources(items: list[Item]) -> dict[str, list[tuple[int, Item, int, int]]]
     """Inverse map for export: HF name -> [(hf_row, item, item_row, rows)] sorted by hf_row.
 
     An HF tensor read by two items (tied embedding and output layer) is sourced from the first.
+
+    Args:
+        items: items of :func:`all_items`.
+
+    Returns:
+        ``{HF tensor name: [(hf_row, item, item_row, rows)]}``.
     """
     out: dict[str, list] = {}
     owner: dict[str, tuple] = {}
@@ -156,4 +198,13 @@ def hf_sources(items: list[Item]) -> dict[str, list[tuple[int, Item, int, int]]]
 
 
 def nbytes(shape: tuple[int, ...], element_size: int) -> int:
+    """The bytes of a tensor of ``shape``.
+
+    Args:
+        shape: the tensor's shape.
+        element_size: bytes per element.
+
+    Returns:
+        ``prod(shape) * element_size``.
+    """
     return math.prod(shape) * element_size

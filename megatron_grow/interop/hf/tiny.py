@@ -39,7 +39,16 @@ def tiny_config(architecture: str, vocab_size: int = 300, **overrides):
 
 @torch.no_grad()
 def make_tiny_model(architecture: str, seed: int = 0, **overrides):
-    """A random fp32 ``transformers`` causal LM of ``architecture`` (see the module docstring)."""
+    """A random fp32 ``transformers`` causal LM of ``architecture`` (see the module docstring).
+
+    Args:
+        architecture: a supported class name.
+        seed: the seed of its weights.
+        **overrides: config fields (:func:`tiny_config`).
+
+    Returns:
+        The model, in eval mode.
+    """
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides), dtype=torch.float32)
     for name, p in model.named_parameters():
@@ -55,7 +64,18 @@ def make_tiny_model(architecture: str, seed: int = 0, **overrides):
 
 def save_tiny_model(architecture: str, out_dir: str, seed: int = 0, max_shard_size: str = "200KB",
                     **overrides) -> str:
-    """``make_tiny_model`` written with ``save_pretrained`` (sharded safetensors + index)."""
+    """``make_tiny_model`` written with ``save_pretrained`` (sharded safetensors + index).
+
+    Args:
+        architecture: a supported class name.
+        out_dir: the directory to write.
+        seed: the seed of its weights.
+        max_shard_size: ``save_pretrained``'s shard size.
+        **overrides: config fields (:func:`tiny_config`).
+
+    Returns:
+        ``out_dir``.
+    """
     model = make_tiny_model(architecture, seed, **overrides)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     return out_dir
