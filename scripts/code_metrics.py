@@ -1,9 +1,10 @@
 """Count the seams that the house plan cares about, per top-level folder of ``megatron_grow/``.
 
-Prints, per folder: lines of code, imports inside function bodies (and per 1,000 lines), and the
-share of public definitions (module-level functions and classes, and public methods of public
-classes, whose names do not start with ``_``) that carry a docstring, and the share whose
-docstring names its arguments (an ``Args:`` section, for those that take arguments).
+Prints, per folder: lines of code (not blank, comment or docstring lines), imports inside
+function bodies (and per 1,000 lines), and the share of public definitions (module-level
+functions and classes, and public methods of public classes, whose names do not start with
+``_``) that carry a docstring, and the share whose docstring names its arguments (an
+``Args:`` section, for those that take arguments).
 
     python scripts/code_metrics.py            # the table
     python scripts/code_metrics.py --list cli # also list the function-level imports of one folder
@@ -34,6 +35,17 @@ def _function_level_imports(tree: ast.AST) -> list[int]:
     return sorted(set(lines))
 
 
+def _docstring_lines(tree: ast.Module) -> set[int]:
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                lines.update(range(first.lineno, first.end_lineno + 1))
+    return lines
+
+
 def _public_definitions(tree: ast.Module):
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
@@ -57,7 +69,9 @@ def measure() -> dict[str, dict[str, int]]:
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
         row = stats[_folder(path)]
-        row["lines"] += sum(1 for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
+        docs = _docstring_lines(tree)
+        row["lines"] += sum(1 for i, line in enumerate(text.splitlines(), 1)
+                            if line.strip() and not line.strip().startswith("#") and i not in docs)
         row["function_imports"] += len(_function_level_imports(tree))
         for node in _public_definitions(tree):
             doc = ast.get_docstring(node) or ""
