@@ -27,18 +27,7 @@ TINY_CONFIG = dict(head_dim=16, n_routed_experts=8, moe_intermediate_size=32, in
 
 
 def read_config(hf: dict, where: str) -> dict:
-    """GLM-4.5's ``config.json`` as ``ModelConfig`` fields (``Family.read_config``).
-
-    Args:
-        hf: the ``config.json`` dict.
-        where: the file, named in every refusal.
-
-    Returns:
-        ``ModelConfig`` fields.
-
-    Raises:
-        InteropError: a setting with no exact Megatron-Core equivalent.
-    """
+    """GLM-4.5's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     topk = int(base.get(hf, "num_experts_per_tok", where, required=True))
     checks = {"first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "n_shared_experts": 0,
               "attention_bias": False}
@@ -62,17 +51,7 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    """``model`` as GLM-4.5 config fields (``Family.write_config``).
-
-    Args:
-        model: the model to export.
-
-    Returns:
-        HF config fields (without ``architectures`` and ``model_type``).
-
-    Raises:
-        InteropError: the model has a feature GLM-4.5 cannot hold.
-    """
+    """``model`` as GLM-4.5 config fields (``base.Family.write_config``: arguments, refusals)."""
     where = ARCHITECTURE
     if model.moe_router_score_function != "sigmoid":
         raise base.refuse(where, "GLM-4.5's router is a sigmoid router; model.moe_router_score_function is "

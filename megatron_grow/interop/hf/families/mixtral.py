@@ -11,18 +11,7 @@ TINY_CONFIG = dict(num_local_experts=8, intermediate_size=32, sliding_window=Non
 
 
 def read_config(hf: dict, where: str) -> dict:
-    """Mixtral's ``config.json`` as ``ModelConfig`` fields (``Family.read_config``).
-
-    Args:
-        hf: the ``config.json`` dict.
-        where: the file, named in every refusal.
-
-    Returns:
-        ``ModelConfig`` fields.
-
-    Raises:
-        InteropError: a setting with no exact Megatron-Core equivalent.
-    """
+    """Mixtral's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if hf.get("router_jitter_noise"):
         raise base.refuse(where, "router_jitter_noise > 0 is a training-time perturbation with no Megatron-Core "
                                  "equivalent; set it to 0")
@@ -35,17 +24,7 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    """``model`` as Mixtral config fields (``Family.write_config``).
-
-    Args:
-        model: the model to export.
-
-    Returns:
-        HF config fields (without ``architectures`` and ``model_type``).
-
-    Raises:
-        InteropError: the model has a feature Mixtral cannot hold.
-    """
+    """``model`` as Mixtral config fields (``base.Family.write_config``: arguments, refusals)."""
     where = ARCHITECTURE
     if model.qk_layernorm:
         raise base.refuse(where, "model.qk_layernorm=true: Mixtral has no QK-norm")

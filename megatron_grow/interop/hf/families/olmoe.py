@@ -12,18 +12,7 @@ TINY_CONFIG = dict(num_experts=8, intermediate_size=32, norm_topk_prob=False, cl
 
 
 def read_config(hf: dict, where: str) -> dict:
-    """OLMoE's ``config.json`` as ``ModelConfig`` fields (``Family.read_config``).
-
-    Args:
-        hf: the ``config.json`` dict.
-        where: the file, named in every refusal.
-
-    Returns:
-        ``ModelConfig`` fields.
-
-    Raises:
-        InteropError: a setting with no exact Megatron-Core equivalent.
-    """
+    """OLMoE's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if hf.get("clip_qkv") is not None:
         raise base.refuse(where, f"clip_qkv={hf['clip_qkv']}: clamping q/k/v has no Megatron-Core equivalent")
     if hf.get("attention_bias"):
@@ -39,17 +28,7 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    """``model`` as OLMoE config fields (``Family.write_config``).
-
-    Args:
-        model: the model to export.
-
-    Returns:
-        HF config fields (without ``architectures`` and ``model_type``).
-
-    Raises:
-        InteropError: the model has a feature OLMoE cannot hold.
-    """
+    """``model`` as OLMoE config fields (``base.Family.write_config``: arguments, refusals)."""
     where = ARCHITECTURE
     if not (model.qk_layernorm and model.qk_layernorm_across_heads):
         raise base.refuse(where, "OLMoE normalises queries and keys across all heads "

@@ -13,18 +13,7 @@ TINY_CONFIG = dict(num_experts=8, moe_intermediate_size=32, shared_expert_interm
 
 
 def read_config(hf: dict, where: str) -> dict:
-    """Qwen2-MoE's ``config.json`` as ``ModelConfig`` fields (``Family.read_config``).
-
-    Args:
-        hf: the ``config.json`` dict.
-        where: the file, named in every refusal.
-
-    Returns:
-        ``ModelConfig`` fields.
-
-    Raises:
-        InteropError: a setting with no exact Megatron-Core equivalent.
-    """
+    """Qwen2-MoE's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if not hf.get("qkv_bias", True):
         raise base.refuse(where, "qkv_bias=false is not a Qwen2-MoE variant this converter knows")
     fields = base.common_read(hf, where)
@@ -40,17 +29,7 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    """``model`` as Qwen2-MoE config fields (``Family.write_config``).
-
-    Args:
-        model: the model to export.
-
-    Returns:
-        HF config fields (without ``architectures`` and ``model_type``).
-
-    Raises:
-        InteropError: the model has a feature Qwen2-MoE cannot hold.
-    """
+    """``model`` as Qwen2-MoE config fields (``base.Family.write_config``: arguments, refusals)."""
     where = ARCHITECTURE
     if model.qk_layernorm:
         raise base.refuse(where, "model.qk_layernorm=true: Qwen2-MoE has no QK-norm")

@@ -15,18 +15,7 @@ TINY_CONFIG = dict(head_dim=16, num_experts=8, moe_intermediate_size=32, interme
 
 
 def read_config(hf: dict, where: str) -> dict:
-    """Qwen3-MoE's ``config.json`` as ``ModelConfig`` fields (``Family.read_config``).
-
-    Args:
-        hf: the ``config.json`` dict.
-        where: the file, named in every refusal.
-
-    Returns:
-        ``ModelConfig`` fields.
-
-    Raises:
-        InteropError: a setting with no exact Megatron-Core equivalent.
-    """
+    """Qwen3-MoE's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if hf.get("attention_bias"):
         raise base.refuse(where, "attention_bias=true is not supported for Qwen3-MoE")
     fields = base.common_read(hf, where)
@@ -40,17 +29,7 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    """``model`` as Qwen3-MoE config fields (``Family.write_config``).
-
-    Args:
-        model: the model to export.
-
-    Returns:
-        HF config fields (without ``architectures`` and ``model_type``).
-
-    Raises:
-        InteropError: the model has a feature Qwen3-MoE cannot hold.
-    """
+    """``model`` as Qwen3-MoE config fields (``base.Family.write_config``: arguments, refusals)."""
     where = ARCHITECTURE
     if not model.qk_layernorm:
         raise base.refuse(where, "model.qk_layernorm=false: Qwen3-MoE always normalises queries and keys")
