@@ -140,21 +140,12 @@ def _hf_config(model: ModelConfig, family: Family, fields: dict, dtype: torch.dt
 def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
               tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               overwrite: bool = False, progress: bool = True) -> dict:
-    """Write checkpoint ``load`` as a Hugging Face model directory (one process; sharded safetensors).
+    """Write checkpoint ``load`` as a Hugging Face model directory (one process, sharded safetensors).
 
-    Args:
-        load: a run root or an ``iter_NNNNNNN`` directory.
-        hf_dir: the output directory; it appears only once complete.
-        architecture: the HF class (default: the one the checkpoint came from, else the first that fits).
-        dtype: ``auto`` (the stored dtype) or a dtype name.
-        tokenizer: a directory of tokenizer files to copy in.
-        max_shard_bytes: the size at which shards are cut.
-        overwrite: replace an existing ``hf_dir``.
-        progress: show a progress bar.
-
-    Returns:
-        A summary: ``checkpoint``, ``hf_dir``, ``architecture``, ``tensors``, ``shards``,
-        ``bytes_written``, ``bytes_read``, ``dtype``, ``tokenizer_files``, ``seconds``.
+    Args: ``load`` (run root or ``iter_N``), ``hf_dir`` (appears only once complete), ``architecture`` (default:
+    the class it came from, else the first that fits), ``dtype`` (``auto``: as stored), ``tokenizer`` (files to copy
+    in), ``max_shard_bytes``, ``overwrite`` (replace ``hf_dir``), ``progress``. Returns: a summary (checkpoint,
+    hf_dir, architecture, tensors, shards, bytes written and read, dtype, tokenizer files, seconds).
     """
     t0 = time.perf_counter()
     ckpt_dir, iteration = paths.resolve_checkpoint_dir(load)
