@@ -45,6 +45,14 @@ DEFAULT_WRITER_THREADS = 2
 
 
 def is_lazy(sharded_tensor) -> bool:
+    """Whether a sharded tensor is to be produced while it is written (its data is on the meta device).
+
+    Args:
+        sharded_tensor: a ``ShardedTensor``.
+
+    Returns:
+        True for a lazy tensor.
+    """
     data = getattr(sharded_tensor, "data", None)
     return isinstance(data, torch.Tensor) and data.is_meta
 
@@ -54,7 +62,17 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     """Write ``sharded_state_dict`` into ``checkpoint_dir`` (collective); returns the number of lazy
     tensors this rank produced. ``produce(st)`` returns the values of lazy ShardedTensor ``st``
     (shape ``st.local_shape``); a ``produce.check_complete()`` method, if any, is called once all
-    is written (raising fails the save)."""
+    is written (raising fails the save).
+
+    Args:
+        sharded_state_dict: the state dict to save; lazy tensors (:func:`is_lazy`) are produced.
+        checkpoint_dir: the (staging) directory to write.
+        produce: computes a lazy tensor's local shard.
+        threads: writer threads of this rank.
+
+    Returns:
+        The number of lazy tensors this rank produced.
+    """
     # The model's own sharded state dict: the sharding is Megatron-Core's, so integrity is not re-proven here.
     sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=False)
     get_default_save_common_strategy().save_common(common, checkpoint_dir)
