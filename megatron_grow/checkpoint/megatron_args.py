@@ -215,6 +215,10 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
     ``no_save_rng`` is always set: our RNG state is not in Megatron-LM's layout (a ShardedObject
     over (PP, TP) holding a per-DP list), so its ``load_checkpoint`` must not ask for it.
     ``no_save_optim`` is set when the checkpoint has no optimizer state (a grown checkpoint).
+
+    Args: ``model``, ``parallel`` (the layout written), ``counters``, ``world_size``, ``training`` (batch
+    sizes and LR schedule, when there is one), ``optimizer_saved``, ``base`` (see above). Returns: the
+    ``argparse.Namespace`` to store as ``args``.
     """
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
