@@ -167,3 +167,35 @@ def test_the_entry_point_names_no_command():
     named = sorted({node.value for part in code for node in ast.walk(part)
                     if isinstance(node, ast.Constant) and node.value in available_commands()})
     assert not named, f"__main__.py special-cases commands {named}: declare it in the command's module instead"
+
+
+def _literals_outside(allowed: set[str], keep) -> list[str]:
+    found = []
+    for path, _, tree in _modules():
+        rel = str(path.relative_to(PACKAGE))
+        if rel in allowed:
+            continue
+        found += [f"{rel}:{node.lineno}" for node in ast.walk(tree) if keep(node)]
+    return found
+
+
+def test_exit_codes_are_defined_once():
+    """``errors.py`` names the exit codes; no other module assigns or returns them as bare numbers."""
+    def bare_exit_code(node) -> bool:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and type(node.value.value) is int:
+            return any(isinstance(t, ast.Name) and "EXIT" in t.id for t in node.targets)
+        return isinstance(node, ast.Return) and isinstance(node.value, ast.Constant) \
+            and type(node.value.value) is int and node.value.value in (2, 3, 4)
+
+    found = _literals_outside({"errors.py"}, bare_exit_code)
+    assert not found, f"exit codes spelled as numbers (import them from megatron_grow.errors): {found}"
+
+
+def test_hf_classes_are_named_only_by_their_family():
+    """A supported Hugging Face class is named once, in its ``interop/hf/families/<name>.py``."""
+    def class_name(node) -> bool:
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith("ForCausalLM")
+
+    families = {str(p.relative_to(PACKAGE)) for p in (PACKAGE / "interop" / "hf" / "families").glob("*.py")}
+    found = _literals_outside(families, class_name)
+    assert not found, f"HF class names outside interop/hf/families/ (import FAMILIES instead): {found}"
