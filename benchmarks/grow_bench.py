@@ -167,9 +167,9 @@ def naive_main(src: str, dst: str, recipe_path: str, out_json: str) -> None:
 
     from megatron_grow.checkpoint import io, paths
     from megatron_grow.checkpoint.manifest import build_manifest
+    from megatron_grow.checkpoint.megatron_args import common_state
     from megatron_grow.config.loader import load_recipe, recipe_to_dict
     from megatron_grow.config.schema import ParallelConfig
-    from megatron_grow.growth.grow import common_state
     from megatron_grow.growth.plan import make_growth_plan
     from megatron_grow.growth.reference import grow_state_dict
     from megatron_grow.models.builder import build_gpt_model

@@ -1,11 +1,20 @@
 """The ``megatron-grow`` command (also ``python -m megatron_grow``).
 
 Each subcommand lives in ``megatron_grow/cli/<name>.py`` and exposes ``add_arguments(parser)``
-and ``run(args) -> int``; this file only dispatches. Only the chosen subcommand's module is
-imported (the command list and its one-line help are read from the modules' docstrings
-without importing them), and each module imports its heavy work inside ``run()``, so
-``--help`` and argument errors answer before torch and Megatron-Core load. CPU mode
-(``platform.cpu``) is installed here, before any command runs.
+and ``run(args) -> int``; this file only dispatches, by what a module declares, never by its name
+(adding a command is adding its file):
+
+* ``INSTALLS_CPU_MODE = True``: the command installs CPU mode itself, after its cheap checks
+  (``grow``), or never needs it (``launch``); otherwise it is installed here before ``run``;
+* ``DEFERS_STOP_SIGNALS = True``: SIGTERM/SIGUSR1 are remembered from start-up on, so a notice
+  during the slow imports is not lost (``train``, ``launch``), and restored after ``run``;
+* ``RAW_ARGV = True``: ``main(argv, commands)`` gets the words after the command unparsed
+  (``launch``: torchrun's own options) instead of ``run(args)``.
+
+Only the chosen subcommand's module is imported (the command list and its one-line help are
+read from the modules' docstrings without importing them), and each module imports its heavy
+work inside ``run()``, so ``--help`` and argument errors answer before torch and Megatron-Core
+load.
 
     megatron-grow plan --config configs/models/70b.yaml
     megatron-grow launch --nproc-per-node 2 grow --load SRC --save DST --recipe R.yaml
@@ -19,6 +28,12 @@ import importlib
 import os
 import sys
 import warnings
+from types import ModuleType
+
+from megatron_grow.cli._errors import run_with_clean_errors
+from megatron_grow.errors import EXIT_BAD_INPUT
+from megatron_grow.parallel.preemption import defer_stop_signals, restore_stop_signals
+from megatron_grow.parallel.rank_status import record_exit_code
 
 DESCRIPTION = ("Grow converged Mixture-of-Experts checkpoints (depth and width) inside Megatron-Core "
                "distributed checkpoints, and keep training them.")
@@ -48,15 +63,23 @@ def _top_parser(commands: dict) -> argparse.ArgumentParser:
     return parser
 
 
+def command_module(command: str) -> ModuleType:
+    """The module of one subcommand (imports that module only; its parser-time imports are torch-free)."""
+    module_name, _ = available_commands()[command]
+    return importlib.import_module(f"megatron_grow.cli.{module_name}")
+
+
+def _declares(module: ModuleType, flag: str) -> bool:
+    return bool(getattr(module, flag, False))
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one subcommand (imports that subcommand's module only)."""
-    module_name, _ = available_commands()[command]
-    module = importlib.import_module(f"megatron_grow.cli.{module_name}")
+    module = command_module(command)
     parser = argparse.ArgumentParser(prog=f"megatron-grow {command}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    # A command that checks its input before the slow imports installs CPU mode itself, after them.
-    parser.set_defaults(_run=module.run, _installs_cpu_mode=getattr(module, "INSTALLS_CPU_MODE", False))
+    parser.set_defaults(_run=module.run)
     return parser
 
 
@@ -65,31 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     commands = available_commands()
     if not argv or argv[0] not in commands:
         _top_parser(commands).parse_args(argv[:1])  # prints help, or names the unknown command; exits
-        return 2
+        return EXIT_BAD_INPUT
     # Megatron-Core warns at import time that Apex/TE are absent; the local spec is the design here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
-    if argv[0] in ("train", "launch"):  # before the slow imports: a notice must not kill start-up
-        from megatron_grow.parallel.preemption import defer_stop_signals
-
+    module = command_module(argv[0])
+    if _declares(module, "DEFERS_STOP_SIGNALS"):  # before the slow imports: a notice must not kill start-up
         defer_stop_signals()
-    if argv[0] == "launch":  # torchrun's own options follow: not for argparse
-        from megatron_grow.cli import launch
-
-        return launch.main(argv[1:], set(commands))
+    if _declares(module, "RAW_ARGV"):
+        return module.main(argv[1:], set(commands))
     args = build_parser(argv[0]).parse_args(argv[1:])
-
-    from megatron_grow.cli._errors import run_with_clean_errors
-    from megatron_grow.parallel.launch import record_exit_code
-    if not args._installs_cpu_mode:
+    if not _declares(module, "INSTALLS_CPU_MODE"):
+        # Lazy (cost): platform.cpu imports torch, and --help must answer before torch loads.
         from megatron_grow.platform import cpu
 
         cpu.apply_cpu_adaptations()
     try:
         code = run_with_clean_errors(args._run, args)
     finally:
-        if argv[0] == "train":
-            from megatron_grow.parallel.preemption import restore_stop_signals
-
+        if _declares(module, "DEFERS_STOP_SIGNALS"):
             restore_stop_signals()
     record_exit_code(code)  # for `megatron-grow launch` (torchrun itself keeps only "failed")
     return code

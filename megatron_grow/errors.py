@@ -4,7 +4,19 @@
 layout): the CLI prints them as one line and exits with code 2; ``VerificationError`` (a grown
 checkpoint failing a verify threshold) is one line and exit code 4. Other ``MegatronGrowError``
 subclasses (``SpawnError``) report failures of the machinery and keep their details.
+
+The process exit codes that say which of these happened are defined here too, once, for the CLI,
+the trainer and the launcher (``scripts/slurm/lib.sh`` repeats :data:`EXIT_PREEMPTED` for bash).
 """
+
+EXIT_FAILED = 1
+"""Anything else went wrong (a bug, a crashed worker): the traceback says what."""
+EXIT_BAD_INPUT = 2
+"""Bad input (:class:`UserInputError`): one line names the problem; nothing was written."""
+EXIT_PREEMPTED = 3
+"""Stopped by SIGTERM/SIGUSR1 after saving a checkpoint: the launcher may requeue the job."""
+EXIT_VERIFY_FAILED = 4
+"""A grown checkpoint failed a ``verify`` threshold (:class:`VerificationError`)."""
 
 
 class MegatronGrowError(Exception):

@@ -24,6 +24,8 @@ import os
 import warnings
 from collections.abc import Callable
 
+from megatron.core import dist_checkpointing
+
 from megatron_grow.analysis.sunk_cost import (
     INTERPOSITION_FC_MULTIPLE,
     MIN_BUDGET_SUNK_MULTIPLE,
@@ -79,7 +81,6 @@ def training_schedule(info) -> dict:
         return dict(training)
     if io.read_manifest(info.ckpt_dir):
         return {}
-    from megatron.core import dist_checkpointing
 
     try:
         args = (dist_checkpointing.load_common_state_dict(info.ckpt_dir) or {}).get("args")

@@ -205,7 +205,7 @@ def format_profiles(profiles: Sequence[NormProfile]) -> str:
 
 def plot_profiles(profiles: Sequence[NormProfile], out_png: str, title: str | None = None) -> str:
     """Two panels (experts, attention), one line per checkpoint; legend = checkpoint name."""
-    import matplotlib
+    import matplotlib  # lazy (cost): matplotlib takes 0.45 s, and only --plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from megatron.core import dist_checkpointing
+
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.megatron_args import model_config_from_args
 from megatron_grow.config.loader import build_dataclass, load_recipe
@@ -24,7 +26,18 @@ from megatron_grow.errors import CheckpointError, ConfigError
 
 
 def model_config_from_dict(d: dict, where: str) -> ModelConfig:
-    """A ``ModelConfig`` from a recorded mapping (a manifest or a lineage record), checked like a recipe."""
+    """A ``ModelConfig`` from a recorded mapping (a manifest or a lineage record), checked like a recipe.
+
+    Args:
+        d: the recorded ``model:`` mapping.
+        where: the file it came from, named in the error.
+
+    Returns:
+        The model configuration.
+
+    Raises:
+        ConfigError: listing every problem of ``d`` (unknown keys, bad values).
+    """
     problems: list[str] = []
     cfg = build_dataclass(ModelConfig, d, "model", problems)
     if problems:
@@ -33,9 +46,17 @@ def model_config_from_dict(d: dict, where: str) -> ModelConfig:
 
 
 def load_common_state(ckpt_dir: str) -> dict:
-    """``common.pt`` (the non-sharded entries) of a torch_dist checkpoint."""
-    from megatron.core import dist_checkpointing
+    """``common.pt`` (the non-sharded entries) of a torch_dist checkpoint.
 
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+
+    Returns:
+        Its common state dict (empty when the file holds none).
+
+    Raises:
+        CheckpointError: the file is unreadable.
+    """
     try:
         return dist_checkpointing.load_common_state_dict(ckpt_dir) or {}
     except Exception as e:  # torch.load raises many types for a damaged file
@@ -44,7 +65,16 @@ def load_common_state(ckpt_dir: str) -> dict:
 
 def recorded_architecture(ckpt_dir: str, manifest: dict | None = None,
                           common: dict | None = None) -> tuple[ModelConfig | None, str]:
-    """What the checkpoint itself records (steps 2 and 3); ``(None, reason)`` when it records nothing."""
+    """What the checkpoint itself records (steps 2 and 3); ``(None, reason)`` when it records nothing.
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        manifest: its manifest, when the caller has read it already.
+        common: its common state, when the caller has read it already.
+
+    Returns:
+        ``(model, where)``: the model configuration and the file it was read from, or ``(None, why)``.
+    """
     manifest = io.read_manifest(ckpt_dir) if manifest is None else manifest
     if manifest.get("model"):
         where = os.path.join(ckpt_dir, paths.MANIFEST_FILENAME)
@@ -58,7 +88,19 @@ def recorded_architecture(ckpt_dir: str, manifest: dict | None = None,
 
 
 def resolve_architecture(ckpt_dir: str, source_config: str | ModelConfig | None = None) -> tuple[ModelConfig, str]:
-    """The checkpoint's architecture and where it was read from (for messages)."""
+    """The checkpoint's architecture and where it was read from (for messages), in the module's order.
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        source_config: a recipe path (``--source-config``) or a ``ModelConfig`` that overrides what
+            the checkpoint records; None to use the record.
+
+    Returns:
+        ``(model, where)``.
+
+    Raises:
+        CheckpointError: nothing describes the architecture.
+    """
     if isinstance(source_config, ModelConfig):
         return source_config, "the given source model"
     if source_config:

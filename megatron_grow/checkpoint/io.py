@@ -22,6 +22,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import paths, streaming
 from megatron_grow.errors import CheckpointError
@@ -35,6 +41,12 @@ def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
 
     The storage keys inside are global (layer offsets applied), so a checkpoint saved with
     one nesting loads with the other.
+
+    Args:
+        model_chunks: this rank's model chunks (one per virtual pipeline stage).
+
+    Returns:
+        ``{"model": ...}`` or ``{"model0": ..., "model1": ...}`` of the chunks' sharded state dicts.
     """
     if len(model_chunks) == 1:
         return {"model": model_chunks[0].sharded_state_dict()}
@@ -51,11 +63,18 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     Any failure (a full disk, an exception mid-write, on any rank) removes the staging
     directory and leaves the previous checkpoint and the tracker as they were; a full or
     read-only disk is a :class:`CheckpointError`, anything else keeps its own type.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+    Args:
+        root: the run directory (``iter_NNNNNNN`` and the tracker go under it).
+        iteration: the iteration to save as.
+        sharded_state_dict: what to save (model, optimizer, RNG, common entries).
+        manifest: our manifest (``manifest.build_manifest``), written as ``megatron_grow.json``.
+        keep_last: remove older ``iter_N`` directories beyond this many (None keeps all).
+        produce: see above.
+
+    Returns:
+        The final ``iter_NNNNNNN`` directory.
+    """
     final = paths.iteration_dir(root, iteration)
     staging = broadcast_object(f"{final}{paths.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
     needed = _bytes_to_write(sharded_state_dict)
@@ -93,6 +112,16 @@ def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dic
     (``paths.replace_dir``), so an existing ``dest`` is removed only after the new one is
     complete, and a crash at any moment leaves the old or the new run directory at ``dest``.
     A link at ``dest`` keeps pointing at the new directory.
+
+    Args:
+        dest: the run directory to create or replace.
+        iteration: the iteration to save as.
+        sharded_state_dict: what to save.
+        manifest: our manifest, written as ``megatron_grow.json``.
+        produce: computes lazy tensors while they are written (:func:`save_checkpoint`).
+
+    Returns:
+        The final ``iter_NNNNNNN`` directory under ``dest``.
     """
     real = os.path.realpath(dest)
     staging = broadcast_object(f"{real}{STAGING_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
@@ -221,7 +250,17 @@ def _has_errno(error: BaseException, code: int, depth: int = 0) -> bool:
 
 
 def read_manifest(ckpt_dir: str) -> dict:
-    """Our manifest in ``iter_N`` (empty for checkpoints written by Megatron-LM itself)."""
+    """Our manifest in ``iter_N`` (empty for checkpoints written by Megatron-LM itself).
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+
+    Returns:
+        The parsed ``megatron_grow.json``, or ``{}``.
+
+    Raises:
+        CheckpointError: the file exists but is unreadable.
+    """
     path = os.path.join(ckpt_dir, paths.MANIFEST_FILENAME)
     if not os.path.isfile(path):
         return {}
@@ -233,9 +272,17 @@ def read_manifest(ckpt_dir: str) -> dict:
 
 
 def read_storage_metadata(ckpt_dir: str):
-    """torch.distributed.checkpoint metadata (``.metadata``) with clear errors."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """torch.distributed.checkpoint metadata (``.metadata``) with clear errors.
 
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+
+    Returns:
+        DCP's ``Metadata`` (every stored tensor's global shape, dtype and chunks).
+
+    Raises:
+        CheckpointError: not a torch_dist checkpoint, or the metadata is unreadable.
+    """
     meta_json = os.path.join(ckpt_dir, "metadata.json")
     if not os.path.isfile(meta_json):
         raise CheckpointError(f"{ckpt_dir} is not a torch_dist checkpoint: metadata.json is missing")
@@ -253,9 +300,14 @@ def read_storage_metadata(ckpt_dir: str):
 
 
 def read_common_state(ckpt_dir: str) -> dict:
-    """The non-sharded part of a checkpoint (``common.pt``), or a CheckpointError naming the file."""
-    from megatron.core import dist_checkpointing
+    """The non-sharded part of a checkpoint (``common.pt``), or a CheckpointError naming the file.
 
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+
+    Returns:
+        The common state dict.
+    """
     path = os.path.join(ckpt_dir, "common.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file missing: {path}")
@@ -267,7 +319,15 @@ def read_common_state(ckpt_dir: str) -> dict:
 
 
 def check_shard_files(ckpt_dir: str, storage_metadata=None) -> None:
-    """Every byte range the metadata points at must exist: catches missing and truncated shards."""
+    """Every byte range the metadata points at must exist: catches missing and truncated shards.
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        storage_metadata: its metadata, when the caller has read it already.
+
+    Raises:
+        CheckpointError: naming the first missing or truncated shard file.
+    """
     md = storage_metadata or read_storage_metadata(ckpt_dir)
     needed: dict[str, int] = {}
     for info in md.storage_data.values():
@@ -282,9 +342,14 @@ def check_shard_files(ckpt_dir: str, storage_metadata=None) -> None:
 
 
 def iter_sharded_tensors(sharded_state_dict: Any) -> Iterable:
-    """All ShardedTensors in a (factory-applied) sharded state dict, nested dicts and lists included."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    """All ShardedTensors in a (factory-applied) sharded state dict, nested dicts and lists included.
 
+    Args:
+        sharded_state_dict: nested dicts and lists of sharded entries.
+
+    Yields:
+        Each ``ShardedTensor``, in order.
+    """
     if isinstance(sharded_state_dict, ShardedTensor):
         yield sharded_state_dict
     elif isinstance(sharded_state_dict, dict):
@@ -296,10 +361,16 @@ def iter_sharded_tensors(sharded_state_dict: Any) -> Iterable:
 
 
 def check_against_checkpoint(sharded_state_dict: dict, ckpt_dir: str, storage_metadata=None) -> None:
-    """Name the first tensor the checkpoint lacks or stores with another global shape."""
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    """Name the first tensor the checkpoint lacks or stores with another global shape.
 
+    Args:
+        sharded_state_dict: what a load would fill (its factories are left unapplied).
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        storage_metadata: its metadata, when the caller has read it already.
+
+    Raises:
+        CheckpointError: the architecture differs.
+    """
     md = storage_metadata or read_storage_metadata(ckpt_dir)
     stored = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     probe = _copy_containers(sharded_state_dict)  # apply_factories replaces entries in place: not the caller's
@@ -328,9 +399,17 @@ def _copy_containers(tree: Any) -> Any:
 
 def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool = True,
                     strict: str = "assume_ok_unexpected") -> dict:
-    """Load into ``sharded_state_dict`` after the checks above; returns the loaded state dict."""
-    from megatron.core import dist_checkpointing
+    """Load into ``sharded_state_dict`` after the checks above; returns the loaded state dict.
 
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        sharded_state_dict: what to fill.
+        validate: let ``dist_checkpointing`` check that the shards cover every tensor.
+        strict: ``dist_checkpointing``'s handling of keys present on one side only.
+
+    Returns:
+        The loaded state dict.
+    """
     md = read_storage_metadata(ckpt_dir)
     check_shard_files(ckpt_dir, md)
     check_against_checkpoint(sharded_state_dict, ckpt_dir, md)
@@ -344,8 +423,17 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool =
 
 
 def checkpoint_bytes(ckpt_dir: str) -> int:
+    """The bytes a checkpoint takes on disk.
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+
+    Returns:
+        The total size of its files.
+    """
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt_dir) for f in fs)
 
 
 def now() -> str:
+    """The local time for a manifest's ``created`` field (ISO 8601 with the UTC offset)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -42,6 +42,16 @@ ROUTER = LAYER_PREFIX + ROUTER_SUFFIX
 EXPERT_BIAS = LAYER_PREFIX + EXPERT_BIAS_SUFFIX
 EXPERT_FC1 = LAYER_PREFIX + "mlp.experts.experts." + FC1_NAME
 EXPERT_FC2 = LAYER_PREFIX + "mlp.experts.experts." + FC2_NAME
+# Stacked storage keys present only with some settings: the input norm under the name both specs
+# save it as (TE fuses it into linear_qkv; the local spec renames it so), q/k/v biases
+# (``add_qkv_bias``), QK-norms (``qk_layernorm``) and the shared expert.
+INPUT_NORM = LAYER_PREFIX + "self_attention.linear_qkv.layer_norm_weight"
+QKV_BIAS = LAYER_PREFIX + "self_attention.linear_qkv.bias"
+Q_NORM = LAYER_PREFIX + "self_attention.q_layernorm.weight"
+K_NORM = LAYER_PREFIX + "self_attention.k_layernorm.weight"
+SHARED_FC1 = LAYER_PREFIX + "mlp.shared_experts." + FC1_NAME
+SHARED_FC2 = LAYER_PREFIX + "mlp.shared_experts." + FC2_NAME
+SHARED_GATE = LAYER_PREFIX + "mlp.shared_experts.gate_weight"
 
 # Module keys.
 MODULE_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -49,20 +59,53 @@ MODULE_LOCAL_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$
 
 
 def module_layer_key(layer_idx: int, suffix: str) -> str:
-    """``decoder.layers.<layer_idx>.<suffix>`` (a module state-dict key)."""
+    """A module state-dict key of one layer's tensor.
+
+    Args:
+        layer_idx: the 0-based layer index.
+        suffix: the tensor's name under the layer (e.g. :data:`QKV_SUFFIX`).
+
+    Returns:
+        ``decoder.layers.<layer_idx>.<suffix>``.
+    """
     return f"{LAYER_PREFIX}{layer_idx}.{suffix}"
 
 
 def module_expert_key(layer_idx: int, expert_idx: int, name: str) -> str:
-    """The module key of local expert ``expert_idx``'s tensor ``name`` in layer ``layer_idx``."""
+    """The module key of local expert ``expert_idx``'s tensor ``name`` in layer ``layer_idx``.
+
+    Args:
+        layer_idx: the 0-based layer index.
+        expert_idx: the local expert index (SequentialMLP's ``local_experts.<e>``).
+        name: the expert tensor (:data:`FC1_NAME` or :data:`FC2_NAME`).
+
+    Returns:
+        ``decoder.layers.<layer_idx>.mlp.experts.local_experts.<expert_idx>.<name>``.
+    """
     return module_layer_key(layer_idx, f"mlp.experts.local_experts.{expert_idx}.{name}")
 
 
 def is_layer_key(key: str) -> bool:
+    """Whether ``key`` (storage or module form) names a tensor inside the decoder layers.
+
+    Args:
+        key: a storage or module key.
+
+    Returns:
+        True for keys under ``decoder.layers.``.
+    """
     return key.startswith(LAYER_PREFIX)
 
 
 def is_routed_expert_key(key: str) -> bool:
+    """Whether ``key`` names a routed expert's tensor (not the shared expert's).
+
+    Args:
+        key: a storage or module key.
+
+    Returns:
+        True for keys under ``.mlp.experts.``.
+    """
     return ROUTED_EXPERTS_MARKER in key and ".shared_experts." not in key
 
 
@@ -94,6 +137,8 @@ SPECS = (LOCAL_SPEC, TE_SPEC)
 
 # Storage-key infixes (after ``decoder.layers.``) of the pre-MLP norm's weight and bias, per spec.
 PRE_MLP_NORM_PREFIX = {LOCAL_SPEC: "mlp.linear_fc1.layer_norm_", TE_SPEC: "pre_mlp_layernorm."}
+# The pre-MLP norm's weight as the local spec stores it (HF import and export use the local spec's names).
+LOCAL_PRE_MLP_NORM = LAYER_PREFIX + PRE_MLP_NORM_PREFIX[LOCAL_SPEC] + "weight"
 EXTRA_STATE_SUFFIX = "_extra_state"
 SINGLETON_EXPERT_RE = re.compile(r"^decoder\.layers\.mlp\.experts\.experts\.\d+\.")
 
@@ -104,7 +149,16 @@ def _pre_mlp_norm_key(spec: str, param: str) -> str:
 
 
 def spec_storage_key(key: str, from_spec: str, to_spec: str) -> str:
-    """``key`` (a storage key of a model built with ``from_spec``) as ``to_spec`` names it."""
+    """``key`` (a storage key of a model built with ``from_spec``) as ``to_spec`` names it.
+
+    Args:
+        key: a storage key.
+        from_spec: :data:`LOCAL_SPEC` or :data:`TE_SPEC`, the spec whose names ``key`` uses.
+        to_spec: the spec to name it for.
+
+    Returns:
+        The renamed key (only the pre-MLP norm differs between the specs); ``key`` itself otherwise.
+    """
     if from_spec == to_spec:
         return key
     for param in ("weight", "bias"):
@@ -114,7 +168,14 @@ def spec_storage_key(key: str, from_spec: str, to_spec: str) -> str:
 
 
 def storage_spec(stored_keys) -> str | None:
-    """Which spec's names a checkpoint uses (from its pre-MLP norm); None when neither is there."""
+    """Which spec's names a checkpoint uses, read from its pre-MLP norm.
+
+    Args:
+        stored_keys: the checkpoint's storage keys.
+
+    Returns:
+        :data:`LOCAL_SPEC`, :data:`TE_SPEC`, or None when neither norm key is there.
+    """
     stored = set(stored_keys)
     for spec in SPECS:
         if _pre_mlp_norm_key(spec, "weight") in stored:
@@ -123,13 +184,26 @@ def storage_spec(stored_keys) -> str | None:
 
 
 def has_singleton_expert_keys(stored_keys) -> bool:
-    """Whether experts are stored one key per expert (``singleton_local_shards``)."""
+    """Whether experts are stored one key per expert (``singleton_local_shards``).
+
+    Args:
+        stored_keys: the checkpoint's storage keys.
+
+    Returns:
+        True when any key matches ``decoder.layers.mlp.experts.experts.<E>.``.
+    """
     return any(SINGLETON_EXPERT_RE.match(k) for k in stored_keys)
 
 
 def rename_for_spec(sharded_state_dict, from_spec: str, to_spec: str) -> None:
     """Rename, in place, every sharded entry of a model's sharded state dict from one spec's names
-    to the other's (ShardedTensor, ShardedObject and ShardedTensorFactory all carry ``.key``)."""
+    to the other's (ShardedTensor, ShardedObject and ShardedTensorFactory all carry ``.key``).
+
+    Args:
+        sharded_state_dict: nested dicts and lists of sharded entries; changed in place.
+        from_spec: the spec the model was built with.
+        to_spec: the spec whose names the checkpoint uses.
+    """
     if from_spec == to_spec:
         return
     values = sharded_state_dict.values() if isinstance(sharded_state_dict, dict) else sharded_state_dict
@@ -141,7 +215,14 @@ def rename_for_spec(sharded_state_dict, from_spec: str, to_spec: str) -> None:
 
 
 def built_spec(use_te: bool) -> str:
-    """The names a model built with (``use_te``) or without Transformer Engine stores its tensors under."""
+    """The names a model built with (``use_te``) or without Transformer Engine stores its tensors under.
+
+    Args:
+        use_te: whether the model was built with the Transformer Engine spec.
+
+    Returns:
+        :data:`TE_SPEC` or :data:`LOCAL_SPEC`.
+    """
     return TE_SPEC if use_te else LOCAL_SPEC
 
 
@@ -154,9 +235,25 @@ MAIN_PARAM_STATE = "param"
 
 
 def optimizer_state_key(state: str, model_key: str) -> str:
-    """``optimizer.state.<state>.<model_key>``."""
+    """The storage key of one optimizer state of one parameter, in model space.
+
+    Args:
+        state: the state's name (``exp_avg``, ``exp_avg_sq`` or ``param``).
+        model_key: the parameter's storage key.
+
+    Returns:
+        ``optimizer.state.<state>.<model_key>``.
+    """
     return f"{OPTIMIZER_STATE_PREFIX}{state}.{model_key}"
 
 
 def is_model_space_optimizer_key(key: str) -> bool:
+    """Whether ``key`` is an Adam moment stored in model space (:func:`optimizer_state_key`).
+
+    Args:
+        key: a storage key.
+
+    Returns:
+        True for ``optimizer.state.exp_avg.*`` and ``optimizer.state.exp_avg_sq.*``.
+    """
     return any(key.startswith(f"{OPTIMIZER_STATE_PREFIX}{state}.") for state in ADAM_MOMENTS)

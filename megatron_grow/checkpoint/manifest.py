@@ -30,11 +30,28 @@ COUNTER_KEYS = ("iteration", "consumed_samples", "consumed_tokens", "flops_so_fa
 
 
 def empty_counters() -> dict:
+    """The counters of a run that has not trained yet.
+
+    Returns:
+        ``{counter: 0}`` for every name in :data:`COUNTER_KEYS`.
+    """
     return {k: 0 for k in COUNTER_KEYS}
 
 
 def build_manifest(*, model: ModelConfig, layout: dict, counters: dict, lineage: list,
                    recipe: dict | None = None) -> dict:
+    """The ``megatron_grow.json`` record written next to a checkpoint's shards.
+
+    Args:
+        model: the architecture.
+        layout: the parallel layout that wrote it (sizes per axis).
+        counters: the run's counters (only :data:`COUNTER_KEYS` are kept).
+        lineage: the growth and training history, oldest first.
+        recipe: the recipe that produced it, as a plain mapping.
+
+    Returns:
+        The manifest, a JSON-ready dict with :data:`FORMAT_VERSION` and a creation time.
+    """
     return {
         "format_version": FORMAT_VERSION,
         "created": io.now(),
@@ -61,9 +78,17 @@ class CheckpointInfo:
 
 def read_checkpoint_info(ckpt_dir: str, iteration: int,
                          source_config: str | ModelConfig | None = None) -> CheckpointInfo:
-    """Counters, lineage and the architecture, resolved as :mod:`checkpoint.architecture` does
-    (``model`` is None when nothing describes it; unsupported Megatron-LM args raise unless
-    ``source_config`` overrides them)."""
+    """Counters, lineage and the architecture, resolved as :mod:`checkpoint.architecture` does.
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        iteration: its iteration.
+        source_config: a recipe path or ``ModelConfig`` that overrides the recorded architecture.
+
+    Returns:
+        The checkpoint's :class:`CheckpointInfo`; its ``model`` is None when nothing describes it
+        (unsupported Megatron-LM args raise unless ``source_config`` overrides them).
+    """
     manifest = io.read_manifest(ckpt_dir)
     if manifest:
         model = _architecture(ckpt_dir, source_config, manifest, None)

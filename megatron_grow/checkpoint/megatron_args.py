@@ -170,7 +170,18 @@ _ARG_OF_FIELD = {"num_moe_experts": "num_experts", "gated_linear_unit": "swiglu"
 
 
 def model_config_from_args(args: Any, where: str = "Megatron-LM args in common.pt") -> ModelConfig:
-    """The architecture a Megatron-LM ``args`` namespace describes; one line per refused argument."""
+    """The architecture a Megatron-LM ``args`` namespace describes; one line per refused argument.
+
+    Args:
+        args: the ``argparse.Namespace`` (or a dict of it) from ``common.pt``.
+        where: where it came from, named in every message.
+
+    Returns:
+        The model configuration.
+
+    Raises:
+        CheckpointError: an argument the model cannot represent, or a required one missing.
+    """
     values = dict(args) if isinstance(args, dict) else dict(vars(args))
     problems = _refusals(values, where)
     for required in ("num_layers", "hidden_size", "num_attention_heads"):
@@ -204,6 +215,10 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
     ``no_save_rng`` is always set: our RNG state is not in Megatron-LM's layout (a ShardedObject
     over (PP, TP) holding a per-DP list), so its ``load_checkpoint`` must not ask for it.
     ``no_save_optim`` is set when the checkpoint has no optimizer state (a grown checkpoint).
+
+    Args: ``model``, ``parallel`` (the layout written), ``counters``, ``world_size``, ``training`` (batch
+    sizes and LR schedule, when there is one), ``optimizer_saved``, ``base`` (see above). Returns: the
+    ``argparse.Namespace`` to store as ``args``.
     """
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
@@ -250,10 +265,36 @@ _TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_fil
 
 
 def megatron_common_state(args: argparse.Namespace, counters: dict) -> dict:
-    """The non-sharded entries Megatron-LM's ``load_checkpoint`` reads, named as it names them."""
+    """The non-sharded entries Megatron-LM's ``load_checkpoint`` reads, named as it names them.
+
+    Args:
+        args: the ``args`` namespace to store (:func:`megatron_args`).
+        counters: the run's counters (``iteration``, optionally ``flops_so_far``).
+
+    Returns:
+        ``args``, ``checkpoint_version``, ``iteration`` and ``num_floating_point_operations_so_far``.
+    """
     return {
         "args": args,
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": counters["iteration"],
         "num_floating_point_operations_so_far": counters.get("flops_so_far", 0),
     }
+
+
+def common_state(counters: dict, manifest: dict, args=None) -> dict:
+    """Non-sharded entries of a checkpoint: Megatron-LM's (``args``, ``checkpoint_version``,
+    ``iteration``, FLOPs so far) and our manifest.
+
+    Args:
+        counters: the run's counters (``iteration``, optionally ``flops_so_far``).
+        manifest: our manifest (``checkpoint.manifest.build_manifest``), stored as ``megatron_grow``.
+        args: Megatron-LM's ``args`` namespace to store; None leaves the ``args`` entry out.
+
+    Returns:
+        The dict to merge into the state dict handed to ``dist_checkpointing.save``.
+    """
+    state = megatron_common_state(args, counters) if args is not None else {
+        k: v for k, v in megatron_common_state(None, counters).items() if k != "args"}
+    state["megatron_grow"] = manifest
+    return state

@@ -36,11 +36,27 @@ _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
+    """The directory of one checkpoint under a run root.
+
+    Args:
+        root: the run directory.
+        iteration: the iteration.
+
+    Returns:
+        ``<root>/iter_NNNNNNN`` (seven digits, as Megatron-LM names it).
+    """
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def list_iterations(root: str) -> list[int]:
-    """Complete checkpoints under ``root``, oldest first (incomplete saves are not listed)."""
+    """Complete checkpoints under ``root``, oldest first (incomplete saves are not listed).
+
+    Args:
+        root: the run directory.
+
+    Returns:
+        Their iterations (empty when ``root`` does not exist).
+    """
     if not os.path.isdir(root):
         return []
     found = []
@@ -52,7 +68,14 @@ def list_iterations(root: str) -> list[int]:
 
 
 def read_tracker(root: str) -> int:
-    """The iteration named by the tracker; every way it can be wrong is a CheckpointError."""
+    """The iteration named by the tracker; every way it can be wrong is a CheckpointError.
+
+    Args:
+        root: the run directory.
+
+    Returns:
+        The iteration in ``latest_checkpointed_iteration.txt``.
+    """
     if not os.path.exists(root):
         raise CheckpointError(f"checkpoint path does not exist: {root}")
     if not os.path.isdir(root):
@@ -82,7 +105,18 @@ def read_tracker(root: str) -> int:
 
 
 def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> tuple[str, int]:
-    """Accept a run root (uses the tracker, or ``iteration``) or an ``iter_N`` directory."""
+    """Accept a run root (uses the tracker, or ``iteration``) or an ``iter_N`` directory.
+
+    Args:
+        path: a run root or an ``iter_NNNNNNN`` directory.
+        iteration: the iteration to pick under a run root (default: the tracker's).
+
+    Returns:
+        ``(iter_NNNNNNN directory, iteration)``.
+
+    Raises:
+        CheckpointError: the directory, the tracker or the iteration is missing.
+    """
     m = _ITER_RE.match(os.path.basename(os.path.normpath(path)))
     if m and iteration is None:
         if not os.path.isdir(path):
@@ -97,6 +131,11 @@ def resolve_checkpoint_dir(path: str, iteration: int | None = None) -> tuple[str
 
 
 def fsync_dir(path: str) -> None:
+    """fsync one directory (its entries: a rename in it is durable after this).
+
+    Args:
+        path: the directory.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -105,7 +144,11 @@ def fsync_dir(path: str) -> None:
 
 
 def fsync_tree(path: str) -> None:
-    """fsync every file and directory under ``path`` (the data must be durable before the rename)."""
+    """fsync every file and directory under ``path`` (the data must be durable before the rename).
+
+    Args:
+        path: the tree's root.
+    """
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -117,6 +160,12 @@ def fsync_tree(path: str) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (a temporary file, fsynced, then renamed over it).
+
+    Args:
+        path: the file to write.
+        text: its new content.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -127,10 +176,24 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def write_tracker(root: str, iteration: int) -> None:
+    """Point the run's tracker at ``iteration`` (atomically).
+
+    Args:
+        root: the run directory.
+        iteration: the iteration of a complete checkpoint.
+    """
     write_text_atomic(os.path.join(root, TRACKER_FILENAME), f"{iteration}\n")
 
 
 def incomplete_dirs(root: str) -> list[str]:
+    """Staging directories of saves that did not finish (their names carry :data:`INCOMPLETE_MARK`).
+
+    Args:
+        root: the run directory.
+
+    Returns:
+        Their paths (empty when ``root`` does not exist).
+    """
     if not os.path.isdir(root):
         return []
     return [os.path.join(root, n) for n in os.listdir(root) if INCOMPLETE_MARK in n]
@@ -147,7 +210,13 @@ _NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, err
 def exchange_paths(a: str, b: str) -> bool:
     """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``).
 
-    Returns False when the platform or filesystem cannot (the caller falls back to two renames).
+    Args:
+        a: an existing path.
+        b: another existing path, on the same filesystem.
+
+    Returns:
+        True when swapped; False when the platform or filesystem cannot (the caller falls back to
+        two renames).
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -167,6 +236,10 @@ def replace_dir(new: str, dest: str) -> None:
 
     A crash at any moment leaves ``dest`` holding the old or the new tree (with the two-rename
     fallback, the old one may sit at ``dest.retired-<id>`` until :func:`recover_retired`).
+
+    Args:
+        new: a complete directory beside ``dest``.
+        dest: where it goes.
     """
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.lexists(dest):
@@ -184,7 +257,11 @@ def replace_dir(new: str, dest: str) -> None:
 
 
 def recover_retired(dest: str) -> None:
-    """After a crash between the fallback's two renames: put the old tree back, or drop it."""
+    """After a crash between the fallback's two renames: put the old tree back, or drop it.
+
+    Args:
+        dest: the path :func:`replace_dir` was replacing.
+    """
     parent, name = os.path.split(os.path.abspath(dest))
     if not os.path.isdir(parent):
         return
@@ -200,14 +277,25 @@ def recover_retired(dest: str) -> None:
 
 
 def retired_iteration_dirs(root: str) -> list[str]:
-    """``iter_N`` names that have a retired copy beside them under ``root``."""
+    """``iter_N`` names that have a retired copy beside them under ``root``.
+
+    Args:
+        root: the run directory.
+
+    Returns:
+        Those names.
+    """
     if not os.path.isdir(root):
         return []
     return sorted({os.path.join(root, n.split(RETIRED_MARK)[0]) for n in os.listdir(root) if RETIRED_MARK in n})
 
 
 def remove_tree(path: str) -> None:
-    """Remove a directory tree, or a file or symlink (never following the link)."""
+    """Remove a directory tree, or a file or symlink (never following the link).
+
+    Args:
+        path: what to remove.
+    """
     if os.path.islink(path) or os.path.isfile(path):
         os.remove(path)
     elif os.path.isdir(path):
@@ -219,7 +307,15 @@ def remove_tree(path: str) -> None:
 
 
 def nesting(path: str, other: str) -> str | None:
-    """How ``path`` overlaps ``other`` after resolving links: "is", "is inside", "contains" or None."""
+    """How ``path`` overlaps ``other`` after resolving links.
+
+    Args:
+        path: a path.
+        other: another path.
+
+    Returns:
+        ``"is"``, ``"is inside"``, ``"contains"`` or None.
+    """
     a, b = os.path.realpath(path), os.path.realpath(other)
     if a == b:
         return "is" if os.path.abspath(path) == os.path.abspath(other) else f"resolves to {a}, which is"
@@ -231,16 +327,40 @@ def nesting(path: str, other: str) -> str | None:
 
 
 def same_or_nested(a: str, b: str) -> bool:
-    """Whether two paths are the same directory or one lies inside the other (links resolved)."""
+    """Whether two paths are the same directory or one lies inside the other (links resolved).
+
+    Args:
+        a: a path.
+        b: another path.
+
+    Returns:
+        True when they overlap.
+    """
     return nesting(a, b) is not None
 
 
 def is_iteration_dir(path: str) -> bool:
+    """Whether ``path`` names an ``iter_NNNNNNN`` directory (by its name only).
+
+    Args:
+        path: a path.
+
+    Returns:
+        True for ``.../iter_<digits>``.
+    """
     return bool(_ITER_RE.match(os.path.basename(os.path.normpath(path))))
 
 
 def probe_writable(path: str, what: str) -> None:
-    """Fail now, not after hours of work, if nothing can be created at ``path`` (or where it would go)."""
+    """Fail now, not after hours of work, if nothing can be created at ``path`` (or where it would go).
+
+    Args:
+        path: the destination to be.
+        what: how the message names it (e.g. ``--save``).
+
+    Raises:
+        CheckpointError: the nearest existing ancestor is not a directory or not writable.
+    """
     target = os.path.realpath(path)
     existing = target
     while not os.path.exists(existing):

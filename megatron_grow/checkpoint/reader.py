@@ -38,6 +38,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.errors import CheckpointError
@@ -56,10 +60,12 @@ class StoredTensor:
 
     @property
     def numel(self) -> int:
+        """The number of elements of the whole (global) tensor."""
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
+        """The size of the whole (global) tensor in bytes."""
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
@@ -99,9 +105,6 @@ class CheckpointReader:
 
     def __init__(self, path: str, iteration: int | None = None,
                  progress: Callable[[str], None] | None = None, storage_metadata=None):
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         self.ckpt_dir, self.iteration = paths.resolve_checkpoint_dir(path, iteration)
         if storage_metadata is None:  # a caller that has read and checked it passes it in
             storage_metadata = io.read_storage_metadata(self.ckpt_dir)
@@ -121,20 +124,48 @@ class CheckpointReader:
         return key in self.tensors
 
     def find(self, predicate: Callable[[str], bool]) -> list[str]:
+        """The stored tensors whose keys satisfy ``predicate``.
+
+        Args:
+            predicate: a test on a storage key.
+
+        Returns:
+            The matching keys, sorted.
+        """
         return sorted(k for k in self.tensors if predicate(k))
 
     def stored(self, key: str) -> StoredTensor:
+        """What the metadata says of tensor ``key``.
+
+        Args:
+            key: a storage key.
+
+        Returns:
+            Its :class:`StoredTensor`.
+
+        Raises:
+            CheckpointError: the checkpoint has no tensor ``key``.
+        """
         if key not in self.tensors:
             raise CheckpointError(f"tensor {key} is not in checkpoint {self.ckpt_dir}")
         return self.tensors[key]
 
     def read(self, key: str, offsets: Sequence[int] | None = None,
              sizes: Sequence[int] | None = None) -> torch.Tensor:
-        """The region ``[offsets, offsets + sizes)`` of stored tensor ``key`` (whole tensor by default)."""
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+        """The region ``[offsets, offsets + sizes)`` of stored tensor ``key`` (whole tensor by default).
 
+        Args:
+            key: a storage key.
+            offsets: the region's start in every dim (default: all zeros).
+            sizes: the region's size in every dim (default: the whole tensor).
+
+        Returns:
+            A new CPU tensor of shape ``sizes`` and the stored dtype.
+
+        Raises:
+            ValueError: the region is outside the tensor.
+            CheckpointError: the stored chunks do not cover it, or reading fails.
+        """
         st = self.stored(key)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(st.shape)
         sizes = tuple(sizes) if sizes is not None else st.shape
@@ -169,8 +200,6 @@ class CheckpointReader:
         for one layer need not be matched against every chunk of every layer (DCP's matcher scans
         them all, per request). The chunks' list indices are only hints in the storage index.
         """
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         md = self.metadata.state_dict_metadata[key]
         if not offsets:
             return md
@@ -185,16 +214,33 @@ class CheckpointReader:
         return TensorStorageMetadata(md.properties, md.size, list(chunks.values()))
 
     def slab_extent(self, key: str, lead_dims: int, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
-        """How many indices of the last of ``lead_dims`` leading dims fit in ``max_bytes`` (at least 1)."""
+        """How many indices of the last of ``lead_dims`` leading dims fit in ``max_bytes`` (at least 1).
+
+        Args:
+            key: a storage key.
+            lead_dims: how many leading dims a slab iterates over.
+            max_bytes: the memory one slab may take.
+
+        Returns:
+            The slab length along dim ``lead_dims - 1``.
+        """
         st = self.stored(key)
         inner = math.prod(st.shape[lead_dims:]) * torch.empty((), dtype=st.dtype).element_size()
         return max(1, min(st.shape[lead_dims - 1], max_bytes // max(inner, 1)))
 
     def iter_slabs(self, key: str, lead_dims: int = 1, max_bytes: int = DEFAULT_MAX_BYTES
                    ) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
-        """Yield ``(index, slab)`` covering ``key``: ``index`` fixes the first ``lead_dims - 1`` dims and
-        the start along dim ``lead_dims - 1``; ``slab`` has shape ``[n, *shape[lead_dims:]]``, at most
-        ``max_bytes`` unless one index alone is larger. ``lead_dims=0`` yields the whole tensor once."""
+        """Read ``key`` slab by slab, each at most ``max_bytes`` unless one index alone is larger.
+
+        Args:
+            key: a storage key.
+            lead_dims: ``index`` fixes the first ``lead_dims - 1`` dims and the start along dim
+                ``lead_dims - 1``; 0 yields the whole tensor once.
+            max_bytes: the memory one slab may take.
+
+        Yields:
+            ``(index, slab)``, ``slab`` of shape ``[n, *shape[lead_dims:]]``, covering the tensor.
+        """
         st = self.stored(key)
         if lead_dims == 0 or not st.shape:
             yield (), self.read(key)
@@ -221,7 +267,15 @@ def _product(dims: Sequence[int]) -> Iterator[tuple[int, ...]]:
 
 
 def stderr_progress(prefix: str, min_interval_s: float = 0.0) -> Callable[[str], None]:
-    """A progress sink printing ``[prefix] message`` to stderr, at most every ``min_interval_s``."""
+    """A progress sink printing ``[prefix] message`` to stderr, at most every ``min_interval_s``.
+
+    Args:
+        prefix: the name printed in brackets.
+        min_interval_s: messages closer together than this are dropped.
+
+    Returns:
+        ``emit(message)``, for :class:`CheckpointReader`'s ``progress``.
+    """
     last = [0.0]
 
     def emit(message: str) -> None:
@@ -233,7 +287,14 @@ def stderr_progress(prefix: str, min_interval_s: float = 0.0) -> Callable[[str],
 
 
 def checkpoint_name(path: str) -> str:
-    """A short label for a checkpoint path: the run directory's name (and ``@iter`` for an iter_N dir)."""
+    """A short label for a checkpoint path: the run directory's name (and ``@iter`` for an iter_N dir).
+
+    Args:
+        path: a run root or an ``iter_NNNNNNN`` directory.
+
+    Returns:
+        e.g. ``base`` or ``base@4000``.
+    """
     norm = os.path.normpath(os.path.abspath(path))
     base = os.path.basename(norm)
     if base.startswith("iter_") and base[5:].isdigit():

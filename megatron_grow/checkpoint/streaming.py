@@ -24,6 +24,20 @@ import threading
 from collections.abc import Callable
 
 import torch
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_save_common_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.planner import WriteItemType
 
 from megatron_grow.errors import CheckpointError
 
@@ -31,6 +45,14 @@ DEFAULT_WRITER_THREADS = 2
 
 
 def is_lazy(sharded_tensor) -> bool:
+    """Whether a sharded tensor is to be produced while it is written (its data is on the meta device).
+
+    Args:
+        sharded_tensor: a ``ShardedTensor``.
+
+    Returns:
+        True for a lazy tensor.
+    """
     data = getattr(sharded_tensor, "data", None)
     return isinstance(data, torch.Tensor) and data.is_meta
 
@@ -40,20 +62,17 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     """Write ``sharded_state_dict`` into ``checkpoint_dir`` (collective); returns the number of lazy
     tensors this rank produced. ``produce(st)`` returns the values of lazy ShardedTensor ``st``
     (shape ``st.local_shape``); a ``produce.check_complete()`` method, if any, is called once all
-    is written (raising fails the save)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.serialization import (
-        get_default_save_common_strategy,
-        get_default_save_sharded_strategy,
-    )
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
+    is written (raising fails the save).
 
+    Args:
+        sharded_state_dict: the state dict to save; lazy tensors (:func:`is_lazy`) are produced.
+        checkpoint_dir: the (staging) directory to write.
+        produce: computes a lazy tensor's local shard.
+        threads: writer threads of this rank.
+
+    Returns:
+        The number of lazy tensors this rank produced.
+    """
     # The model's own sharded state dict: the sharding is Megatron-Core's, so integrity is not re-proven here.
     sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=False)
     get_default_save_common_strategy().save_common(common, checkpoint_dir)
@@ -95,9 +114,6 @@ def _local_problem(planner, expected: int, produce: Callable, checkpoint_dir: st
 
 def _producing_planner(lazy: dict, produce: Callable):
     """Megatron-Core's save planner, except that lazy tensors are produced when the writer asks."""
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
-    from torch.distributed.checkpoint.planner import WriteItemType
-
     class ProducingPlanner(MCoreSavePlanner):
         def __init__(self):
             super().__init__(flatten_state_dict=False)

@@ -6,10 +6,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from megatron_grow.errors import UserInputError, VerificationError
+from megatron_grow.errors import EXIT_BAD_INPUT, EXIT_VERIFY_FAILED, UserInputError, VerificationError
 
-USER_ERROR_EXIT = 2
-VERIFY_FAILED_EXIT = 4
 # Errors that describe bad input; anything else is a bug and keeps its traceback.
 USER_ERROR_TYPES = (UserInputError, FileNotFoundError)
 
@@ -21,8 +19,8 @@ def run_with_clean_errors(fn: Callable, args) -> int:
         rank = os.environ.get("RANK", "0")
         if rank == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
             print(f"megatron-grow: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return EXIT_BAD_INPUT
     except VerificationError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"megatron-grow: {e}", file=sys.stderr)
-        return VERIFY_FAILED_EXIT
+        return EXIT_VERIFY_FAILED

@@ -4,11 +4,11 @@
     torchrun --nproc-per-node 2 -m megatron_grow import-hf --hf-dir HF_DIR --save ROOT \\
         --expert-model-parallel-size 2
 
-Supported classes: Qwen3MoeForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM,
-Glm4MoeForCausalLM (restricted to the paper's architecture); anything a class has that our
-model cannot reproduce exactly is refused with the reason. Every rank reads only the slices
-of the HF tensors it holds; ROOT/iter_0000000 appears only once complete, with
-megatron_grow.json recording the architecture and where it came from (docs/interop.md).
+The supported classes are listed below (``interop/hf/families``; GLM-4.5 restricted to the
+paper's architecture); anything a class has that our model cannot reproduce exactly is refused
+with the reason. Every rank reads only the slices of the HF tensors it holds; ROOT/iter_0000000
+appears only once complete, with megatron_grow.json recording the architecture and where it came
+from (docs/interop.md).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_grow.cli._common import add_layout_arguments, layout_from_args
+from megatron_grow.interop.hf.families import FAMILIES
 
 COMMAND = "import-hf"
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --save directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_layout_arguments(parser)
+    parser.epilog = "supported classes: " + ", ".join(FAMILIES)
 
 
 def run(args: argparse.Namespace) -> int:

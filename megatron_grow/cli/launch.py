@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_grow.errors import EXIT_BAD_INPUT
+
 COMMAND = "launch"
+RAW_ARGV = True  # torchrun's own options follow: main() gets them unparsed
+DEFERS_STOP_SIGNALS = True  # forwarded to the workers once they run; before that, remembered
+INSTALLS_CPU_MODE = True  # never needed: the launcher builds no model (each worker installs it)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,16 +46,16 @@ _TORCHRUN_FLAGS_WITH_VALUE = {
 
 
 def main(argv: list[str], commands: set[str]) -> int:
-    from megatron_grow.parallel.launch import launch
-
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    from megatron_grow.parallel.launch import launch  # torch: not for --help
+
     torchrun_options, command = split_argv(argv, commands - {COMMAND})
     if not command:
         print(f"megatron-grow: error: launch needs a megatron-grow command after the torchrun options "
               f"(one of: {', '.join(sorted(commands - {COMMAND}))})", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return launch([*torchrun_options, "--module", "megatron_grow", *command])
 
 

@@ -17,6 +17,8 @@ import dataclasses
 
 from megatron_grow.config.loader import load_recipe
 
+DEFERS_STOP_SIGNALS = True  # a preemption notice during start-up makes the run save after its first step
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML")

@@ -37,6 +37,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_grow.config.schema import DataConfig, ModelConfig, TrainingConfig
 from megatron_grow.data.helpers import ensure_dataset_helpers
@@ -106,8 +111,6 @@ def check_prefixes(prefixes: Sequence[str]) -> None:
 
 def _dataset_content_problem(prefix: str) -> str | None:
     """Why the indexed dataset at ``prefix`` cannot be trained on (empty or unreadable), or None."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     empty = [prefix + ext for ext in (".bin", ".idx") if os.path.getsize(prefix + ext) == 0]
     if empty:
         return f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty (no tokens to train on)"
@@ -153,9 +156,6 @@ def check_tokenizer(tokenizer: Tokenizer, model: ModelConfig) -> None:
 
 def _check_index(prefix: str, split: list[float], tokenizer: Tokenizer) -> None:
     """Refuse datasets MCore would mis-handle: wrong dtype, and splits without tokens (MCore loops forever)."""
-    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     index = IndexedDataset(prefix)
     dtype = np.dtype(index.index.dtype)
     if tokenizer.vocab_size > np.iinfo(dtype).max + 1:
@@ -186,8 +186,6 @@ def default_cache_dir(prefixes: Sequence[str]) -> str:
 def build_dataset_config(data: DataConfig, model: ModelConfig, training: TrainingConfig, tokenizer: Tokenizer, *,
                          cache_dir: str | None = None, create_attention_mask: bool = False) -> Any:
     """Validate the data section against the files and the tokenizer; return MCore's ``GPTDatasetConfig``."""
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
     prefixes, weights = parse_data_path(data.data_path)
     check_prefixes(prefixes)
     split = parse_split(data.split)
@@ -219,9 +217,6 @@ def build_datasets(data: DataConfig, model: ModelConfig, training: TrainingConfi
     caches on rank 0 first and synchronizes with barriers. Ranks where ``is_built_on_rank()``
     is False get None for every split.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     config = build_dataset_config(data, model, training, tokenizer, cache_dir=cache_dir,
                                   create_attention_mask=create_attention_mask)
     ensure_dataset_helpers()
@@ -248,9 +243,6 @@ def _single_process_builder() -> type:
     cache it builds its blending index in memory with the same deterministic C++ helper, so
     the samples are the same; only that small index is recomputed on every start.
     """
-    from megatron.core.datasets.blended_dataset import BlendedDataset
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-
     class SingleProcessBuilder(BlendedMegatronDatasetBuilder):
         @staticmethod
         def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from importlib.metadata import version
 from types import ModuleType
 
 from megatron_grow.errors import DataError
@@ -40,8 +41,6 @@ def _mcore_datasets_dir() -> str:
 
 
 def _cache_dir() -> str:
-    from importlib.metadata import version
-
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "megatron_grow", "mcore_helpers", version("megatron-core"))
 
@@ -56,7 +55,7 @@ def compile_dataset_helpers(output_dir: str) -> str:
         raise DataError("MCore's dataset helpers (megatron.core.datasets.helpers_cpp) are not built and no C++ "
                         "compiler was found; install g++ (apt-get install g++) or a megatron-core binary wheel")
     try:
-        import pybind11
+        import pybind11  # lazy: optional, needed only to compile (its absence is the DataError below)
     except ImportError:
         raise DataError("MCore's dataset helpers (megatron.core.datasets.helpers_cpp) are not built; compiling "
                         "them needs pybind11: pip install pybind11") from None

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_grow.data.text import check_inputs, iter_documents
 from megatron_grow.data.tokenizer import Tokenizer
@@ -121,8 +122,6 @@ def _chunks(paths: Sequence[str], json_key: str, chunk_size: int) -> Iterator[li
 
 def _write_documents(builder, encoded_chunks, progress: bool | None) -> tuple[int, int, int]:
     """Add every non-empty encoded document to ``builder``; returns (documents, skipped, tokens)."""
-    from tqdm import tqdm
-
     documents = skipped = tokens = 0
     with tqdm(desc="preprocess", unit=" docs", disable=(None if progress is None else not progress),
               mininterval=1.0) as bar:
@@ -149,6 +148,7 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
     or empty input, a bad tokenizer or a dtype too small for its vocabulary. The outputs are
     written under ``.tmp`` names and renamed only when complete.
     """
+    # Lazy (cost): `megatron-grow preprocess`'s parser imports this module, and Megatron-Core takes ~3-5 s.
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     paths = check_inputs(inputs)

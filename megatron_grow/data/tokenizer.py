@@ -171,6 +171,7 @@ class Tokenizer:
     def to_mcore(self) -> Any:
         """This model as a ``megatron.core.tokenizers`` tokenizer (built once, then cached)."""
         if self._mcore is None:
+            # Lazy (cost): `megatron-grow train-tokenizer`'s parser imports this module; Megatron-Core takes ~3-5 s.
             from megatron.core.tokenizers import MegatronTokenizer
 
             self._mcore = MegatronTokenizer.from_pretrained(

@@ -61,6 +61,7 @@ from megatron_grow.experiments.common import (
     write_json,
     write_recipe,
 )
+from megatron_grow.log import component_log
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -91,8 +92,7 @@ GROWTH = {
 PHASES = ("base", "grown_init", "grown", "scratch")
 
 
-def _say(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+_say = component_log("demo")
 
 
 def choose_size(size: str, reduced: bool) -> ExperimentSize:

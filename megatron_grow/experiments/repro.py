@@ -67,6 +67,7 @@ from megatron_grow.experiments.common import (
 from megatron_grow.experiments.repro_report import format_markdown, write_plots
 from megatron_grow.experiments.repro_stats import aggregate
 from megatron_grow.experiments.repro_summary import ALPHAS, check_same_validation_everywhere, summarize_seed
+from megatron_grow.log import component_log
 from megatron_grow.models.params import count_params
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_step
 
@@ -124,8 +125,7 @@ SIZES = {
 }
 
 
-def _say(msg: str) -> None:
-    print(f"[repro] {msg}", flush=True)
+_say = component_log("repro")
 
 
 def choose_size(size: str, tiny: bool) -> ReproSize:

@@ -42,9 +42,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import load_common_state, resolve_architecture
+from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_sourced
 from megatron_grow.checkpoint.grown_start import GrownStart
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
-from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
+from megatron_grow.checkpoint.megatron_args import common_state, megatron_args
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
 from megatron_grow.errors import GrowthError
@@ -53,16 +54,15 @@ from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.growth.source import GrowthSource
 from megatron_grow.growth.source_reads import expert_stds, layer_groups, read_requests, target_sharded_tensors
 from megatron_grow.growth.streamed import GrownTensors
+from megatron_grow.log import component_log
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params
 from megatron_grow.models.specs import te_available
-from megatron_grow.parallel.collectives import all_reduce_host, print_rank0, rank
+from megatron_grow.parallel.collectives import all_reduce_host, rank
 from megatron_grow.parallel.init import initialize_distributed
 
-
-def log(msg: str) -> None:
-    print_rank0(msg, prefix="[grow] ")
+log = component_log("grow")
 
 
 @dataclass
@@ -239,34 +239,6 @@ def _check_target_model(model_chunks, target: ModelConfig) -> None:
         if getattr(cfg, name) != getattr(target, name):
             raise GrowthError(f"the model being filled has {name}={getattr(cfg, name)}, but the growth plan's "
                               f"target needs {getattr(target, name)}")
-
-
-def _persistent_tensors(module: torch.nn.Module):
-    yield from module.named_parameters()
-    for mod_name, mod in module.named_modules():
-        for b_name, b in mod._buffers.items():
-            if b is not None and b_name not in mod._non_persistent_buffers_set and b.is_floating_point():
-                yield f"{mod_name}.{b_name}" if mod_name else b_name, b
-
-
-@torch.no_grad()
-def poison_parameters(model_chunks) -> None:
-    """NaN-fill every parameter and persistent buffer, so anything the load misses is detectable."""
-    for chunk in model_chunks:
-        for _, t in _persistent_tensors(chunk):
-            t.fill_(float("nan"))
-
-
-def verify_all_sourced(model_chunks) -> None:
-    missing = []
-    for i, chunk in enumerate(model_chunks):
-        for name, t in _persistent_tensors(chunk):
-            if torch.isnan(t).any():
-                missing.append(f"chunk {i}: {name}")
-    if missing:
-        raise GrowthError(f"rank {rank()}: {len(missing)} tensors of the grown model were not sourced from the "
-                          f"checkpoint (left at their init): {', '.join(missing[:5])}"
-                          + (" ..." if len(missing) > 5 else ""))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,15 +478,6 @@ def discard_grown(save: str, iteration: int) -> None:
             os.rmdir(save)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def common_state(counters: dict, manifest: dict, args=None) -> dict:
-    """Non-sharded entries of a checkpoint: Megatron-LM's (``args``, ``checkpoint_version``,
-    ``iteration``, FLOPs so far) and our manifest."""
-    state = megatron_common_state(args, counters) if args is not None else {
-        k: v for k, v in megatron_common_state(None, counters).items() if k != "args"}
-    state["megatron_grow"] = manifest
-    return state
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:

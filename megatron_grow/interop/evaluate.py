@@ -24,6 +24,8 @@ SHIPPED_TASKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname
 
 @dataclass(frozen=True)
 class TaskScore:
+    """One metric of one lm-eval task: its value, its standard error and the samples scored."""
+
     task: str
     metric: str
     value: float
@@ -32,6 +34,11 @@ class TaskScore:
 
 
 def shipped_tasks() -> list[str]:
+    """The lm-eval tasks shipped in ``data/eval`` (each a folder with ``<task>.yaml``).
+
+    Returns:
+        Their names, sorted (empty when the folder is absent).
+    """
     if not os.path.isdir(SHIPPED_TASKS_DIR):
         return []
     return sorted(d for d in os.listdir(SHIPPED_TASKS_DIR) if os.path.isfile(
@@ -61,6 +68,15 @@ def _tokenizer_dir(tokenizer: str | None, tmp: str) -> str | None:
 
 
 def scores_from_results(results: dict, tasks: list[str]) -> list[TaskScore]:
+    """The scores of lm-eval's ``simple_evaluate`` results.
+
+    Args:
+        results: lm-eval's result dict.
+        tasks: the tasks asked for.
+
+    Returns:
+        One :class:`TaskScore` per task and metric (stderr entries folded into their metric).
+    """
     out = []
     for task, metrics in results["results"].items():
         n = int(results.get("n-samples", {}).get(task, {}).get("effective", 0))
@@ -77,13 +93,29 @@ def scores_from_results(results: dict, tasks: list[str]) -> list[TaskScore]:
 def evaluate_checkpoint(load: str, tasks: list[str], *, tokenizer: str | None = None, limit: int | None = None,
                         num_fewshot: int = 0, batch_size: int = 8, device: str = "cpu",
                         architecture: str | None = None, progress: bool = True) -> list[TaskScore]:
-    """Export ``load`` to a temporary HF directory and run lm-eval's HF backend on ``tasks``."""
+    """Export ``load`` to a temporary HF directory and run lm-eval's HF backend on ``tasks``.
+
+    Args:
+        load: a run root or an ``iter_NNNNNNN`` directory.
+        tasks: lm-eval task names (shipped or installed).
+        tokenizer: the SentencePiece model or HF tokenizer directory to evaluate with.
+        limit: score at most this many samples per task.
+        num_fewshot: few-shot examples per prompt.
+        batch_size: lm-eval's batch size.
+        device: the torch device to evaluate on.
+        architecture: the HF class to export as.
+        progress: show progress.
+
+    Returns:
+        The scores (:func:`scores_from_results`).
+    """
     # No hub look-ups (each would wait for a network timeout on offline machines): local task files and
     # cached datasets load; set HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 to let lm-eval download datasets.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="mg_eval_") as tmp:
+        # Lazy: lm-eval is optional (the hf extra), and it and `datasets` read the offline settings above at import.
         import lm_eval
         from lm_eval.tasks import TaskManager
 

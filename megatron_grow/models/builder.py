@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
@@ -26,8 +27,6 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig | None = None, 
     ``initialize=False`` leaves weights uninitialised (``torch.empty``): for models whose every
     weight is about to be loaded, e.g. growth on load, where MCore's init would be wasted time.
     """
-    from megatron.core import parallel_state as ps
-
     parallel = parallel or ParallelConfig()
     config = to_transformer_config(model, parallel, params_dtype)
     if meta or not initialize:

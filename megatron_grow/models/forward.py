@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 
 def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -25,11 +28,8 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
     if ps.get_tensor_model_parallel_world_size() == 1:
         return logits
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
     return gather_from_tensor_model_parallel_region(logits)
 
@@ -39,9 +39,6 @@ def forward_logits(model_chunks: Sequence[torch.nn.Module], micro_batches: Seque
                    labels: Sequence[torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Logits ``[n_micro * b, s, vocab]`` (and per-token loss if labels given) on the last stage."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     micro_batches = list(micro_batches)
     labels = list(labels) if labels is not None else None
     b, s = micro_batches[0].shape

@@ -31,7 +31,11 @@ stage; its docstring gives the formula.
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from dataclasses import dataclass
+
+import torch
 
 from megatron_grow.config.layout_rules import Layout
 from megatron_grow.config.loader import load_recipe
@@ -39,6 +43,7 @@ from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingCon
 from megatron_grow.models.builder import build_gpt_model
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.parallel.init import initialize_distributed
+from megatron_grow.platform import cpu
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,6 @@ def count_params_meta(model: ModelConfig) -> ParamCounts:
     if none exists and (re)initialises MCore parallel state to TP = PP = EP = 1, so call it
     from a process of its own (tests do, through ``python -m megatron_grow.models.params``).
     """
-    import torch
-
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
         raise RuntimeError("count_params_meta needs a single-process world")
     parallel = ParallelConfig()
@@ -313,11 +316,6 @@ def _pipeline_stages(model: ModelConfig, parallel: ParallelConfig, training: Tra
 
 def _main(argv: list | None = None) -> int:
     """``python -m megatron_grow.models.params RECIPE.yaml ...``: analytic and meta counts as JSON."""
-    import json
-    import sys
-
-    from megatron_grow.platform import cpu
-
     cpu.apply_cpu_adaptations()  # an entry point (tests run it as a process of its own)
     out = {}
     for path in (argv if argv is not None else sys.argv[1:]):

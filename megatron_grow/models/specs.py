@@ -12,14 +12,17 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_grow.models.experts import GroupedMMExperts
 
@@ -74,7 +77,6 @@ class AllHeadsQueryNorm(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__()
-        from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
         tp = config.tensor_model_parallel_size
         heads = getattr(config, self.heads_field) or config.num_attention_heads
@@ -84,8 +86,6 @@ class AllHeadsQueryNorm(torch.nn.Module):
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
         xf = x.float()
         square_sum = xf.pow(2).sum(dim=(-2, -1), keepdim=True)
         if ps.get_tensor_model_parallel_world_size() > 1:
@@ -94,8 +94,6 @@ class AllHeadsQueryNorm(torch.nn.Module):
         return (y * self.weight.float().view(self.local_heads, self.head_dim)).type_as(x)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
         state = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
 
@@ -106,7 +104,7 @@ class AllHeadsKeyNorm(AllHeadsQueryNorm):
 
 def te_available() -> bool:
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401  (lazy: optional dependency, probed here)
     except ModuleNotFoundError as e:
         if e.name is not None and e.name.split(".")[0] == "transformer_engine":
             return False  # not installed: the local spec, silently (the CPU case)
@@ -166,11 +164,10 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool | None = None,
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=config.qk_layernorm)
-        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine import TENorm  # lazy: imports Transformer Engine
         final_norm = TENorm
     else:
         layer = local_layer_spec(config, expert_backend, qk_norm_across_heads)
         final_norm = SequenceParallelNorm
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=final_norm)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 from megatron_grow.config.layout_rules import Layout, resolve_layout, world_layout_problems
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.errors import LayoutError
-from megatron_grow.parallel.spawn import free_port
+from megatron_grow.parallel.ports import free_port
 from megatron_grow.platform import cpu
 
 
@@ -32,11 +35,6 @@ class DistributedContext:
 def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
                            timeout_minutes: int = 30) -> DistributedContext:
     """Start torch.distributed (if needed) and MCore model-parallel groups for ``parallel``."""
-    from datetime import timedelta
-
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
     use_cuda = torch.cuda.is_available()
     if not use_cuda and not cpu.cpu_mode_active():
         raise RuntimeError("no CUDA device and CPU mode is not installed: call "
@@ -73,8 +71,6 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -29,36 +29,18 @@ import signal
 import sys
 import tempfile
 
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 3
-STATUS_DIR_ENV = "MG_RANK_STATUS_DIR"
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser
+from torch.distributed.run import run as torchrun
+
+from megatron_grow.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from megatron_grow.parallel.preemption import pending_signal
+from megatron_grow.parallel.rank_status import STATUS_DIR_ENV, worker_exit_codes
+from megatron_grow.parallel.stranded_workers import StrandedWorkerGuard
+
 DEFAULT_SHUTDOWN_TIMEOUT = 600
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
-
-
-def record_exit_code(code: int) -> None:
-    """Worker side: leave this rank's exit code where the launcher looks (no-op outside it)."""
-    status_dir = os.environ.get(STATUS_DIR_ENV)
-    if not status_dir or not os.path.isdir(status_dir):
-        return
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-    try:
-        with open(os.path.join(status_dir, f"rank-{rank}.rc"), "w", encoding="utf-8") as f:
-            f.write(f"{code}\n")
-    except OSError:
-        pass  # the exit code itself still reaches torchrun
-
-
-def worker_exit_codes(status_dir: str) -> dict[str, int]:
-    codes = {}
-    for name in sorted(os.listdir(status_dir)):
-        if name.startswith("rank-") and name.endswith(".rc"):
-            try:
-                with open(os.path.join(status_dir, name), encoding="utf-8") as f:
-                    codes[name[5:-3]] = int(f.read().strip())
-            except (OSError, ValueError):
-                continue
-    return codes
 
 
 def combined_exit_code(worker_codes: dict[str, int], launcher_code: int) -> int:
@@ -72,8 +54,6 @@ def combined_exit_code(worker_codes: dict[str, int], launcher_code: int) -> int:
 
 def torchrun_arguments(argv: list[str]):
     """torchrun's parsed arguments with SIGUSR1 forwarded and a save-friendly shutdown timeout."""
-    from torch.distributed.run import get_args_parser
-
     args = get_args_parser().parse_args(argv)
     handled = [s.strip() for s in (args.signals_to_handle or "").split(",") if s.strip()]
     args.signals_to_handle = ",".join(handled + [s for s in FORWARDED_SIGNALS if s not in handled])
@@ -84,20 +64,11 @@ def torchrun_arguments(argv: list[str]):
 
 def _early_signal(signum, frame):
     """Before torchrun installs its handlers (no worker started yet): stop without a traceback."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
     raise SignalException(f"process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
 
 
 def launch(argv: list[str]) -> int:
     """Run torchrun with ``argv`` (its own syntax); returns the exit code to use (see module doc)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import run as torchrun
-
-    from megatron_grow.parallel.preemption import pending_signal
-    from megatron_grow.parallel.stranded_workers import StrandedWorkerGuard
-
     for name in ("SIGTERM", "SIGUSR1"):
         signal.signal(getattr(signal, name), _early_signal)
     if pending_signal() is not None:  # arrived while Python and torch were importing
@@ -115,7 +86,7 @@ def launch(argv: list[str]) -> int:
                 torchrun(args)
                 launcher_code = 0
             except ChildFailedError:
-                launcher_code = 1
+                launcher_code = EXIT_FAILED
             except SignalException as e:
                 launcher_code = 128 + int(e.sigval)
         codes = worker_exit_codes(status_dir)

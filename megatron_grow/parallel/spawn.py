@@ -19,7 +19,6 @@ import builtins
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import sys
 import tempfile
 import time
@@ -30,13 +29,7 @@ from multiprocessing import reduction
 from typing import Any
 
 from megatron_grow.errors import SpawnError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from megatron_grow.parallel.ports import free_port
 
 # Imported once by the fork server, inherited by every rank it forks: the slow imports. Only
 # third-party modules, whose import-time state does not depend on a test's environment.
@@ -111,8 +104,12 @@ def _rank_main(fn: Callable, args: Sequence, rank: int, world_size: int, port: i
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
     })
     os.environ.update(extra_env)
+    # Imported only now, in the rank, after the caller's environment is in place: torch and our
+    # modules read it at import (under ``spawn``; the fork server has imported torch already), and
+    # the caller of run_in_processes need not pay for torch and Megatron-Core before it starts ranks.
     import torch
 
+    from megatron_grow.parallel.init import destroy_distributed
     from megatron_grow.platform import cpu
 
     cpu.apply_cpu_adaptations()  # each spawned rank is an entry point
@@ -128,8 +125,6 @@ def _rank_main(fn: Callable, args: Sequence, rank: int, world_size: int, port: i
         raise
     finally:
         try:
-            from megatron_grow.parallel.init import destroy_distributed
-
             destroy_distributed()
         except Exception:
             pass

@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import psutil
 
-from megatron_grow.parallel.launch import EXIT_PREEMPTED, worker_exit_codes
+from megatron_grow.errors import EXIT_PREEMPTED
+from megatron_grow.parallel.rank_status import worker_exit_codes
 
 GRACE_S = 5.0
 POLL_S = 0.2

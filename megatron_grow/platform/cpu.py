@@ -40,12 +40,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import multiprocessing as mp
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+# Megatron-Core (and torch._dynamo) are imported inside the functions below, on purpose (cost):
+# __main__ imports this module before every command, and with CUDA apply_cpu_adaptations returns
+# before importing any of it, so a GPU run does not pay the ~3-5 s here; on CPU the version check
+# runs before any patch.
 MCORE_VERSION = "0.16.1"
 CPU = torch.device("cpu")
 
@@ -372,8 +377,6 @@ def _patch_writer_results_queue() -> None:
     """dist_checkpointing creates its writer results queue with a *spawn* Manager, whose server
     re-imports torch and megatron (~7 s on 2 cores, once per process). MCore forks its writer
     processes anyway; a fork Manager serves the same queue in milliseconds."""
-    import multiprocessing as mp
-
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     def fork_queue():

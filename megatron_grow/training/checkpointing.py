@@ -49,6 +49,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factory_merges
+from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+from megatron.core.dist_checkpointing.utils import extract_sharded_base
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
@@ -80,8 +86,6 @@ def stored_optimizer_format(stored_keys) -> str | None:
 
 
 def rng_snapshot() -> dict:
-    from megatron.core import tensor_parallel
-
     state = {"random": random.getstate(), "np": np.random.get_state(), "torch_cpu": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
@@ -90,8 +94,6 @@ def rng_snapshot() -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch_cpu"])
@@ -101,8 +103,6 @@ def restore_rng(state: dict) -> None:
 
 
 def _rng_sharded_object(state: dict | None):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
@@ -141,8 +141,6 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     written by ``megatron-grow grow`` has weights and counters only: the optimizer starts fresh
     (the paper's reset) and the caller starts a fresh schedule at its iteration.
     """
-    from megatron.core import dist_checkpointing
-
     ckpt_dir, it = paths.resolve_checkpoint_dir(root)
     info = read_checkpoint_info(ckpt_dir, it)
     models = [unwrap(c) for c in chunks]
@@ -203,11 +201,6 @@ def load_optimizer_in_memory(optimizer, chunks: Sequence[torch.nn.Module], fill_
     hold (param_groups with Adam's step). Mirrors ``dist_checkpointing.load``: factories
     applied, tensors filled, merged with the common part, factory merges applied.
     """
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
-    from megatron.core.dist_checkpointing.mapping import apply_factory_merges
-    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
-    from megatron.core.dist_checkpointing.utils import extract_sharded_base
-
     models = [unwrap(c) for c in chunks]
     state = io.model_sharded_state_dict(models)
     model_sd = state["model"] if len(models) == 1 else state
@@ -245,8 +238,6 @@ def load_optimizer_state(optimizer, loaded) -> None:
       ``KeyError: 'step'``. The param state is loaded in a second call with ``step`` set aside,
       then every parameter gets the saved step (``restore_adam_steps``).
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     inner = _inner_optimizers(optimizer)
     saved_groups = _saved_param_groups(loaded)
     with torch.no_grad():  # fp32 main params are views of parameters that require grad

@@ -18,13 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_grow.config.schema import Recipe
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], recipe: Recipe) -> list:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -39,8 +40,6 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], recipe: Recipe) -> list:
 
 
 def build_optimizer(chunks: Sequence[torch.nn.Module], recipe: Recipe, params_dtype: torch.dtype):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     t = recipe.training
     config = OptimizerConfig(
         optimizer="adam",
@@ -65,8 +64,6 @@ def build_scheduler(optimizer, recipe: Recipe, schedule_steps: int, override: bo
     A scheduler state loaded later keeps its own values, unless ``override`` (then the recipe's
     values win and only the step count is taken from the state, as Megatron-LM's
     ``--override-opt_param-scheduler``)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     t = recipe.training
     steps = max(schedule_steps, 1)
     warmup = min(t.lr_warmup_iters, steps)

@@ -78,7 +78,7 @@ def resolve_peak(configured_tflops: float | None, device_name: str | None) -> Pe
 
 def current_device_peak(configured_tflops: float | None) -> PeakFlops:
     """:func:`resolve_peak` for this process's CUDA device (or none)."""
-    import torch
+    import torch  # lazy (cost): `megatron-grow plan`'s parser imports this module; torch takes ~2 s
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return resolve_peak(configured_tflops, name)

@@ -20,6 +20,8 @@ from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
+from megatron_grow.models.mcore_config import padded_vocab_size
+from megatron_grow.training.optimizer import build_scheduler
 
 ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_moe_experts",
@@ -32,8 +34,6 @@ ARCHITECTURE_FIELDS = (
 
 def architecture_differences(recorded: ModelConfig, wanted: ModelConfig) -> list[str]:
     """``field: checkpoint X, recipe Y`` for every architecture field that differs."""
-    from megatron_grow.models.mcore_config import padded_vocab_size
-
     out = []
     for name in ARCHITECTURE_FIELDS:
         old, new = getattr(recorded, name), getattr(wanted, name)
@@ -65,8 +65,6 @@ def apply_recipe_schedule(optimizer, scheduler, recipe: Recipe, ckpt_dir: str, i
     compared is the loaded scheduler's own state (the schedule the run was actually following),
     so a checkpoint re-saved by another run compares the same as the original.
     """
-    from megatron_grow.training.optimizer import build_scheduler
-
     start = iteration - int(scheduler.num_steps)
     state = scheduler.state_dict()
     changes = scheduler_differences(state, recipe, start)

@@ -50,7 +50,8 @@ from megatron_grow.data.datasets import (
     parse_data_path,
 )
 from megatron_grow.data.tokenizer import load_tokenizer
-from megatron_grow.errors import TrainingError
+from megatron_grow.errors import EXIT_PREEMPTED, TrainingError
+from megatron_grow.log import component_log
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.forward import causal_attention_mask
 from megatron_grow.models.routing import RoutingCounter
@@ -63,8 +64,6 @@ from megatron_grow.training.metrics import MetricSinks
 from megatron_grow.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_grow.training.peak_flops import current_device_peak
 from megatron_grow.training.resume import apply_recipe_schedule
-
-EXIT_PREEMPTED = 3  # saved after SIGUSR1/SIGTERM; the launcher may requeue
 
 
 @dataclass
@@ -113,8 +112,7 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-def log(msg: str) -> None:
-    print_rank0(msg)
+log = component_log("train")
 
 
 def check_data_inputs(recipe: Recipe, model: ModelConfig | None = None) -> None:
@@ -183,7 +181,7 @@ class _IntervalMetrics:
             return None
         tr = self.trainer
         achieved = tr.flops_per_step * self.run_steps / self.run_seconds / tr.ctx.world_size
-        return (f"[train] throughput over {self.run_steps} steps: "
+        return (f"throughput over {self.run_steps} steps: "
                 f"{tr.tokens_per_step * self.run_steps / self.run_seconds:,.0f} tok/s, "
                 f"{achieved / 1e12:.1f} TFLOP/s/GPU, MFU {achieved / self.peak.flops:.1%} of {self.peak.describe()}")
 
@@ -255,9 +253,10 @@ class Trainer:
         if not scheduler_loaded:  # e.g. the output of `megatron-grow grow`: a fresh schedule from here
             scheduler = build_scheduler(self.optimizer, recipe, train_iters - counters["iteration"])
         else:  # a recipe whose schedule differs from the checkpoint's: applied and logged
-            scheduler = apply_recipe_schedule(self.optimizer, scheduler, recipe, ckpt_dir, counters["iteration"], log)
+            scheduler = apply_recipe_schedule(self.optimizer, scheduler, recipe, ckpt_dir, counters["iteration"],
+                                              print_rank0)
         self.counters, self.lineage, self.scheduler = counters, lineage, scheduler
-        log(f"[train] resumed from {ckpt_dir} at iteration {counters['iteration']} "
+        log(f"resumed from {ckpt_dir} at iteration {counters['iteration']} "
             f"({counters['consumed_samples']} samples)")
 
     def _initialize_weights(self) -> None:
@@ -411,7 +410,7 @@ class Trainer:
                                                    self.model_cfg, self.counters, self.lineage,
                                                    self.ctx.layout.as_record(),
                                                    keep_last=ck.keep_last)
-        log(f"[train] saved {self.last_saved}")
+        log(f"saved {self.last_saved}")
         return self.last_saved
 
     # ------------------------------------------------------------------------------------ run
@@ -423,15 +422,15 @@ class Trainer:
         self.build_data()
         start = self.counters["iteration"]
         if start >= t.train_iters:
-            log(f"[train] nothing to do: checkpoint is at iteration {start} >= training.train_iters "
+            log(f"nothing to do: checkpoint is at iteration {start} >= training.train_iters "
                 f"({t.train_iters})")
             return RunResult(0, start, counters=self.counters)
-        log(f"[train] iterations {start} -> {t.train_iters}; {self.num_micro} micro batches x "
+        log(f"iterations {start} -> {t.train_iters}; {self.num_micro} micro batches x "
             f"{t.micro_batch_size} x DP {self.dp} = {t.global_batch_size} sequences of {self.model_cfg.seq_length}; "
             f"{self.flops_per_step:.3e} FLOPs/step")
         result = RunResult(counters=self.counters)
         metrics, signals = _IntervalMetrics(self, result), _SignalFlag()
-        log(f"[train] MFU against {metrics.peak.describe()}")
+        log(f"MFU against {metrics.peak.describe()}")
         try:
             self._train_loop(result, metrics, signals)
         finally:
@@ -458,7 +457,7 @@ class Trainer:
             if ck.save and (iteration % ck.save_interval == 0 or iteration == t.train_iters or stop):
                 self.save()
             if stop:
-                log(f"[train] signal {signals.signum or 'on another rank'}: saved at iteration {iteration}, "
+                log(f"signal {signals.signum or 'on another rank'}: saved at iteration {iteration}, "
                     f"exiting with code {EXIT_PREEMPTED}")
                 result.exit_code = EXIT_PREEMPTED
                 return
@@ -469,7 +468,7 @@ class Trainer:
         result.last_checkpoint = self.last_saved
         if result.valid_losses:
             first, last = result.valid_losses[0][1], result.valid_losses[-1][1]
-            log(f"[train] done at iteration {result.iteration}: validation loss {first:.4f} -> {last:.4f}; "
+            log(f"done at iteration {result.iteration}: validation loss {first:.4f} -> {last:.4f}; "
                 f"{counters['flops_so_far']:.3e} FLOPs so far ({counters['sunk_flops']:.3e} sunk)")
         return result
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from megatron_grow.cli.launch import split_argv
-from megatron_grow.parallel import launch
+from megatron_grow.parallel import launch, rank_status
 from megatron_grow.parallel.stranded_workers import StrandedWorkerGuard
 
 COMMANDS = {"train", "grow", "verify", "launch"}
@@ -28,17 +28,17 @@ def test_combined_exit_code_prefers_preempted_then_bad_input():
 
 
 def test_record_and_read_worker_codes(tmp_path, monkeypatch):
-    monkeypatch.setenv(launch.STATUS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(rank_status.STATUS_DIR_ENV, str(tmp_path))
     for rank, code in (("0", 3), ("1", 2)):
         monkeypatch.setenv("RANK", rank)
-        launch.record_exit_code(code)
+        rank_status.record_exit_code(code)
     (tmp_path / "rank-9.rc").write_text("garbage")
-    assert launch.worker_exit_codes(str(tmp_path)) == {"0": 3, "1": 2}
+    assert rank_status.worker_exit_codes(str(tmp_path)) == {"0": 3, "1": 2}
 
 
 def test_record_outside_launch_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.delenv(launch.STATUS_DIR_ENV, raising=False)
-    launch.record_exit_code(2)
+    monkeypatch.delenv(rank_status.STATUS_DIR_ENV, raising=False)
+    rank_status.record_exit_code(2)
     assert os.listdir(tmp_path) == []
 
 

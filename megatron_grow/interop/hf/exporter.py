@@ -14,8 +14,9 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
-from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import ModelConfig
@@ -33,7 +34,15 @@ _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def hf_origin(ckpt_dir: str, depth: int = 8) -> dict | None:
-    """The ``hf_import`` record of this checkpoint or, through the growth lineage, of its ancestors."""
+    """The ``hf_import`` record of this checkpoint or, through the growth lineage, of its ancestors.
+
+    Args:
+        ckpt_dir: an ``iter_NNNNNNN`` directory.
+        depth: how many lineage steps to follow at most.
+
+    Returns:
+        The record (``hf_dir``, ``architecture``, ...), or None when no ancestor came from HF.
+    """
     manifest = io.read_manifest(ckpt_dir)
     if manifest.get("hf_import"):
         return manifest["hf_import"]
@@ -84,11 +93,21 @@ def _constant_tensors(model: ModelConfig, family: Family) -> dict[tuple, dict[st
 
 
 def plan_export(model: ModelConfig, family: Family, reader: CheckpointReader):
-    """(groups in order: {group: [items]}, HF names per group, HF sources, constant tensors)."""
-    padded = reader.stored(tensor_map.EMBEDDING).shape[0]
+    """What an export reads and writes, group by group (non-layer tensors, each layer, each expert).
+
+    Args:
+        model: the checkpoint's architecture.
+        family: the HF class to write.
+        reader: the checkpoint.
+
+    Returns:
+        ``(groups, names, sources, constants)``: ``{group: [items]}`` in order, the HF names each group
+        completes, the HF sources (``tensor_map.hf_sources``) and tensors with constant values.
+    """
+    padded = reader.stored(keys.EMBEDDING).shape[0]
     items = []
     for it in tensor_map.all_items(model, family, padded):
-        if it.key == tensor_map.OUTPUT and not model.untie_embeddings_and_output_weights \
+        if it.key == keys.OUTPUT_LAYER and not model.untie_embeddings_and_output_weights \
                 and it.key not in reader:
             continue  # tied: transformers ties lm_head to the embedding
         _check_stored(reader, it)
@@ -121,8 +140,13 @@ def _hf_config(model: ModelConfig, family: Family, fields: dict, dtype: torch.dt
 def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
               tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               overwrite: bool = False, progress: bool = True) -> dict:
-    from tqdm import tqdm
+    """Write checkpoint ``load`` as a Hugging Face model directory (one process, sharded safetensors).
 
+    Args: ``load`` (run root or ``iter_N``), ``hf_dir`` (appears only once complete), ``architecture`` (default:
+    the class it came from, else the first that fits), ``dtype`` (``auto``: as stored), ``tokenizer`` (files to copy
+    in), ``max_shard_bytes``, ``overwrite`` (replace ``hf_dir``), ``progress``. Returns: a summary (checkpoint,
+    hf_dir, architecture, tensors, shards, bytes written and read, dtype, tokenizer files, seconds).
+    """
     t0 = time.perf_counter()
     ckpt_dir, iteration = paths.resolve_checkpoint_dir(load)
     info = read_checkpoint_info(ckpt_dir, iteration)
@@ -139,7 +163,7 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
         raise InteropError(f"--hf-dir {hf_dir} exists and is not empty; pass --overwrite to replace it")
     reader = CheckpointReader(ckpt_dir)
     groups, names, sources, constants = plan_export(model, family, reader)
-    out_dtype = reader.stored(tensor_map.EMBEDDING).dtype if dtype == "auto" else DTYPES[dtype]
+    out_dtype = reader.stored(keys.EMBEDDING).dtype if dtype == "auto" else DTYPES[dtype]
     shapes = tensor_map.hf_tensor_shapes([it for its in groups.values() for it in its])
     plan = []
     for g in groups:

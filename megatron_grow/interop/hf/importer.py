@@ -14,14 +14,17 @@ import sys
 import time
 
 import torch
+from megatron.core.dist_checkpointing.mapping import apply_factories
+from tqdm import tqdm
 
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.architecture import model_config_from_dict
+from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_sourced
 from megatron_grow.checkpoint.manifest import build_manifest, empty_counters
+from megatron_grow.checkpoint.megatron_args import common_state
 from megatron_grow.config.layout_rules import model_layout_problems
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
 from megatron_grow.errors import InteropError
-from megatron_grow.growth.grow import common_state, poison_parameters, verify_all_sourced
 from megatron_grow.interop.hf import tensor_map
 from megatron_grow.interop.hf.families import family_for_hf_config
 from megatron_grow.interop.hf.families.base import Family
@@ -33,6 +36,20 @@ from megatron_grow.parallel.init import initialize_distributed
 
 
 def model_from_hf_config(hf: dict, family: Family, where: str, seq_length: int | None = None) -> ModelConfig:
+    """Our ``ModelConfig`` for an HF ``config.json``, read by its family and checked like a recipe.
+
+    Args:
+        hf: the ``config.json`` dict.
+        family: its family (``families.family_for_hf_config``).
+        where: the file, named in every refusal.
+        seq_length: ``model.seq_length`` to record (default: the family's choice).
+
+    Returns:
+        The model configuration.
+
+    Raises:
+        InteropError: a setting with no exact equivalent; ConfigError: the result is not a valid model.
+    """
     fields = family.read_config(hf, where)
     if seq_length:
         fields["seq_length"] = seq_length
@@ -40,7 +57,15 @@ def model_from_hf_config(hf: dict, family: Family, where: str, seq_length: int |
 
 
 def describe_hf_model(hf_dir: str, seq_length: int | None = None) -> tuple[dict, Family, ModelConfig]:
-    """(config.json, family, our ModelConfig) for an HF directory; all refusals happen here."""
+    """(config.json, family, our ModelConfig) for an HF directory; all refusals happen here.
+
+    Args:
+        hf_dir: the HF model directory.
+        seq_length: ``model.seq_length`` to record.
+
+    Returns:
+        ``(hf config, family, model)``.
+    """
     hf = read_hf_config(hf_dir)
     where = os.path.join(hf_dir, "config.json")
     family = family_for_hf_config(hf, where)
@@ -49,7 +74,18 @@ def describe_hf_model(hf_dir: str, seq_length: int | None = None) -> tuple[dict,
 
 def read_region(item: tensor_map.Item, offsets: tuple, sizes: tuple, ckpt: SafetensorsCheckpoint,
                 dtype: torch.dtype) -> torch.Tensor:
-    """The region ``[offsets, offsets + sizes)`` of one item, read from the HF files."""
+    """The region ``[offsets, offsets + sizes)`` of one item, read from the HF files.
+
+    Args:
+        item: one layer's (or expert's) slice of a stored tensor (``tensor_map.Item``).
+        offsets: the region's start within the item, per dim.
+        sizes: the region's size, per dim.
+        ckpt: the HF files.
+        dtype: the dtype of the result.
+
+    Returns:
+        The region (rows past the real vocabulary are zeros).
+    """
     out = torch.empty(sizes, dtype=dtype)
     r0, n = offsets[0], sizes[0]
     rest = tuple(slice(o, o + s) for o, s in zip(offsets[1:], sizes[1:]))
@@ -81,10 +117,19 @@ def _item_of(st, index: dict) -> tensor_map.Item:
 @torch.no_grad()
 def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: SafetensorsCheckpoint,
                  tp: int, progress: bool = True) -> int:
-    """Fill this rank's model chunks from the HF files; returns bytes read."""
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-    from tqdm import tqdm
+    """Fill this rank's model chunks from the HF files (only the slices this rank holds).
 
+    Args:
+        model_chunks: this rank's model chunks.
+        model: their architecture.
+        family: the HF class.
+        ckpt: the HF files.
+        tp: the tensor-parallel size (for the padded vocabulary).
+        progress: show a progress bar.
+
+    Returns:
+        The bytes read by this rank.
+    """
     items = tensor_map.all_items(model, family, padded_vocab_size(model, tp))
     index = {(it.key, it.layer, it.expert): it for it in items}
     sd = io.model_sharded_state_dict(model_chunks)
@@ -112,7 +157,21 @@ def _check_destination(save: str, overwrite: bool) -> None:
 
 def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: int | None = None,
               overwrite: bool = False, progress: bool = True, seed: int = 1234) -> dict:
-    """Convert ``hf_dir`` into a checkpoint under ``save`` laid out as ``parallel`` (collective)."""
+    """Convert ``hf_dir`` into a checkpoint under ``save`` laid out as ``parallel`` (collective).
+
+    Args:
+        hf_dir: the HF model directory (``config.json`` + safetensors).
+        save: the destination checkpoint root.
+        parallel: the layout of the checkpoint to write.
+        seq_length: ``model.seq_length`` to record.
+        overwrite: write into a non-empty ``save``.
+        progress: show a progress bar.
+        seed: the seed of the model's (poisoned, then filled) initialisation.
+
+    Returns:
+        A summary: ``hf_dir``, ``architecture``, ``checkpoint``, ``model``, ``world_size``, ``layout``,
+        ``bytes_read`` (all ranks), ``seconds``, ``tracker``.
+    """
     t0 = time.perf_counter()
     hf, family, model = describe_hf_model(hf_dir, seq_length)
     ckpt = SafetensorsCheckpoint(hf_dir)

@@ -28,6 +28,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def read_hf_config(hf_dir: str) -> dict:
+    """An HF model directory's ``config.json``.
+
+    Args:
+        hf_dir: the model directory (``--hf-dir``).
+
+    Returns:
+        The parsed config.
+
+    Raises:
+        InteropError: not a directory, no ``config.json``, or unreadable.
+    """
     path = os.path.join(hf_dir, CONFIG_NAME)
     if not os.path.isdir(hf_dir):
         raise InteropError(f"--hf-dir {hf_dir} is not a directory")
@@ -64,7 +75,7 @@ class SafetensorsCheckpoint:
         self._handles: dict[str, object] = {}
 
     def _open(self, rel: str):
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: optional dependency (the hf extra)
 
         path = os.path.join(self.hf_dir, rel)
         try:
@@ -81,10 +92,29 @@ class SafetensorsCheckpoint:
         return self._handles[rel]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of HF tensor ``name`` (from the file header; no data read).
+
+        Args:
+            name: an HF tensor name.
+
+        Returns:
+            Its shape.
+        """
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def read(self, name: str, region: Sequence[slice]) -> torch.Tensor:
-        """``tensor[region]`` (one slice per leading dim), reading only those bytes."""
+        """``tensor[region]`` (one slice per leading dim), reading only those bytes.
+
+        Args:
+            name: an HF tensor name.
+            region: one slice per leading dim.
+
+        Returns:
+            The region, in the stored dtype.
+
+        Raises:
+            InteropError: the read fails.
+        """
         try:
             return self._handle(name).get_slice(name)[tuple(region)]
         except InteropError:
@@ -93,7 +123,14 @@ class SafetensorsCheckpoint:
             raise InteropError(f"reading {name} from {self.hf_dir} failed ({type(e).__name__}: {e})") from None
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Every tensor the model needs must be present with the shape config.json implies."""
+        """Every tensor the model needs must be present with the shape config.json implies.
+
+        Args:
+            expected: ``{HF tensor name: shape}`` (``tensor_map.hf_tensor_shapes``).
+
+        Raises:
+            InteropError: naming the first tensor whose shape differs.
+        """
         for name, shape in expected.items():
             got = self.shape(name)
             if got != tuple(shape):
@@ -130,12 +167,26 @@ class ShardedSafetensorsWriter:
         self.dtypes = {name: dtype for name, _, dtype in plan}
 
     def filename(self, shard: int) -> str:
+        """The file name of shard ``shard`` (0-based), as ``save_pretrained`` names them.
+
+        Args:
+            shard: the shard index.
+
+        Returns:
+            ``model.safetensors`` for a single shard, else ``model-0000N-of-0000M.safetensors``.
+        """
         if self.num_shards == 1:
             return SINGLE_NAME
         return f"model-{shard + 1:05d}-of-{self.num_shards:05d}.safetensors"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        """Hold ``tensor`` (converted to its planned dtype) and write its shard once the shard is full.
+
+        Args:
+            name: a planned HF tensor name.
+            tensor: its values.
+        """
+        from safetensors.torch import save_file  # lazy: optional dependency (the hf extra)
 
         s = self.shard_of[name]
         self.buffers[s][name] = tensor.to(self.dtypes[name]).contiguous().clone()
@@ -145,13 +196,35 @@ class ShardedSafetensorsWriter:
             self.buffers[s] = {}
 
     def write_json(self, name: str, obj: dict) -> None:
+        """Write ``obj`` as ``name`` in the staging directory.
+
+        Args:
+            name: the file name (e.g. ``config.json``).
+            obj: the JSON-ready content.
+        """
         with open(os.path.join(self.staging, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
 
     def copy_in(self, path: str) -> None:
+        """Copy a file (e.g. a tokenizer file) into the staging directory.
+
+        Args:
+            path: the file to copy; it keeps its base name.
+        """
         shutil.copy2(path, os.path.join(self.staging, os.path.basename(path)))
 
     def finish(self, overwrite: bool) -> str:
+        """Write the shard index and move the staging directory into place.
+
+        Args:
+            overwrite: replace an ``out_dir`` that appeared during the export.
+
+        Returns:
+            The final directory.
+
+        Raises:
+            InteropError: a shard was never filled, or ``out_dir`` appeared and ``overwrite`` is false.
+        """
         unwritten = [self.filename(s) for s, n in enumerate(self.remaining) if n]
         if unwritten:
             raise InteropError(f"export incomplete: shards {unwritten} were never filled")
@@ -170,6 +243,7 @@ class ShardedSafetensorsWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        """Remove the staging directory (the export failed); ``out_dir`` is untouched."""
         shutil.rmtree(self.staging, ignore_errors=True)
 
 

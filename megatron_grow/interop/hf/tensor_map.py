@@ -20,28 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_grow.checkpoint import keys
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.interop.hf.families.base import Family
-
-# Megatron-Core storage keys (the same for the local spec, whose norms MCore saves under TE names).
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT = "output_layer.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
-_L = "decoder.layers."
-INPUT_NORM = _L + "self_attention.linear_qkv.layer_norm_weight"
-QKV = _L + "self_attention.linear_qkv.weight"
-QKV_BIAS = _L + "self_attention.linear_qkv.bias"
-PROJ = _L + "self_attention.linear_proj.weight"
-Q_NORM = _L + "self_attention.q_layernorm.weight"
-K_NORM = _L + "self_attention.k_layernorm.weight"
-PRE_MLP_NORM = _L + "mlp.linear_fc1.layer_norm_weight"
-ROUTER = _L + "mlp.router.weight"
-EXPERT_BIAS = _L + "mlp.router.expert_bias"
-FC1 = _L + "mlp.experts.experts.linear_fc1.weight"
-FC2 = _L + "mlp.experts.experts.linear_fc2.weight"
-SHARED_FC1 = _L + "mlp.shared_experts.linear_fc1.weight"
-SHARED_FC2 = _L + "mlp.shared_experts.linear_fc2.weight"
-SHARED_GATE = _L + "mlp.shared_experts.gate_weight"
 
 
 @dataclass(frozen=True)
@@ -55,6 +36,8 @@ class Piece:
 
 @dataclass(frozen=True)
 class Item:
+    """One layer's (or one layer-and-expert's) slice of a stored tensor, as row blocks of HF tensors."""
+
     key: str
     layer: int | None
     expert: int | None
@@ -82,60 +65,87 @@ def _qkv_pieces(prefix: str, suffix: str, model: ModelConfig) -> tuple[Piece, ..
 
 
 def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
-    """One layer's items: attention and norms, router, shared expert, then each routed expert."""
+    """One layer's items: attention and norms, router, shared expert, then each routed expert.
+
+    Args:
+        model: the architecture.
+        family: the HF class (its on-disk names).
+        layer: the 0-based layer index.
+
+    Returns:
+        The items, in that order.
+    """
     n = family.naming
     H, d = model.hidden_size, model.kv_channels
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
     p = f"model.layers.{layer}."
     att = p + "self_attn."
-    items = [Item(INPUT_NORM, layer, None, (H,), _whole(p + "input_layernorm.weight", H)),
-             Item(QKV, layer, None, (q + 2 * kv, H), _qkv_pieces(att, "weight", model))]
+    items = [Item(keys.INPUT_NORM, layer, None, (H,), _whole(p + "input_layernorm.weight", H)),
+             Item(keys.QKV, layer, None, (q + 2 * kv, H), _qkv_pieces(att, "weight", model))]
     if model.add_qkv_bias:
-        items.append(Item(QKV_BIAS, layer, None, (q + 2 * kv,), _qkv_pieces(att, "bias", model)))
-    items.append(Item(PROJ, layer, None, (H, q), _whole(att + "o_proj.weight", H)))
+        items.append(Item(keys.QKV_BIAS, layer, None, (q + 2 * kv,), _qkv_pieces(att, "bias", model)))
+    items.append(Item(keys.PROJ, layer, None, (H, q), _whole(att + "o_proj.weight", H)))
     if model.qk_layernorm:
         qn, kn = (q, kv) if model.qk_layernorm_across_heads else (d, d)  # OLMoE: one norm over all heads
-        items += [Item(Q_NORM, layer, None, (qn,), _whole(att + "q_norm.weight", qn)),
-                  Item(K_NORM, layer, None, (kn,), _whole(att + "k_norm.weight", kn))]
+        items += [Item(keys.Q_NORM, layer, None, (qn,), _whole(att + "q_norm.weight", qn)),
+                  Item(keys.K_NORM, layer, None, (kn,), _whole(att + "k_norm.weight", kn))]
     E, F = model.num_moe_experts, model.moe_ffn_hidden_size
-    items += [Item(PRE_MLP_NORM, layer, None, (H,), _whole(p + "post_attention_layernorm.weight", H)),
-              Item(ROUTER, layer, None, (E, H), _whole(f"{p}{n.moe_block}.gate.weight", E))]
+    items += [Item(keys.LOCAL_PRE_MLP_NORM, layer, None, (H,), _whole(p + "post_attention_layernorm.weight", H)),
+              Item(keys.ROUTER, layer, None, (E, H), _whole(f"{p}{n.moe_block}.gate.weight", E))]
     if model.moe_router_enable_expert_bias:
-        items.append(Item(EXPERT_BIAS, layer, None, (E,), _whole(p + n.router_bias, E) if n.router_bias
+        items.append(Item(keys.EXPERT_BIAS, layer, None, (E,), _whole(p + n.router_bias, E) if n.router_bias
                           else ()))
     S = model.moe_shared_expert_intermediate_size
     if S:
         sp = f"{p}{n.shared_expert}."
-        items += [Item(SHARED_FC1, layer, None, (2 * S, H),
+        items += [Item(keys.SHARED_FC1, layer, None, (2 * S, H),
                        (Piece(sp + "gate_proj.weight", 0, S), Piece(sp + "up_proj.weight", 0, S))),
-                  Item(SHARED_FC2, layer, None, (H, S), _whole(sp + "down_proj.weight", H))]
+                  Item(keys.SHARED_FC2, layer, None, (H, S), _whole(sp + "down_proj.weight", H))]
         if model.moe_shared_expert_gate:
-            items.append(Item(SHARED_GATE, layer, None, (1, H), _whole(p + n.shared_expert_gate, 1)))
+            items.append(Item(keys.SHARED_GATE, layer, None, (1, H), _whole(p + n.shared_expert_gate, 1)))
     gate, up, down = n.expert_proj
     for e in range(E):
         ep = f"{p}{n.moe_block}.experts.{e}."
-        items += [Item(FC1, layer, e, (2 * F, H), (Piece(ep + f"{gate}.weight", 0, F),
+        items += [Item(keys.EXPERT_FC1, layer, e, (2 * F, H), (Piece(ep + f"{gate}.weight", 0, F),
                                                    Piece(ep + f"{up}.weight", 0, F))),
-                  Item(FC2, layer, e, (H, F), _whole(ep + f"{down}.weight", H))]
+                  Item(keys.EXPERT_FC2, layer, e, (H, F), _whole(ep + f"{down}.weight", H))]
     return items
 
 
 def vocab_items(model: ModelConfig, padded_vocab: int) -> tuple[list[Item], list[Item]]:
-    """(first, last) non-layer items; rows past the real vocabulary are MCore padding (zeros)."""
+    """(first, last) non-layer items; rows past the real vocabulary are MCore padding (zeros).
+
+    Args:
+        model: the architecture.
+        padded_vocab: MCore's padded vocabulary size.
+
+    Returns:
+        ``([embedding], [final norm, output layer])``.
+    """
     H, V = model.hidden_size, model.vocab_size
 
     def padded(name: str) -> tuple[Piece, ...]:
         return (Piece(name, 0, V),) + ((Piece(None, 0, padded_vocab - V),) if padded_vocab > V else ())
 
-    first = [Item(EMBEDDING, None, None, (padded_vocab, H), padded("model.embed_tokens.weight"))]
-    last = [Item(FINAL_NORM, None, None, (H,), _whole("model.norm.weight", H))]
+    first = [Item(keys.EMBEDDING, None, None, (padded_vocab, H), padded("model.embed_tokens.weight"))]
+    last = [Item(keys.FINAL_NORM, None, None, (H,), _whole("model.norm.weight", H))]
     # Tied weights: MCore's output layer (on the last pipeline stage) holds a copy of the embedding.
     head = "lm_head.weight" if model.untie_embeddings_and_output_weights else "model.embed_tokens.weight"
-    last.append(Item(OUTPUT, None, None, (padded_vocab, H), padded(head)))
+    last.append(Item(keys.OUTPUT_LAYER, None, None, (padded_vocab, H), padded(head)))
     return first, last
 
 
 def all_items(model: ModelConfig, family: Family, padded_vocab: int) -> list[Item]:
+    """Every item of the model, in checkpoint order.
+
+    Args:
+        model: the architecture.
+        family: the HF class.
+        padded_vocab: MCore's padded vocabulary size.
+
+    Returns:
+        The embedding, each layer's items, then the final norm and the output layer.
+    """
     first, last = vocab_items(model, padded_vocab)
     out = list(first)
     for layer in range(model.num_layers):
@@ -144,7 +154,14 @@ def all_items(model: ModelConfig, family: Family, padded_vocab: int) -> list[Ite
 
 
 def hf_tensor_shapes(items: list[Item]) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor the items read, with its shape (rows summed over its pieces)."""
+    """Every HF tensor the items read, with its shape (rows summed over its pieces).
+
+    Args:
+        items: items of :func:`all_items`.
+
+    Returns:
+        ``{HF tensor name: shape}``.
+    """
     rows: dict[str, int] = {}
     trailing: dict[str, tuple] = {}
     for it in items:
@@ -160,6 +177,12 @@ def hf_sources(items: list[Item]) -> dict[str, list[tuple[int, Item, int, int]]]
     """Inverse map for export: HF name -> [(hf_row, item, item_row, rows)] sorted by hf_row.
 
     An HF tensor read by two items (tied embedding and output layer) is sourced from the first.
+
+    Args:
+        items: items of :func:`all_items`.
+
+    Returns:
+        ``{HF tensor name: [(hf_row, item, item_row, rows)]}``.
     """
     out: dict[str, list] = {}
     owner: dict[str, tuple] = {}
@@ -175,4 +198,13 @@ def hf_sources(items: list[Item]) -> dict[str, list[tuple[int, Item, int, int]]]
 
 
 def nbytes(shape: tuple[int, ...], element_size: int) -> int:
+    """The bytes of a tensor of ``shape``.
+
+    Args:
+        shape: the tensor's shape.
+        element_size: bytes per element.
+
+    Returns:
+        ``prod(shape) * element_size``.
+    """
     return math.prod(shape) * element_size

@@ -9,45 +9,46 @@ wrong mapping shows up in the logits.
 from __future__ import annotations
 
 import torch
+import transformers as T
 
-ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM",
-                 "Glm4MoeForCausalLM")
+from megatron_grow.interop.hf.families import FAMILIES
+
+ARCHITECTURES = tuple(FAMILIES)
 
 
 def tiny_config(architecture: str, vocab_size: int = 300, **overrides):
-    """A ``transformers`` config of ``architecture`` with a few-hundred-kilobyte model."""
-    import transformers as T
+    """A ``transformers`` config of ``architecture`` with a few-hundred-kilobyte model.
 
+    Args:
+        architecture: a supported class name (``config.json``'s ``architectures[0]``).
+        vocab_size: the vocabulary size.
+        **overrides: config fields that replace the tiny defaults.
+
+    Returns:
+        The ``transformers`` config (e.g. ``Qwen3MoeConfig``): shared small sizes, then the family's
+        ``tiny_config`` fields, then ``overrides``.
+    """
+    if architecture not in FAMILIES:
+        raise ValueError(f"no tiny config for {architecture}; choose from {ARCHITECTURES}")
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
                   num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    if architecture == "Qwen3MoeForCausalLM":
-        cfg = dict(common, head_dim=16, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
-                   norm_topk_prob=True, rope_theta=1000000.0)
-        return T.Qwen3MoeConfig(**{**cfg, **overrides})
-    if architecture == "MixtralForCausalLM":
-        cfg = dict(common, num_local_experts=8, intermediate_size=32, sliding_window=None)
-        return T.MixtralConfig(**{**cfg, **overrides})
-    if architecture == "OlmoeForCausalLM":
-        cfg = dict(common, num_experts=8, intermediate_size=32, norm_topk_prob=False, clip_qkv=None)
-        return T.OlmoeConfig(**{**cfg, **overrides})
-    if architecture == "Qwen2MoeForCausalLM":
-        cfg = dict(common, num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                   intermediate_size=96, norm_topk_prob=False)
-        return T.Qwen2MoeConfig(**{**cfg, **overrides})
-    if architecture == "Glm4MoeForCausalLM":
-        cfg = dict(common, head_dim=16, n_routed_experts=8, moe_intermediate_size=32, intermediate_size=96,
-                   n_shared_experts=0, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=True,
-                   routed_scaling_factor=2.5, use_qk_norm=True, partial_rotary_factor=1.0, attention_bias=False)
-        return T.Glm4MoeConfig(**{**cfg, **overrides})
-    raise ValueError(f"no tiny config for {architecture}; choose from {ARCHITECTURES}")
+    family = FAMILIES[architecture]
+    return T.AutoConfig.for_model(family.model_type, **{**common, **family.tiny_config, **overrides})
 
 
 @torch.no_grad()
 def make_tiny_model(architecture: str, seed: int = 0, **overrides):
-    """A random fp32 ``transformers`` causal LM of ``architecture`` (see the module docstring)."""
-    import transformers as T
+    """A random fp32 ``transformers`` causal LM of ``architecture`` (see the module docstring).
 
+    Args:
+        architecture: a supported class name.
+        seed: the seed of its weights.
+        **overrides: config fields (:func:`tiny_config`).
+
+    Returns:
+        The model, in eval mode.
+    """
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides), dtype=torch.float32)
     for name, p in model.named_parameters():
@@ -63,7 +64,18 @@ def make_tiny_model(architecture: str, seed: int = 0, **overrides):
 
 def save_tiny_model(architecture: str, out_dir: str, seed: int = 0, max_shard_size: str = "200KB",
                     **overrides) -> str:
-    """``make_tiny_model`` written with ``save_pretrained`` (sharded safetensors + index)."""
+    """``make_tiny_model`` written with ``save_pretrained`` (sharded safetensors + index).
+
+    Args:
+        architecture: a supported class name.
+        out_dir: the directory to write.
+        seed: the seed of its weights.
+        max_shard_size: ``save_pretrained``'s shard size.
+        **overrides: config fields (:func:`tiny_config`).
+
+    Returns:
+        ``out_dir``.
+    """
     model = make_tiny_model(architecture, seed, **overrides)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     return out_dir

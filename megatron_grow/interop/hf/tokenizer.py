@@ -20,7 +20,18 @@ from megatron_grow.errors import InteropError
 
 
 def sentencepiece_to_hf_dir(model_file: str, out_dir: str) -> str:
-    """Write ``tokenizer.model`` + ``tokenizer_config.json`` for ``model_file`` into ``out_dir``."""
+    """Write ``tokenizer.model`` + ``tokenizer_config.json`` for ``model_file`` into ``out_dir``.
+
+    Args:
+        model_file: a SentencePiece model.
+        out_dir: the directory to write (created if needed).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        InteropError: ``model_file`` does not exist.
+    """
     if not os.path.isfile(model_file):
         raise InteropError(f"tokenizer {model_file} does not exist")
     os.makedirs(out_dir, exist_ok=True)

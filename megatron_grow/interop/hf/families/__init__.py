@@ -13,6 +13,18 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
 
 
 def family_for_hf_config(hf: dict, where: str) -> Family:
+    """The family of an HF ``config.json``: by ``architectures``, else by ``model_type``.
+
+    Args:
+        hf: the ``config.json`` dict.
+        where: the file, named in the refusal.
+
+    Returns:
+        The :class:`Family`.
+
+    Raises:
+        InteropError: no supported class matches (the message lists the supported ones).
+    """
     archs = hf.get("architectures") or []
     for arch in archs:
         if arch in FAMILIES:
@@ -25,13 +37,35 @@ def family_for_hf_config(hf: dict, where: str) -> Family:
 
 
 def family_by_name(name: str) -> Family:
+    """The family of a class name (``--architecture``).
+
+    Args:
+        name: e.g. ``Qwen3MoeForCausalLM``.
+
+    Returns:
+        The :class:`Family`.
+
+    Raises:
+        InteropError: an unsupported name (the message lists the supported ones).
+    """
     if name not in FAMILIES:
         raise InteropError(f"unknown architecture {name!r}; supported: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
 def family_for_model(model: ModelConfig, preferred: str | None = None) -> tuple[Family, dict]:
-    """The first class (``preferred`` first) that holds ``model`` exactly, with its HF config fields."""
+    """The first class (``preferred`` first) that holds ``model`` exactly, with its HF config fields.
+
+    Args:
+        model: the model to export.
+        preferred: the class to try first (e.g. the one the model was imported from).
+
+    Returns:
+        ``(family, hf config fields)``.
+
+    Raises:
+        InteropError: no class holds the model; the message gives each class's reason.
+    """
     order = ([FAMILIES[preferred]] if preferred in FAMILIES else []) + \
         [f for f in FAMILIES.values() if f.architecture != preferred]
     reasons = []

@@ -8,7 +8,7 @@ back (``write_config``); both raise :class:`InteropError` naming the setting tha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.errors import InteropError
@@ -31,19 +31,53 @@ class Naming:
 
 @dataclass(frozen=True)
 class Family:
+    """One supported ``transformers`` MoE class: its names on disk and its config translation.
+
+    ``read_config(hf, where)`` turns an HF ``config.json`` dict into ``ModelConfig`` fields and
+    ``write_config(model)`` turns a ``ModelConfig`` back into HF config fields (without
+    ``architectures``/``model_type``); both raise :class:`InteropError` naming what does not map.
+    A family is one file in this folder and one entry in ``families.FAMILIES``.
+    """
+
     architecture: str                                    # ``architectures[0]`` in config.json
     model_type: str
     naming: Naming
     read_config: Callable[[dict, str], dict]             # (hf config, where) -> ModelConfig fields
     write_config: Callable[[ModelConfig], dict]          # -> hf config fields (no architectures/model_type)
     summary: str = ""
+    # ``transformers`` config fields of the tiny test model (``interop.hf.tiny``), on top of its shared sizes.
+    tiny_config: dict = field(default_factory=dict, compare=False)
 
 
 def refuse(where: str, what: str) -> InteropError:
+    """The error for an HF setting (or a model feature) that does not map.
+
+    Args:
+        where: the file or class named first in the message.
+        what: the setting, its value and why it cannot be represented.
+
+    Returns:
+        The :class:`InteropError` to raise.
+    """
     return InteropError(f"{where}: {what}")
 
 
 def get(hf: dict, key: str, where: str, default=None, required: bool = False):
+    """An HF config value, with a default or a refusal when it is absent (or null).
+
+    Args:
+        hf: the ``config.json`` dict.
+        key: the field.
+        where: named in the refusal.
+        default: returned when the field is absent and not required.
+        required: refuse an absent field instead.
+
+    Returns:
+        The value, or ``default``.
+
+    Raises:
+        InteropError: the field is required and absent.
+    """
     if key in hf and hf[key] is not None:
         return hf[key]
     if required:
@@ -52,12 +86,31 @@ def get(hf: dict, key: str, where: str, default=None, required: bool = False):
 
 
 def num_experts(hf: dict, where: str) -> int:
-    """Routed experts: ``num_experts`` in older configs, ``num_local_experts`` as transformers v5 saves them."""
+    """Routed experts: ``num_experts`` in older configs, ``num_local_experts`` as transformers v5 saves them.
+
+    Args:
+        hf: the ``config.json`` dict.
+        where: named in the refusal.
+
+    Returns:
+        The number of routed experts.
+    """
     return int(get(hf, "num_experts", where) or get(hf, "num_local_experts", where, required=True))
 
 
 def rope_settings(hf: dict, where: str) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor); only plain RoPE (no scaling) maps onto MCore's RotaryEmbedding."""
+    """(rope_theta, partial_rotary_factor); only plain RoPE (no scaling) maps onto MCore's RotaryEmbedding.
+
+    Args:
+        hf: the ``config.json`` dict.
+        where: named in the refusal.
+
+    Returns:
+        ``(rope_theta, partial_rotary_factor)``.
+
+    Raises:
+        InteropError: a RoPE scaling (yarn, linear, ...) is set.
+    """
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
     rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") \
@@ -71,7 +124,15 @@ def rope_settings(hf: dict, where: str) -> tuple[float, float]:
 
 
 def common_read(hf: dict, where: str) -> dict:
-    """The fields every family shares, with the refusals that apply to all of them."""
+    """The fields every family shares, with the refusals that apply to all of them.
+
+    Args:
+        hf: the ``config.json`` dict.
+        where: named in every refusal.
+
+    Returns:
+        ``ModelConfig`` fields (attention, norms, RoPE, vocabulary, sizes).
+    """
     act = get(hf, "hidden_act", where, "silu")
     if act != "silu":
         raise refuse(where, f"hidden_act {act!r}: only SwiGLU (silu) experts are supported")
@@ -114,6 +175,18 @@ def common_read(hf: dict, where: str) -> dict:
 
 
 def common_write(model: ModelConfig, where: str) -> dict:
+    """The inverse of :func:`common_read`: the HF fields every family shares.
+
+    Args:
+        model: the model to describe.
+        where: the class name, named in every refusal.
+
+    Returns:
+        HF config fields.
+
+    Raises:
+        InteropError: the model has a feature no supported class holds (not RMSNorm, not SwiGLU, ...).
+    """
     if model.normalization != "RMSNorm":
         raise refuse(where, f"model.normalization={model.normalization}: the HF classes use RMSNorm")
     if not model.gated_linear_unit:
@@ -142,6 +215,14 @@ def softmax_router_read(hf: dict, where: str, norm_topk_prob: bool) -> dict:
 
     Renormalised top-k of a softmax equals a softmax over the top-k logits, which is MCore's
     ``moe_router_pre_softmax=False``; without renormalisation it is ``pre_softmax=True``.
+
+    Args:
+        hf: the ``config.json`` dict.
+        where: named in the refusal.
+        norm_topk_prob: whether the class renormalises the top-k weights.
+
+    Returns:
+        The router's ``ModelConfig`` fields.
     """
     topk = int(get(hf, "num_experts_per_tok", where, required=True))
     if topk == 1 and norm_topk_prob:
@@ -154,7 +235,15 @@ def softmax_router_read(hf: dict, where: str, norm_topk_prob: bool) -> dict:
 
 
 def softmax_router_write(model: ModelConfig, where: str) -> dict:
-    """The inverse of :func:`softmax_router_read`: returns ``{"norm_topk_prob": ...}``."""
+    """The inverse of :func:`softmax_router_read`.
+
+    Args:
+        model: the model to describe.
+        where: the class name, named in every refusal.
+
+    Returns:
+        HF router fields, ``norm_topk_prob`` included.
+    """
     if model.moe_router_score_function != "softmax":
         raise refuse(where, f"model.moe_router_score_function={model.moe_router_score_function}: this class "
                             "has a softmax router")
@@ -169,7 +258,18 @@ def softmax_router_write(model: ModelConfig, where: str) -> dict:
 
 def require_absent(model: ModelConfig, where: str, *, shared: bool = False, qkv_bias: bool = False,
                    rotary_full: bool = True) -> None:
-    """Refuse ModelConfig features a class cannot hold."""
+    """Refuse ModelConfig features a class cannot hold.
+
+    Args:
+        model: the model to describe.
+        where: the class name, named in the refusal.
+        shared: the class has a shared expert.
+        qkv_bias: the class has q/k/v biases.
+        rotary_full: the class rotates the whole head (no partial RoPE).
+
+    Raises:
+        InteropError: naming the first feature the class cannot hold.
+    """
     if not shared and model.moe_shared_expert_intermediate_size:
         raise refuse(where, "model.moe_shared_expert_intermediate_size is set: this class has no shared expert")
     if not qkv_bias and model.add_qkv_bias:

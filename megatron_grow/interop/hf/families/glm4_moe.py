@@ -19,8 +19,15 @@ from __future__ import annotations
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.interop.hf.families import base
 
+ARCHITECTURE = "Glm4MoeForCausalLM"
+# The few-hundred-kilobyte model of ``interop.hf.tiny`` (tests, worked example), on top of its shared sizes.
+TINY_CONFIG = dict(head_dim=16, n_routed_experts=8, moe_intermediate_size=32, intermediate_size=96,
+            n_shared_experts=0, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=True,
+            routed_scaling_factor=2.5, use_qk_norm=True, partial_rotary_factor=1.0, attention_bias=False)
+
 
 def read_config(hf: dict, where: str) -> dict:
+    """GLM-4.5's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     topk = int(base.get(hf, "num_experts_per_tok", where, required=True))
     checks = {"first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "n_shared_experts": 0,
               "attention_bias": False}
@@ -44,7 +51,8 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    where = "Glm4MoeForCausalLM"
+    """``model`` as GLM-4.5 config fields (``base.Family.write_config``: arguments, refusals)."""
+    where = ARCHITECTURE
     if model.moe_router_score_function != "sigmoid":
         raise base.refuse(where, "GLM-4.5's router is a sigmoid router; model.moe_router_score_function is "
                                  f"{model.moe_router_score_function}")
@@ -60,8 +68,9 @@ def write_config(model: ModelConfig) -> dict:
     return out
 
 
-FAMILY = base.Family("Glm4MoeForCausalLM", "glm4_moe",
+FAMILY = base.Family(ARCHITECTURE, "glm4_moe",
                      base.Naming(router_bias="mlp.gate.e_score_correction_bias", shared_expert="mlp.shared_experts",
                                  always_write_shared_expert=True),
                      read_config, write_config,
-                     "the paper's architecture: sigmoid router + expert bias (+ scaling), per-head QK-norm, GQA")
+                     "the paper's architecture: sigmoid router + expert bias (+ scaling), per-head QK-norm, GQA",
+                     tiny_config=TINY_CONFIG)

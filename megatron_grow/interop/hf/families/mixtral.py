@@ -5,8 +5,13 @@ from __future__ import annotations
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.interop.hf.families import base
 
+ARCHITECTURE = "MixtralForCausalLM"
+# The few-hundred-kilobyte model of ``interop.hf.tiny`` (tests, worked example), on top of its shared sizes.
+TINY_CONFIG = dict(num_local_experts=8, intermediate_size=32, sliding_window=None)
+
 
 def read_config(hf: dict, where: str) -> dict:
+    """Mixtral's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if hf.get("router_jitter_noise"):
         raise base.refuse(where, "router_jitter_noise > 0 is a training-time perturbation with no Megatron-Core "
                                  "equivalent; set it to 0")
@@ -19,7 +24,8 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    where = "MixtralForCausalLM"
+    """``model`` as Mixtral config fields (``base.Family.write_config``: arguments, refusals)."""
+    where = ARCHITECTURE
     if model.qk_layernorm:
         raise base.refuse(where, "model.qk_layernorm=true: Mixtral has no QK-norm")
     base.require_absent(model, where)
@@ -34,7 +40,8 @@ def write_config(model: ModelConfig) -> dict:
     return out
 
 
-FAMILY = base.Family("MixtralForCausalLM", "mixtral",
+FAMILY = base.Family(ARCHITECTURE, "mixtral",
                      base.Naming(moe_block="block_sparse_moe", expert_proj=("w1", "w3", "w2")),
                      read_config, write_config,
-                     "GQA, no QK-norm, softmax top-k renormalised, no shared expert")
+                     "GQA, no QK-norm, softmax top-k renormalised, no shared expert",
+                     tiny_config=TINY_CONFIG)

@@ -6,8 +6,13 @@ from __future__ import annotations
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.interop.hf.families import base
 
+ARCHITECTURE = "OlmoeForCausalLM"
+# The few-hundred-kilobyte model of ``interop.hf.tiny`` (tests, worked example), on top of its shared sizes.
+TINY_CONFIG = dict(num_experts=8, intermediate_size=32, norm_topk_prob=False, clip_qkv=None)
+
 
 def read_config(hf: dict, where: str) -> dict:
+    """OLMoE's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if hf.get("clip_qkv") is not None:
         raise base.refuse(where, f"clip_qkv={hf['clip_qkv']}: clamping q/k/v has no Megatron-Core equivalent")
     if hf.get("attention_bias"):
@@ -23,7 +28,8 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    where = "OlmoeForCausalLM"
+    """``model`` as OLMoE config fields (``base.Family.write_config``: arguments, refusals)."""
+    where = ARCHITECTURE
     if not (model.qk_layernorm and model.qk_layernorm_across_heads):
         raise base.refuse(where, "OLMoE normalises queries and keys across all heads "
                                  "(model.qk_layernorm and model.qk_layernorm_across_heads)")
@@ -38,5 +44,6 @@ def write_config(model: ModelConfig) -> dict:
     return out
 
 
-FAMILY = base.Family("OlmoeForCausalLM", "olmoe", base.Naming(), read_config, write_config,
-                     "GQA, QK-norm across all heads, softmax top-k, no shared expert")
+FAMILY = base.Family(ARCHITECTURE, "olmoe", base.Naming(), read_config, write_config,
+                     "GQA, QK-norm across all heads, softmax top-k, no shared expert",
+                     tiny_config=TINY_CONFIG)

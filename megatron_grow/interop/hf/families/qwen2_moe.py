@@ -6,8 +6,14 @@ from __future__ import annotations
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.interop.hf.families import base
 
+ARCHITECTURE = "Qwen2MoeForCausalLM"
+# The few-hundred-kilobyte model of ``interop.hf.tiny`` (tests, worked example), on top of its shared sizes.
+TINY_CONFIG = dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            intermediate_size=96, norm_topk_prob=False)
+
 
 def read_config(hf: dict, where: str) -> dict:
+    """Qwen2-MoE's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if not hf.get("qkv_bias", True):
         raise base.refuse(where, "qkv_bias=false is not a Qwen2-MoE variant this converter knows")
     fields = base.common_read(hf, where)
@@ -23,7 +29,8 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    where = "Qwen2MoeForCausalLM"
+    """``model`` as Qwen2-MoE config fields (``base.Family.write_config``: arguments, refusals)."""
+    where = ARCHITECTURE
     if model.qk_layernorm:
         raise base.refuse(where, "model.qk_layernorm=true: Qwen2-MoE has no QK-norm")
     if not model.add_qkv_bias:
@@ -44,8 +51,9 @@ def write_config(model: ModelConfig) -> dict:
     return out
 
 
-FAMILY = base.Family("Qwen2MoeForCausalLM", "qwen2_moe",
+FAMILY = base.Family(ARCHITECTURE, "qwen2_moe",
                      base.Naming(shared_expert="mlp.shared_expert",
                                  shared_expert_gate="mlp.shared_expert_gate.weight"),
                      read_config, write_config,
-                     "GQA with q/k/v bias, softmax top-k, gated shared expert")
+                     "GQA with q/k/v bias, softmax top-k, gated shared expert",
+                     tiny_config=TINY_CONFIG)

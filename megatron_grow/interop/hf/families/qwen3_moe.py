@@ -8,8 +8,14 @@ from __future__ import annotations
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.interop.hf.families import base
 
+ARCHITECTURE = "Qwen3MoeForCausalLM"
+# The few-hundred-kilobyte model of ``interop.hf.tiny`` (tests, worked example), on top of its shared sizes.
+TINY_CONFIG = dict(head_dim=16, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+            norm_topk_prob=True, rope_theta=1000000.0)
+
 
 def read_config(hf: dict, where: str) -> dict:
+    """Qwen3-MoE's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
     if hf.get("attention_bias"):
         raise base.refuse(where, "attention_bias=true is not supported for Qwen3-MoE")
     fields = base.common_read(hf, where)
@@ -23,7 +29,8 @@ def read_config(hf: dict, where: str) -> dict:
 
 
 def write_config(model: ModelConfig) -> dict:
-    where = "Qwen3MoeForCausalLM"
+    """``model`` as Qwen3-MoE config fields (``base.Family.write_config``: arguments, refusals)."""
+    where = ARCHITECTURE
     if not model.qk_layernorm:
         raise base.refuse(where, "model.qk_layernorm=false: Qwen3-MoE always normalises queries and keys")
     base.require_absent(model, where)
@@ -35,5 +42,6 @@ def write_config(model: ModelConfig) -> dict:
     return out
 
 
-FAMILY = base.Family("Qwen3MoeForCausalLM", "qwen3_moe", base.Naming(), read_config, write_config,
-                     "GQA, per-head QK-norm, softmax top-k (norm_topk_prob either way), no shared expert")
+FAMILY = base.Family(ARCHITECTURE, "qwen3_moe", base.Naming(), read_config, write_config,
+                     "GQA, per-head QK-norm, softmax top-k (norm_topk_prob either way), no shared expert",
+                     tiny_config=TINY_CONFIG)
