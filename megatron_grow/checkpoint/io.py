@@ -12,10 +12,12 @@ disagrees with the model (the first mismatching tensor is named with both shapes
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -27,7 +29,7 @@ from megatron_grow.checkpoint import paths, streaming
 from megatron_grow.errors import CheckpointError
 from megatron_grow.parallel.collectives import broadcast_object, rank
 
-STAGING_MARK = ".staging-"  # <dest>.staging-<id>: a whole run directory being written beside dest
+STAGING_MARK = paths.STAGING_MARK  # <dest>.staging-<host>-<pid>-<id>: a run directory written beside dest
 
 
 def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
@@ -61,14 +63,21 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     needed = _bytes_to_write(sharded_state_dict)
     _on_rank0(lambda: _prepare_save_dir(root, staging, needed), staging, final)
     try:
-        if produce is not None:
-            streaming.save_streaming(sharded_state_dict, staging, produce)
-        else:
-            dist_checkpointing.save(sharded_state_dict, staging,
-                                    sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        with _writer_thread_errors_kept():
+            if produce is not None:
+                streaming.save_streaming(sharded_state_dict, staging, produce)
+            else:
+                dist_checkpointing.save(sharded_state_dict, staging,
+                                        sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
         local_error = None
     except (Exception, CheckpointException) as e:  # collected below: every rank takes the same way out
         local_error = e
+    except BaseException:  # Ctrl-C: no partial save stays behind
+        paths.remove_tree(staging)
+        raise
+    if local_error is not None and _interrupted(local_error):
+        paths.remove_tree(staging)
+        raise KeyboardInterrupt from None
     if _any_rank(local_error is not None):
         disk_full = rank() == 0 and _free_bytes(root) < needed  # torch often hides ENOSPC in its own errors
         if rank() == 0:
@@ -86,30 +95,52 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
 
 
 def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dict, manifest: dict,
-                              produce: Callable | None = None) -> str:
+                              produce: Callable | None = None, check: Callable[[str], None] | None = None) -> str:
     """A new run directory at ``dest`` holding one checkpoint (collective); returns its ``iter_N``.
 
-    The checkpoint is saved into ``<dest>.staging-<id>`` beside ``dest`` and then swapped in
-    (``paths.replace_dir``), so an existing ``dest`` is removed only after the new one is
-    complete, and a crash at any moment leaves the old or the new run directory at ``dest``.
-    A link at ``dest`` keeps pointing at the new directory.
+    The checkpoint is saved into ``<dest>.staging-<host>-<pid>-<id>`` beside ``dest``; ``check``
+    (collective, e.g. grow's verify) then runs on that complete staging run directory, and only
+    when it returns is the staging directory swapped in (``paths.replace_dir``). So an existing
+    ``dest`` is removed only after the new one is complete and checked; a failed check, an
+    exception or Ctrl-C leaves ``dest`` as it was and removes the staging directory, and a crash
+    at any moment leaves the old or the new run directory at ``dest``. A link at ``dest`` keeps
+    pointing at the new directory.
     """
     real = os.path.realpath(dest)
-    staging = broadcast_object(f"{real}{STAGING_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
+    staging = broadcast_object(paths.staging_path(real) if rank() == 0 else None)
     if rank() == 0:
         paths.recover_retired(real)
-        parent, name = os.path.split(real)
-        if os.path.isdir(parent):
-            for entry in os.listdir(parent):  # left by a killed earlier attempt
-                if entry.startswith(name + STAGING_MARK):
-                    paths.remove_tree(os.path.join(parent, entry))
+        paths.remove_stale_staging(real)  # left by a killed earlier attempt (its process is gone)
     try:
         save_checkpoint(staging, iteration, sharded_state_dict, manifest, produce=produce)
+        if check is not None:
+            check(staging)
         _on_rank0(lambda: paths.replace_dir(staging, real), staging, real)
     finally:
         if rank() == 0 and os.path.lexists(staging):
             paths.remove_tree(staging)
     return paths.iteration_dir(dest, iteration)
+
+
+@contextlib.contextmanager
+def _writer_thread_errors_kept():
+    """An error in one of torch's writer threads (a full disk, an abandoned save) fails the save,
+    which reports it once as one line; the thread's own traceback is not printed on the way."""
+    before = set(threading.enumerate())
+    previous = threading.excepthook
+
+    def hook(args):
+        if args.thread in before or "_write_files_from_queue" not in (args.thread.name if args.thread else ""):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    except BaseException:
+        streaming.join_writer_threads(before)  # their errors land in the hook above, not on stderr
+        raise
+    finally:
+        threading.excepthook = previous
 
 
 def _prepare_save_dir(root: str, staging: str, needed: int) -> None:
@@ -202,22 +233,30 @@ def _save_error(error: BaseException, final: str) -> BaseException:
     return error
 
 
-def _has_errno(error: BaseException, code: int, depth: int = 0) -> bool:
+def _has_errno(error: BaseException, code: int) -> bool:
     """Whether ``code`` appears in ``error``: its chain, torch's per-rank failures, or its text."""
+    return _any_cause(error, lambda e: (isinstance(e, OSError) and e.errno == code) or f"[Errno {code}]" in str(e))
+
+
+def _interrupted(error: BaseException) -> bool:
+    """A Ctrl-C that torch's checkpoint code caught and wrapped into its own exception."""
+    return _any_cause(error, lambda e: isinstance(e, KeyboardInterrupt))
+
+
+def _any_cause(error: BaseException, test: Callable[[BaseException], bool], depth: int = 0) -> bool:
+    """Whether ``test`` holds for ``error``, its chain, or torch's per-rank failures inside it."""
     if not isinstance(error, BaseException) or depth > 8:
         return False
-    if isinstance(error, OSError) and error.errno == code:
+    if test(error):
         return True
     failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
     if isinstance(failures, dict):
         for failure in failures.values():
             if isinstance(failure, tuple):  # torch's WRAPPED_EXCEPTION: (exception, traceback)
                 failure = failure[0]
-            if _has_errno(getattr(failure, "exc", failure), code, depth + 1):
+            if _any_cause(getattr(failure, "exc", failure), test, depth + 1):
                 return True
-    if f"[Errno {code}]" in str(error):
-        return True
-    return _has_errno(error.__cause__ or error.__context__, code, depth + 1)
+    return _any_cause(error.__cause__ or error.__context__, test, depth + 1)
 
 
 def read_manifest(ckpt_dir: str) -> dict:

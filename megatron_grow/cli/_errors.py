@@ -10,6 +10,7 @@ from megatron_grow.errors import UserInputError, VerificationError
 
 USER_ERROR_EXIT = 2
 VERIFY_FAILED_EXIT = 4
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 # Errors that describe bad input; anything else is a bug and keeps its traceback.
 USER_ERROR_TYPES = (UserInputError, FileNotFoundError)
 
@@ -26,3 +27,10 @@ def run_with_clean_errors(fn: Callable, args) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"megatron-grow: {e}", file=sys.stderr)
         return VERIFY_FAILED_EXIT
+    except KeyboardInterrupt:
+        # Ctrl-C: every writer has already removed its partial output on the way out (staging
+        # directories, *.tmp files), and nothing replaced an existing destination.
+        if os.environ.get("RANK", "0") == "0":
+            print("megatron-grow: interrupted (SIGINT); the output being written was discarded, "
+                  "existing checkpoints and files are unchanged", file=sys.stderr)
+        return INTERRUPTED_EXIT

@@ -23,17 +23,15 @@ else ``megatron_grow.json``, else Megatron-LM's ``args``); the source may be sto
 or the local layer spec's names (read requests are renamed to the source's, ``checkpoint.keys``),
 and the grown checkpoint is written under the names of the requested target spec, with the
 common state Megatron-LM's ``load_checkpoint`` reads (``checkpoint.megatron_args``).
-:func:`discard_grown` undoes a grow whose verification failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,15 +304,7 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
     (paths compared after resolving links). A non-empty --save needs --overwrite, and then it
     is replaced only once the new checkpoint is complete (``io.save_checkpoint_replacing``).
     """
-    protected = [source_root]
-    parent = os.path.dirname(os.path.normpath(source_root))
-    if paths.is_iteration_dir(source_root) and os.path.isfile(os.path.join(parent, paths.TRACKER_FILENAME)):
-        protected.append(parent)  # --load ROOT/iter_N: the whole run directory is the source
-    for src in protected:
-        problem = paths.nesting(save, src)
-        if problem:
-            raise GrowthError(f"--save {save} {problem} the source checkpoint {src}; the source is never "
-                              "modified, choose another directory")
+    paths.check_destination(save, "--save", [("the source checkpoint", source_root)], GrowthError)
     if os.path.lexists(save) and not os.path.isdir(save):
         raise GrowthError(f"--save {save} exists and is not a directory")
     if os.path.isdir(save) and os.listdir(save) and not overwrite:
@@ -325,7 +315,8 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: ParallelConfig, *,
                     source_model: ModelConfig | None = None, recipe_dict: dict | None = None,
                     overwrite: bool = False, seed: int = 1234, progress: bool = True,
-                    target_spec: str | None = None, expert_backend: str | None = None) -> dict:
+                    target_spec: str | None = None, expert_backend: str | None = None,
+                    check_staged: Callable[[str], None] | None = None) -> dict:
     """Offline growth (collective): returns a summary dict (rank 0's numbers).
 
     The algorithm: check DST, resolve the source and the plan, check the target layout against
@@ -335,7 +326,9 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     with Transformer Engine, else local) with the growth appended to the lineage, each grown
     tensor computed from its source region while the writer writes (``growth.streamed``).
     ``expert_backend`` builds the target with that ``model.moe_expert_backend`` (how the grown
-    model runs, not what it stores: the checkpoint is the same either way).
+    model runs, not what it stores: the checkpoint is the same either way). ``check_staged``
+    (collective; the CLI's verify) runs on the complete grown run directory before it replaces
+    ``save``: if it raises, ``save`` is left as it was.
     """
     t0 = time.perf_counter()
     prepare_destination(save, overwrite, load)
@@ -361,7 +354,8 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     record = growth_record(source, before, after, time.perf_counter() - t0)
     ts = time.perf_counter()
     final = _save_grown(state, grown, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
-                        target_spec=target_spec or keys.built_spec(te_available()), carried_optimizer=carried)
+                        target_spec=target_spec or keys.built_spec(te_available()), carried_optimizer=carried,
+                        check_staged=check_staged)
     return _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
 
 
@@ -405,7 +399,7 @@ def _log_start(source: GrowthSource, ctx) -> None:
 
 def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: dict, save: str,
                 parallel: ParallelConfig, ctx, *, recipe_dict: dict | None, target_spec: str,
-                carried_optimizer: dict) -> str:
+                carried_optimizer: dict, check_staged: Callable[[str], None] | None = None) -> str:
     """Write the grown model (weights produced by ``grown`` while they are written, Megatron-LM's
     common state, our manifest) atomically."""
     if target_spec not in keys.SPECS:
@@ -421,25 +415,9 @@ def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: 
     args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
                          base=load_common_state(source.ckpt_dir).get("args"))
     state.update(common_state(counters, manifest, args))
-    # Written beside --save, then swapped in: an old --save (with --overwrite) goes only after.
-    return io.save_checkpoint_replacing(save, counters["iteration"], state, manifest, produce=grown)
-
-
-def discard_grown(save: str, iteration: int) -> None:
-    """Undo a grow whose check failed: the tracker goes first (so nothing names the iteration), then
-    the iteration written, then DST itself if nothing else is in it. Rank 0 does it; all ranks wait."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank() == 0:
-        tracker = os.path.join(save, paths.TRACKER_FILENAME)
-        if os.path.isfile(tracker):
-            os.remove(tracker)
-            paths.fsync_dir(save)
-        shutil.rmtree(paths.iteration_dir(save, iteration), ignore_errors=True)
-        if os.path.isdir(save) and not os.listdir(save):
-            os.rmdir(save)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    # Written beside --save, checked there, then swapped in: an old --save (with --overwrite) goes only after.
+    return io.save_checkpoint_replacing(save, counters["iteration"], state, manifest, produce=grown,
+                                        check=check_staged)
 
 
 def common_state(counters: dict, manifest: dict, args=None) -> dict:
