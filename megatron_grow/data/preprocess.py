@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_grow.checkpoint.paths import check_destination
 from megatron_grow.data.text import check_inputs, iter_documents
 from megatron_grow.data.tokenizer import Tokenizer
 from megatron_grow.errors import DataError
@@ -152,6 +153,9 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     paths = check_inputs(inputs)
+    for output in (f"{output_prefix}.bin", f"{output_prefix}.idx"):  # os.replace would overwrite an input
+        check_destination(output, "--output-prefix", [("the --input file", p) for p in paths]
+                          + [("the --tokenizer-model", tokenizer_model)], DataError)
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
     if chunk_size < 1:

@@ -124,6 +124,9 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    # --hf-dir may not be, hold or lie inside what is read: --overwrite would replace it.
+    paths.check_destination(hf_dir, "--hf-dir", [("the checkpoint", load), ("the --tokenizer directory", tokenizer)],
+                            InteropError)
     ckpt_dir, iteration = paths.resolve_checkpoint_dir(load)
     info = read_checkpoint_info(ckpt_dir, iteration)
     if info.model is None:

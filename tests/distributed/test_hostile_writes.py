@@ -1,0 +1,263 @@
+"""Hostile input to the commands that write: nothing that exists is ever lost.
+
+The list :data:`GUARD_CASES` is the writers' part of the project's hostile-input list (the grow
+command's own bad-input list is ``CASES`` in ``test_grow_bad_input.py``): each case points a
+writing command (export-hf, import-hf, preprocess) at a destination that is, contains or lies
+inside what it reads, with ``--overwrite`` where the command has it. Each must give exit 2 and
+one line, and leave every file it reads byte-identical (before the shared guard
+``paths.check_destination``, ``export-hf --load C --hf-dir C --overwrite`` replaced the checkpoint
+with two HF files and ``--load P/src --hf-dir P`` deleted ``P/src``).
+
+Then ``grow --overwrite`` against a real complete old ``--save``, with real processes and signals:
+
+* a built-in verify that fails (``--max-kl 1e-30``: exit 4) leaves the old --save byte-identical
+  (it used to be retired by the swap, then the new one removed: nothing left);
+* SIGINT while the grown checkpoint is written, and while it is verified: one line, exit 130, no
+  traceback, the old --save byte-identical, no staging directory left;
+* a second grow to a --save whose lock another live process holds: one line naming that process
+  (pid, host, start), exit 2, nothing written; once the holder is SIGKILLed its lock is taken over,
+  and the staging directory a dead process left is removed (and said so in one line) while one
+  of a live process is kept.
+
+    .venv/bin/pytest -q tests/distributed/test_hostile_writes.py
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from megatron_grow.checkpoint import paths
+from tests.distributed.test_grow_bad_input import (  # noqa: F401 -- `source` is a fixture
+    CLI_TIMEOUT,
+    PREFIX,
+    REPO,
+    RECIPE,
+    assert_grown,
+    cli_env,
+    run_cli,
+    run_cli_in_process,
+    source,
+    tree_digest,
+)
+
+# ------------------------------------------------------------------------------------------------
+# One guard for every writer
+
+
+@dataclass
+class Case:
+    argv: list
+    protected: list            # paths that must come out byte-identical
+    expect: list = field(default_factory=list)
+
+
+def _hf_dir(tmp: str, ckpt: str) -> str:
+    """A real Hugging Face directory: the tiny checkpoint exported (a clean export, no guard involved)."""
+    hf = os.path.join(tmp, "hf")
+    proc = run_cli_in_process(["python", "-m", "megatron_grow", "export-hf", "--load", ckpt, "--hf-dir", hf,
+                               "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    return hf
+
+
+def case_export_hf_into_its_checkpoint(tmp, ckpt, data):
+    return Case(["export-hf", "--load", ckpt, "--hf-dir", ckpt, "--overwrite", "--quiet"], [ckpt],
+                ["--hf-dir " + ckpt, "is the checkpoint"])
+
+
+def case_export_hf_over_the_folder_holding_it(tmp, ckpt, data):
+    return Case(["export-hf", "--load", ckpt, "--hf-dir", tmp, "--overwrite", "--quiet"], [ckpt],
+                ["contains the checkpoint", ckpt])
+
+
+def case_export_hf_iteration_dir_into_its_run(tmp, ckpt, data):
+    return Case(["export-hf", "--load", paths.iteration_dir(ckpt, 1), "--hf-dir", ckpt, "--overwrite", "--quiet"],
+                [ckpt], ["contains the checkpoint"])
+
+
+def case_export_hf_inside_the_checkpoint(tmp, ckpt, data):
+    return Case(["export-hf", "--load", ckpt, "--hf-dir", os.path.join(ckpt, "hf"), "--quiet"], [ckpt],
+                ["is inside the checkpoint"])
+
+
+def case_export_hf_through_a_link_to_it(tmp, ckpt, data):
+    link = os.path.join(tmp, "link")
+    os.symlink(ckpt, link)
+    return Case(["export-hf", "--load", ckpt, "--hf-dir", link, "--overwrite", "--quiet"], [ckpt],
+                ["resolves to", "the checkpoint"])
+
+
+def case_import_hf_into_its_hf_dir(tmp, ckpt, data):
+    hf = _hf_dir(tmp, ckpt)
+    return Case(["import-hf", "--hf-dir", hf, "--save", hf, "--overwrite", "--quiet"], [hf],
+                ["--save " + hf, "is the --hf-dir model"])
+
+
+def case_import_hf_inside_its_hf_dir(tmp, ckpt, data):
+    hf = _hf_dir(tmp, ckpt)
+    return Case(["import-hf", "--hf-dir", hf, "--save", os.path.join(hf, "ckpt"), "--quiet"], [hf],
+                ["is inside the --hf-dir model"])
+
+
+def case_preprocess_output_over_its_input(tmp, ckpt, data):
+    text = os.path.join(tmp, "corpus.bin")  # a text file that happens to carry the output's name
+    with open(text, "w", encoding="utf-8") as f:
+        f.write("In the beginning God created the heaven and the earth.\n\nAnd the earth was without form.\n")
+    return Case(["preprocess", "--input", text, "--tokenizer-model", data["tokenizer"], "--output-prefix",
+                 os.path.join(tmp, "corpus"), "--workers", "1", "--no-progress"], [tmp],
+                ["--output-prefix", "is the --input file", text])
+
+
+GUARD_CASES: dict[str, Callable] = {
+    "export_hf_into_its_checkpoint": case_export_hf_into_its_checkpoint,
+    "export_hf_over_the_folder_holding_it": case_export_hf_over_the_folder_holding_it,
+    "export_hf_iteration_dir_into_its_run": case_export_hf_iteration_dir_into_its_run,
+    "export_hf_inside_the_checkpoint": case_export_hf_inside_the_checkpoint,
+    "export_hf_through_a_link_to_it": case_export_hf_through_a_link_to_it,
+    "import_hf_into_its_hf_dir": case_import_hf_into_its_hf_dir,
+    "import_hf_inside_its_hf_dir": case_import_hf_inside_its_hf_dir,
+    "preprocess_output_over_its_input": case_preprocess_output_over_its_input,
+}
+
+
+@pytest.mark.parametrize("case", list(GUARD_CASES))
+def test_writer_never_writes_over_what_it_reads(case, source, kjv_dataset, tmp_path):
+    tmp = str(tmp_path / "P")
+    os.makedirs(tmp)
+    ckpt = os.path.join(tmp, "src")
+    shutil.copytree(source, ckpt)
+    c = GUARD_CASES[case](tmp, ckpt, kjv_dataset)
+    before = {p: tree_digest(p) for p in c.protected}
+    proc = run_cli_in_process(["python", "-m", "megatron_grow", *c.argv])
+    where = f"\nargv: {c.argv}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, f"exit status {proc.returncode}, expected 2{where}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), where
+    for fragment in c.expect:
+        assert fragment in lines[0], f"error does not mention {fragment!r}{where}"
+    for p in c.protected:
+        assert tree_digest(p) == before[p], f"{p} changed{where}"
+
+
+# ------------------------------------------------------------------------------------------------
+# grow --overwrite keeps the old --save until the new one is complete and verified
+
+
+def _old_save(source: str, tmp_path) -> tuple[str, dict]:
+    """A complete, loadable old --save (a copy of the source checkpoint) and its digest."""
+    dst = str(tmp_path / "dst")
+    shutil.copytree(source, dst)
+    return dst, tree_digest(dst)
+
+
+def _left_beside(dst: str) -> list[str]:
+    parent, name = os.path.split(dst)
+    return sorted(n for n in os.listdir(parent) if n.startswith(name) and n != name or n.startswith(f".{name}"))
+
+
+def _grow(load: str, save: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_grow", "grow", "--load", load, "--save", save, "--recipe", RECIPE,
+            "--overwrite", "--quiet", *extra]
+
+
+def test_overwrite_whose_verify_fails_keeps_the_old_save(source, tmp_path):
+    dst, before = _old_save(source, tmp_path)
+    proc = run_cli(_grow(source, dst, "--max-kl", "1e-30"))
+    where = f"\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 4, where
+    assert "Traceback" not in proc.stderr, where
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--max-kl" in proc.stderr, where
+    assert tree_digest(dst) == before, f"the old --save was lost or changed{where}"
+    assert _left_beside(dst) == [], where
+
+
+def _interrupt_when(argv: list[str], pattern: str) -> subprocess.CompletedProcess:
+    """Start ``argv``; SIGINT it (what Ctrl-C sends) as soon as ``pattern`` matches a path."""
+    proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + CLI_TIMEOUT
+    while not glob.glob(pattern) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    seen = bool(glob.glob(pattern))
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=CLI_TIMEOUT)
+    assert seen, f"{pattern} never appeared; exit {proc.returncode}\n{err}"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+# the shards being written / the staged checkpoint complete (its tracker written): verify runs
+MOMENTS = {"save": "{dst}.staging-*/iter_*.incomplete-*/__0_*.distcp",
+           "verify": "{dst}.staging-*/" + paths.TRACKER_FILENAME}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_ctrl_c_during_overwrite_is_one_line_and_keeps_the_old_save(source, tmp_path, moment):
+    dst, before = _old_save(source, tmp_path)
+    proc = _interrupt_when(_grow(source, dst), MOMENTS[moment].format(dst=dst))
+    where = f"\nexit {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 130, where
+    assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr, where
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megatron-grow: interrupted"), where
+    assert tree_digest(dst) == before, f"the old --save was lost or changed{where}"
+    assert _left_beside(dst) == [], where
+
+
+# ------------------------------------------------------------------------------------------------
+# One grow per --save
+
+
+_HOLD_LOCK = """
+import sys
+from megatron_grow.checkpoint.paths import DestinationLock
+DestinationLock(sys.argv[1], "grow").acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_second_grow_to_the_same_save_is_refused_then_takes_over_a_dead_lock(source, tmp_path):
+    dst, before = _old_save(source, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, dst], cwd=REPO, env=cli_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_cli(_grow(source, dst, "--no-verify"))
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, its holder is gone
+        holder.wait(timeout=60)
+    where = f"\nstdout:\n{refused.stdout}\nstderr:\n{refused.stderr}"
+    assert refused.returncode == 2, where
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), where
+    for fragment in ("being written by another grow", f"pid {holder.pid}", socket.gethostname(), "started"):
+        assert fragment in lines[0], f"{fragment!r} not named{where}"
+    assert tree_digest(dst) == before, where
+
+    # What killed grows left beside --save: a staging directory of a dead process, one of a live one.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = f"{dst}{paths.STAGING_MARK}{host}-{dead.pid}-0123abcd"
+    alive = f"{dst}{paths.STAGING_MARK}{host}-{os.getpid()}-4567ef01"
+    for d in (stale, alive):
+        os.makedirs(os.path.join(d, "iter_0000001"))
+    proc = run_cli(_grow(source, dst, "--no-verify"))
+    where = f"\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, where
+    assert_grown(dst)
+    said = [line for line in proc.stdout.splitlines() if "staging" in line]
+    assert len(said) == 1 and os.path.basename(stale) in said[0], where
+    assert not os.path.exists(stale) and os.path.isdir(alive), where
+    assert _left_beside(dst) == [os.path.basename(alive)], where
