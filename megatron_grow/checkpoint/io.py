@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io as io_module
 import json
 import os
 import shutil
@@ -60,7 +61,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
 
     final = paths.iteration_dir(root, iteration)
     staging = broadcast_object(f"{final}{paths.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
-    needed = _bytes_to_write(sharded_state_dict)
+    needed = _bytes_to_write(sharded_state_dict, manifest)
     _on_rank0(lambda: _prepare_save_dir(root, staging, needed), staging, final)
     try:
         with _writer_thread_errors_kept():
@@ -187,19 +188,109 @@ def _on_rank0(step, staging: str, final: str) -> None:
         raise CheckpointError(message)
 
 
-def _bytes_to_write(sharded_state_dict: dict) -> int:
-    """Tensor bytes of one copy of the checkpoint (main replicas, summed over ranks); factories
-    (e.g. the distributed optimizer's) are not expanded, so this is a lower bound."""
-    local = 0
-    for st in iter_sharded_tensors(sharded_state_dict):
-        replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
-        if all(r == 0 for r in replica) and isinstance(st.data, torch.Tensor):
-            local += st.data.numel() * st.data.element_size()
+def _bytes_to_write(sharded_state_dict: dict, manifest: dict | None = None) -> int:
+    """Bytes one copy of this checkpoint takes on disk, summed over ranks (collective).
+
+    Computed from what the writers will write, not from the parameters alone: every main-replica
+    ShardedTensor (factories applied on a copy, so the distributed optimizer's state counts) with
+    the framing ``torch.save`` puts around each item in a ``.distcp`` file, every ShardedObject
+    (``_extra_state``, RNG) as it serializes, the common state (``common.pt``, rank 0), torch's
+    ``.metadata`` (the real metadata classes, pickled), our manifest, and one filesystem block per
+    file for the partly filled last block.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject, ShardedTensor, apply_factories
+
+    probe = _copy_containers(sharded_state_dict)
+    apply_factories(probe)
+    sharded, common = extract_matching_values(probe, lambda v: isinstance(v, ShardedBase))
+    local, entries = 0, []
+    for leaf in _leaves(sharded):
+        replica = leaf.replica_id if isinstance(leaf.replica_id, tuple) else (leaf.replica_id,)
+        if not all(r == 0 for r in replica):
+            continue
+        if isinstance(leaf, ShardedTensor) and isinstance(leaf.data, torch.Tensor):
+            local += leaf.data.numel() * leaf.data.element_size() + _item_framing(leaf.data.dtype)
+            entries.append((leaf.key, tuple(leaf.global_shape), tuple(leaf.global_offset), tuple(leaf.local_shape)))
+        elif isinstance(leaf, ShardedObject):
+            local += len(_serialized(leaf.data))
+            entries.append((leaf.key, tuple(leaf.global_shape), tuple(leaf.global_offset), ()))
+    local += _metadata_bytes(entries) + _WRITER_FILES_PER_RANK * _BLOCK
+    if rank() == 0:
+        local += len(_serialized(common)) + (len(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+                                             if manifest else 0) + _SMALL_FILES * _BLOCK
     if not torch.distributed.is_initialized():
         return local
     total = torch.tensor([local], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     return int(total.item())
+
+
+_BLOCK = 4096                # the partly filled last block of each file
+_WRITER_FILES_PER_RANK = 2   # torch's writer: one .distcp file per writer thread
+_SMALL_FILES = 6             # common.pt, .metadata, metadata.json, megatron_grow.json, tracker, its temp
+
+
+def _leaves(tree: Any) -> Iterable:
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def _serialized(obj: Any) -> bytes:
+    buffer = io_module.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+_FRAMING: dict = {}
+
+
+def _item_framing(dtype: torch.dtype) -> int:
+    """What ``torch.save`` writes around one tensor's bytes in a ``.distcp`` file (zip records,
+    pickled header, data alignment), measured once per dtype on an empty tensor."""
+    if dtype not in _FRAMING:
+        _FRAMING[dtype] = len(_serialized(torch.empty(0, dtype=dtype))) + 64  # + the data's 64-byte alignment
+    return _FRAMING[dtype]
+
+
+def _metadata_bytes(entries: list) -> int:
+    """This rank's share of torch's ``.metadata``: its items in the real metadata classes (the
+    storage index, and the save plans torch keeps there too), pickled."""
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    tensors, storage, items = {}, {}, []
+    for key, shape, offset, local_shape in entries:
+        if local_shape:
+            chunk = ChunkStorageMetadata(torch.Size(offset), torch.Size(local_shape))
+            props = TensorProperties(dtype=torch.float32)
+            tensors[key] = TensorStorageMetadata(props, torch.Size(shape), [chunk])
+            index = MetadataIndex(key, torch.Size(offset), 0)
+            items.append(WriteItem(index, WriteItemType.SHARD, TensorWriteData(chunk, props, torch.Size(shape))))
+        else:  # a ShardedObject: one bytes item per shard
+            index = MetadataIndex(f"{key}/shard_{'_'.join(map(str, offset))}_{'_'.join(map(str, shape))}")
+            tensors[index.fqn] = BytesStorageMetadata()
+            items.append(WriteItem(index, WriteItemType.BYTE_IO))
+        storage[index] = _StorageInfo(f"__{rank()}_0.distcp", 2**40, 2**40)
+    metadata = Metadata(state_dict_metadata=tensors, storage_data=storage)
+    metadata.all_local_plans = [SavePlan(items)]  # Megatron-Core's saver stores the plans there too
+    return len(pickle.dumps(metadata))
 
 
 def _free_bytes(path: str) -> int:
