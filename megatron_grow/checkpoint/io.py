@@ -148,7 +148,8 @@ def _prepare_save_dir(root: str, staging: str, needed: int) -> None:
     os.makedirs(root, exist_ok=True)
     free = _free_bytes(root)
     if free < needed:
-        raise CheckpointError(f"cannot save to {root}: no space left on device ({free / 2**20:.1f} MiB free, "
+        shown = root.split(paths.STAGING_MARK)[0]  # grow's staging run directory: name its --save
+        raise CheckpointError(f"cannot save to {shown}: no space left on device ({free / 2**20:.1f} MiB free, "
                               f"the checkpoint needs about {needed / 2**20:.1f} MiB)")
     for kept in paths.retired_iteration_dirs(root):  # an interrupted re-save: keep one complete copy
         paths.recover_retired(kept)

@@ -25,6 +25,7 @@ the output does not depend on the number of workers.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -140,6 +141,22 @@ def _write_documents(builder, encoded_chunks, progress: bool | None) -> tuple[in
     return documents, skipped, tokens
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _discard_partial(builder, tmp_paths: tuple[str, ...]) -> None:
+    """Close the builder's file and remove what a failed or interrupted run left; closing flushes,
+    which fails again on a full disk: that failure is already being reported."""
+    if not builder.data_file.closed:
+        try:
+            builder.data_file.close()
+        except OSError:
+            pass
+    for tmp in tmp_paths:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, *, workers: int = 1,
                append_eod: bool = False, json_key: str = "text", dtype: str = "auto", chunk_size: int = 64,
                progress: bool | None = None) -> PreprocessSummary:
@@ -184,14 +201,15 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
         builder.finalize(tmp_idx)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise DataError(f"writing {bin_path} failed: {os.strerror(e.errno).lower()}; the partial output was "
+                        "removed") from None
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        if not builder.data_file.closed:
-            builder.data_file.close()
-        for tmp in (tmp_bin, tmp_idx):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _discard_partial(builder, (tmp_bin, tmp_idx))
     return PreprocessSummary(output_prefix=output_prefix, documents=documents, skipped_documents=skipped,
                              tokens=tokens, seconds=time.perf_counter() - start, dtype=token_dtype.name)

@@ -38,18 +38,32 @@ from dataclasses import dataclass, field
 import pytest
 
 from megatron_grow.checkpoint import paths
-from tests.distributed.test_grow_bad_input import (  # noqa: F401 -- `source` is a fixture
+from megatron_grow.config.loader import load_recipe
+from megatron_grow.config.schema import ParallelConfig
+from megatron_grow.parallel.spawn import run_in_processes
+from tests.distributed.bodies import build_save_forward
+from tests.distributed.test_grow_bad_input import (
     CLI_TIMEOUT,
+    MODEL_RECIPE,
     PREFIX,
-    REPO,
     RECIPE,
+    REPO,
+    assert_complete_checkpoint,
     assert_grown,
     cli_env,
     run_cli,
     run_cli_in_process,
-    source,
     tree_digest,
 )
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    """The tiny trained checkpoint every case reads (each case works on its own copy)."""
+    root = str(tmp_path_factory.mktemp("hostile_writes_src") / "ckpt")
+    run_in_processes(build_save_forward, 1, (load_recipe(MODEL_RECIPE).model, ParallelConfig(), root))
+    assert_complete_checkpoint(root)
+    return root
 
 # ------------------------------------------------------------------------------------------------
 # One guard for every writer
@@ -261,3 +275,80 @@ def test_second_grow_to_the_same_save_is_refused_then_takes_over_a_dead_lock(sou
     assert len(said) == 1 and os.path.basename(stale) in said[0], where
     assert not os.path.exists(stale) and os.path.isdir(alive), where
     assert _left_beside(dst) == [os.path.basename(alive)], where
+
+
+# ------------------------------------------------------------------------------------------------
+# Full disks (a real tmpfs of a given size, mounted in a private mount namespace)
+
+
+def _small_disk_unavailable() -> str | None:
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"mounting a tmpfs is not permitted here: {probe.stderr.strip()}"
+
+
+def _on_small_disk(disk, size_kib: int, argv: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``argv`` with a ``size_kib`` tmpfs mounted at ``disk``; returns it and what it left there."""
+    reason = _small_disk_unavailable()
+    if reason:
+        pytest.skip(reason)
+    disk.mkdir(exist_ok=True)
+    command = " ".join(argv)
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size_kib}k tmpfs {disk} && "
+                           f"{command}; rc=$?; echo LEFT; find {disk} -mindepth 1 | sort; exit $rc"],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    out, _, left = proc.stdout.partition("LEFT\n")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, proc.stderr), left.split()
+
+
+def _assert_one_disk_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    where = f"\nexit {proc.returncode}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 2, where
+    assert "Traceback" not in proc.stderr and "Errno" not in proc.stderr, where
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("megatron-grow")]
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), where
+    for fragment in ("no space left on device", *fragments):
+        assert fragment in lines[0], f"{fragment!r} not in the error{where}"
+
+
+# The grown tiny_depth_width checkpoint: 927,040 fp32 parameters (3.5 MiB, what the old estimate
+# counted) take about 4.7 MiB on disk (torch.save framing per item, .metadata, common.pt). A 4.2 MiB
+# disk lies between: the save must be refused before a byte is written, not fail inside the writers.
+GROW_DISK_KIB = 4300
+
+
+def test_grow_onto_a_disk_too_small_is_refused_before_writing(source, tmp_path):
+    disk = tmp_path / "small"
+    save = str(disk / "grown")
+    proc, left = _on_small_disk(disk, GROW_DISK_KIB, _grow(source, save, "--no-verify"))
+    _assert_one_disk_line(proc, save, "needs about")
+    assert left == [], f"left on the full disk: {left}"
+
+
+# A tiny training run's first save (weights, Adam state, scheduler, RNG) takes about 6 MiB; its
+# parameters alone (what the old estimate counted, without the optimizer's factories) 1.1 MiB.
+TRAIN_DISK_KIB = 5500
+
+
+def test_training_save_onto_a_disk_too_small_is_one_line(kjv_dataset, tmp_path):
+    from tests.distributed.conftest import write_recipe
+
+    disk = tmp_path / "small"
+    run = str(disk / "run")
+    recipe = write_recipe(tmp_path / "recipe.yaml", kjv_dataset, run, training={"train_iters": 3})
+    proc, left = _on_small_disk(disk, TRAIN_DISK_KIB,
+                                [sys.executable, "-m", "megatron_grow", "train", "--config", recipe])
+    _assert_one_disk_line(proc, run, "needs about")
+    assert left in ([], [run]), f"left on the full disk: {left}"
+
+
+def test_preprocess_onto_a_full_disk_is_one_line_and_leaves_no_tmp(kjv_dataset, tmp_path):
+    disk = tmp_path / "small"
+    text = os.path.join(kjv_dataset["dir"], "kjv_part.txt")  # ~300 KB of text: ~100 KiB of tokens
+    argv = [sys.executable, "-m", "megatron_grow", "preprocess", "--input", text, "--tokenizer-model",
+            kjv_dataset["tokenizer"], "--output-prefix", str(disk / "kjv"), "--workers", "1", "--no-progress"]
+    proc, left = _on_small_disk(disk, 64, argv)
+    _assert_one_disk_line(proc, str(disk / "kjv.bin"))
+    assert left == [], f"left on the full disk: {left}"
