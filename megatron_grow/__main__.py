@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Megatron-Core warns at import time that Apex/TE are absent; the local spec is the design here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
+    if argv[0] == "train":  # a save's forked writer helpers must not outlive a killed trainer
+        from megatron_grow.parallel.lifetime import forked_children_die_with_parent
+
+        forked_children_die_with_parent()
     if argv[0] in ("train", "launch"):  # before the slow imports: a notice must not kill start-up
         from megatron_grow.parallel.preemption import defer_stop_signals
 

@@ -352,3 +352,61 @@ def test_preprocess_onto_a_full_disk_is_one_line_and_leaves_no_tmp(kjv_dataset, 
     proc, left = _on_small_disk(disk, 64, argv)
     _assert_one_disk_line(proc, str(disk / "kjv.bin"))
     assert left == [], f"left on the full disk: {left}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes: nothing outlives a killed trainer or a killed worker
+
+
+def test_sigkilled_trainer_leaves_no_forked_writer_behind(kjv_dataset, tmp_path):
+    """SIGKILL of ``train`` while a checkpoint is being written: Megatron-Core's writer forks
+    helpers then (holding the dataset files); none may be left, reparented, once it is dead."""
+    import psutil
+
+    from tests.distributed.conftest import write_recipe
+
+    run = str(tmp_path / "run")
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, run, training={"train_iters": 100000},
+                          checkpoint={"save_interval": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_grow", "train", "--config", recipe], cwd=REPO,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    forked: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while len(forked) == 0 and proc.poll() is None and time.monotonic() < deadline:
+            if glob.glob(os.path.join(run, "iter_*" + paths.INCOMPLETE_MARK + "*")):  # a save is under way
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    forked.setdefault(child.pid, child)
+            time.sleep(0.001)
+        assert forked, f"no helper process seen during a save (exit {proc.poll()})"
+        proc.kill()
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(list(forked.values()), timeout=10)
+        assert alive == [], f"left running after the trainer was SIGKILLed: {[(p.pid, p.ppid()) for p in alive]}"
+    finally:
+        for child in forked.values():
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+
+
+def test_sigkilled_worker_under_launch_does_not_leave_its_peer_running(kjv_dataset, tmp_path):
+    """SIGKILL of one of two ``launch`` workers (nothing reaches the launcher): the peer either fails
+    on the broken connection by itself or, when it waits for a rank that is gone, is stopped by
+    the launcher after a few seconds (``stranded_workers``; the waiting case itself is
+    ``tests/unit/test_launch.py``), not after torchrun's 600 s shutdown timeout. No worker is left."""
+    import psutil
+
+    from tests.distributed.test_launch import _finish, _launch, _long_recipe, _wait_for
+
+    log = str(tmp_path / "log")
+    proc = _launch(["train", "--config", _long_recipe(tmp_path, kjv_dataset)], log)
+    _wait_for(log, "iter       2", proc)
+    workers = psutil.Process(proc.pid).children()
+    next(w for w in workers if w.environ().get("RANK") == "1").kill()
+    rc, out = _finish(proc, log)
+    assert rc != 0, out[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == [], f"workers left running: {[w.pid for w in alive]}\n{out[-3000:]}"
