@@ -7,6 +7,8 @@
         megatron_grow.json                   our manifest (recipe, counters, lineage), plain JSON
       iter_0000200.incomplete-<id>/          a save in progress; never read, removed on the next save
       iter_0000100.retired-<id>/             the old copy during a re-save without atomic exchange
+    ROOT.staging-<host>-<pid>-<id>/          a whole run directory written beside ROOT (grow), swapped in
+    .ROOT.lock                               held (flock) by the one grow writing ROOT
 
 A checkpoint becomes visible only by renaming its finished directory to ``iter_N`` and
 then rewriting the tracker with write-fsync-rename, so a crash at any moment leaves the
@@ -15,6 +17,9 @@ re-saved iteration, ``grow --overwrite``) swaps old and new in one ``renameat2(R
 where the filesystem has it, so the name never points at nothing; elsewhere the old copy is
 renamed aside to ``<name>.retired-<id>`` first and :func:`recover_retired` puts it back if a
 crash came between the two renames.
+
+:func:`check_destination` is the one guard every command that writes calls: a destination may
+not be, contain or lie inside what the command reads (links resolved).
 """
 
 from __future__ import annotations
