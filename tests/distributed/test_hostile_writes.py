@@ -410,3 +410,17 @@ def test_sigkilled_worker_under_launch_does_not_leave_its_peer_running(kjv_datas
     assert rc != 0, out[-3000:]
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert alive == [], f"workers left running: {[w.pid for w in alive]}\n{out[-3000:]}"
+
+
+def test_disk_filling_during_a_grow_is_one_line_and_leaves_no_partial_files(source, tmp_path):
+    """The free-space check passes (an 8 MiB disk, the grown checkpoint needs 4.8 MiB), then another
+    writer takes all but 64 KiB: the writer threads hit ENOSPC mid-file. One line, no thread
+    tracebacks, nothing of the grow left on the disk."""
+    disk = tmp_path / "small"
+    save, filler = str(disk / "grown"), str(disk / "filler")
+    argv = [sys.executable, "-m", "tests.distributed.fill_during_save", filler, "--", *_grow(source, save,
+                                                                                              "--no-verify")[3:]]
+    proc, left = _on_small_disk(disk, 8192, argv)
+    _assert_one_disk_line(proc)
+    assert "Exception in thread" not in proc.stderr, proc.stderr[-4000:]
+    assert left == [filler], f"left on the full disk: {left}"
