@@ -32,6 +32,7 @@ from types import ModuleType
 
 from megatron_grow.cli._errors import run_with_clean_errors
 from megatron_grow.errors import EXIT_BAD_INPUT
+from megatron_grow.parallel.lifetime import forked_children_die_with_parent
 from megatron_grow.parallel.preemption import defer_stop_signals, restore_stop_signals
 from megatron_grow.parallel.rank_status import record_exit_code
 
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron-Core warns at import time that Apex/TE are absent; the local spec is the design here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex).*")
     module = command_module(argv[0])
+    if _declares(module, "FORKED_CHILDREN_DIE_WITH_IT"):  # a save's forked writer helpers must not outlive it
+        forked_children_die_with_parent()
     if _declares(module, "DEFERS_STOP_SIGNALS"):  # before the slow imports: a notice must not kill start-up
         defer_stop_signals()
     if _declares(module, "RAW_ARGV"):

@@ -17,6 +17,8 @@ EXIT_PREEMPTED = 3
 """Stopped by SIGTERM/SIGUSR1 after saving a checkpoint: the launcher may requeue the job."""
 EXIT_VERIFY_FAILED = 4
 """A grown checkpoint failed a ``verify`` threshold (:class:`VerificationError`)."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT, what a shell reports): partial output was discarded."""
 
 
 class MegatronGrowError(Exception):

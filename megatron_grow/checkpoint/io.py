@@ -12,10 +12,14 @@ disagrees with the model (the first mismatching tensor is named with both shapes
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io as io_module
 import json
 import os
+import pickle
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -23,17 +27,27 @@ from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject, ShardedTensor, apply_factories
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_grow.checkpoint import paths, streaming
 from megatron_grow.errors import CheckpointError
 from megatron_grow.parallel.collectives import broadcast_object, rank
 
-STAGING_MARK = ".staging-"  # <dest>.staging-<id>: a whole run directory being written beside dest
+STAGING_MARK = paths.STAGING_MARK  # <dest>.staging-<host>-<pid>-<id>: a run directory written beside dest
 
 
 def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
@@ -77,17 +91,24 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     """
     final = paths.iteration_dir(root, iteration)
     staging = broadcast_object(f"{final}{paths.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
-    needed = _bytes_to_write(sharded_state_dict)
+    needed = _bytes_to_write(sharded_state_dict, manifest)
     _on_rank0(lambda: _prepare_save_dir(root, staging, needed), staging, final)
     try:
-        if produce is not None:
-            streaming.save_streaming(sharded_state_dict, staging, produce)
-        else:
-            dist_checkpointing.save(sharded_state_dict, staging,
-                                    sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        with _writer_thread_errors_kept():
+            if produce is not None:
+                streaming.save_streaming(sharded_state_dict, staging, produce)
+            else:
+                dist_checkpointing.save(sharded_state_dict, staging,
+                                        sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
         local_error = None
     except (Exception, CheckpointException) as e:  # collected below: every rank takes the same way out
         local_error = e
+    except BaseException:  # Ctrl-C: no partial save stays behind
+        paths.remove_tree(staging)
+        raise
+    if local_error is not None and _interrupted(local_error):
+        paths.remove_tree(staging)
+        raise KeyboardInterrupt from None
     if _any_rank(local_error is not None):
         disk_full = rank() == 0 and _free_bytes(root) < needed  # torch often hides ENOSPC in its own errors
         if rank() == 0:
@@ -105,13 +126,16 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
 
 
 def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dict, manifest: dict,
-                              produce: Callable | None = None) -> str:
+                              produce: Callable | None = None, check: Callable[[str], None] | None = None) -> str:
     """A new run directory at ``dest`` holding one checkpoint (collective); returns its ``iter_N``.
 
-    The checkpoint is saved into ``<dest>.staging-<id>`` beside ``dest`` and then swapped in
-    (``paths.replace_dir``), so an existing ``dest`` is removed only after the new one is
-    complete, and a crash at any moment leaves the old or the new run directory at ``dest``.
-    A link at ``dest`` keeps pointing at the new directory.
+    The checkpoint is saved into ``<dest>.staging-<host>-<pid>-<id>`` beside ``dest``; ``check``
+    (collective, e.g. grow's verify) then runs on that complete staging run directory, and only
+    when it returns is the staging directory swapped in (``paths.replace_dir``). So an existing
+    ``dest`` is removed only after the new one is complete and checked; a failed check, an
+    exception or Ctrl-C leaves ``dest`` as it was and removes the staging directory, and a crash
+    at any moment leaves the old or the new run directory at ``dest``. A link at ``dest`` keeps
+    pointing at the new directory.
 
     Args:
         dest: the run directory to create or replace.
@@ -119,21 +143,20 @@ def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dic
         sharded_state_dict: what to save.
         manifest: our manifest, written as ``megatron_grow.json``.
         produce: computes lazy tensors while they are written (:func:`save_checkpoint`).
+        check: collective; runs on the complete staging run directory before the swap.
 
     Returns:
         The final ``iter_NNNNNNN`` directory under ``dest``.
     """
     real = os.path.realpath(dest)
-    staging = broadcast_object(f"{real}{STAGING_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
+    staging = broadcast_object(paths.staging_path(real) if rank() == 0 else None)
     if rank() == 0:
         paths.recover_retired(real)
-        parent, name = os.path.split(real)
-        if os.path.isdir(parent):
-            for entry in os.listdir(parent):  # left by a killed earlier attempt
-                if entry.startswith(name + STAGING_MARK):
-                    paths.remove_tree(os.path.join(parent, entry))
+        paths.remove_stale_staging(real)  # left by a killed earlier attempt (its process is gone)
     try:
         save_checkpoint(staging, iteration, sharded_state_dict, manifest, produce=produce)
+        if check is not None:
+            check(staging)
         _on_rank0(lambda: paths.replace_dir(staging, real), staging, real)
     finally:
         if rank() == 0 and os.path.lexists(staging):
@@ -141,11 +164,33 @@ def save_checkpoint_replacing(dest: str, iteration: int, sharded_state_dict: dic
     return paths.iteration_dir(dest, iteration)
 
 
+@contextlib.contextmanager
+def _writer_thread_errors_kept():
+    """An error in one of torch's writer threads (a full disk, an abandoned save) fails the save,
+    which reports it once as one line; the thread's own traceback is not printed on the way."""
+    before = set(threading.enumerate())
+    previous = threading.excepthook
+
+    def hook(args):
+        if args.thread in before or "_write_files_from_queue" not in (args.thread.name if args.thread else ""):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    except BaseException:
+        streaming.join_writer_threads(before)  # their errors land in the hook above, not on stderr
+        raise
+    finally:
+        threading.excepthook = previous
+
+
 def _prepare_save_dir(root: str, staging: str, needed: int) -> None:
     os.makedirs(root, exist_ok=True)
     free = _free_bytes(root)
     if free < needed:
-        raise CheckpointError(f"cannot save to {root}: no space left on device ({free / 2**20:.1f} MiB free, "
+        shown = root.split(paths.STAGING_MARK)[0]  # grow's staging run directory: name its --save
+        raise CheckpointError(f"cannot save to {shown}: no space left on device ({free / 2**20:.1f} MiB free, "
                               f"the checkpoint needs about {needed / 2**20:.1f} MiB)")
     for kept in paths.retired_iteration_dirs(root):  # an interrupted re-save: keep one complete copy
         paths.recover_retired(kept)
@@ -185,19 +230,93 @@ def _on_rank0(step, staging: str, final: str) -> None:
         raise CheckpointError(message)
 
 
-def _bytes_to_write(sharded_state_dict: dict) -> int:
-    """Tensor bytes of one copy of the checkpoint (main replicas, summed over ranks); factories
-    (e.g. the distributed optimizer's) are not expanded, so this is a lower bound."""
-    local = 0
-    for st in iter_sharded_tensors(sharded_state_dict):
-        replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
-        if all(r == 0 for r in replica) and isinstance(st.data, torch.Tensor):
-            local += st.data.numel() * st.data.element_size()
+def _bytes_to_write(sharded_state_dict: dict, manifest: dict | None = None) -> int:
+    """Bytes one copy of this checkpoint takes on disk, summed over ranks (collective).
+
+    Computed from what the writers will write, not from the parameters alone: every main-replica
+    ShardedTensor (factories applied on a copy, so the distributed optimizer's state counts) with
+    the framing ``torch.save`` puts around each item in a ``.distcp`` file, every ShardedObject
+    (``_extra_state``, RNG) as it serializes, the common state (``common.pt``, rank 0), torch's
+    ``.metadata`` (the real metadata classes, pickled), our manifest, and one filesystem block per
+    file for the partly filled last block.
+    """
+    probe = _copy_containers(sharded_state_dict)
+    apply_factories(probe)
+    sharded, common = extract_matching_values(probe, lambda v: isinstance(v, ShardedBase))
+    local, entries = 0, []
+    for leaf in _leaves(sharded):
+        replica = leaf.replica_id if isinstance(leaf.replica_id, tuple) else (leaf.replica_id,)
+        if not all(r == 0 for r in replica):
+            continue
+        if isinstance(leaf, ShardedTensor) and isinstance(leaf.data, torch.Tensor):
+            local += leaf.data.numel() * leaf.data.element_size() + _item_framing(leaf.data.dtype)
+            entries.append((leaf.key, tuple(leaf.global_shape), tuple(leaf.global_offset), tuple(leaf.local_shape)))
+        elif isinstance(leaf, ShardedObject):
+            local += len(_serialized(leaf.data))
+            entries.append((leaf.key, tuple(leaf.global_shape), tuple(leaf.global_offset), ()))
+    local += _metadata_bytes(entries) + _WRITER_FILES_PER_RANK * _BLOCK
+    if rank() == 0:
+        local += len(_serialized(common)) + (len(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+                                             if manifest else 0) + _SMALL_FILES * _BLOCK
     if not torch.distributed.is_initialized():
         return local
     total = torch.tensor([local], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     return int(total.item())
+
+
+_BLOCK = 4096                # the partly filled last block of each file
+_WRITER_FILES_PER_RANK = 2   # torch's writer: one .distcp file per writer thread
+_SMALL_FILES = 6             # common.pt, .metadata, metadata.json, megatron_grow.json, tracker, its temp
+
+
+def _leaves(tree: Any) -> Iterable:
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def _serialized(obj: Any) -> bytes:
+    buffer = io_module.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+_FRAMING: dict = {}
+
+
+def _item_framing(dtype: torch.dtype) -> int:
+    """What ``torch.save`` writes around one tensor's bytes in a ``.distcp`` file (zip records,
+    pickled header, data alignment), measured once per dtype on an empty tensor."""
+    if dtype not in _FRAMING:
+        _FRAMING[dtype] = len(_serialized(torch.empty(0, dtype=dtype))) + 64  # + the data's 64-byte alignment
+    return _FRAMING[dtype]
+
+
+def _metadata_bytes(entries: list) -> int:
+    """This rank's share of torch's ``.metadata``: its items in the real metadata classes (the
+    storage index, and the save plans torch keeps there too), pickled."""
+    tensors, storage, items = {}, {}, []
+    for key, shape, offset, local_shape in entries:
+        if local_shape:
+            chunk = ChunkStorageMetadata(torch.Size(offset), torch.Size(local_shape))
+            props = TensorProperties(dtype=torch.float32)
+            tensors[key] = TensorStorageMetadata(props, torch.Size(shape), [chunk])
+            index = MetadataIndex(key, torch.Size(offset), 0)
+            items.append(WriteItem(index, WriteItemType.SHARD, TensorWriteData(chunk, props, torch.Size(shape))))
+        else:  # a ShardedObject: one bytes item per shard
+            index = MetadataIndex(f"{key}/shard_{'_'.join(map(str, offset))}_{'_'.join(map(str, shape))}")
+            tensors[index.fqn] = BytesStorageMetadata()
+            items.append(WriteItem(index, WriteItemType.BYTE_IO))
+        storage[index] = _StorageInfo(f"__{rank()}_0.distcp", 2**40, 2**40)
+    metadata = Metadata(state_dict_metadata=tensors, storage_data=storage)
+    metadata.all_local_plans = [SavePlan(items)]  # Megatron-Core's saver stores the plans there too
+    return len(pickle.dumps(metadata))
 
 
 def _free_bytes(path: str) -> int:
@@ -231,22 +350,30 @@ def _save_error(error: BaseException, final: str) -> BaseException:
     return error
 
 
-def _has_errno(error: BaseException, code: int, depth: int = 0) -> bool:
+def _has_errno(error: BaseException, code: int) -> bool:
     """Whether ``code`` appears in ``error``: its chain, torch's per-rank failures, or its text."""
+    return _any_cause(error, lambda e: (isinstance(e, OSError) and e.errno == code) or f"[Errno {code}]" in str(e))
+
+
+def _interrupted(error: BaseException) -> bool:
+    """A Ctrl-C that torch's checkpoint code caught and wrapped into its own exception."""
+    return _any_cause(error, lambda e: isinstance(e, KeyboardInterrupt))
+
+
+def _any_cause(error: BaseException, test: Callable[[BaseException], bool], depth: int = 0) -> bool:
+    """Whether ``test`` holds for ``error``, its chain, or torch's per-rank failures inside it."""
     if not isinstance(error, BaseException) or depth > 8:
         return False
-    if isinstance(error, OSError) and error.errno == code:
+    if test(error):
         return True
     failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
     if isinstance(failures, dict):
         for failure in failures.values():
             if isinstance(failure, tuple):  # torch's WRAPPED_EXCEPTION: (exception, traceback)
                 failure = failure[0]
-            if _has_errno(getattr(failure, "exc", failure), code, depth + 1):
+            if _any_cause(getattr(failure, "exc", failure), test, depth + 1):
                 return True
-    if f"[Errno {code}]" in str(error):
-        return True
-    return _has_errno(error.__cause__ or error.__context__, code, depth + 1)
+    return _any_cause(error.__cause__ or error.__context__, test, depth + 1)
 
 
 def read_manifest(ckpt_dir: str) -> dict:

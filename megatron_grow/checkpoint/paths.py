@@ -7,6 +7,8 @@
         megatron_grow.json                   our manifest (recipe, counters, lineage), plain JSON
       iter_0000200.incomplete-<id>/          a save in progress; never read, removed on the next save
       iter_0000100.retired-<id>/             the old copy during a re-save without atomic exchange
+    ROOT.staging-<host>-<pid>-<id>/          a whole run directory written beside ROOT (grow), swapped in
+    .ROOT.lock                               held (flock) by the one grow writing ROOT
 
 A checkpoint becomes visible only by renaming its finished directory to ``iter_N`` and
 then rewriting the tracker with write-fsync-rename, so a crash at any moment leaves the
@@ -15,16 +17,24 @@ re-saved iteration, ``grow --overwrite``) swaps old and new in one ``renameat2(R
 where the filesystem has it, so the name never points at nothing; elsewhere the old copy is
 renamed aside to ``<name>.retired-<id>`` first and :func:`recover_retired` puts it back if a
 crash came between the two renames.
+
+:func:`check_destination` is the one guard every command that writes calls: a destination may
+not be, contain or lie inside what the command reads (links resolved).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
+from collections.abc import Sequence
 
 from megatron_grow.errors import CheckpointError
 
@@ -32,6 +42,7 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MANIFEST_FILENAME = "megatron_grow.json"
 INCOMPLETE_MARK = ".incomplete-"
 RETIRED_MARK = ".retired-"
+STAGING_MARK = ".staging-"  # <dest>.staging-<host>-<pid>-<id>: a whole run directory written beside dest
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -339,6 +350,34 @@ def same_or_nested(a: str, b: str) -> bool:
     return nesting(a, b) is not None
 
 
+def protected_paths(source: str) -> list[str]:
+    """What writing must not touch for ``source``: the path itself, and for an ``iter_N`` directory
+    of a run (a tracker beside it) the whole run directory."""
+    protected = [source]
+    parent = os.path.dirname(os.path.normpath(source))
+    if is_iteration_dir(source) and os.path.isfile(os.path.join(parent, TRACKER_FILENAME)):
+        protected.append(parent)
+    return protected
+
+
+def check_destination(dest: str, flag: str, sources: Sequence[tuple[str, str | None]],
+                      error: type[Exception] = CheckpointError) -> None:
+    """The one guard every command that writes calls before reading or writing anything.
+
+    ``sources``: ``(what, path)`` pairs the command reads (a None path is skipped). ``dest`` may not
+    be a source, lie inside one or contain one, paths compared after resolving links (``..``,
+    symlinks): replacing it (``--overwrite``) or writing into it could destroy what is read.
+    """
+    for what, source in sources:
+        if not source:
+            continue
+        for protected in protected_paths(source):
+            problem = nesting(dest, protected)
+            if problem:
+                raise error(f"{flag} {dest} {problem} {what} {protected}; {what} is never modified, "
+                            f"choose another {flag}")
+
+
 def is_iteration_dir(path: str) -> bool:
     """Whether ``path`` names an ``iter_NNNNNNN`` directory (by its name only).
 
@@ -373,3 +412,115 @@ def probe_writable(path: str, what: str) -> None:
         os.rmdir(probe)
     except OSError as e:
         raise CheckpointError(f"{what} {path} is not writable ({e.strerror}: {existing})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Staging directories beside a destination, and the lock that makes one writer own it
+
+
+def staging_path(dest: str) -> str:
+    """A fresh ``<dest>.staging-<host>-<pid>-<id>``: the owner is in the name, so a later writer can
+    tell a directory left by a killed process from one being written right now."""
+    return f"{dest}{STAGING_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _staging_owner_alive(tail: str) -> bool:
+    rest = tail.rsplit("-", 2)  # host names may hold dashes; pid and id do not
+    if len(rest) != 3 or not rest[1].isdigit():
+        return False  # an older name without its owner: nothing can still be writing it
+    host, pid = rest[0], int(rest[1])
+    return host != socket.gethostname() or process_alive(pid)  # another host's: cannot tell, keep it
+
+
+def remove_stale_staging(dest: str) -> list[str]:
+    """Remove the ``<dest>.staging-*`` directories whose writer is gone; returns what was removed."""
+    parent, name = os.path.split(os.path.realpath(dest))
+    if not os.path.isdir(parent):
+        return []
+    removed = []
+    for entry in sorted(os.listdir(parent)):
+        if entry.startswith(name + STAGING_MARK) and not _staging_owner_alive(entry[len(name + STAGING_MARK):]):
+            remove_tree(os.path.join(parent, entry))
+            removed.append(os.path.join(parent, entry))
+    return removed
+
+
+class DestinationLock:
+    """One writer per destination: ``<parent>/.<name>.lock``, held with ``flock`` while a command
+    writes ``dest``. The kernel drops the lock when its holder dies (even by SIGKILL), so a lock
+    file left by a dead process is simply taken over; a live holder is named (pid, host, start)."""
+
+    def __init__(self, dest: str, command: str, flag: str = "--save"):
+        self.dest, self.command, self.flag = dest, command, flag
+        parent, name = os.path.split(os.path.realpath(dest))
+        self.path = os.path.join(parent, f".{name}.lock")
+        self.fd: int | None = None
+        self.previous: dict = {}
+
+    def acquire(self) -> DestinationLock:
+        probe_writable(self.dest, self.flag)  # a missing or read-only parent: one line, not an OSError
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_lock(fd)
+                os.close(fd)
+                raise CheckpointError(
+                    f"{self.flag} {self.dest} is being written by another {holder.get('command', 'process')} "
+                    f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started "
+                    f"{holder.get('started', '?')}); wait for it to finish or stop it (lock {self.path})") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else its holder removed it between our open and flock: open the new one
+                break
+            os.close(fd)
+        self.previous = _read_lock(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still holding it: nobody can take a lock on a file being removed
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> DestinationLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_lock(fd: int) -> dict:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode("utf-8", errors="replace") or "{}")
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}

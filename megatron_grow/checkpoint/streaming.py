@@ -44,6 +44,18 @@ from megatron_grow.errors import CheckpointError
 DEFAULT_WRITER_THREADS = 2
 
 
+class SaveAbandoned(Exception):
+    """Raised in a writer thread once the save it works for has failed or was interrupted."""
+
+
+def join_writer_threads(before: set) -> None:
+    """Wait for the writer threads torch's ``FileSystemWriter`` started since ``before`` (named after
+    their target), so nothing writes into a save directory once it is removed."""
+    for thread in threading.enumerate():
+        if thread not in before and "_write_files_from_queue" in thread.name and thread.is_alive():
+            thread.join()
+
+
 def is_lazy(sharded_tensor) -> bool:
     """Whether a sharded tensor is to be produced while it is written (its data is on the meta device).
 
@@ -81,7 +93,15 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
     planner = _producing_planner(lazy, produce)
     writer = FileSystemWriter(checkpoint_dir, thread_count=threads, sync_files=False)
-    dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+    before = set(threading.enumerate())
+    try:
+        dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+    except BaseException:
+        # Ctrl-C, or an error in the main writer: torch's other writer threads would go on writing
+        # (into a directory the caller is about to remove); stop them at their next tensor first.
+        planner.stopped = True
+        join_writer_threads(before)
+        raise
     problem = _local_problem(planner, len(lazy), produce, checkpoint_dir)
     if problem is None:
         _fsync_own_files(checkpoint_dir)
@@ -119,11 +139,14 @@ def _producing_planner(lazy: dict, produce: Callable):
             super().__init__(flatten_state_dict=False)
             self.produced = 0
             self.error: BaseException | None = None
+            self.stopped = False
             self._lock = threading.Lock()
 
         def resolve_data(self, write_item):
             index = write_item.index
             st = lazy.get((index.fqn, tuple(index.offset))) if write_item.type != WriteItemType.BYTE_IO else None
+            if self.stopped:
+                raise SaveAbandoned("the save was abandoned")
             if st is None:
                 return super().resolve_data(write_item)
             try:

@@ -46,11 +46,7 @@ def check_save_vs_source(save: str | None, grow_from: str | None) -> None:
     """Training never writes into (or over) the checkpoint it grows from (rule 1)."""
     if not save:
         return
-    if grow_from:
-        problem = paths.nesting(save, grow_from)
-        if problem:
-            raise GrowthError(f"checkpoint.save {save} {problem} the --grow-from source {grow_from}; the source "
-                              "is never modified, choose another checkpoint.save")
+    paths.check_destination(save, "checkpoint.save", [("the --grow-from source", grow_from)], GrowthError)
     paths.probe_writable(save, "checkpoint.save")
 
 

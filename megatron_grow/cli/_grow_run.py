@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.architecture import resolve_architecture
 from megatron_grow.cli._common import checked_layout
 from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import Recipe
-from megatron_grow.growth.grow import discard_grown, grow_checkpoint, print_summary
+from megatron_grow.growth.grow import grow_checkpoint, prepare_destination, print_summary
 from megatron_grow.growth.verify import check_thresholds, format_metrics, verify_growth
 from megatron_grow.parallel.collectives import is_rank0
 from megatron_grow.parallel.init import destroy_distributed
@@ -24,30 +25,50 @@ def run(args: argparse.Namespace, recipe: Recipe) -> int:
     # and the growth and its verify use it.
     source_model, _ = resolve_architecture(paths.resolve_checkpoint_dir(args.load)[0], args.source_config)
     parallel = checked_layout(args, dataclasses.replace(recipe, model=source_model))
+    prepare_destination(args.save, args.overwrite, args.load)  # before the lock file goes beside --save
+    lock = _lock_destination(args.save)
     try:
         summary = grow_checkpoint(args.load, args.save, recipe.growth, parallel, source_model=source_model,
                                   recipe_dict=recipe_to_dict(recipe), overwrite=args.overwrite,
                                   seed=recipe.training.seed, progress=not args.quiet,
-                                  target_spec=args.target_spec)
+                                  target_spec=args.target_spec,
+                                  check_staged=_verifier(args, parallel, source_model) if args.verify else None)
         if is_rank0():
             print_summary(summary)
-        if args.verify:
-            _verify_or_discard(args, parallel, summary)
     finally:
         destroy_distributed()
+        if lock is not None:
+            lock.release()
     return 0
 
 
-def _verify_or_discard(args, parallel, summary: dict) -> None:
-    """Verify with the architecture the growth used; on any failure DST is removed, so a non-zero
-    exit never leaves a checkpoint that looks valid."""
-    try:
-        metrics = verify_growth(args.load, args.save, parallel, source_model=summary["source_model"])
-        if is_rank0():
-            print(format_metrics(metrics))
-        check_thresholds(metrics, args.max_kl, args.min_routing_share)
-    except BaseException:
-        discard_grown(args.save, summary["iteration"])
-        if is_rank0():
-            print(f"[grow] verify failed: removed the grown checkpoint from {args.save}", flush=True)
-        raise
+def _lock_destination(save: str) -> paths.DestinationLock | None:
+    """Rank 0 owns --save for the whole grow (a second grow to it is refused, naming this one), and
+    removes what killed grows to it left behind."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    lock = paths.DestinationLock(save, "grow").acquire()
+    removed = paths.remove_stale_staging(save)
+    if removed:
+        print(f"[grow] removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} left by an "
+              f"interrupted grow to {save}: {', '.join(os.path.basename(r) for r in removed)}", flush=True)
+    return lock
+
+
+def _verifier(args, parallel, source_model):
+    """Verify the grown checkpoint while it is still staged beside --save: --save is replaced only
+    when it passes, so a failed verify (an error, a threshold, Ctrl-C) leaves the old --save as it was."""
+
+    def check(staged_root: str) -> None:
+        try:
+            metrics = verify_growth(args.load, staged_root, parallel, source_model=source_model)
+            if is_rank0():
+                print(format_metrics(metrics))
+            check_thresholds(metrics, args.max_kl, args.min_routing_share)
+        except BaseException:
+            if is_rank0():
+                print(f"[grow] verify failed: the grown checkpoint was discarded; {args.save} is unchanged",
+                      flush=True)
+            raise
+
+    return check

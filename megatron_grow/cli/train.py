@@ -18,6 +18,7 @@ import dataclasses
 from megatron_grow.config.loader import load_recipe
 
 DEFERS_STOP_SIGNALS = True  # a preemption notice during start-up makes the run save after its first step
+FORKED_CHILDREN_DIE_WITH_IT = True  # MCore's checkpoint writer helpers die with a killed trainer (parallel/lifetime.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ the output does not depend on the number of workers.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from megatron_grow.checkpoint.paths import check_destination
 from megatron_grow.data.text import check_inputs, iter_documents
 from megatron_grow.data.tokenizer import Tokenizer
 from megatron_grow.errors import DataError
@@ -138,6 +140,22 @@ def _write_documents(builder, encoded_chunks, progress: bool | None) -> tuple[in
     return documents, skipped, tokens
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _discard_partial(builder, tmp_paths: tuple[str, ...]) -> None:
+    """Close the builder's file and remove what a failed or interrupted run left; closing flushes,
+    which fails again on a full disk: that failure is already being reported."""
+    if not builder.data_file.closed:
+        try:
+            builder.data_file.close()
+        except OSError:
+            pass
+    for tmp in tmp_paths:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, *, workers: int = 1,
                append_eod: bool = False, json_key: str = "text", dtype: str = "auto", chunk_size: int = 64,
                progress: bool | None = None) -> PreprocessSummary:
@@ -152,6 +170,9 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     paths = check_inputs(inputs)
+    for output in (f"{output_prefix}.bin", f"{output_prefix}.idx"):  # os.replace would overwrite an input
+        check_destination(output, "--output-prefix", [("the --input file", p) for p in paths]
+                          + [("the --tokenizer-model", tokenizer_model)], DataError)
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
     if chunk_size < 1:
@@ -180,14 +201,15 @@ def preprocess(inputs: Sequence[str], tokenizer_model: str, output_prefix: str, 
         builder.finalize(tmp_idx)
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise DataError(f"writing {bin_path} failed: {os.strerror(e.errno).lower()}; the partial output was "
+                        "removed") from None
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        if not builder.data_file.closed:
-            builder.data_file.close()
-        for tmp in (tmp_bin, tmp_idx):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _discard_partial(builder, (tmp_bin, tmp_idx))
     return PreprocessSummary(output_prefix=output_prefix, documents=documents, skipped_documents=skipped,
                              tokens=tokens, seconds=time.perf_counter() - start, dtype=token_dtype.name)

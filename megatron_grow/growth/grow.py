@@ -23,17 +23,15 @@ else ``megatron_grow.json``, else Megatron-LM's ``args``); the source may be sto
 or the local layer spec's names (read requests are renamed to the source's, ``checkpoint.keys``),
 and the grown checkpoint is written under the names of the requested target spec, with the
 common state Megatron-LM's ``load_checkpoint`` reads (``checkpoint.megatron_args``).
-:func:`discard_grown` undoes a grow whose verification failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -325,15 +323,7 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
     Raises:
         GrowthError: one line naming the problem.
     """
-    protected = [source_root]
-    parent = os.path.dirname(os.path.normpath(source_root))
-    if paths.is_iteration_dir(source_root) and os.path.isfile(os.path.join(parent, paths.TRACKER_FILENAME)):
-        protected.append(parent)  # --load ROOT/iter_N: the whole run directory is the source
-    for src in protected:
-        problem = paths.nesting(save, src)
-        if problem:
-            raise GrowthError(f"--save {save} {problem} the source checkpoint {src}; the source is never "
-                              "modified, choose another directory")
+    paths.check_destination(save, "--save", [("the source checkpoint", source_root)], GrowthError)
     if os.path.lexists(save) and not os.path.isdir(save):
         raise GrowthError(f"--save {save} exists and is not a directory")
     if os.path.isdir(save) and os.listdir(save) and not overwrite:
@@ -344,7 +334,8 @@ def prepare_destination(save: str, overwrite: bool, source_root: str) -> None:
 def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: ParallelConfig, *,
                     source_model: ModelConfig | None = None, recipe_dict: dict | None = None,
                     overwrite: bool = False, seed: int = 1234, progress: bool = True,
-                    target_spec: str | None = None, expert_backend: str | None = None) -> dict:
+                    target_spec: str | None = None, expert_backend: str | None = None,
+                    check_staged: Callable[[str], None] | None = None) -> dict:
     """Offline growth (collective): grow SRC into DST in the layout ``parallel`` (module docstring).
 
     The target is built on the meta device and saved atomically, each grown tensor computed from
@@ -358,6 +349,8 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
         overwrite, progress: replace a non-empty DST; log progress.
         target_spec: the layer spec whose names DST uses; None: the spec this machine builds.
         expert_backend: the target's ``model.moe_expert_backend`` (how it runs, not what it stores).
+        check_staged: collective (the CLI's verify); runs on the complete grown run directory before
+            it replaces ``save``: if it raises, ``save`` is left as it was.
 
     Returns:
         A summary dict (rank 0's numbers), for ``print_summary``.
@@ -386,7 +379,8 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     record = growth_record(source, before, after, time.perf_counter() - t0)
     ts = time.perf_counter()
     final = _save_grown(state, grown, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
-                        target_spec=target_spec or keys.built_spec(te_available()), carried_optimizer=carried)
+                        target_spec=target_spec or keys.built_spec(te_available()), carried_optimizer=carried,
+                        check_staged=check_staged)
     return _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
 
 
@@ -438,7 +432,7 @@ def _log_start(source: GrowthSource, ctx) -> None:
 
 def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: dict, save: str,
                 parallel: ParallelConfig, ctx, *, recipe_dict: dict | None, target_spec: str,
-                carried_optimizer: dict) -> str:
+                carried_optimizer: dict, check_staged: Callable[[str], None] | None = None) -> str:
     """Write the grown model (weights produced by ``grown`` while they are written, Megatron-LM's
     common state, our manifest) atomically."""
     if target_spec not in keys.SPECS:
@@ -454,30 +448,9 @@ def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: 
     args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
                          base=load_common_state(source.ckpt_dir).get("args"))
     state.update(common_state(counters, manifest, args))
-    # Written beside --save, then swapped in: an old --save (with --overwrite) goes only after.
-    return io.save_checkpoint_replacing(save, counters["iteration"], state, manifest, produce=grown)
-
-
-def discard_grown(save: str, iteration: int) -> None:
-    """Undo a grow whose check failed: the tracker goes first (so nothing names the iteration), then
-    the iteration written, then DST itself if nothing else is in it. Rank 0 does it; all ranks wait.
-
-    Args:
-        save: DST.
-        iteration: the iteration the grow wrote.
-    """
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank() == 0:
-        tracker = os.path.join(save, paths.TRACKER_FILENAME)
-        if os.path.isfile(tracker):
-            os.remove(tracker)
-            paths.fsync_dir(save)
-        shutil.rmtree(paths.iteration_dir(save, iteration), ignore_errors=True)
-        if os.path.isdir(save) and not os.listdir(save):
-            os.rmdir(save)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    # Written beside --save, checked there, then swapped in: an old --save (with --overwrite) goes only after.
+    return io.save_checkpoint_replacing(save, counters["iteration"], state, manifest, produce=grown,
+                                        check=check_staged)
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:

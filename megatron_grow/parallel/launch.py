@@ -16,8 +16,9 @@ process with four changes:
 * the launcher's exit code is :func:`combined_exit_code` of those: 3 if any local worker exited 3,
   else 2 if any exited 2, else torchrun's own outcome (0, 1, or 128 + signal), without
   torchrun's traceback;
-* after a stop signal, workers left waiting for a worker that ended without saving are stopped
-  after a few seconds instead of at the end of the shutdown timeout (``stranded_workers``).
+* workers left waiting for a worker that ended without a clean exit (SIGKILLed, crashed, or
+  killed by a stop signal before it could save) are stopped after a few seconds instead of at
+  the end of the shutdown timeout (``stranded_workers``).
 """
 
 from __future__ import annotations
@@ -79,9 +80,8 @@ def launch(argv: list[str]) -> int:
     args = torchrun_arguments(argv)
     status_dir = tempfile.mkdtemp(prefix="mg-ranks-")
     os.environ[STATUS_DIR_ENV] = status_dir
-    stop_signals = tuple(int(getattr(signal, name)) for name in FORWARDED_SIGNALS)
     try:
-        with StrandedWorkerGuard(status_dir, stop_signals):
+        with StrandedWorkerGuard(status_dir):
             try:
                 torchrun(args)
                 launcher_code = 0

@@ -1,24 +1,23 @@
-"""After a stop signal, stop the local workers that can no longer finish.
+"""Stop the local workers that can no longer finish because a peer is gone.
 
-When the launcher gets SIGTERM/SIGUSR1, torchrun forwards it to every worker and waits up to
-``--shutdown-timeout`` (600 s here) for them to save. A save needs every rank. A worker can
-end without saving: the signal reached it in its first milliseconds, before Python could
-install a handler, or it failed. Its peers then block for good, for example in
-``init_process_group`` waiting for a rank that will never join. torchrun does not look at
-its workers while it waits, so the launcher would sit out the whole timeout.
+Every rank is needed to go on: a step's collectives, and a save. A worker can end without a
+clean exit: SIGKILLed (the OOM killer, a user), crashed, or killed by a stop signal that reached
+it in its first milliseconds, before Python could install a handler. Its peers then block for
+good in a collective (or in ``init_process_group``, waiting for a rank that will never join).
+torchrun notices the failure only to SIGTERM the peers and wait up to ``--shutdown-timeout``
+(600 s here, so that a save can finish); a peer that takes SIGTERM as "save, then exit 3" cannot
+save without the dead rank, so the launcher would sit out the whole timeout.
 
-:class:`StrandedWorkerGuard` watches for that case. Python's wakeup fd tells it that a signal
-arrived. It then counts the workers that have ended against the exit codes they recorded
-(0 or 3 in ``$MG_RANK_STATUS_DIR``). If more ended than recorded a clean exit, it kills the
-rest after :data:`GRACE_S` seconds. They have nothing they could still save; the last
-checkpoint is intact, since saves are atomic.
+:class:`StrandedWorkerGuard` watches the workers from the start. It counts the workers that have
+ended against the exit codes they recorded (0 or 3 in ``$MG_RANK_STATUS_DIR``); if more ended
+than recorded a clean exit, it kills the rest after :data:`GRACE_S` seconds. They have nothing
+they could still do or save; the last checkpoint is intact, since saves are atomic.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -57,62 +56,40 @@ def _clean_exits(status_dir: str) -> int:
 
 
 class StrandedWorkerGuard:
-    """Use as a context manager around torchrun, in the main thread (see the module doc)."""
+    """Use as a context manager around torchrun (see the module doc)."""
 
-    def __init__(self, status_dir: str, stop_signals: tuple[int, ...],
-                 workers: Callable[[], list[psutil.Process]] | None = None, grace_s: float = GRACE_S):
+    def __init__(self, status_dir: str, workers: Callable[[], list[psutil.Process]] | None = None,
+                 grace_s: float = GRACE_S):
         self.status_dir = status_dir
-        self.stop_signals = set(stop_signals)
         self.workers = workers or (lambda: psutil.Process().children())
         self.grace_s = grace_s
         self.killed: list[int] = []
-        self._receiver, self._sender = socket.socketpair()
-        self._sender.setblocking(False)
-        self._previous_fd = None
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._wait_for_stop_signal, daemon=True,
-                                        name="mg-stranded-workers")
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="mg-stranded-workers")
 
     def __enter__(self) -> StrandedWorkerGuard:
-        try:
-            self._previous_fd = signal.set_wakeup_fd(self._sender.fileno(), warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: signals are not ours to watch
-            return self
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous_fd is not None:
-            signal.set_wakeup_fd(self._previous_fd)
         self._closed.set()
-        self._sender.close()  # ends the thread's recv
         if self._thread.is_alive():
             self._thread.join(timeout=1.0)
-        self._receiver.close()
 
-    def _wait_for_stop_signal(self) -> None:
-        while True:
-            try:
-                data = self._receiver.recv(64)
-            except OSError:
-                return
-            if not data:
-                return
-            if self.stop_signals & set(data):
-                self._stop_stranded(self.workers())
-                return
-
-    def _stop_stranded(self, workers: list[psutil.Process]) -> None:
+    def _watch(self) -> None:
+        seen: dict[int, psutil.Process] = {}  # every worker ever started (an ended one is reaped by torchrun)
         deadline = None
         while not self._closed.is_set():
-            running = [w for w in workers if _is_running(w)]
-            if not running:
+            for worker in self.workers():
+                seen.setdefault(worker.pid, worker)
+            running = [w for w in seen.values() if _is_running(w)]
+            if seen and not running:
                 return
-            if deadline is None and len(workers) - len(running) > _clean_exits(self.status_dir):
+            if deadline is None and len(seen) - len(running) > _clean_exits(self.status_dir):
                 deadline = time.monotonic() + self.grace_s
             if deadline is not None and time.monotonic() >= deadline:
-                print(f"[launch] a worker ended without saving after the stop signal; a save needs every "
-                      f"rank, so the {len(running)} other worker(s) were stopped", file=sys.stderr, flush=True)
+                print(f"[launch] a worker ended without saving (killed, or failed); every rank is needed, so the "
+                      f"{len(running)} other worker(s) were stopped", file=sys.stderr, flush=True)
                 for worker in running:
                     _kill_with_its_group(worker)
                     self.killed.append(worker.pid)

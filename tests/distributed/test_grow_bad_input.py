@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -161,6 +162,7 @@ class Ctx:
     overrides: tuple = ()
     expect: list = field(default_factory=list)
     recipe_error: bool = False   # a ConfigError: header line + one indented problem line
+    held: Any = None             # a lock the case holds while the command runs (released after)
 
 
 def _model_yaml(ctx: Ctx, name: str, **model) -> str:
@@ -292,6 +294,12 @@ def case_save_is_source_spelled_differently(ctx):
     ctx.expect = ["the source checkpoint", ctx.src]
 
 
+def case_save_being_written_by_another_grow(ctx):
+    # two grows to one --save used to delete each other's staging directory
+    ctx.held = paths.DestinationLock(ctx.dst, "grow").acquire()  # this test process is the other grow
+    ctx.expect = ["being written by another grow", f"pid {os.getpid()}", ctx.dst]
+
+
 def case_load_iteration_dir_save_its_run(ctx):
     ctx.load, ctx.save, ctx.args = _ckpt(ctx), ctx.src, ["--overwrite"]
     ctx.expect = ["contains the source checkpoint", "iter_0000001"]
@@ -331,6 +339,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "save_contains_source": case_save_contains_source,
     "save_is_link_to_source": case_save_is_link_to_source,
     "save_is_source_spelled_differently": case_save_is_source_spelled_differently,
+    "save_being_written_by_another_grow": case_save_being_written_by_another_grow,
     "load_iteration_dir_save_its_run": case_load_iteration_dir_save_its_run,
     "binary_tracker": case_binary_tracker,
     "garbage_common_pt": case_garbage_common_pt,
@@ -359,6 +368,8 @@ def _run_case(name: str, source: str, base: str) -> Outcome:
     src_before, dst_before = tree_digest(ctx.src), tree_digest(ctx.save)
     load_existed = os.path.exists(ctx.load)
     proc = run_cli_in_process(grow_argv(ctx.load, ctx.save, *ctx.args, overrides=ctx.overrides))
+    if ctx.held is not None:
+        ctx.held.release()
     return Outcome(ctx, proc, src_before, tree_digest(ctx.src), dst_before, tree_digest(ctx.save),
                    load_existed)
 

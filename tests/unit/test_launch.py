@@ -71,18 +71,6 @@ def _sleeper(ignore_sigterm: bool) -> subprocess.Popen:
     return proc
 
 
-def _signal_to_launcher(sig: int, workers: list[subprocess.Popen]) -> None:
-    """``sig`` reaches this process through a Python handler (as torchrun's), then SIGTERM is
-    forwarded to the workers, as torchrun does."""
-    previous = signal.signal(sig, lambda *_: None)
-    try:
-        signal.raise_signal(sig)
-    finally:
-        signal.signal(sig, previous)
-    for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-
-
 @pytest.fixture
 def dying_and_remembering_workers():
     """Two stand-in workers: one dies of SIGTERM, one outlives it; both are gone afterwards."""
@@ -99,9 +87,9 @@ def test_guard_stops_a_worker_stranded_by_a_peer_that_died_unsaved(tmp_path, cle
     died, stranded, handles = dying_and_remembering_workers
     if clean_exit_recorded:  # the dead one saved and exited 3: the other is finishing its own exit
         (tmp_path / "rank-0.rc").write_text("3\n")
-    with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
-                             grace_s=0.5) as guard:
-        _signal_to_launcher(signal.SIGTERM, [died, stranded])
+    with StrandedWorkerGuard(str(tmp_path), workers=lambda: handles, grace_s=0.5) as guard:
+        for worker in (died, stranded):  # a stop signal, as torchrun forwards it: one dies of it
+            worker.send_signal(signal.SIGTERM)
         assert died.wait(timeout=20) == -signal.SIGTERM
         if clean_exit_recorded:
             time.sleep(2.0)  # well past the grace period
@@ -111,11 +99,15 @@ def test_guard_stops_a_worker_stranded_by_a_peer_that_died_unsaved(tmp_path, cle
             assert guard.killed == [stranded.pid]
 
 
-def test_guard_ignores_signals_that_are_not_stop_signals(tmp_path, dying_and_remembering_workers):
-    died, other, handles = dying_and_remembering_workers
-    with StrandedWorkerGuard(str(tmp_path), (int(signal.SIGTERM),), workers=lambda: handles,
-                             grace_s=0.1) as guard:
-        _signal_to_launcher(signal.SIGUSR2, [died, other])
-        died.wait(timeout=20)
-        time.sleep(1.0)
-        assert other.poll() is None and guard.killed == []
+def test_guard_stops_the_peer_of_a_worker_sigkilled_with_no_signal_to_the_launcher(
+        tmp_path, dying_and_remembering_workers):
+    """SIGKILL of one worker (the OOM killer, a user): nothing reaches the launcher, the peer is
+    left waiting for a rank that is gone; it is stopped after the grace period."""
+    died, stranded, handles = dying_and_remembering_workers
+    with StrandedWorkerGuard(str(tmp_path), workers=lambda: handles, grace_s=0.5) as guard:
+        time.sleep(1.0)  # both running, well past the grace period: nothing is stopped
+        assert guard.killed == [] and stranded.poll() is None
+        died.kill()
+        assert died.wait(timeout=20) == -signal.SIGKILL
+        assert stranded.wait(timeout=20) == -signal.SIGKILL
+        assert guard.killed == [stranded.pid]

@@ -137,6 +137,29 @@ def _hf_config(model: ModelConfig, family: Family, fields: dict, dtype: torch.dt
     return cfg
 
 
+def _choose_family(model, architecture: str | None, origin: dict | None):
+    """The family to write (``--architecture``, else the class the checkpoint came from, else the first that
+    fits) and its config fields."""
+    if architecture:
+        family = family_by_name(architecture)
+        return family, family.write_config(model)
+    return family_for_model(model, (origin or {}).get("architecture"))
+
+
+def _copy_tokenizer(writer: ShardedSafetensorsWriter, tokenizer: str | None, origin_dir: str | None) -> list[str]:
+    """Copy the tokenizer files of ``--tokenizer`` (else of the HF directory imported from) in; their names."""
+    tok_dir = tokenizer or origin_dir
+    if tokenizer and not os.path.isdir(tokenizer):
+        raise InteropError(f"--tokenizer {tokenizer} is not a directory")
+    copied = []
+    if tok_dir and os.path.isdir(tok_dir):
+        for fname in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tok_dir, fname)):
+                writer.copy_in(os.path.join(tok_dir, fname))
+                copied.append(fname)
+    return copied
+
+
 def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
               tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               overwrite: bool = False, progress: bool = True) -> dict:
@@ -148,17 +171,16 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
     hf_dir, architecture, tensors, shards, bytes written and read, dtype, tokenizer files, seconds).
     """
     t0 = time.perf_counter()
+    # --hf-dir may not be, hold or lie inside what is read: --overwrite would replace it.
+    paths.check_destination(hf_dir, "--hf-dir", [("the checkpoint", load), ("the --tokenizer directory", tokenizer)],
+                            InteropError)
     ckpt_dir, iteration = paths.resolve_checkpoint_dir(load)
     info = read_checkpoint_info(ckpt_dir, iteration)
     if info.model is None:
         raise InteropError(f"{ckpt_dir} does not record its architecture (no megatron_grow.json model section)")
     model = info.model
     origin = hf_origin(ckpt_dir)
-    if architecture:
-        family = family_by_name(architecture)
-        fields = family.write_config(model)
-    else:
-        family, fields = family_for_model(model, (origin or {}).get("architecture"))
+    family, fields = _choose_family(model, architecture, origin)
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)) and not overwrite:
         raise InteropError(f"--hf-dir {hf_dir} exists and is not empty; pass --overwrite to replace it")
     reader = CheckpointReader(ckpt_dir)
@@ -180,15 +202,7 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
             for name, t in constants.get(g, {}).items():
                 writer.add(name, t)
         writer.write_json("config.json", _hf_config(model, family, fields, out_dtype, origin))
-        tok_dir = tokenizer or (origin or {}).get("hf_dir")
-        copied = []
-        if tok_dir and os.path.isdir(tok_dir):
-            for fname in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(tok_dir, fname)):
-                    writer.copy_in(os.path.join(tok_dir, fname))
-                    copied.append(fname)
-        elif tokenizer:
-            raise InteropError(f"--tokenizer {tokenizer} is not a directory")
+        copied = _copy_tokenizer(writer, tokenizer, (origin or {}).get("hf_dir"))
         final = writer.finish(overwrite)
     except BaseException:
         writer.abort()

@@ -173,6 +173,7 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
         ``bytes_read`` (all ranks), ``seconds``, ``tracker``.
     """
     t0 = time.perf_counter()
+    paths.check_destination(save, "--save", [("the --hf-dir model", hf_dir)], InteropError)
     hf, family, model = describe_hf_model(hf_dir, seq_length)
     ckpt = SafetensorsCheckpoint(hf_dir)
     tp = parallel.tensor_model_parallel_size

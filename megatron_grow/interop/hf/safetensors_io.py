@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_grow.checkpoint import paths
 from megatron_grow.errors import InteropError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -231,15 +232,10 @@ class ShardedSafetensorsWriter:
         if self.num_shards > 1:
             self.write_json(INDEX_NAME, {"metadata": {"total_size": self.total_bytes},
                                          "weight_map": {n: self.filename(s) for n, s in self.shard_of.items()}})
-        if os.path.exists(self.out_dir):
-            if not overwrite:
-                raise InteropError(f"{self.out_dir} appeared during the export; not replacing it")
-            retired = f"{self.out_dir}.incomplete-old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out_dir, retired)
-            os.rename(self.staging, self.out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(self.staging, self.out_dir)
+        if os.path.exists(self.out_dir) and not overwrite:
+            raise InteropError(f"{self.out_dir} appeared during the export; not replacing it")
+        paths.fsync_tree(self.staging)
+        paths.replace_dir(self.staging, self.out_dir)  # an old --hf-dir goes only once the new one is whole
         return self.out_dir
 
     def abort(self) -> None:
