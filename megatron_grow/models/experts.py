@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_grow.config.check import expert_backend_problems
 from megatron_grow.errors import ConfigError
+from megatron_grow.models.mcore_config import parameter_device
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -68,9 +69,7 @@ class GroupedMMExperts(MegatronModule):
             raise ValueError("; ".join(problems))
         ffn = divide(config.moe_ffn_hidden_size, tp)
         fc1_rows = 2 * ffn if config.gated_linear_unit else ffn
-        # An ambient meta device (parameter counting) wins over cuda, as it does for MCore's layers on CPU.
-        on_meta = torch.empty(0).is_meta
-        device = None if (config.use_cpu_initialization or on_meta) else torch.cuda.current_device()
+        device = parameter_device(config)  # MCore's device; an ambient meta device wins over cuda
         empty = lambda *shape: torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype, device=device))
         self.weight1 = empty(num_local_experts, fc1_rows, config.hidden_size)
         self.weight2 = empty(num_local_experts, config.hidden_size, ffn)

@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_grow.models.experts import GroupedMMExperts
+from megatron_grow.models.mcore_config import parameter_device
 
 
 class SequenceParallelNorm(torch.nn.Module):
@@ -31,10 +32,12 @@ class SequenceParallelNorm(torch.nn.Module):
         super().__init__()
         self.normalization = config.normalization
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # On MCore's device, not the process default (the CPU on a GPU machine).
+        device = parameter_device(config)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         self.bias = None
         if self.normalization == "LayerNorm":
-            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
         for p in self.parameters():
             # Read by finalize_model_grads: sum this grad over TP ranks under sequence parallelism.
             p.sequence_parallel = config.sequence_parallel
@@ -80,7 +83,8 @@ class AllHeadsQueryNorm(torch.nn.Module):
         heads = getattr(config, self.heads_field) or config.num_attention_heads
         self.local_heads, self.head_dim, self.width = heads // tp, hidden_size, heads * hidden_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(self.local_heads * hidden_size, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.ones(self.local_heads * hidden_size, dtype=config.params_dtype,
+                                                    device=parameter_device(config)))
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

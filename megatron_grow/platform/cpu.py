@@ -250,7 +250,9 @@ def _torch_for(real_torch: Any, cuda_overrides: dict | None = None) -> types.Sim
     cuda.current_stream = lambda device=None: _NullStream()
     cuda.default_stream = lambda device=None: _NullStream()
     cuda.stream = _null_stream_context
-    cuda.current_device = lambda: CPU
+    # Whatever torch.cuda.current_device answers (CPU under item 1), read at call time, so these
+    # modules and MCore's others agree on one device.
+    cuda.current_device = lambda: torch.cuda.current_device()
     cuda.synchronize = lambda device=None: None
     cuda.is_available = lambda: False
     for name, fn in (cuda_overrides or {}).items():
