@@ -35,7 +35,7 @@ from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.forward import forward_logits
 from megatron_grow.models.routing import RoutingCounter
-from megatron_grow.models.specs import te_available
+from megatron_grow.models.specs import built_with_te
 from megatron_grow.parallel.init import initialize_distributed
 
 
@@ -99,7 +99,7 @@ def _run_checkpoint(model_cfg: ModelConfig, ckpt_dir: str, parallel: ParallelCon
     chunks = build_model_chunks(model_cfg, parallel, initialize=False)
     state = io.model_sharded_state_dict(chunks)
     stored = io.read_storage_metadata(ckpt_dir).state_dict_metadata.keys()
-    keys.rename_for_spec(state, keys.built_spec(te_available()), keys.storage_spec(stored) or keys.LOCAL_SPEC)
+    keys.rename_for_spec(state, keys.built_spec(built_with_te(chunks)), keys.storage_spec(stored) or keys.LOCAL_SPEC)
     io.load_checkpoint(ckpt_dir, state)
     counter = RoutingCounter(chunks)
     logits, _ = forward_logits(chunks, batches)

@@ -122,6 +122,17 @@ def te_available() -> bool:
     return torch.cuda.is_available()
 
 
+TE_MODULE_PREFIXES = ("transformer_engine.", "megatron.core.extensions.transformer_engine")
+
+
+def built_with_te(model_chunks) -> bool:
+    """Whether these built chunks hold Transformer Engine modules, i.e. store their tensors under
+    the TE spec's names. Read from the model, not from :func:`te_available`: TE may be importable
+    while the local spec was chosen (``grouped_mm`` experts, QK-norm across heads)."""
+    return any(type(m).__module__.startswith(TE_MODULE_PREFIXES)
+               for chunk in model_chunks for m in chunk.modules())
+
+
 def _warn_te_unusable(e: BaseException) -> None:
     warnings.warn(f"Transformer Engine is installed but failed to import ({type(e).__name__}: {e}); "
                   "using Megatron-Core's local (pure torch) layer spec instead", RuntimeWarning, stacklevel=3)
