@@ -62,11 +62,12 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig | None = None, 
 
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig | None = None, *,
                        params_dtype: torch.dtype = torch.float32, initialize: bool = True,
-                       meta: bool = False) -> list:
+                       meta: bool = False, use_te: bool | None = None) -> list:
     """This rank's model chunks: one per virtual pipeline stage (one without virtual PP).
-    ``meta=True``: on the meta device (shapes and sharding only, no memory)."""
+    ``meta=True``: on the meta device (shapes and sharding only, no memory). ``use_te``: None picks
+    the TE spec when TE imports on a GPU; False forces the local spec (equal-terms comparisons)."""
     parallel = parallel or ParallelConfig()
     vpp = parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     return [build_gpt_model(model, parallel, params_dtype=params_dtype, vp_stage=v, initialize=initialize,
-                            meta=meta) for v in stages]
+                            meta=meta, use_te=use_te) for v in stages]
