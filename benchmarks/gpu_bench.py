@@ -106,7 +106,7 @@ SHAPES = {
                       grouped_tokens=4096 * 6, grouped_min_seconds=1.0, matmul_size=8192, corpus_chars=None,
                       limits={"grouped_mm": 45, "matmul_ceiling": 30, "data": 90, "growth_numerics": 120,
                               "train": 120, "profile": 45, "transformers": 75, "train_sequential": 75},
-                      budget_s=420),
+                      budget_s=400),
     "dry": CheckShape(TINY, TINY, micro_batch_size=2, global_batch_size=4, train_steps=4, log_interval=2,
                       sequential_steps=2, hf_steps=2, growth_source_steps=3, growth_after_steps=2,
                       grouped_tokens=96, grouped_min_seconds=0.1, matmul_size=128, corpus_chars=200_000,
