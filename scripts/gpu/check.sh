@@ -54,7 +54,7 @@ if [[ -n "$BUNDLE" && -d "$BUNDLE/wheels" ]]; then
     # shellcheck disable=SC2086
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
          --find-links "$BUNDLE/wheels" $names > "$OUT/install.log" 2>&1; then
-      echo "[gpu-check] installed $(echo $names) from $BUNDLE/wheels into $SITE" | tee -a "$OUT/check.log"
+      echo "[gpu-check] installed ${names//$'\n'/ } from $BUNDLE/wheels into $SITE" | tee -a "$OUT/check.log"
     else
       echo "[gpu-check] wheel install FAILED (see $OUT/install.log); going on with what the image has" \
         | tee -a "$OUT/check.log"
