@@ -505,6 +505,9 @@ def hf_phase(recipe_path: str, steps: int) -> dict:
     initialize_distributed(recipe.parallel)
     device, dtype = ("cuda", torch.bfloat16) if _cuda() else ("cpu", torch.float32)
     config = hf_qwen3_moe_config(dataclasses.asdict(m), padded_vocab_size(m))
+    # Equal terms: MCore's local spec computes attention unfused (the full s x s scores), so this
+    # side does too; transformers' default SDPA would compare attention kernels, not the stacks.
+    config._attn_implementation = "eager"
     with torch.device(device):  # initialise on the device: a CPU init of the full model takes minutes
         model = Qwen3MoeForCausalLM(config).to(dtype=dtype)
     model.train()
