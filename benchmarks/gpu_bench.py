@@ -565,11 +565,11 @@ class Check:
     def run(self, name: str, fn, *args) -> dict:
         remaining = self.shape.budget_s - (time.perf_counter() - self.started)
         limit = min(self.limits[name], remaining)
-        if limit < 1:
+        if remaining < 1:
             out = {"ok": False, "error": f"not run: the whole check's budget of {self.shape.budget_s:.0f}s is spent"}
             self.record(name, out)
             return out
-        _say(f"{name} (limit {limit:.0f}s) ...")
+        _say(f"{name} (limit {limit:.3g}s) ...")
         t0 = time.perf_counter()
         try:
             out = {"ok": True, **run_in_processes(fn, 1, args, timeout=limit)[0]}
