@@ -42,6 +42,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -543,9 +544,10 @@ def hf_phase(recipe_path: str, steps: int) -> dict:
 class Check:
     """The phases of one run and where their numbers go."""
 
-    def __init__(self, out: str, shape_name: str, bundle: str | None, limits: dict, dry_run: bool):
+    def __init__(self, out: str, shape_name: str, bundle: str | None, limits: dict, dry_run: bool,
+                 work: str):
         self.out, self.shape_name, self.shape = out, shape_name, SHAPES[shape_name]
-        self.work = os.path.join(out, "work")
+        self.work = work
         self.limits, self.dry_run = {**self.shape.limits, **limits}, dry_run
         self.started = time.perf_counter()
         self.results: dict = {"dry_run": dry_run, "shape": dataclasses.asdict(self.shape),
@@ -723,7 +725,9 @@ def _parse_limits(items: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help="folder for phases/, summary.json, summary.md, profile.txt, work/")
+    ap.add_argument("--out", help="folder for phases/, summary.json, summary.md, profile.txt")
+    ap.add_argument("--work", help="scratch folder for data and checkpoints, emptied first (default: OUT/work "
+                    "with --dry-run, else TMPDIR/megatron_grow_check_work)")
     ap.add_argument("--bundle", help="the carried folder (wheels/, data/) made beforehand on CPU")
     ap.add_argument("--prepare", metavar="BUNDLE", help="make BUNDLE/data on this (CPU) machine and stop")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, few steps (runs on CPU)")
@@ -756,7 +760,13 @@ def main(argv=None) -> int:
 
 def run_check(args, shape_name: str, only: tuple, limits: dict, info: dict) -> int:
     cpu.apply_cpu_adaptations()  # an entry point (a no-op with CUDA but for the TE-absent workaround)
-    check = Check(args.out, shape_name, args.bundle, limits, args.dry_run)
+    # Checkpoints and data of the phases: outside --out on a GPU (the device call copies --out back,
+    # and hundreds of MB there could keep anything from coming back); emptied first, since a trainer
+    # finding an earlier run's checkpoint under its save folder would resume it instead of training.
+    work = args.work or (os.path.join(args.out, "work") if args.dry_run
+                         else os.path.join(tempfile.gettempdir(), "megatron_grow_check_work"))
+    shutil.rmtree(work, ignore_errors=True)
+    check = Check(args.out, shape_name, args.bundle, limits, args.dry_run, work)
     check.results["preflight"] = info
     check.results["memory_plan"] = memory_plan(check.shape)
     plan = check.results["memory_plan"]

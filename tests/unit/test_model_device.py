@@ -52,7 +52,8 @@ VARIANTS = {
 }
 USERS = {
     "trainer": dict(params_dtype=torch.bfloat16, initialize=True),  # training/trainer.py
-    "verify_and_import": dict(initialize=False),  # growth/verify.py, interop/hf/importer.py
+    # growth/verify.py and interop/hf/importer.py (export reads checkpoint tensors, builds no model)
+    "verify_and_import": dict(initialize=False),
     "benchmark": dict(params_dtype=torch.bfloat16),  # benchmarks/gpu_bench.py (build_gpt_model)
 }
 
