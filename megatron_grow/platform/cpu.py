@@ -428,7 +428,8 @@ ADAPTATIONS: dict[str, Callable[[], None]] = {
 
 
 def apply_cpu_adaptations() -> bool:
-    """Apply every CPU adaptation once. Returns True when CPU mode is active."""
+    """Apply every CPU adaptation once. Returns True when CPU mode is active. The workarounds that
+    depend on what is installed (:func:`apply_install_workarounds`) are applied with CUDA too."""
     global _applied
     apply_install_workarounds()  # with CUDA too: TE may be missing on a GPU machine
     if cuda_present():

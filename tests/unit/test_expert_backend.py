@@ -7,7 +7,8 @@ import torch
 
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import ConfigError
-from megatron_grow.models.experts import grouped_linear, grouped_mm_problem
+from megatron_grow.models import experts
+from megatron_grow.models.experts import grouped_linear
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 7], [0, 0, 0], [5, 5, 5], [13, 0, 0]])
@@ -57,11 +58,11 @@ def test_grouped_linear_runs_on_a_torch_without_f_grouped_mm(monkeypatch, missin
     offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     expected = torch.cat([x[:3] @ w[0].t(), x[3:3] @ w[1].t(), x[3:] @ w[2].t()])
     torch.testing.assert_close(grouped_linear(x, w, offsets), expected, atol=1e-5, rtol=0)
-    assert grouped_mm_problem(on_cuda=False) is None  # the CPU runs the loop either way
+    assert experts.grouped_mm_problem(on_cuda=False) is None  # the CPU runs the loop either way
 
 
 def test_grouped_mm_on_cuda_without_any_kernel_is_refused(monkeypatch):
     monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
-    problem = grouped_mm_problem(on_cuda=True)
+    problem = experts.grouped_mm_problem(on_cuda=True)
     assert "needs torch >= 2.8" in problem and torch.__version__ in problem and "sequential" in problem
