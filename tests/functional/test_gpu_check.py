@@ -108,6 +108,25 @@ def test_a_phase_past_its_limit_and_a_kill_midway_leave_the_finished_numbers(tmp
     assert "growth_numerics" not in summary  # killed before it ended
 
 
+def test_dry_run_with_a_bundle_names_what_it_lacks(tmp_path):
+    """The bundle's wheels are checked by name for every Python setup.py admits (the image's is
+    picked at run time); one missing fails the dry run, named."""
+    bundle = tmp_path / "bundle"
+    (bundle / "wheels").mkdir(parents=True)
+    for tag in ("cp310", "cp311"):  # no cp312
+        for dist in ("megatron_core-0.16.1", "sentencepiece-0.2.1"):
+            (bundle / "wheels" / f"{dist}-{tag}-{tag}-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    (bundle / "data").mkdir()
+    for name in ("tok.model", "corpus.bin", "corpus.idx"):
+        (bundle / "data" / name).write_bytes(b"x")
+    (bundle / "data" / "data.json").write_text(json.dumps({"tokenizer_model": "tok.model", "prefix": "corpus",
+                                                          "vocab_size": 512}))
+    proc = _run("--out", str(tmp_path / "check"), "--dry-run", "--bundle", str(bundle), "--phases", "matmul_ceiling")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "no megatron_core wheel for Python 3.12 (cp312)" in proc.stdout
+    assert "Python 3.11" not in proc.stdout
+
+
 def test_the_gpu_tier_asked_for_on_a_cpu_machine_exits_2():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--require-gpu",
                            "tests/functional/test_gpu.py", "-p", "no:cacheprovider"], cwd=REPO, env=_env(),
