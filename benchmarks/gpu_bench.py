@@ -712,15 +712,27 @@ def prepare_bundle(bundle: str, shape: CheckShape) -> int:
     return 0
 
 
+class BadArgument(Exception):
+    """One line for the user, exit code 2."""
+
+
 def _parse_limits(items: list) -> dict:
     limits = {}
     for item in items:
         name, _, seconds = item.partition("=")
         if name not in PHASES or not seconds.replace(".", "", 1).isdigit():
-            raise SystemExit(f"gpu-check: --phase-limit wants PHASE=SECONDS with PHASE one of {', '.join(PHASES)}, "
-                             f"got {item!r}")
+            raise BadArgument(f"--phase-limit wants PHASE=SECONDS with PHASE one of {', '.join(PHASES)}, "
+                              f"got {item!r}")
         limits[name] = float(seconds)
     return limits
+
+
+def _parse_phases(text: str) -> tuple:
+    only = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in only if p not in PHASES]
+    if unknown:
+        raise BadArgument(f"unknown phase(s) {', '.join(unknown)}; the phases are {', '.join(PHASES)}")
+    return only
 
 
 def main(argv=None) -> int:
@@ -738,13 +750,13 @@ def main(argv=None) -> int:
     shape_name = "dry" if args.dry_run else "gpu"
     if args.prepare:
         return prepare_bundle(args.prepare, SHAPES[shape_name])
-    if not args.out:
-        raise SystemExit("gpu-check: --out DIR is required")
-    only = tuple(p.strip() for p in args.phases.split(",") if p.strip())
-    unknown = [p for p in only if p not in PHASES]
-    if unknown:
-        raise SystemExit(f"gpu-check: unknown phase(s) {', '.join(unknown)}; the phases are {', '.join(PHASES)}")
-    limits = _parse_limits(args.phase_limit)
+    try:
+        if not args.out:
+            raise BadArgument("--out DIR is required")
+        only, limits = _parse_phases(args.phases), _parse_limits(args.phase_limit)
+    except BadArgument as e:
+        print(f"gpu-check: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     clear_stale(args.out)
     info = preflight(args.bundle)

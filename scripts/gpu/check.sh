@@ -63,6 +63,9 @@ if [[ -n "$BUNDLE" && -d "$BUNDLE/wheels" ]]; then
   fi
 fi
 
-"$PY" benchmarks/gpu_bench.py --out "$OUT" ${BUNDLE:+--bundle "$BUNDLE"} "${BENCH_ARGS[@]}" 2>&1 \
-  | tee -a "$OUT/check.log"
-exit "${PIPESTATUS[0]}"
+# Both streams into check.log; stderr stays stderr (a refusal is one line there).
+"$PY" benchmarks/gpu_bench.py --out "$OUT" ${BUNDLE:+--bundle "$BUNDLE"} "${BENCH_ARGS[@]}" \
+  2> >(tee -a "$OUT/check.log" >&2) | tee -a "$OUT/check.log"
+status="${PIPESTATUS[0]}"
+wait  # the stderr tee
+exit "$status"

@@ -141,8 +141,9 @@ def test_the_gpu_tier_asked_for_on_a_cpu_machine_exits_2():
     (["--out", "/tmp/x", "--bundle", "/nonexistent/bundle"], "is not a folder"),
     (["--out", "/tmp/x", "--frobnicate"], "unknown argument '--frobnicate'"),
     (["--out", "/tmp/x", "--phase-limit", "train"], "--phase-limit needs PHASE=SECONDS"),
+    (["--out", "/tmp/x", "--phases", "train,fly"], "unknown phase(s) fly"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, expect):
-    proc = _run(*args, timeout=60)
+    proc = _run(*args, timeout=120)
     assert proc.returncode == 2
     assert expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
