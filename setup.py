@@ -24,6 +24,8 @@ setup(
     install_requires=[
         # The CPU adaptations in megatron_grow/platform/cpu.py are written against this exact release.
         "megatron-core==0.16.1",
+        # 2.6 runs everything; the grouped_mm expert backend picks its kernel by what this torch has
+        # (F.grouped_mm >= 2.10, torch._grouped_mm >= 2.8 on CUDA) and is refused on a GPU without one.
         "torch>=2.6,<2.15",
         "einops",
         "numpy",

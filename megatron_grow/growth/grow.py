@@ -56,7 +56,7 @@ from megatron_grow.log import component_log
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params
-from megatron_grow.models.specs import te_available
+from megatron_grow.models.specs import built_with_te
 from megatron_grow.parallel.collectives import all_reduce_host, rank
 from megatron_grow.parallel.init import initialize_distributed
 
@@ -194,7 +194,7 @@ def plan_reads(targets: list, model_chunks, source: GrowthSource, stats: LoadSta
     """
     plan = source.plan
     _check_target_model(model_chunks, plan.target)
-    built = keys.built_spec(te_available())
+    built = keys.built_spec(built_with_te(model_chunks))
     tasks, requests = retarget.build_tasks(targets, plan,
                                            lambda key: keys.spec_storage_key(key, built, source.source_spec))
     # The source must hold every tensor the target asks for, with the global shape we expect.
@@ -378,8 +378,9 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)
     ts = time.perf_counter()
+    built_spec = keys.built_spec(built_with_te(chunks))  # what the chunks hold, e.g. local for grouped_mm
     final = _save_grown(state, grown, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
-                        target_spec=target_spec or keys.built_spec(te_available()), carried_optimizer=carried,
+                        built_spec=built_spec, target_spec=target_spec or built_spec, carried_optimizer=carried,
                         check_staged=check_staged)
     return _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
 
@@ -431,7 +432,7 @@ def _log_start(source: GrowthSource, ctx) -> None:
 
 
 def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: dict, save: str,
-                parallel: ParallelConfig, ctx, *, recipe_dict: dict | None, target_spec: str,
+                parallel: ParallelConfig, ctx, *, recipe_dict: dict | None, built_spec: str, target_spec: str,
                 carried_optimizer: dict, check_staged: Callable[[str], None] | None = None) -> str:
     """Write the grown model (weights produced by ``grown`` while they are written, Megatron-LM's
     common state, our manifest) atomically."""
@@ -443,7 +444,7 @@ def _save_grown(state: dict, grown: GrownTensors, source: GrowthSource, record: 
                               counters=counters, lineage=source.info.lineage + [record])
     manifest["layer_spec"] = target_spec
     manifest = io.broadcast_object(manifest)  # the common state must be identical on every rank
-    keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)
+    keys.rename_for_spec(state, built_spec, target_spec)
     state.update(carried_optimizer)
     args = megatron_args(source.plan.target, parallel, counters=counters, world_size=ctx.world_size,
                          base=load_common_state(source.ckpt_dir).get("args"))

@@ -30,7 +30,7 @@ from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.forward import forward_logits
 from megatron_grow.models.routing import RoutingCounter
-from megatron_grow.models.specs import te_available
+from megatron_grow.models.specs import built_with_te
 from megatron_grow.parallel.init import initialize_distributed
 
 
@@ -49,7 +49,8 @@ def _probe_batches(vocab: int, seq: int, n_micro: int, micro: int, seed: int) ->
 
 def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *,
                   batches: Sequence[torch.Tensor] | None = None, seq_length: int | None = None,
-                  seed: int = 0, source_model: str | ModelConfig | None = None) -> dict:
+                  seed: int = 0, source_model: str | ModelConfig | None = None,
+                  params_dtype: torch.dtype = torch.float32) -> dict:
     """Compare the grown model's logits and routing with the source's on a probe batch (collective).
 
     Args:
@@ -59,6 +60,7 @@ def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *
         source_model: a ModelConfig or a --source-config recipe path describing SRC; None: SRC's
             architecture as every command resolves it, and only when SRC records none, taken from
             the grown checkpoint's own growth record.
+        params_dtype: the dtype both models are built in (bf16 on a GPU check).
 
     Returns:
         The metrics (the same dict on every rank).
@@ -77,8 +79,8 @@ def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *
     initialize_distributed(parallel)
     if batches is None:
         batches = _probe_batches(source_cfg.vocab_size, seq_length or min(source_cfg.seq_length, 64), 2, 2, seed)
-    src_logits, _ = _run_checkpoint(source_cfg, src_dir, parallel, batches)
-    grown_logits, loads = _run_checkpoint(plan.target, grown_dir, parallel, batches)
+    src_logits, _ = _run_checkpoint(source_cfg, src_dir, parallel, batches, params_dtype)
+    grown_logits, loads = _run_checkpoint(plan.target, grown_dir, parallel, batches, params_dtype)
     metrics = _logit_metrics(src_logits, grown_logits, source_cfg.vocab_size) if src_logits is not None else {}
     metrics.update(_routing_metrics(loads, plan))
     # Broadcast the last stage's numbers so every rank returns the same dict.
@@ -96,13 +98,14 @@ def _source_architecture(src_dir: str, explicit, record: dict, grown_dir: str) -
     return model if model is not None else model_config_from_dict(record["source_model"], grown_dir)
 
 
-def _run_checkpoint(model_cfg: ModelConfig, ckpt_dir: str, parallel: ParallelConfig, batches) -> tuple:
+def _run_checkpoint(model_cfg: ModelConfig, ckpt_dir: str, parallel: ParallelConfig, batches,
+                    params_dtype: torch.dtype = torch.float32) -> tuple:
     """Load ``ckpt_dir`` (stored under either layer spec's names) and run the probe batches:
     (last-stage logits or None, per-layer routing counts)."""
-    chunks = build_model_chunks(model_cfg, parallel, initialize=False)
+    chunks = build_model_chunks(model_cfg, parallel, initialize=False, params_dtype=params_dtype)
     state = io.model_sharded_state_dict(chunks)
     stored = io.read_storage_metadata(ckpt_dir).state_dict_metadata.keys()
-    keys.rename_for_spec(state, keys.built_spec(te_available()), keys.storage_spec(stored) or keys.LOCAL_SPEC)
+    keys.rename_for_spec(state, keys.built_spec(built_with_te(chunks)), keys.storage_spec(stored) or keys.LOCAL_SPEC)
     io.load_checkpoint(ckpt_dir, state)
     counter = RoutingCounter(chunks)
     logits, _ = forward_logits(chunks, batches)

@@ -14,7 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
-from megatron_grow.models.mcore_config import padded_vocab_size, to_transformer_config
+from megatron_grow.models.mcore_config import padded_vocab_size, parameter_device, to_transformer_config
 from megatron_grow.models.specs import decoder_block_spec
 
 
@@ -37,7 +37,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig | None = None, 
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     with torch.device("meta") if meta else contextlib.nullcontext():
-        return GPTModel(
+        gpt = GPTModel(
             config=config,
             transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage, model.moe_expert_backend,
                                                       qk_norm_across_heads=model.qk_layernorm_across_heads),
@@ -51,15 +51,22 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig | None = None, 
             rotary_percent=model.rotary_percent,
             vp_stage=vp_stage,
         )
+    device = None if meta else parameter_device(config)
+    if device is not None:
+        # MCore's router creates its weight on the default device (the CPU on a GPU machine) and
+        # moves it at its first forward; every user of a built model gets it whole on one device.
+        gpt.to(device)
+    return gpt
 
 
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig | None = None, *,
                        params_dtype: torch.dtype = torch.float32, initialize: bool = True,
-                       meta: bool = False) -> list:
+                       meta: bool = False, use_te: bool | None = None) -> list:
     """This rank's model chunks: one per virtual pipeline stage (one without virtual PP).
-    ``meta=True``: on the meta device (shapes and sharding only, no memory)."""
+    ``meta=True``: on the meta device (shapes and sharding only, no memory). ``use_te``: None picks
+    the TE spec when TE imports on a GPU; False forces the local spec (equal-terms comparisons)."""
     parallel = parallel or ParallelConfig()
     vpp = parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     return [build_gpt_model(model, parallel, params_dtype=params_dtype, vp_stage=v, initialize=initialize,
-                            meta=meta) for v in stages]
+                            meta=meta, use_te=use_te) for v in stages]

@@ -37,17 +37,43 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_grow.config.check import expert_backend_problems
 from megatron_grow.errors import ConfigError
+from megatron_grow.models.mcore_config import parameter_device
+
+
+def grouped_mm_kernel():
+    """This torch's grouped GEMM: ``F.grouped_mm`` (torch >= 2.10, CUDA and CPU), else
+    ``torch._grouped_mm`` (torch >= 2.8, CUDA only), else None. setup.py admits torch 2.6, so the
+    kernel is chosen by what exists, not by a version number."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_problem(on_cuda: bool) -> str | None:
+    """Why ``grouped_mm`` experts cannot run fast here (None when they can). Without a CUDA kernel
+    a GPU run would fall back to the per-expert loop, which is ``sequential``'s speed by another
+    name: refused. On CPU the loop is what torch runs anyway."""
+    if not on_cuda or grouped_mm_kernel() is not None:
+        return None
+    return (f"model.moe_expert_backend=grouped_mm needs torch >= 2.8 (torch._grouped_mm; F.grouped_mm from "
+            f"2.10), this torch is {torch.__version__}: upgrade torch or use moe_expert_backend=sequential")
+
+
+def _per_expert_matmuls(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
+    return torch.cat([x[s:e] @ w.t() for s, e, w in zip(starts, offsets.tolist(), weights)])
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[e-1]:offsets[e]`` of ``x`` times ``weights[e].T`` for each expert ``e``."""
     if x.shape[0] == 0:  # no tokens reached this rank's experts: an empty product, still in the graph
         return x @ weights[0].t()
-    if x.is_cuda and x.dtype != torch.bfloat16:
-        # torch's fast CUDA kernel is bf16 only; other dtypes get the same per-expert matmuls here.
-        starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
-        return torch.cat([x[s:e] @ w.t() for s, e, w in zip(starts, offsets.tolist(), weights)])
-    return F.grouped_mm(x, weights.transpose(1, 2), offs=offsets)
+    kernel = getattr(F, "grouped_mm", None)
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        kernel = kernel or getattr(torch, "_grouped_mm", None)  # torch._grouped_mm is CUDA bf16 only
+    elif x.is_cuda:
+        kernel = None  # torch's fast CUDA kernel is bf16 only; other dtypes get the same matmuls in a loop
+    if kernel is None:
+        return _per_expert_matmuls(x, weights, offsets)
+    return kernel(x, weights.transpose(1, 2), offs=offsets)
 
 
 class GroupedMMExperts(MegatronModule):
@@ -64,13 +90,13 @@ class GroupedMMExperts(MegatronModule):
         tp = self.tp_group.size()
         problems = expert_backend_problems("grouped_mm", config.hidden_size, config.moe_ffn_hidden_size, tp,
                                            config.add_bias_linear, config.moe_grouped_gemm)
+        kernel_problem = grouped_mm_problem(torch.cuda.is_available())
+        problems += [kernel_problem] if kernel_problem else []
         if problems:
             raise ValueError("; ".join(problems))
         ffn = divide(config.moe_ffn_hidden_size, tp)
         fc1_rows = 2 * ffn if config.gated_linear_unit else ffn
-        # An ambient meta device (parameter counting) wins over cuda, as it does for MCore's layers on CPU.
-        on_meta = torch.empty(0).is_meta
-        device = None if (config.use_cpu_initialization or on_meta) else torch.cuda.current_device()
+        device = parameter_device(config)  # MCore's device; an ambient meta device wins over cuda
         empty = lambda *shape: torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype, device=device))
         self.weight1 = empty(num_local_experts, fc1_rows, config.hidden_size)
         self.weight2 = empty(num_local_experts, config.hidden_size, ffn)

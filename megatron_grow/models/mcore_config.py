@@ -30,6 +30,15 @@ def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
     return -(-model.vocab_size // multiple) * multiple
 
 
+def parameter_device(config: TransformerConfig) -> torch.device | None:
+    """Where MCore's own layers allocate their weights for ``config``, for our modules to follow:
+    ``torch.cuda.current_device()`` on its GPU path; the ambient default device (``None``) with
+    ``use_cpu_initialization`` or under a ``meta`` device context (parameter counting, growth)."""
+    if config.use_cpu_initialization or torch.empty(0).is_meta:
+        return None
+    return torch.cuda.current_device()
+
+
 def to_transformer_config(model: ModelConfig, parallel: ParallelConfig | None = None,
                           params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """Map the recipe's model and parallel sections onto MCore's ``TransformerConfig``."""

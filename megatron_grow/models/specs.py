@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_grow.models.experts import GroupedMMExperts
+from megatron_grow.models.mcore_config import parameter_device
 
 
 class SequenceParallelNorm(torch.nn.Module):
@@ -34,10 +35,12 @@ class SequenceParallelNorm(torch.nn.Module):
         super().__init__()
         self.normalization = config.normalization
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # On MCore's device, not the process default (the CPU on a GPU machine).
+        device = parameter_device(config)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         self.bias = None
         if self.normalization == "LayerNorm":
-            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
         for p in self.parameters():
             # Read by finalize_model_grads: sum this grad over TP ranks under sequence parallelism.
             p.sequence_parallel = config.sequence_parallel
@@ -82,7 +85,8 @@ class AllHeadsQueryNorm(torch.nn.Module):
         heads = getattr(config, self.heads_field) or config.num_attention_heads
         self.local_heads, self.head_dim, self.width = heads // tp, hidden_size, heads * hidden_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(self.local_heads * hidden_size, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.ones(self.local_heads * hidden_size, dtype=config.params_dtype,
+                                                    device=parameter_device(config)))
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +118,17 @@ def te_available() -> bool:
         _warn_te_unusable(e)
         return False
     return torch.cuda.is_available()
+
+
+TE_MODULE_PREFIXES = ("transformer_engine.", "megatron.core.extensions.transformer_engine")
+
+
+def built_with_te(model_chunks) -> bool:
+    """Whether these built chunks hold Transformer Engine modules, i.e. store their tensors under
+    the TE spec's names. Read from the model, not from :func:`te_available`: TE may be importable
+    while the local spec was chosen (``grouped_mm`` experts, QK-norm across heads)."""
+    return any(type(m).__module__.startswith(TE_MODULE_PREFIXES)
+               for chunk in model_chunks for m in chunk.modules())
 
 
 def _warn_te_unusable(e: BaseException) -> None:

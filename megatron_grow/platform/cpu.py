@@ -10,7 +10,7 @@ item  where MCore assumes CUDA                          what CPU mode does
 1     ``torch.cuda.current_device()`` as a device      returns ``torch.device("cpu")``
 2     ``torch.cuda.synchronize()`` (checkpoint writer)  no-op
 3     CUDA RNG tracker state get/set, manual seed       tracker states are CPU generator states
-4     ``moe_utils.te_general_gemm`` undefined w/o TE    defined as ``None`` (router uses torch)
+4     ``moe_utils.te_general_gemm`` undefined w/o TE    defined as ``None`` (router uses torch); also on CUDA
 5     ``device="cuda"`` literals in schedules, p2p,     those modules see a ``torch`` whose tensor
       optimizer, clip_grads, DDP buffers, utils         factories map ``"cuda"`` to ``"cpu"``
 6     CUDA streams/events (alltoall dispatcher, DDP)    stand-in stream/event objects (CPU is
@@ -28,7 +28,10 @@ item  where MCore assumes CUDA                          what CPU mode does
       activations, router expert bias, dispatcher)      (``torch._dynamo.config.disable``)
 ====  ===============================================  =========================================
 
-``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available.
+``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available,
+except item 4: that one depends on what is installed, not on the device (a plain pip
+environment on a GPU has no Transformer Engine either), so it is applied whenever TE is
+absent, with or without CUDA (:func:`apply_install_workarounds`).
 It is called explicitly by the entry points only (the CLI's ``main``, ranks started by
 ``parallel.spawn``, the test fixtures); ``parallel.init.initialize_distributed`` refuses to
 start on CPU without it, so nothing is patched as a side effect of a library call.
@@ -143,10 +146,18 @@ def _patch_rng_tracker() -> None:
 
 
 def _patch_te_general_gemm() -> None:
+    """MCore 0.16.1's ``moe_utils`` imports ``te_general_gemm`` inside ``try: ... except ImportError``
+    but its router gating reads the name unconditionally: without TE every MoE forward raises
+    ``NameError``. ``None`` is the value its own code tests for (then it uses ``torch.mm``)."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def apply_install_workarounds() -> None:
+    """The workarounds that depend on what is installed rather than on the device (item 4)."""
+    _patch_te_general_gemm()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +255,9 @@ def _torch_for(real_torch: Any, cuda_overrides: dict | None = None) -> types.Sim
     cuda.current_stream = lambda device=None: _NullStream()
     cuda.default_stream = lambda device=None: _NullStream()
     cuda.stream = _null_stream_context
-    cuda.current_device = lambda: CPU
+    # Whatever torch.cuda.current_device answers (CPU under item 1), read at call time, so these
+    # modules and MCore's others agree on one device.
+    cuda.current_device = lambda: torch.cuda.current_device()
     cuda.synchronize = lambda device=None: None
     cuda.is_available = lambda: False
     for name, fn in (cuda_overrides or {}).items():
@@ -418,8 +431,10 @@ ADAPTATIONS: dict[str, Callable[[], None]] = {
 
 
 def apply_cpu_adaptations() -> bool:
-    """Apply every CPU adaptation once. Returns True when CPU mode is active."""
+    """Apply every CPU adaptation once. Returns True when CPU mode is active. The workarounds that
+    depend on what is installed (:func:`apply_install_workarounds`) are applied with CUDA too."""
     global _applied
+    apply_install_workarounds()  # with CUDA too: TE may be missing on a GPU machine
     if cuda_present():
         return False
     if _applied:

@@ -63,7 +63,7 @@ from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
 from megatron_grow.models.routing import unwrap
-from megatron_grow.models.specs import te_available
+from megatron_grow.models.specs import built_with_te
 
 OPTIMIZER_FORMAT = "fully_reshardable"     # model space: what we save
 LAYOUT_BOUND_FORMAT = "dp_reshardable"     # what earlier checkpoints hold; loads at their own TP/PP/EP
@@ -147,8 +147,8 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     state = io.model_sharded_state_dict(models)
     md = io.read_storage_metadata(ckpt_dir)
     # A checkpoint stored under the other layer spec's names (e.g. grown with --target-spec te).
-    keys.rename_for_spec(state, keys.built_spec(te_available()),
-                         keys.storage_spec(md.state_dict_metadata) or keys.built_spec(te_available()))
+    built = keys.built_spec(built_with_te(models))  # the local spec for grouped_mm even with TE installed
+    keys.rename_for_spec(state, built, keys.storage_spec(md.state_dict_metadata) or built)
     io.check_shard_files(ckpt_dir, md)
     io.check_against_checkpoint(state, ckpt_dir, md)  # names the first mismatching tensor
     stored = set(md.state_dict_metadata)

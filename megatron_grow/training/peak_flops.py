@@ -7,7 +7,11 @@ sheet (SXM 1,979, NVL 1,671 with sparsity: the H100's compute with more memory),
 sheet (312 dense, SXM and PCIe), HGX
 B200/B100 and GB200 NVL72 specifications (2.25 / 1.75 / 2.5 PFLOPS dense per GPU), L40S
 data sheet (362), L4 data sheet (121), A10 data sheet (125), H20 (148, NVIDIA's China
-part list), H800/A800 (export variants with the H100 SXM / A100 compute).
+part list), H800/A800 (export variants with the H100 SXM / A100 compute; the H800 PCIe has the
+H100 PCIe's 1,513 sparse, so 756.5 dense).
+
+A MIG slice (``"NVIDIA H100 80GB HBM3 MIG 3g.40gb"``) has ``g`` of the GPU's 7 compute slices:
+its peak is ``g/7`` of the whole GPU's.
 
 The table is matched against ``torch.cuda.get_device_name()`` (``"NVIDIA H100 80GB HBM3"``,
 ``"NVIDIA H100 PCIe"``, ``"NVIDIA H200"``, ``"NVIDIA A100-SXM4-80GB"``, ``"NVIDIA B200"``, ...),
@@ -20,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+MIG_COMPUTE_SLICES = 7  # A100 / H100 / H200 / B200: a MIG "Ng" profile holds N of 7 compute slices
 DEFAULT_GPU = "H100 SXM"  # what plans and estimates assume when no GPU is named
 
 # (pattern on the device name, label, dense bf16 TFLOP/s); first match wins, so variants come first.
@@ -32,6 +37,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
     (r"\bH100\b.*\bNVL\b", "H100 NVL", 835.5),
     (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 756.5),
     (r"\bH100\b", "H100 SXM", 989.5),
+    (r"\bH800\b.*\bPCIe\b", "H800 PCIe", 756.5),
     (r"\bH800\b", "H800", 989.5),
     (r"\bH20\b", "H20", 148.0),
     (r"\bA100\b", "A100", 312.0),
@@ -73,6 +79,12 @@ def resolve_peak(configured_tflops: float | None, device_name: str | None) -> Pe
     if found is None:
         return PeakFlops(None, f"'{device_name}' is not in the peak table; set logging.peak_tflops")
     label, tflops = found
+    mig = re.search(r"\bMIG\s+(\d+)g\.", device_name, flags=re.IGNORECASE)
+    if mig:  # a slice of the GPU: its share of the compute slices, not the whole GPU's peak
+        slices = int(mig.group(1))
+        return PeakFlops(tflops * 1e12 * slices / MIG_COMPUTE_SLICES,
+                         f"{label} dense bf16 x {slices}/{MIG_COMPUTE_SLICES} (MIG slice), looked up from "
+                         f"'{device_name}'")
     return PeakFlops(tflops * 1e12, f"{label} dense bf16, looked up from '{device_name}'")
 
 

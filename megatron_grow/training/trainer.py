@@ -180,10 +180,14 @@ class _IntervalMetrics:
         if not self.run_steps or self.peak.flops is None:
             return None
         tr = self.trainer
-        achieved = tr.flops_per_step * self.run_steps / self.run_seconds / tr.ctx.world_size
+        rate = self.run_steps / self.run_seconds / tr.ctx.world_size
+        full, causal = tr.flops_per_step * rate, tr.flops_per_step_causal * rate
+        # Both: full s x s attention is Megatron-LM's count (and the FLOPs counter's); a causal
+        # kernel does about half the score work, so the full count flatters it.
         return (f"throughput over {self.run_steps} steps: "
                 f"{tr.tokens_per_step * self.run_steps / self.run_seconds:,.0f} tok/s, "
-                f"{achieved / 1e12:.1f} TFLOP/s/GPU, MFU {achieved / self.peak.flops:.1%} of {self.peak.describe()}")
+                f"{causal / 1e12:.1f} TFLOP/s/GPU attention counted causal (MFU {causal / self.peak.flops:.1%}), "
+                f"{full / 1e12:.1f} counted full (MFU {full / self.peak.flops:.1%}), of {self.peak.describe()}")
 
     def close(self) -> None:
         self.routing.close()
@@ -195,7 +199,8 @@ class Trainer:
     """Build everything from a recipe, then ``run()`` (or drive the public steps one by one)."""
 
     def __init__(self, recipe: Recipe, *, model: ModelConfig | None = None,
-                 initialize: Callable[[list], GrownStart | None] | None = None, progress: bool = True):
+                 initialize: Callable[[list], GrownStart | None] | None = None, progress: bool = True,
+                 use_te: bool | None = None):
         check_data_inputs(recipe, model)
         # MCore's aux-loss tracker is process-global and sized by the first model's layer count.
         moe_utils.get_moe_layer_wise_logging_tracker().clear()
@@ -203,6 +208,7 @@ class Trainer:
         self.model_cfg = model or recipe.model
         self.initialize = initialize
         self.progress = progress
+        self.use_te = use_te  # None: TE spec when TE imports on a GPU; False: the local spec
         self.ctx = initialize_distributed(recipe.parallel, seed=recipe.training.seed)
         self.params_dtype = torch.bfloat16 if (recipe.training.bf16 and torch.cuda.is_available()) else torch.float32
         problems = world_layout_problems(recipe.parallel, self.ctx.world_size, recipe.training)
@@ -214,6 +220,8 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
         self.tokens_per_step = t.global_batch_size * self.model_cfg.seq_length
         self.flops_per_step = training_flops_per_step(self.model_cfg, t.global_batch_size, self.model_cfg.seq_length)
+        self.flops_per_step_causal = training_flops_per_step(self.model_cfg, t.global_batch_size,
+                                                             self.model_cfg.seq_length, causal=True)
         self.counters, self.lineage = empty_counters(), []
         self.scheduler = None
         self.datasets: SplitDatasets | None = None
@@ -224,7 +232,7 @@ class Trainer:
         """The model chunks (``raw_chunks``; DDP-wrapped as ``chunks``) and MCore's optimizer."""
         # Weights that are about to be overwritten (growth on load) skip MCore's random init.
         raw = build_model_chunks(self.model_cfg, self.recipe.parallel, params_dtype=self.params_dtype,
-                                 initialize=self.initialize is None)
+                                 initialize=self.initialize is None, use_te=self.use_te)
         if self.ctx.device.type == "cuda":
             raw = [m.cuda() for m in raw]
         self.raw_chunks = raw

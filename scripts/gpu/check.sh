@@ -1,104 +1,71 @@
 #!/usr/bin/env bash
-# The GPU check in one call: install the carried wheels, run the GPU test tier, then measure
-# (benchmarks/gpu_bench.py: paper-shaped small MoE tokens/s, TFLOP/s and MFU; the same shape in
-# transformers; growth of the trained checkpoint on the GPU and its resume; torch.profiler).
-# Everything lands under --out: check.log, install.log, env.txt, gpu_tests.log/.xml,
-# bench.log, summary.json, summary.md, profile.txt, work/ (data and checkpoints).
+# The GPU check in one call of at most ~7 minutes (benchmarks/gpu_bench.py; docs/gpu.md says what
+# each number means): install the carried wheels for this image's Python, preflight (stops with
+# exit code 2 without CUDA), then the phases, each under its own time limit, each writing
+# OUT/phases/NN_name.json the moment it ends (summary.json and summary.md are rewritten each time).
 #
-#   scripts/gpu/check.sh --out DIR [--wheels DIR] [--dry-run] [--skip-tests] [--skip-bench]
-#                        [--no-sequential] [--tests-timeout S]
+#   scripts/gpu/check.sh --out DIR [--bundle DIR] [--dry-run] [--phases P1,P2] [--phase-limit P=S]
 #
-# --dry-run runs the same steps on tiny shapes (CPU is fine); the GPU tests then skip with
-# their reasons. Exit code: 0 all ran, 1 a step failed (the others still ran), 2 bad arguments.
+# --bundle: the folder made beforehand on CPU (scripts/gpu/make_bundle.sh): wheels/ for every
+# supported Python (pip picks this Python's), data/ (tokenizer and indexed dataset).
+# --dry-run: the same phases on tiny shapes (CPU is fine); with --bundle it also proves the folder
+# complete. Exit code: 0 every phase ran, 1 a phase failed or timed out, 2 no CUDA or bad arguments.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="" WHEELS="" DRY_RUN=0 TESTS=1 BENCH=1 TESTS_TIMEOUT=270
+OUT="" BUNDLE=""
 BENCH_ARGS=()
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "check.sh: $*" >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) [[ $# -ge 2 ]] || die "--out needs a folder"; OUT="$2"; shift 2 ;;
-    --wheels) [[ $# -ge 2 ]] || die "--wheels needs a folder"; WHEELS="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --skip-tests) TESTS=0; shift ;;
-    --skip-bench) BENCH=0; shift ;;
-    --no-sequential) BENCH_ARGS+=(--no-sequential); shift ;;
-    --tests-timeout) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || die "--tests-timeout needs whole seconds"
-                     TESTS_TIMEOUT="$2"; shift 2 ;;
+    --bundle) [[ $# -ge 2 ]] || die "--bundle needs a folder"; BUNDLE="$2"; shift 2 ;;
+    --dry-run) BENCH_ARGS+=(--dry-run); shift ;;
+    --phases) [[ $# -ge 2 ]] || die "--phases needs a comma-separated list"; BENCH_ARGS+=(--phases "$2"); shift 2 ;;
+    --phase-limit) [[ $# -ge 2 && "$2" =~ ^[a-z_]+=[0-9.]+$ ]] || die "--phase-limit needs PHASE=SECONDS"
+                   BENCH_ARGS+=(--phase-limit "$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
 [[ -n "$OUT" ]] || die "--out DIR is required"
-[[ -z "$WHEELS" || -d "$WHEELS" ]] || die "--wheels $WHEELS is not a folder"
+[[ -z "$BUNDLE" || -d "$BUNDLE" ]] || die "--bundle $BUNDLE is not a folder"
 mkdir -p "$OUT" || die "cannot create $OUT"
 OUT="$(cd "$OUT" && pwd)"
+[[ -z "$BUNDLE" ]] || BUNDLE="$(cd "$BUNDLE" && pwd)"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-FAILED=()
-START=$SECONDS
-log() { echo "[gpu-check $(( SECONDS - START ))s] $*" | tee -a "$OUT/check.log"; }
-step() {  # step NAME LOGFILE CMD...: run, log the outcome, keep going on failure
-  local name="$1" logfile="$2"; shift 2
-  log "$name ..."
-  if "$@" > "$logfile" 2>&1; then log "$name: ok"; else log "$name: FAILED (exit $?, see $logfile)"; FAILED+=("$name"); fi
-}
+rm -f "$OUT/check.log" "$OUT/install.log"  # an earlier run's log is not this run's
 cd "$REPO" || die "cannot enter $REPO"
 
-if [[ -n "$WHEELS" ]]; then
+# Wheels only where they will be used (with CUDA): a CPU machine is refused by the preflight, or,
+# with --dry-run, checks the folder's wheels by name for every supported Python instead.
+if [[ -n "$BUNDLE" && -d "$BUNDLE/wheels" ]]; then
   shopt -s nullglob
-  wheels=("$WHEELS"/*.whl)
+  wheels=("$BUNDLE"/wheels/*.whl)
   shopt -u nullglob
-  if [[ ${#wheels[@]} -eq 0 ]]; then
-    log "no .whl files in $WHEELS: nothing to install"
-  else
-    # Into a folder of our own on the path: the image's environment may be read-only, and
-    # --no-deps keeps pip from looking for anything the image already has.
+  if [[ ${#wheels[@]} -gt 0 ]] && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    # The distributions in the folder by name; pip picks each one's wheel for this Python (no network).
+    names=$(for w in "${wheels[@]}"; do basename "$w" | cut -d- -f1; done | sort -u)
     SITE="${MG_SITE:-/tmp/megatron_grow_site}"
-    step "install ${#wheels[@]} wheels from $WHEELS (no network) into $SITE" "$OUT/install.log" \
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      "${wheels[@]}"
+    # shellcheck disable=SC2086
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+         --find-links "$BUNDLE/wheels" $names > "$OUT/install.log" 2>&1; then
+      echo "[gpu-check] installed ${names//$'\n'/ } from $BUNDLE/wheels into $SITE" | tee -a "$OUT/check.log"
+    else
+      echo "[gpu-check] wheel install FAILED (see $OUT/install.log); going on with what the image has" \
+        | tee -a "$OUT/check.log"
+    fi
     export PYTHONPATH="$REPO:$SITE${PYTHONPATH#"$REPO"}"
   fi
 fi
 
-{
-  date -u +"%Y-%m-%dT%H:%M:%SZ"
-  command -v nvidia-smi > /dev/null && nvidia-smi
-  "$PY" - <<'PY'
-import platform, torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
-print("devices", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
-for name in ("megatron.core", "transformers", "sentencepiece", "transformer_engine"):
-    try:
-        module = __import__(name, fromlist=["__version__"])
-        print(name, getattr(module, "__version__", "?"))
-    except Exception as e:
-        print(name, "not importable:", type(e).__name__)
-PY
-} > "$OUT/env.txt" 2>&1
-log "environment: $(grep -m1 '^python' "$OUT/env.txt" || echo unknown)"
-
-if [[ $TESTS -eq 1 ]]; then
-  step "GPU test tier (pytest -m gpu, at most ${TESTS_TIMEOUT}s)" "$OUT/gpu_tests.log" \
-    timeout "$TESTS_TIMEOUT" "$PY" -m pytest -q -rs -m gpu tests/functional/test_gpu.py -p no:cacheprovider \
-    --junitxml "$OUT/gpu_tests.xml"
-  log "tests: $(grep -E '^[0-9]+ (passed|failed|skipped)|^=+ .* in [0-9.]+s' "$OUT/gpu_tests.log" | tail -1)"
-fi
-
-if [[ $BENCH -eq 1 ]]; then
-  [[ $DRY_RUN -eq 1 ]] && BENCH_ARGS+=(--dry-run)
-  step "benchmark (benchmarks/gpu_bench.py ${BENCH_ARGS[*]:-})" "$OUT/bench.log" \
-    "$PY" benchmarks/gpu_bench.py --out "$OUT" "${BENCH_ARGS[@]}"
-  [[ -f "$OUT/summary.md" ]] && tee -a "$OUT/check.log" < "$OUT/summary.md"
-fi
-
-if [[ ${#FAILED[@]} -gt 0 ]]; then
-  log "done in $(( SECONDS - START ))s; FAILED: ${FAILED[*]}"
-  exit 1
-fi
-log "done in $(( SECONDS - START ))s; every step ran; results in $OUT"
+# Both streams into check.log; stderr stays stderr (a refusal is one line there).
+"$PY" benchmarks/gpu_bench.py --out "$OUT" ${BUNDLE:+--bundle "$BUNDLE"} "${BENCH_ARGS[@]}" \
+  2> >(tee -a "$OUT/check.log" >&2) | tee -a "$OUT/check.log"
+status="${PIPESTATUS[0]}"
+wait  # the stderr tee
+exit "$status"

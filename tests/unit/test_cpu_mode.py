@@ -79,6 +79,28 @@ def test_te_general_gemm_defined_without_te():
     assert hasattr(moe_utils, "te_general_gemm") and moe_utils.te_general_gemm is None
 
 
+@pytest.mark.slow
+def test_te_absent_workaround_is_applied_on_a_cuda_machine_too():
+    """A GPU machine without Transformer Engine (a plain pip environment): the entry point's call
+    must still define ``te_general_gemm``, else MCore's router gating raises NameError."""
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"  # what a GPU machine answers
+        "from megatron_grow.platform import cpu\n"
+        "assert cpu.apply_cpu_adaptations() is False\n"  # CPU mode itself stays off
+        "from megatron.core.transformer.moe.moe_utils import router_gating_linear\n"
+        "x = torch.randn(3, 4, requires_grad=True)\n"
+        "w = torch.randn(5, 4, requires_grad=True)\n"
+        "out = router_gating_linear(x, w, None, torch.float32)\n"
+        "out.sum().backward()\n"
+        "assert torch.allclose(out, x @ w.t()) and x.grad is not None\n"
+        "print('gating ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gating ok" in out.stdout
+
+
 def test_cuda_pinned_factories_land_on_cpu():
     from megatron.core.optimizer import clip_grads
     from megatron.core.pipeline_parallel import schedules

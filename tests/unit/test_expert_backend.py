@@ -7,6 +7,7 @@ import torch
 
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import ConfigError
+from megatron_grow.models import experts
 from megatron_grow.models.experts import grouped_linear
 
 
@@ -44,3 +45,24 @@ def test_tiny_recipe_accepts_grouped_mm_with_expert_tp():
     recipe = load_recipe("configs/models/tiny.yaml", ["model.moe_expert_backend=grouped_mm",
                                                        "parallel.tensor_model_parallel_size=2"])
     assert recipe.model.moe_expert_backend == "grouped_mm"
+
+
+@pytest.mark.parametrize("missing", [["grouped_mm"], ["grouped_mm", "_grouped_mm"]])
+def test_grouped_linear_runs_on_a_torch_without_f_grouped_mm(monkeypatch, missing):
+    """setup.py admits torch 2.6; F.grouped_mm exists from 2.10 (torch._grouped_mm from 2.8, CUDA
+    only): the kernel is chosen by what exists, and the result is still the definition's."""
+    for name in missing:
+        monkeypatch.delattr(torch.nn.functional if name == "grouped_mm" else torch, name, raising=False)
+    counts = [3, 0, 5]
+    x, w = torch.randn(8, 16), torch.randn(3, 24, 16)
+    offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    expected = torch.cat([x[:3] @ w[0].t(), x[3:3] @ w[1].t(), x[3:] @ w[2].t()])
+    torch.testing.assert_close(grouped_linear(x, w, offsets), expected, atol=1e-5, rtol=0)
+    assert experts.grouped_mm_problem(on_cuda=False) is None  # the CPU runs the loop either way
+
+
+def test_grouped_mm_on_cuda_without_any_kernel_is_refused(monkeypatch):
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    problem = experts.grouped_mm_problem(on_cuda=True)
+    assert "needs torch >= 2.8" in problem and torch.__version__ in problem and "sequential" in problem

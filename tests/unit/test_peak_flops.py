@@ -23,6 +23,8 @@ NAMES = [
     ("NVIDIA L4", "L4", 121.0),
     ("NVIDIA A10", "A10", 125.0),
     ("NVIDIA H20", "H20", 148.0),
+    ("NVIDIA H800", "H800", 1979 / 2),
+    ("NVIDIA H800 PCIe", "H800 PCIe", 1513 / 2),  # the H100 PCIe's compute, not the SXM's
 ]
 
 
@@ -35,6 +37,17 @@ def test_h200_is_not_an_h20_and_l40s_is_not_an_l4():
     assert lookup_peak_tflops("NVIDIA H200")[0] == "H200 SXM"
     assert lookup_peak_tflops("NVIDIA L40S")[0] == "L40S"
     assert lookup_peak_tflops("NVIDIA A100-SXM4-40GB")[0] == "A100"
+
+
+@pytest.mark.parametrize("name,whole,slices", [
+    ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 1979 / 2, 3),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 1979 / 2, 1),
+    ("NVIDIA A100-SXM4-80GB MIG 7g.80gb", 312.0, 7),
+])
+def test_a_mig_slice_gets_its_share_of_the_peak(name, whole, slices):
+    peak = resolve_peak(None, name)
+    assert peak.flops == pytest.approx(whole * 1e12 * slices / 7)  # g of the 7 compute slices
+    assert "MIG" in peak.source
 
 
 def test_unknown_device_gives_no_mfu_and_says_why():
