@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from megatron_grow.checkpoint import paths, streaming
+from megatron_grow.checkpoint.integrity import damaged_checkpoint_error, read_error_text
 from megatron_grow.errors import CheckpointError
 from megatron_grow.parallel.collectives import broadcast_object, rank
 
@@ -262,8 +263,7 @@ def read_common_state(ckpt_dir: str) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(ckpt_dir)
     except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError... for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path} is unreadable ({read_error_text(e)})") from None
 
 
 def check_shard_files(ckpt_dir: str, storage_metadata=None) -> None:
@@ -330,6 +330,7 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool =
                     strict: str = "assume_ok_unexpected") -> dict:
     """Load into ``sharded_state_dict`` after the checks above; returns the loaded state dict."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     md = read_storage_metadata(ckpt_dir)
     check_shard_files(ckpt_dir, md)
@@ -339,8 +340,8 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool =
                                        strict=strict)
     except CheckpointError:
         raise
-    except Exception as e:
-        raise CheckpointError(f"loading {ckpt_dir} failed ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:
+        raise damaged_checkpoint_error(ckpt_dir, md, e, "loading") from None
 
 
 def checkpoint_bytes(ckpt_dir: str) -> int:

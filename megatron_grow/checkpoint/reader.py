@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint.integrity import damaged_checkpoint_error
 from megatron_grow.errors import CheckpointError
 
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -157,8 +158,9 @@ class CheckpointReader:
             self._reader.read_data(plan, _RegionPlanner(buffer)).wait()
         except CheckpointError:
             raise
-        except Exception as e:
-            raise CheckpointError(f"reading {key} from {self.ckpt_dir} failed ({type(e).__name__}: {e})") from None
+        except Exception as e:  # a damaged archive: name the shard and byte range, in one line
+            raise damaged_checkpoint_error(self.ckpt_dir, self.metadata, e, f"reading {key} from",
+                                           fqns=[key]) from None
         self.bytes_read += buffer.numel() * buffer.element_size()
         return buffer
 

@@ -19,6 +19,7 @@ tree and renames it into place, ``checkpoint.io``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -53,6 +54,7 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     )
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     # The model's own sharded state dict: the sharding is Megatron-Core's, so integrity is not re-proven here.
     sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=False)
@@ -62,7 +64,12 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
     planner = _producing_planner(lazy, produce)
     writer = FileSystemWriter(checkpoint_dir, thread_count=threads, sync_files=False)
-    dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+    try:
+        with _quiet_producer_errors(planner):
+            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+    except CheckpointException:
+        if planner.error is None:  # not the producer's (a full disk...): the caller names it
+            raise
     problem = _local_problem(planner, len(lazy), produce, checkpoint_dir)
     if problem is None:
         _fsync_own_files(checkpoint_dir)
@@ -91,6 +98,24 @@ def _local_problem(planner, expected: int, produce: Callable, checkpoint_dir: st
     except Exception as e:  # raised after the barrier, like the others
         return e
     return None
+
+
+@contextlib.contextmanager
+def _quiet_producer_errors(planner):
+    """A producer's error ends its writer thread; Python would print that thread's traceback, but
+    the error is reported once, by the caller (a damaged source shard, a non-finite source tensor:
+    one line, not a traceback per writer thread)."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if args.exc_value is None or args.exc_value is not planner.error:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _producing_planner(lazy: dict, produce: Callable):

@@ -49,8 +49,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_grow.checkpoint import io, keys, paths
+from megatron_grow.checkpoint.integrity import damaged_checkpoint_error
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.loader import recipe_to_dict
@@ -174,8 +176,8 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
         state["rng_state"] = _rng_sharded_object(None)
     try:
         loaded = dist_checkpointing.load(state, ckpt_dir)
-    except Exception as e:
-        raise CheckpointError(f"resuming from {ckpt_dir} failed ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise damaged_checkpoint_error(ckpt_dir, md, e, "resuming from") from None
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"])
     common = io.read_common_state(ckpt_dir)
