@@ -19,7 +19,12 @@ from __future__ import annotations
 import argparse
 
 from megatron_grow.checkpoint import keys, paths
-from megatron_grow.cli._common import add_layout_arguments, add_override_argument, add_verify_threshold_arguments
+from megatron_grow.cli._common import (
+    add_layout_arguments,
+    add_override_argument,
+    add_verify_threshold_arguments,
+    check_verify_thresholds,
+)
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import GrowthError
 
@@ -46,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check what is cheap to check (recipe, flags, SRC exists), then import and run the growth."""
+    check_verify_thresholds(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.growth is None:
         raise GrowthError(f"{args.recipe} has no growth: section (see configs/growth/ for examples)")
