@@ -24,6 +24,7 @@ and Megatron-Core); the kill runs run alone so their timing means something.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import shutil
@@ -368,6 +369,17 @@ def case_nan_in_source_attention(ctx):
     ctx.expect = ["decoder.layers.self_attention.linear_qkv.weight", "1 NaN", "non-finite"]
 
 
+def case_depth_factor_huge(ctx):
+    # was minutes of silence (index maps and modules for 400,000,000 layers), then whatever broke first
+    ctx.overrides = ("growth.depth.factor=100000000",)
+    ctx.expect = ["growth.depth.factor=100000000", "400,000,000 layers", "GB are free at " + ctx.dst]
+
+
+def case_width_factor_huge(ctx):
+    ctx.overrides = ("growth.width.factor=10000000",)
+    ctx.expect = ["growth.width.factor=10000000", "80,000,000 experts", "GB are free at " + ctx.dst]
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "depth_factor_1": case_depth_factor_1,
     "width_factor_1": case_width_factor_1,
@@ -397,6 +409,8 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "flipped_shard_streamed": case_flipped_shard_streamed,
     "nan_in_source_expert": case_nan_in_source_expert,
     "nan_in_source_attention": case_nan_in_source_attention,
+    "depth_factor_huge": case_depth_factor_huge,
+    "width_factor_huge": case_width_factor_huge,
 }
 
 
@@ -507,6 +521,29 @@ def test_overwrite_replaces_non_empty_destination(overwrite_run):
     left = sorted(os.listdir(run.dst))
     assert left == sorted([paths.TRACKER_FILENAME, "iter_0000001"]), f"stale files survived: {left}"
     assert run.src_after == run.src_before, "the source checkpoint changed"
+
+
+def test_capacity_estimate_is_a_lower_bound_of_what_grow_writes(overwrite_run, source):
+    """The refusal above compares count_params(grown) x stored bytes per element with the free disk:
+    that must not exceed the tensor bytes a real grow writes (else a growth that fits is refused)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_grow.growth.capacity import capacity_problem
+    from megatron_grow.models.params import count_params
+
+    assert overwrite_run.proc.returncode == 0, overwrite_run.proc.stderr
+    ckpt, _ = assert_complete_checkpoint(overwrite_run.dst)
+    md = io.read_storage_metadata(ckpt)
+    written = sum(math.prod(m.size) * m.properties.dtype.itemsize for k, m in md.state_dict_metadata.items()
+                  if isinstance(m, TensorStorageMetadata))
+    growth = load_recipe(os.path.join(REPO, RECIPE)).growth
+    source_model = read_checkpoint_info(*paths.resolve_checkpoint_dir(source)).model
+    grown_model = read_checkpoint_info(ckpt, 1).model
+    estimate = count_params(grown_model).total * 4  # fp32 on CPU
+    assert 0.9 * written <= estimate <= written, (estimate, written)
+    # ... and the check says yes with exactly that much space, no with one byte less.
+    assert capacity_problem(source_model, growth, 4, "D", estimate, None, False) is None
+    assert "GB are free at D" in capacity_problem(source_model, growth, 4, "D", estimate - 1, None, False)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
