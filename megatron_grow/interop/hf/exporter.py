@@ -16,6 +16,7 @@ import time
 import torch
 
 from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint.integrity import describe_non_finite, non_finite_counts
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import ModelConfig
@@ -118,9 +119,24 @@ def _hf_config(model: ModelConfig, family: Family, fields: dict, dtype: torch.dt
     return cfg
 
 
+def _check_finite(values: dict, group_items: list, ckpt_dir: str) -> None:
+    """A model with NaN or ±inf weights exported as HF loads without complaint and only yields NaN
+    logits; refuse it here, naming the tensor (``--allow-nonfinite`` writes it anyway)."""
+    for it in group_items:
+        nan, inf = non_finite_counts(values[(it.key, it.group)])
+        if nan or inf:
+            indices = (("layer", it.layer), ("expert", it.expert))
+            where = ", ".join(f"{name} {i}" for name, i in indices if i is not None)
+            raise InteropError(f"tensor {it.key} ({where or 'not per layer'}) of {ckpt_dir} holds "
+                               f"non-finite values ({describe_non_finite(nan, inf)}); not exported "
+                               "(--allow-nonfinite writes it anyway)")
+
+
 def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
               tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              overwrite: bool = False, progress: bool = True) -> dict:
+              overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> dict:
+    """Write ``load``'s checkpoint as an HF model directory; a tensor holding NaN or ±inf is refused
+    (InteropError naming it, nothing written) unless ``allow_nonfinite``."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -150,6 +166,8 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
         bar = tqdm(groups.items(), desc="export-hf", unit="group", file=sys.stderr, disable=not progress)
         for g, group_items in bar:
             values = {(it.key, it.group): _read_item(reader, it) for it in group_items}
+            if not allow_nonfinite:
+                _check_finite(values, group_items, ckpt_dir)
             for name in names[g]:
                 parts = [values[(it.key, it.group)][row:row + rows] for _, it, row, rows in sources[name]]
                 writer.add(name, torch.cat(parts) if len(parts) > 1 else parts[0])
