@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from megatron_grow.checkpoint import paths, streaming
-from megatron_grow.checkpoint.integrity import damaged_checkpoint_error, read_error_text
-from megatron_grow.errors import CheckpointError
+from megatron_grow.checkpoint.integrity import damaged_checkpoint_error, read_error_text, root_cause
+from megatron_grow.errors import CheckpointError, UserInputError
 from megatron_grow.parallel.collectives import broadcast_object, rank
 
 STAGING_MARK = ".staging-"  # <dest>.staging-<id>: a whole run directory being written beside dest
@@ -196,6 +196,8 @@ def _save_error(error: BaseException, final: str) -> BaseException:
     """A full, read-only or forbidden disk becomes one readable CheckpointError; the rest stays."""
     if isinstance(error, CheckpointError):
         return error
+    if isinstance(root_cause(error), UserInputError):  # e.g. a damaged source shard, read by another rank
+        return root_cause(error)
     for code, text in _DISK_ERRORS.items():
         if _has_errno(error, code):
             return CheckpointError(f"saving {final} failed: {text}; the partial save was removed and the "

@@ -64,13 +64,15 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
     planner = _producing_planner(lazy, produce)
     writer = FileSystemWriter(checkpoint_dir, thread_count=threads, sync_files=False)
+    save_error = None
     try:
         with _quiet_producer_errors(planner):
             dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
-    except CheckpointException:
-        if planner.error is None:  # not the producer's (a full disk...): the caller names it
-            raise
-    problem = _local_problem(planner, len(lazy), produce, checkpoint_dir)
+    except CheckpointException as e:  # every rank gets here: the flag below keeps them in step
+        save_error = e
+    # The producer's own error where it failed; elsewhere DCP's, which carries it (checkpoint.io unwraps).
+    problem = (planner.error or save_error) if save_error else _local_problem(planner, len(lazy), produce,
+                                                                              checkpoint_dir)
     if problem is None:
         _fsync_own_files(checkpoint_dir)
     flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
@@ -108,7 +110,7 @@ def _quiet_producer_errors(planner):
     previous = threading.excepthook
 
     def hook(args):
-        if args.exc_value is None or args.exc_value is not planner.error:
+        if not any(args.exc_value is e for e in planner.producer_errors):
             previous(args)
 
     threading.excepthook = hook
@@ -128,6 +130,7 @@ def _producing_planner(lazy: dict, produce: Callable):
             super().__init__(flatten_state_dict=False)
             self.produced = 0
             self.error: BaseException | None = None
+            self.producer_errors: list[BaseException] = []  # one per writer thread that failed
             self._lock = threading.Lock()
 
         def resolve_data(self, write_item):
@@ -139,6 +142,7 @@ def _producing_planner(lazy: dict, produce: Callable):
                 value = produce(st)
             except BaseException as e:
                 self.error = self.error or e
+                self.producer_errors.append(e)
                 raise
             if tuple(value.shape) != tuple(st.local_shape) or value.dtype != st.dtype:
                 raise CheckpointError(f"{st.key} at {tuple(st.global_offset)}: produced {tuple(value.shape)} "

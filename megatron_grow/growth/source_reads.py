@@ -75,10 +75,16 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
         full = tuple(st.global_shape[2:])
         return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
 
+    error = None
     for k, ls, es in mine:
         request = expert_request(k, ls, es)
-        read_requests({0: request}, reader, require_finite=False)  # checked below, on every rank alike
+        try:
+            read_requests({0: request}, reader, require_finite=False)  # checked below, on every rank alike
+        except CheckpointError as e:  # a damaged shard: every rank must leave this collective the same way
+            error = str(e)
+            break
         moments[k, ls, es] = torch.tensor(noise.tensor_moments(request.data), dtype=torch.float64)
+    _raise_on_every_rank(error)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)
     _check_finite_moments(moments, expert_request, reader.ckpt_dir)
@@ -89,6 +95,18 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
             for es in range(E):
                 out[(key, ls, es)] = noise.expert_noise_std(plan, per_expert, es)
     return out
+
+
+def _raise_on_every_rank(error: str | None) -> None:
+    """The first rank's read error, raised on every rank (one that raised alone would leave the
+    others waiting in the all-reduce, then dying with gloo's "connection closed by peer")."""
+    errors = [error]
+    if torch.distributed.is_initialized() and world_size() > 1:
+        errors = [None] * world_size()
+        torch.distributed.all_gather_object(errors, error)
+    found = next((e for e in errors if e), None)
+    if found:
+        raise CheckpointError(found)
 
 
 def _check_finite_moments(moments: torch.Tensor, expert_request: Callable, ckpt_dir: str) -> None:

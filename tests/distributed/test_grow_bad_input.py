@@ -523,6 +523,24 @@ def test_overwrite_replaces_non_empty_destination(overwrite_run):
     assert run.src_after == run.src_before, "the source checkpoint changed"
 
 
+def test_damaged_shard_under_launch_is_one_line_from_two_ranks(source, tmp_path):
+    """Two ranks, one damaged item read by one rank's writer threads while the other rank writes.
+    Was a traceback per writer thread, then a hang or the other rank's traceback; now both ranks
+    leave the same way and rank 0 says it once. (An item read for the noise statistics goes through
+    the same agreement, source_reads._raise_on_every_rank.)"""
+    fqn = "decoder.layers.self_attention.linear_qkv.weight"
+    ctx = Ctx(src=str(tmp_path / "src"), dst=str(tmp_path / "dst"), tmp=str(tmp_path))
+    shutil.copytree(source, ctx.src)
+    name = _flip_item_header(ctx, fqn)
+    argv = [sys.executable, "-m", "megatron_grow", "launch", "--nproc-per-node", "2",
+            *grow_argv(ctx.src, ctx.dst, "--expert-model-parallel-size", "2")[3:]]
+    proc = run_cli(argv)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert len(errors) == 1 and f"checkpoint shard {_ckpt(ctx)}/{name} is damaged" in errors[0], proc.stderr
+    assert not os.path.exists(ctx.dst)
+
+
 def test_capacity_estimate_is_a_lower_bound_of_what_grow_writes(overwrite_run, source):
     """The refusal above compares count_params(grown) x stored bytes per element with the free disk:
     that must not exceed the tensor bytes a real grow writes (else a growth that fits is refused)."""
