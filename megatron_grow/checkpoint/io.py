@@ -337,6 +337,7 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool =
     md = read_storage_metadata(ckpt_dir)
     check_shard_files(ckpt_dir, md)
     check_against_checkpoint(sharded_state_dict, ckpt_dir, md)
+    read_common_state(ckpt_dir)  # a damaged common.pt is named here (the load reads it without its name)
     try:
         return dist_checkpointing.load(sharded_state_dict, ckpt_dir, validate_access_integrity=validate,
                                        strict=strict)

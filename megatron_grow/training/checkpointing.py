@@ -174,6 +174,7 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     same_world = info.layout.get("world_size") == torch.distributed.get_world_size()
     if same_world and "rng_state" in {k.split("/")[0] for k in stored} | _sharded_object_keys(ckpt_dir):
         state["rng_state"] = _rng_sharded_object(None)
+    common = io.read_common_state(ckpt_dir)  # first: a damaged common.pt is named (the load reads it too)
     try:
         loaded = dist_checkpointing.load(state, ckpt_dir)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
@@ -181,7 +182,6 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     check_finite_weights(models, ckpt_dir)
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"])
-    common = io.read_common_state(ckpt_dir)
     scheduler_loaded = bool(scheduler is not None and common.get("opt_param_scheduler"))
     if scheduler_loaded:
         scheduler.load_state_dict(common["opt_param_scheduler"])

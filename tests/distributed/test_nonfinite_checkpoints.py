@@ -1,4 +1,4 @@
-"""Checkpoints holding NaN: every command names the tensor instead of working on (issue 21).
+"""Checkpoints holding NaN, or damaged bytes: every command names the tensor or the file (issue 21).
 
 The NaN is put into one real parameter of a real model, which the real save then writes (as a
 diverged run would leave it; ``bodies.build_save_with_nan``), or into one tensor of a real
@@ -10,7 +10,11 @@ diverged run would leave it; ``bodies.build_save_with_nan``), or into one tensor
   step with a NaN loss and called that checkpoint "the last good checkpoint";
 * ``import-hf`` reported the NaN tensor as "tensors of the grown model were not sourced".
 
-Grow's NaN cases are in test_grow_bad_input.py (the project's list of bad grow inputs).
+And ``train`` resuming a checkpoint with a damaged ``.distcp`` item (was torch's
+``CheckpointException`` traceback) or a garbage ``common.pt`` (was torch's "re-run with
+weights_only=False" advice): one line naming the file, exit 2.
+
+Grow's NaN and damaged-shard cases are in test_grow_bad_input.py (the list of bad grow inputs).
 
     .venv/bin/pytest -q tests/distributed/test_nonfinite_checkpoints.py
 """
@@ -25,10 +29,11 @@ import sys
 import pytest
 import torch
 
+from megatron_grow.checkpoint import io, paths
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
-from tests.distributed.bodies import build_save_with_nan
+from tests.distributed.bodies import build_save_forward, build_save_with_nan
 from tests.distributed.conftest import REPO, write_recipe
 from tests.distributed.test_grow_bad_input import tree_digest
 from tests.unit.test_hostile_inputs import PREFIX, run_main
@@ -45,6 +50,62 @@ def nan_run(kjv_dataset, tmp_path_factory) -> dict:
     root = str(tmp / "nan_run")
     run_in_processes(build_save_with_nan, 1, (load_recipe(recipe).model, ParallelConfig(), [(root, "linear_fc1")]))
     return {"root": root, "tmp": tmp}
+
+
+def _train(recipe: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "megatron_grow", "train", "--config", recipe], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def clean_run(kjv_dataset, tmp_path_factory) -> str:
+    """A run directory with one finite checkpoint of the training recipe's model, by the real save."""
+    tmp = tmp_path_factory.mktemp("damaged")
+    recipe = write_recipe(tmp / "model.yaml", kjv_dataset, tmp / "unused")
+    root = str(tmp / "run")
+    run_in_processes(build_save_forward, 1, (load_recipe(recipe).model, ParallelConfig(), root))
+    return root
+
+
+def _flip_first_item_of(ckpt_dir: str, fqn: str) -> str:
+    """XOR the zip header of ``fqn``'s first stored item in its real shard; returns the shard path."""
+    md = io.read_storage_metadata(ckpt_dir)
+    info = min((info for index, info in md.storage_data.items() if index.fqn.startswith(fqn)),
+               key=lambda info: info.offset)
+    path = os.path.join(ckpt_dir, info.relative_path)
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        header = f.read(40)
+        f.seek(info.offset)
+        f.write(bytes(b ^ 0xFF for b in header))
+    return path
+
+
+def _garbage_common_pt(ckpt_dir: str) -> str:
+    path = os.path.join(ckpt_dir, "common.pt")
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 4)  # not a zip, not a pickle torch accepts
+    return path
+
+
+@pytest.mark.parametrize("damage", ["flipped_shard", "garbage_common_pt"])
+def test_train_resume_from_damaged_checkpoint_names_the_file(clean_run, kjv_dataset, tmp_path, damage):
+    run = str(tmp_path / "run")
+    shutil.copytree(clean_run, run)
+    ckpt = paths.iteration_dir(run, 1)
+    if damage == "flipped_shard":
+        path, words = _flip_first_item_of(ckpt, EXPERT_FC1), ["is damaged", EXPERT_FC1]
+    else:
+        path, words = _garbage_common_pt(ckpt), ["unreadable"]
+    recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, run)
+    proc = _train(recipe)
+    line = _one_line(proc.returncode, proc.stderr, path, *words)
+    for advice in ("weights_only", "file an issue", "miniz"):
+        assert advice not in line, line
 
 
 def _one_line(code: int, err: str, *expect: str) -> str:
@@ -85,12 +146,7 @@ def test_train_refuses_a_checkpoint_with_nan_weights(nan_run, kjv_dataset, tmp_p
     run = str(tmp_path / "run")
     shutil.copytree(nan_run["root"], run)
     recipe = write_recipe(tmp_path / "r.yaml", kjv_dataset, run, checkpoint={"load_optim": False})
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "megatron_grow", "train", "--config", recipe], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = _train(recipe)
     line = _one_line(proc.returncode, proc.stderr, "non-finite weights", "linear_fc1.weight", "1 NaN",
                      "cannot be trained from")
     assert "last good" not in line
