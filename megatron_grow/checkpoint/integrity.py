@@ -82,10 +82,12 @@ def find_damaged_item(ckpt_dir: str, storage_metadata, fqns: Iterable[str] | Non
 
 
 def damaged_checkpoint_error(ckpt_dir: str, storage_metadata, error: BaseException, what: str = "reading",
-                             fqns: Iterable[str] | None = None) -> CheckpointError:
-    """One line for a failed read of ``ckpt_dir``: the damaged shard and byte range when one is found."""
+                             fqns: Iterable[str] | None = None, scan: bool = True) -> CheckpointError:
+    """One line for a failed read of ``ckpt_dir``: the damaged shard and byte range when one is found
+    among ``fqns`` (default: every tensor item, i.e. the checkpoint is read once more, after a
+    failure only). ``scan=False`` skips the search (ranks other than the one that prints)."""
     try:
-        found = find_damaged_item(ckpt_dir, storage_metadata, fqns)
+        found = find_damaged_item(ckpt_dir, storage_metadata, fqns) if scan else None
     except OSError:
         found = None
     if found is None:

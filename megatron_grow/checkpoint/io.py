@@ -344,7 +344,7 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool =
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:
-        raise damaged_checkpoint_error(ckpt_dir, md, e, "loading") from None
+        raise damaged_checkpoint_error(ckpt_dir, md, e, "loading", scan=rank() == 0) from None
 
 
 def checkpoint_bytes(ckpt_dir: str) -> int:

@@ -178,7 +178,9 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     try:
         loaded = dist_checkpointing.load(state, ckpt_dir)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise damaged_checkpoint_error(ckpt_dir, md, e, "resuming from") from None
+        # Rank 0 prints the error: only it re-reads the checkpoint to find the damaged item.
+        raise damaged_checkpoint_error(ckpt_dir, md, e, "resuming from",
+                                       scan=torch.distributed.get_rank() == 0) from None
     check_finite_weights(models, ckpt_dir)
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"])

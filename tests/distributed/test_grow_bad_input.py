@@ -50,6 +50,8 @@ RECIPE = "configs/growth/tiny_depth_width.yaml"     # 4 -> 8 layers, 8 -> 16 exp
 MODEL_RECIPE = os.path.join(REPO, "configs/models/tiny.yaml")
 PREFIX = "megatron-grow: error: "
 CLI_TIMEOUT = 300
+# torch's advice for other situations (untrusted pickles, its own bugs): never ours to repeat
+TORCH_ADVICE = ("weights_only", "file an issue", "miniz error", "If you are seeing this error")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,6 +324,14 @@ def case_garbage_common_pt(ctx):
     ctx.expect = ["common.pt", "unreadable"]
 
 
+def case_garbage_common_pt_not_a_pickle(ctx):
+    # torch's weights-only unpickler fails on it; it used to append "Re-running torch.load with
+    # weights_only set to False will likely succeed" (wrong advice for a damaged file)
+    with open(os.path.join(_ckpt(ctx), "common.pt"), "wb") as f:
+        f.write(bytes(range(256)) * 4)
+    ctx.expect = ["common.pt", "unreadable", "not a tensor file"]
+
+
 def _flip_item_header(ctx: Ctx, fqn_prefix: str) -> str:
     """XOR the first bytes of the first stored item of ``fqn_prefix`` (its torch.save zip header) in
     its real shard; returns the shard's name. Sizes are unchanged, so only reading it shows it."""
@@ -405,6 +415,7 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "load_iteration_dir_save_its_run": case_load_iteration_dir_save_its_run,
     "binary_tracker": case_binary_tracker,
     "garbage_common_pt": case_garbage_common_pt,
+    "garbage_common_pt_not_a_pickle": case_garbage_common_pt_not_a_pickle,
     "flipped_shard_expert": case_flipped_shard_expert,
     "flipped_shard_streamed": case_flipped_shard_streamed,
     "nan_in_source_expert": case_nan_in_source_expert,
@@ -477,6 +488,8 @@ def test_bad_input_fails_cleanly_before_writing(case, bad_input_outcomes):
     message = "\n".join(lines)
     for fragment in ctx.expect:
         assert fragment in message, f"error does not mention {fragment!r}{where}"
+    for advice in TORCH_ADVICE:
+        assert advice not in message, f"torch's own advice leaked into the error{where}"
     if not ctx.after_start:
         assert proc.stdout.strip() == "", f"the command got past validation{where}"
     # Nothing written: --save is as it was (absent, or untouched when it existed), SRC unchanged.
