@@ -12,6 +12,8 @@ against the grown model) and every rank reads only its own slices of SRC. SRC is
 modified; DST appears only once complete. Ends with verify (on by default): logits KL, top-1
 agreement and routing load of grown vs source on a probe batch; if it fails (an error, or
 --max-kl / --min-routing-share not met: exit 4) the grown checkpoint is removed again.
+A grown model larger than the free disk at DST (or, verifying on a CPU, than the available
+memory) is refused with the sizes before anything is built (growth/capacity.py).
 """
 
 from __future__ import annotations
