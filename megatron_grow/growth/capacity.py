@@ -51,13 +51,17 @@ def capacity_problem(source: ModelConfig, growth: GrowthConfig, bytes_per_param:
             f"{grown.num_moe_experts:,} experts)")
     problems = []
     if grown_bytes > free_disk:
-        problems.append(f"the grown checkpoint needs at least {grown_bytes / GB:,.1f} GB ({bytes_per_param} bytes "
-                        f"per parameter), {free_disk / GB:,.1f} GB are free at {save}")
+        problems.append(f"no space left on device for the grown checkpoint: it needs at least {_size(grown_bytes)} "
+                        f"({bytes_per_param} bytes per parameter), {_size(free_disk)} are free at {save}")
     resident = (source_params + grown_params) * CPU_BYTES_PER_PARAM
     if with_verify and free_memory is not None and resident > free_memory:
-        problems.append(f"verify holds source and grown model in memory, at least {resident / GB:,.1f} GB, "
-                        f"{free_memory / GB:,.1f} GB are available (--no-verify skips it)")
+        problems.append(f"verify holds source and grown model in memory, at least {_size(resident)}, "
+                        f"{_size(free_memory)} are available (--no-verify skips it)")
     return f"{size}: {'; '.join(problems)}" if problems else None
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GB:,.1f} GB" if nbytes >= GB else f"{nbytes / 2**20:,.1f} MiB"
 
 
 def check_capacity(source: ModelConfig, growth: GrowthConfig, ckpt_dir: str, save: str, with_verify: bool) -> None:

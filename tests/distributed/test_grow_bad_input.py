@@ -382,12 +382,14 @@ def case_nan_in_source_attention(ctx):
 def case_depth_factor_huge(ctx):
     # was minutes of silence (index maps and modules for 400,000,000 layers), then whatever broke first
     ctx.overrides = ("growth.depth.factor=100000000",)
-    ctx.expect = ["growth.depth.factor=100000000", "400,000,000 layers", "GB are free at " + ctx.dst]
+    ctx.expect = ["growth.depth.factor=100000000", "400,000,000 layers", "no space left on device",
+                  "are free at " + ctx.dst]
 
 
 def case_width_factor_huge(ctx):
     ctx.overrides = ("growth.width.factor=10000000",)
-    ctx.expect = ["growth.width.factor=10000000", "80,000,000 experts", "GB are free at " + ctx.dst]
+    ctx.expect = ["growth.width.factor=10000000", "80,000,000 experts", "no space left on device",
+                  "are free at " + ctx.dst]
 
 
 CASES: dict[str, Callable[[Ctx], None]] = {
@@ -574,7 +576,7 @@ def test_capacity_estimate_is_a_lower_bound_of_what_grow_writes(overwrite_run, s
     assert 0.9 * written <= estimate <= written, (estimate, written)
     # ... and the check says yes with exactly that much space, no with one byte less.
     assert capacity_problem(source_model, growth, 4, "D", estimate, None, False) is None
-    assert "GB are free at D" in capacity_problem(source_model, growth, 4, "D", estimate - 1, None, False)
+    assert "MiB are free at D" in capacity_problem(source_model, growth, 4, "D", estimate - 1, None, False)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
