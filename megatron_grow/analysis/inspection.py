@@ -15,7 +15,10 @@ import re
 import time
 from collections.abc import Callable
 
+import torch
+
 from megatron_grow.checkpoint import io
+from megatron_grow.checkpoint.integrity import describe_non_finite, non_finite_counts
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import DEFAULT_MAX_BYTES, CheckpointReader
 from megatron_grow.growth.operators import REGISTRY
@@ -25,15 +28,21 @@ _DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
 
 
 def tensor_stats(reader: CheckpointReader, key: str, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """mean, std (population) and absmax of one stored tensor, read in slabs of at most ``max_bytes``."""
+    """mean, std (population) and absmax of the finite elements of one stored tensor, and how many
+    are NaN / ±inf (``nan``, ``inf``), read in slabs of at most ``max_bytes``. (A single NaN made
+    mean and std NaN and hid itself from absmax: Python's ``max(0.0, nan)`` is 0.0.)"""
     st = reader.stored(key)
     element = st.nbytes // max(st.numel, 1)
     lead = 0  # the fewest leading dims to iterate over so that one index of them fits in max_bytes
     while lead < len(st.shape) and math.prod(st.shape[lead:]) * element > max_bytes:
         lead += 1
-    count, total, total_sq, absmax = 0, 0.0, 0.0, 0.0
+    count, total, total_sq, absmax, nan, inf = 0, 0.0, 0.0, 0.0, 0, 0
     for _, slab in reader.iter_slabs(key, lead_dims=lead, max_bytes=max_bytes):
+        slab_nan, slab_inf = non_finite_counts(slab)
+        nan, inf = nan + slab_nan, inf + slab_inf
         x = slab.double()
+        if slab_nan or slab_inf:
+            x = x[torch.isfinite(x)]
         count += x.numel()
         total += float(x.sum())
         total_sq += float(x.square().sum())
@@ -41,7 +50,13 @@ def tensor_stats(reader: CheckpointReader, key: str, max_bytes: int = DEFAULT_MA
             absmax = max(absmax, float(x.abs().max()))
     mean = total / count if count else math.nan
     var = max(total_sq / count - mean * mean, 0.0) if count else math.nan
-    return {"mean": mean, "std": math.sqrt(var), "absmax": absmax}
+    return {"mean": mean, "std": math.sqrt(var), "absmax": absmax, "nan": nan, "inf": inf}
+
+
+def non_finite_tensors(report: dict) -> list[str]:
+    """``key (n NaN and m infinite)`` for every tensor the stats found non-finite values in."""
+    return [f"{r['key']} ({describe_non_finite(r['nan'], r['inf'])})" for r in report["tensors"]
+            if r.get("nan") or r.get("inf")]
 
 
 def saved_writers(ckpt_dir: str) -> dict:
@@ -165,10 +180,13 @@ def format_inspect(report: dict) -> str:
         row = f"  {r['key']:<{kw}}  {str(tuple(r['shape'])):<20} {r['dtype']:<9} {r['bytes']:>12,}"
         if has_stats:
             row += f"  {r['mean']:>11.4e} {r['std']:>11.4e} {r['absmax']:>11.4e}"
+            if r["nan"] or r["inf"]:
+                row += f"  NON-FINITE: {describe_non_finite(r['nan'], r['inf'])} (stats of the finite rest)"
         lines.append(row)
     lines.append(f"bytes        tensors {report['tensor_bytes']:,}; on disk {report['total_bytes']:,} "
                  f"({report['total_bytes'] / 2**20:.2f} MiB)")
     return "\n".join(lines)
 
 
-__all__ = ["inspect_checkpoint", "format_inspect", "tensor_stats", "describe_growth", "saved_writers"]
+__all__ = ["inspect_checkpoint", "format_inspect", "tensor_stats", "describe_growth", "saved_writers",
+           "non_finite_tensors"]

@@ -19,6 +19,7 @@ import os
 from megatron.core import dist_checkpointing
 
 from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint.integrity import read_error_text
 from megatron_grow.checkpoint.megatron_args import model_config_from_args
 from megatron_grow.config.loader import build_dataclass, load_recipe
 from megatron_grow.config.schema import ModelConfig
@@ -60,7 +61,7 @@ def load_common_state(ckpt_dir: str) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(ckpt_dir) or {}
     except Exception as e:  # torch.load raises many types for a damaged file
-        raise CheckpointError(f"{ckpt_dir}/common.pt is unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{ckpt_dir}/common.pt is unreadable ({read_error_text(e)})") from None
 
 
 def recorded_architecture(ckpt_dir: str, manifest: dict | None = None,

@@ -44,7 +44,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_grow.checkpoint import paths, streaming
-from megatron_grow.errors import CheckpointError
+from megatron_grow.checkpoint.integrity import damaged_checkpoint_error, read_error_text, root_cause
+from megatron_grow.errors import CheckpointError, UserInputError
 from megatron_grow.parallel.collectives import broadcast_object, rank
 
 STAGING_MARK = paths.STAGING_MARK  # <dest>.staging-<host>-<pid>-<id>: a run directory written beside dest
@@ -343,6 +344,8 @@ def _save_error(error: BaseException, final: str) -> BaseException:
     """A full, read-only or forbidden disk becomes one readable CheckpointError; the rest stays."""
     if isinstance(error, CheckpointError):
         return error
+    if isinstance(root_cause(error), UserInputError):  # e.g. a damaged source shard, read by another rank
+        return root_cause(error)
     for code, text in _DISK_ERRORS.items():
         if _has_errno(error, code):
             return CheckpointError(f"saving {final} failed: {text}; the partial save was removed and the "
@@ -441,8 +444,7 @@ def read_common_state(ckpt_dir: str) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(ckpt_dir)
     except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError... for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path} is unreadable ({read_error_text(e)})") from None
 
 
 def check_shard_files(ckpt_dir: str, storage_metadata=None) -> None:
@@ -540,13 +542,14 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool =
     md = read_storage_metadata(ckpt_dir)
     check_shard_files(ckpt_dir, md)
     check_against_checkpoint(sharded_state_dict, ckpt_dir, md)
+    read_common_state(ckpt_dir)  # a damaged common.pt is named here (the load reads it without its name)
     try:
         return dist_checkpointing.load(sharded_state_dict, ckpt_dir, validate_access_integrity=validate,
                                        strict=strict)
     except CheckpointError:
         raise
-    except Exception as e:
-        raise CheckpointError(f"loading {ckpt_dir} failed ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:
+        raise damaged_checkpoint_error(ckpt_dir, md, e, "loading", scan=rank() == 0) from None
 
 
 def checkpoint_bytes(ckpt_dir: str) -> int:

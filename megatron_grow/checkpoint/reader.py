@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint.integrity import damaged_checkpoint_error
 from megatron_grow.errors import CheckpointError
 
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -188,8 +189,9 @@ class CheckpointReader:
             self._reader.read_data(plan, _RegionPlanner(buffer)).wait()
         except CheckpointError:
             raise
-        except Exception as e:
-            raise CheckpointError(f"reading {key} from {self.ckpt_dir} failed ({type(e).__name__}: {e})") from None
+        except Exception as e:  # a damaged archive: name the shard and byte range, in one line
+            raise damaged_checkpoint_error(self.ckpt_dir, self.metadata, e, f"reading {key} from",
+                                           fqns=[key]) from None
         self.bytes_read += buffer.numel() * buffer.element_size()
         return buffer
 

@@ -19,6 +19,7 @@ tree and renames it into place, ``checkpoint.io``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from megatron_grow.errors import CheckpointError
@@ -94,15 +96,24 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     planner = _producing_planner(lazy, produce)
     writer = FileSystemWriter(checkpoint_dir, thread_count=threads, sync_files=False)
     before = set(threading.enumerate())
+    save_error = None
     try:
-        dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+        with _quiet_producer_errors(planner):
+            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)  # raises on every rank, or on none
+    except CheckpointException as e:  # every rank gets here: the flag below keeps them in step
+        save_error = e
+        # torch's other writer threads may still be writing; stop them at their next tensor first.
+        planner.stopped = True
+        join_writer_threads(before)
     except BaseException:
         # Ctrl-C, or an error in the main writer: torch's other writer threads would go on writing
         # (into a directory the caller is about to remove); stop them at their next tensor first.
         planner.stopped = True
         join_writer_threads(before)
         raise
-    problem = _local_problem(planner, len(lazy), produce, checkpoint_dir)
+    # The producer's own error where it failed; elsewhere DCP's, which carries it (checkpoint.io unwraps).
+    problem = (planner.error or save_error) if save_error else _local_problem(planner, len(lazy), produce,
+                                                                              checkpoint_dir)
     if problem is None:
         _fsync_own_files(checkpoint_dir)
     flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
@@ -132,6 +143,24 @@ def _local_problem(planner, expected: int, produce: Callable, checkpoint_dir: st
     return None
 
 
+@contextlib.contextmanager
+def _quiet_producer_errors(planner):
+    """A producer's error ends its writer thread; Python would print that thread's traceback, but
+    the error is reported once, by the caller (a damaged source shard, a non-finite source tensor:
+    one line, not a traceback per writer thread)."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if not any(args.exc_value is e for e in planner.producer_errors):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def _producing_planner(lazy: dict, produce: Callable):
     """Megatron-Core's save planner, except that lazy tensors are produced when the writer asks."""
     class ProducingPlanner(MCoreSavePlanner):
@@ -140,6 +169,7 @@ def _producing_planner(lazy: dict, produce: Callable):
             self.produced = 0
             self.error: BaseException | None = None
             self.stopped = False
+            self.producer_errors: list[BaseException] = []  # one per writer thread that failed
             self._lock = threading.Lock()
 
         def resolve_data(self, write_item):
@@ -153,6 +183,7 @@ def _producing_planner(lazy: dict, produce: Callable):
                 value = produce(st)
             except BaseException as e:
                 self.error = self.error or e
+                self.producer_errors.append(e)
                 raise
             if tuple(value.shape) != tuple(st.local_shape) or value.dtype != st.dtype:
                 raise CheckpointError(f"{st.key} at {tuple(st.global_offset)}: produced {tuple(value.shape)} "

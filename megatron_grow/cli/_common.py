@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 from megatron_grow.config.check import layout_problems
 from megatron_grow.config.schema import ParallelConfig, Recipe
-from megatron_grow.errors import LayoutError
+from megatron_grow.errors import LayoutError, UserInputError
 
 LAYOUT_FLAGS = {
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
@@ -46,6 +47,16 @@ def add_verify_threshold_arguments(parser: argparse.ArgumentParser) -> None:
                        help="largest acceptable mean KL(source || grown) on the probe batch")
     group.add_argument("--min-routing-share", type=float, default=None, metavar="X",
                        help="least share of routed tokens the copied experts must get (width growth)")
+
+
+def check_verify_thresholds(args: argparse.Namespace) -> None:
+    """Thresholds no result can meet (or that every result meets) are bad input, named before any work:
+    a KL divergence is >= 0, a share of tokens is in [0, 1]; NaN compares false with everything."""
+    max_kl, share = args.max_kl, args.min_routing_share
+    if max_kl is not None and not (math.isfinite(max_kl) and max_kl >= 0):
+        raise UserInputError(f"--max-kl must be a finite number >= 0 (a KL divergence), got {max_kl}")
+    if share is not None and not 0 <= share <= 1:
+        raise UserInputError(f"--min-routing-share must be between 0 and 1 (a share of routed tokens), got {share}")
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:

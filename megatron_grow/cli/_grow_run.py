@@ -12,6 +12,7 @@ from megatron_grow.checkpoint.architecture import resolve_architecture
 from megatron_grow.cli._common import checked_layout
 from megatron_grow.config.loader import recipe_to_dict
 from megatron_grow.config.schema import Recipe
+from megatron_grow.growth.capacity import check_capacity
 from megatron_grow.growth.grow import grow_checkpoint, prepare_destination, print_summary
 from megatron_grow.growth.verify import check_thresholds, format_metrics, verify_growth
 from megatron_grow.parallel.collectives import is_rank0
@@ -23,7 +24,10 @@ def run(args: argparse.Namespace, recipe: Recipe) -> int:
     cpu.apply_cpu_adaptations()  # cli/grow.py defers it to here (a no-op with CUDA)
     # SRC's architecture, resolved once: the layout is checked against the model grown from it,
     # and the growth and its verify use it.
-    source_model, _ = resolve_architecture(paths.resolve_checkpoint_dir(args.load)[0], args.source_config)
+    ckpt_dir = paths.resolve_checkpoint_dir(args.load)[0]
+    source_model, _ = resolve_architecture(ckpt_dir, args.source_config)
+    # Before any index map or module is built: a grown model this machine cannot hold is refused.
+    check_capacity(source_model, recipe.growth, ckpt_dir, args.save, with_verify=args.verify)
     parallel = checked_layout(args, dataclasses.replace(recipe, model=source_model))
     prepare_destination(args.save, args.overwrite, args.load)  # before the lock file goes beside --save
     lock = _lock_destination(args.save)

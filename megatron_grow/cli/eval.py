@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_grow.errors import UserInputError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, help="checkpoint root (or an iter_N directory)")
@@ -27,9 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.interop.evaluate import evaluate_checkpoint
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserInputError(f"--tasks names no task ({args.tasks!r}); give comma-separated lm-eval task names, "
+                             "e.g. kjv_cloze")
+    if args.limit is not None and args.limit < 1:
+        raise UserInputError(f"--limit must be >= 1 (examples per task), got {args.limit}")
+    if args.batch_size < 1 or args.num_fewshot < 0:
+        raise UserInputError(f"--batch-size must be >= 1 and --num-fewshot >= 0, got {args.batch_size} and "
+                             f"{args.num_fewshot}")
+    from megatron_grow.interop.evaluate import evaluate_checkpoint  # torch + transformers: after the checks
+
     scores = evaluate_checkpoint(args.load, tasks, tokenizer=args.tokenizer, limit=args.limit,
                                  num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
                                  architecture=args.architecture, progress=not args.quiet)

@@ -7,7 +7,8 @@ numbered safetensors shards with model.safetensors.index.json and config.json, l
 transformers' from_pretrained. The class is the one the checkpoint was imported from (also
 through growth), else the first supported class that holds the model exactly; a model no class
 holds is refused with the reasons. Tokenizer files are copied from --tokenizer, or from the HF
-directory the checkpoint (or its growth source) was imported from.
+directory the checkpoint (or its growth source) was imported from. A tensor holding NaN or inf
+is refused, naming it, and nothing is written (exit 2), unless --allow-nonfinite.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied along")
     parser.add_argument("--max-shard-size-mb", type=float, default=2048.0, help="safetensors shard size cap")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --hf-dir")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="export tensors holding NaN or inf (refused by default, naming the tensor)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = export_hf(args.load, args.hf_dir, architecture=args.architecture, dtype=args.dtype,
                   tokenizer=args.tokenizer, max_shard_bytes=int(args.max_shard_size_mb * 2**20),
-                  overwrite=args.overwrite, progress=not args.quiet)
+                  overwrite=args.overwrite, progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
     print("export-hf summary")
     for key, value in (("checkpoint", s["checkpoint"]), ("hf dir", f"{s['hf_dir']} ({s['architecture']})"),
                        ("tensors", f"{s['tensors']} in {s['shards']} shard(s), {s['dtype']}, "

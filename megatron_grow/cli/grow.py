@@ -12,6 +12,8 @@ against the grown model) and every rank reads only its own slices of SRC. SRC is
 modified; DST appears only once complete. Ends with verify (on by default): logits KL, top-1
 agreement and routing load of grown vs source on a probe batch; if it fails (an error, or
 --max-kl / --min-routing-share not met: exit 4) the grown checkpoint is removed again.
+A grown model larger than the free disk at DST (or, verifying on a CPU, than the available
+memory) is refused with the sizes before anything is built (growth/capacity.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from __future__ import annotations
 import argparse
 
 from megatron_grow.checkpoint import keys, paths
-from megatron_grow.cli._common import add_layout_arguments, add_override_argument, add_verify_threshold_arguments
+from megatron_grow.cli._common import (
+    add_layout_arguments,
+    add_override_argument,
+    add_verify_threshold_arguments,
+    check_verify_thresholds,
+)
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.errors import GrowthError
 
@@ -46,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check what is cheap to check (recipe, flags, SRC exists), then import and run the growth."""
+    check_verify_thresholds(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.growth is None:
         raise GrowthError(f"{args.recipe} has no growth: section (see configs/growth/ for examples)")

@@ -45,6 +45,29 @@ _TORCHRUN_FLAGS_WITH_VALUE = {
 }
 
 
+_NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
+_NPROC_WORDS = ("auto", "cpu", "gpu", "xpu")  # torchrun's named counts
+
+
+def nproc_problem(torchrun_options: list[str]) -> str | None:
+    """What is wrong with a ``--nproc-per-node`` value (torchrun itself fails a bare assert on 0)."""
+    for i, option in enumerate(torchrun_options):
+        flag, has_value, value = option.partition("=")
+        if flag not in _NPROC_FLAGS:
+            continue
+        if not has_value:
+            value = torchrun_options[i + 1] if i + 1 < len(torchrun_options) else ""
+        if value in _NPROC_WORDS:
+            continue
+        try:
+            count = int(value)
+        except ValueError:
+            return f"--nproc-per-node must be a number >= 1 or one of {', '.join(_NPROC_WORDS)}, got {value!r}"
+        if count < 1:
+            return f"--nproc-per-node must be >= 1 (worker processes per node), got {count}"
+    return None
+
+
 def main(argv: list[str], commands: set[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -55,6 +78,10 @@ def main(argv: list[str], commands: set[str]) -> int:
     if not command:
         print(f"megatron-grow: error: launch needs a megatron-grow command after the torchrun options "
               f"(one of: {', '.join(sorted(commands - {COMMAND}))})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    problem = nproc_problem(torchrun_options)
+    if problem:
+        print(f"megatron-grow: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return launch([*torchrun_options, "--module", "megatron_grow", *command])
 

@@ -14,7 +14,12 @@ import argparse
 import json
 import os
 
-from megatron_grow.cli._common import add_layout_arguments, add_verify_threshold_arguments, layout_from_args
+from megatron_grow.cli._common import (
+    add_layout_arguments,
+    add_verify_threshold_arguments,
+    check_verify_thresholds,
+    layout_from_args,
+)
 from megatron_grow.config.schema import ParallelConfig
 
 
@@ -30,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_verify_thresholds(args)  # before the slow imports and the probe run
     from megatron_grow.growth.verify import check_thresholds, format_metrics, verify_growth
     from megatron_grow.parallel.init import destroy_distributed
 

@@ -34,9 +34,15 @@ def read_yaml_with_includes(path: str, _seen: tuple = ()) -> dict:
         raise ConfigError([f"include cycle: {' -> '.join(_seen + (path,))}"])
     if not os.path.isfile(path):
         raise ConfigError([f"recipe file not found: {path}"])
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # a binary file, or another encoding: name the first bad byte
+        raise ConfigError([f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason}); "
+                           "recipes are UTF-8 YAML"], source=path) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], source=path) from None
     raw = {} if raw is None else raw

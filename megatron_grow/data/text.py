@@ -39,6 +39,10 @@ def check_inputs(paths: Sequence[str]) -> list[str]:
     """The input paths, after checking that there is at least one and each is a readable file."""
     if not paths:
         raise DataError("no input files given")
+    folders = [p for p in paths if os.path.isdir(p)]
+    if folders:
+        raise DataError(f"input {', '.join(folders)} is a directory; give the text (.txt[.gz]) or JSON Lines "
+                        "(.jsonl[.gz]) files themselves (e.g. DIR/*.txt)")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"input file(s) not found: {', '.join(missing)}")

@@ -7,14 +7,16 @@ here through ``checkpoint.reader`` (torch DCP's reader, this rank only: no colle
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing.mapping import apply_factories
 
 from megatron_grow.checkpoint import io
+from megatron_grow.checkpoint.integrity import check_finite
 from megatron_grow.checkpoint.reader import CheckpointReader
+from megatron_grow.errors import CheckpointError
 from megatron_grow.growth import noise, retarget, transforms
 from megatron_grow.growth.plan import GrowthPlan
 from megatron_grow.parallel.collectives import all_reduce_host, rank, world_size
@@ -34,8 +36,11 @@ def target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
     return list(io.iter_sharded_tensors(sd))
 
 
-def read_requests(requests: dict, reader: CheckpointReader) -> int:
+def read_requests(requests: dict, reader: CheckpointReader, require_finite: bool = True) -> int:
     """Read this rank's requests (each a ShardedTensor naming a source region) into their ``data``.
+
+    A region holding NaN or ±inf is a CheckpointError naming the tensor (growth would copy it into
+    every grown copy) unless ``require_finite`` is False (the caller checks, collectively).
 
     Local to this rank: no collective, so ranks read at their own pace (and writer threads may
     read while others write). The region is read in the stored dtype and cast to the request's
@@ -53,6 +58,8 @@ def read_requests(requests: dict, reader: CheckpointReader) -> int:
         offsets = tuple(st.global_offset)
         sizes = (1,) * st.prepend_axis_num + tuple(st.local_shape)
         stored = reader.read(st.key, offsets, sizes)
+        if require_finite:
+            check_finite(st.key, stored, reader.ckpt_dir, f" (offsets {offsets}, sizes {sizes})")
         nbytes += stored.numel() * stored.element_size()
         st.data = stored.reshape(st.local_shape).to(st.dtype)
     return nbytes
@@ -85,14 +92,24 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
     moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
     units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) for es in range(E)]
     mine = units[rank()::world_size()]
-    for k, ls, es in mine:
+    def expert_request(k: int, ls: int, es: int):
         st = templates[keys[k]]
         full = tuple(st.global_shape[2:])
-        request = retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
-        read_requests({0: request}, reader)
+        return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
+
+    error = None
+    for k, ls, es in mine:
+        request = expert_request(k, ls, es)
+        try:
+            read_requests({0: request}, reader, require_finite=False)  # checked below, on every rank alike
+        except CheckpointError as e:  # a damaged shard: every rank must leave this collective the same way
+            error = str(e)
+            break
         moments[k, ls, es] = torch.tensor(noise.tensor_moments(request.data), dtype=torch.float64)
+    _raise_on_every_rank(error)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)
+    _check_finite_moments(moments, expert_request, reader.ckpt_dir)
     out = {}
     for k, key in enumerate(keys):
         for ls in range(L):
@@ -100,6 +117,28 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
             for es in range(E):
                 out[(key, ls, es)] = transforms.expert_noise_std(plan, per_expert, es)
     return out
+
+
+def _raise_on_every_rank(error: str | None) -> None:
+    """The first rank's read error, raised on every rank (one that raised alone would leave the
+    others waiting in the all-reduce, then dying with gloo's "connection closed by peer")."""
+    errors = [error]
+    if torch.distributed.is_initialized() and world_size() > 1:
+        errors = [None] * world_size()
+        torch.distributed.all_gather_object(errors, error)
+    found = next((e for e in errors if e), None)
+    if found:
+        raise CheckpointError(found)
+
+
+def _check_finite_moments(moments: torch.Tensor, expert_request: Callable, ckpt_dir: str) -> None:
+    """NaN or ±inf in a source expert makes its moments non-finite: every rank holds the summed
+    moments, so every rank raises the same error naming the first such expert (no rank waits)."""
+    bad = (~torch.isfinite(moments)).any(dim=-1).nonzero()
+    if len(bad):
+        k, ls, es = (int(i) for i in bad[0])
+        raise CheckpointError(f"tensor {expert_request(k, ls, es).key} (layer {ls}, expert {es}) of {ckpt_dir} holds "
+                              f"non-finite values (NaN or infinite); nothing can be built from it")
 
 
 def group_of(task) -> Any:

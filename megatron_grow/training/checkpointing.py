@@ -55,8 +55,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factor
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_grow.checkpoint import io, keys, paths
+from megatron_grow.checkpoint.integrity import damaged_checkpoint_error, describe_non_finite, non_finite_counts
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import megatron_args, megatron_common_state
 from megatron_grow.config.loader import recipe_to_dict
@@ -170,19 +172,45 @@ def load_training_checkpoint(root: str, chunks: Sequence[torch.nn.Module], optim
     same_world = info.layout.get("world_size") == torch.distributed.get_world_size()
     if same_world and "rng_state" in {k.split("/")[0] for k in stored} | _sharded_object_keys(ckpt_dir):
         state["rng_state"] = _rng_sharded_object(None)
+    common = io.read_common_state(ckpt_dir)  # first: a damaged common.pt is named (the load reads it too)
     try:
         loaded = dist_checkpointing.load(state, ckpt_dir)
-    except Exception as e:
-        raise CheckpointError(f"resuming from {ckpt_dir} failed ({type(e).__name__}: {e})") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        # Rank 0 prints the error: only it re-reads the checkpoint to find the damaged item.
+        raise damaged_checkpoint_error(ckpt_dir, md, e, "resuming from",
+                                       scan=torch.distributed.get_rank() == 0) from None
+    check_finite_weights(models, ckpt_dir)
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"])
-    common = io.read_common_state(ckpt_dir)
     scheduler_loaded = bool(scheduler is not None and common.get("opt_param_scheduler"))
     if scheduler_loaded:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if "rng_state" in loaded and loaded["rng_state"] is not None:
         restore_rng(loaded["rng_state"])
     return dict(info.counters), list(info.lineage), ckpt_dir, scheduler_loaded
+
+
+def check_finite_weights(models: Sequence[torch.nn.Module], ckpt_dir: str) -> None:
+    """A checkpoint with NaN or ±inf weights is refused on load, naming the tensor (collective: every
+    rank raises the same error). Training from it would stop at its first step and call it "the
+    last good checkpoint"."""
+    found = None
+    for model in models:
+        for name, param in model.named_parameters():
+            nan, inf = non_finite_counts(param.data)
+            if nan or inf:
+                found = f"{name} ({describe_non_finite(nan, inf)} of {param.numel()})"
+                break
+        if found:
+            break
+    every = [found]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, found)
+    bad = [f for f in every if f]
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds non-finite weights: {bad[0]}; it cannot be trained "
+                              "from (resume from an earlier checkpoint)")
 
 
 def optimizer_sharded_state_dict(optimizer, model_sd: dict, sharding_type: str = OPTIMIZER_FORMAT):

@@ -386,7 +386,7 @@ class Trainer:
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        where = f"the last good checkpoint is {self.last_saved or self.recipe.checkpoint.load or '(none saved yet)'}"
+        where = self._checkpoint_left_in_place()
         try:
             loss = self._forward_backward(micro_batches, forward_only=False)
         except RuntimeError as e:  # DDP's check_for_nan_in_grad, raised before any update
@@ -403,6 +403,17 @@ class Trainer:
         self.scheduler.step(increment=1)
         self._count_step(iteration)
         return StepResult(iteration, loss, grad_norm)
+
+    def _checkpoint_left_in_place(self) -> str:
+        """What a stop for non-finite numbers leaves: this run's last save (its weights were finite when
+        saved: the save follows a finite step), else the checkpoint it started from, which load
+        checked for finite weights; never a claim about one that was not checked."""
+        if self.last_saved:
+            return f"the last good checkpoint is {self.last_saved}"
+        if has_checkpoint(self.recipe.checkpoint.load):
+            return (f"this run saved nothing; it started from {self.recipe.checkpoint.load}, whose weights are finite "
+                    "(the numbers diverged in training: lower training.lr or set training.clip_grad)")
+        return "this run saved no checkpoint yet"
 
     def _count_step(self, iteration: int) -> None:
         c = self.counters

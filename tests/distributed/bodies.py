@@ -52,6 +52,21 @@ def build_save_forward(model: ModelConfig, parallel: ParallelConfig, root: str, 
     return _last_stage_result(*forward_logits(chunks, batches, labels=batches))
 
 
+def build_save_with_nan(model: ModelConfig, parallel: ParallelConfig, saves: list) -> None:
+    """For each ``(root, parameter name fragment)``: a fresh model whose first matching parameter
+    has one NaN element, saved by the real save (a checkpoint as a diverged run would leave it)."""
+    initialize_distributed(parallel, seed=1234)
+    for root, fragment in saves:
+        chunks = build_model_chunks(model, parallel)
+        named = dict(chunks[0].named_parameters())
+        matching = [n for n in named if fragment in n]
+        assert matching, f"no parameter name contains {fragment!r}: {sorted(named)}"
+        param = named[matching[0]]
+        with torch.no_grad():
+            param.view(-1)[0] = float("nan")
+        io.save_checkpoint(root, 1, io.model_sharded_state_dict(chunks), test_manifest(model))
+
+
 def load_forward(model: ModelConfig, parallel: ParallelConfig, root: str, resave_root: str | None = None):
     """Build in ``parallel``, load the checkpoint under ``root``, return logits (and optionally re-save)."""
     initialize_distributed(parallel, seed=99)  # a different init seed: everything must come from the load

@@ -24,6 +24,7 @@ and Megatron-Core); the kill runs run alone so their timing means something.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import shutil
@@ -43,13 +44,15 @@ from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.errors import CheckpointError
 from megatron_grow.parallel.spawn import run_in_processes
-from tests.distributed.bodies import build_save_forward
+from tests.distributed.bodies import build_save_forward, build_save_with_nan
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = "configs/growth/tiny_depth_width.yaml"     # 4 -> 8 layers, 8 -> 16 experts, top-2 -> top-4
 MODEL_RECIPE = os.path.join(REPO, "configs/models/tiny.yaml")
 PREFIX = "megatron-grow: error: "
 CLI_TIMEOUT = 300
+# torch's advice for other situations (untrusted pickles, its own bugs): never ours to repeat
+TORCH_ADVICE = ("weights_only", "file an issue", "miniz error", "If you are seeing this error")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,6 +148,16 @@ def source(tmp_path_factory) -> str:
     return root
 
 
+@pytest.fixture(scope="module")
+def nan_sources(tmp_path_factory) -> dict:
+    """{parameter name fragment: a checkpoint whose first such parameter holds one NaN}, by the real save."""
+    base = tmp_path_factory.mktemp("grow_bad_input_nan")
+    saves = {fragment: str(base / fragment) for fragment in ("linear_fc1", "linear_qkv")}
+    model = load_recipe(MODEL_RECIPE).model
+    run_in_processes(build_save_with_nan, 1, (model, ParallelConfig(), [(root, f) for f, root in saves.items()]))
+    return saves
+
+
 # ------------------------------------------------------------------------------------------------
 # The bad-input cases
 
@@ -163,6 +176,8 @@ class Ctx:
     expect: list = field(default_factory=list)
     recipe_error: bool = False   # a ConfigError: header line + one indented problem line
     held: Any = None             # a lock the case holds while the command runs (released after)
+    after_start: bool = False    # found while reading SRC: the start line may be on stdout
+    nan_sources: dict = field(default_factory=dict)  # {parameter name fragment: checkpoint with a NaN there}
 
 
 def _model_yaml(ctx: Ctx, name: str, **model) -> str:
@@ -317,6 +332,74 @@ def case_garbage_common_pt(ctx):
     ctx.expect = ["common.pt", "unreadable"]
 
 
+def case_garbage_common_pt_not_a_pickle(ctx):
+    # torch's weights-only unpickler fails on it; it used to append "Re-running torch.load with
+    # weights_only set to False will likely succeed" (wrong advice for a damaged file)
+    with open(os.path.join(_ckpt(ctx), "common.pt"), "wb") as f:
+        f.write(bytes(range(256)) * 4)
+    ctx.expect = ["common.pt", "unreadable", "not a tensor file"]
+
+
+def _flip_item_header(ctx: Ctx, fqn_prefix: str) -> str:
+    """XOR the first bytes of the first stored item of ``fqn_prefix`` (its torch.save zip header) in
+    its real shard; returns the shard's name. Sizes are unchanged, so only reading it shows it."""
+    md = io.read_storage_metadata(_ckpt(ctx))
+    info = next(info for index, info in sorted(md.storage_data.items(), key=lambda kv: kv[1].offset)
+                if index.fqn.startswith(fqn_prefix))
+    path = os.path.join(_ckpt(ctx), info.relative_path)
+    with open(path, "r+b") as f:
+        f.seek(info.offset)
+        header = f.read(40)
+        f.seek(info.offset)
+        f.write(bytes(b ^ 0xFF for b in header))
+    return info.relative_path
+
+
+def case_flipped_shard_expert(ctx):
+    # Read in the main thread (the noise statistics); was torch's miniz advice without the file's name.
+    name = _flip_item_header(ctx, "decoder.layers.mlp.experts.experts.linear_fc1.weight")
+    ctx.after_start = True
+    ctx.expect = [f"checkpoint shard {_ckpt(ctx)}/{name} is damaged", "linear_fc1.weight"]
+
+
+def case_flipped_shard_streamed(ctx):
+    # Read by a writer thread while the grown checkpoint is written: was a traceback per writer thread.
+    name = _flip_item_header(ctx, "decoder.layers.self_attention.linear_qkv.weight")
+    ctx.after_start = True
+    ctx.expect = [f"checkpoint shard {_ckpt(ctx)}/{name} is damaged", "linear_qkv.weight"]
+
+
+def _use_nan_source(ctx: Ctx, fragment: str) -> None:
+    shutil.rmtree(ctx.src)
+    shutil.copytree(ctx.nan_sources[fragment], ctx.src)
+    ctx.after_start = True
+
+
+def case_nan_in_source_expert(ctx):
+    # was "ValueError: std must be finite and >= 0, got nan" (a traceback)
+    _use_nan_source(ctx, "linear_fc1")
+    ctx.expect = ["decoder.layers.mlp.experts.experts.linear_fc1.weight", "layer 0, expert 0", "non-finite"]
+
+
+def case_nan_in_source_attention(ctx):
+    # was copied into every grown copy without a word
+    _use_nan_source(ctx, "linear_qkv")
+    ctx.expect = ["decoder.layers.self_attention.linear_qkv.weight", "1 NaN", "non-finite"]
+
+
+def case_depth_factor_huge(ctx):
+    # was minutes of silence (index maps and modules for 400,000,000 layers), then whatever broke first
+    ctx.overrides = ("growth.depth.factor=100000000",)
+    ctx.expect = ["growth.depth.factor=100000000", "400,000,000 layers", "no space left on device",
+                  "are free at " + ctx.dst]
+
+
+def case_width_factor_huge(ctx):
+    ctx.overrides = ("growth.width.factor=10000000",)
+    ctx.expect = ["growth.width.factor=10000000", "80,000,000 experts", "no space left on device",
+                  "are free at " + ctx.dst]
+
+
 CASES: dict[str, Callable[[Ctx], None]] = {
     "depth_factor_1": case_depth_factor_1,
     "width_factor_1": case_width_factor_1,
@@ -343,6 +426,13 @@ CASES: dict[str, Callable[[Ctx], None]] = {
     "load_iteration_dir_save_its_run": case_load_iteration_dir_save_its_run,
     "binary_tracker": case_binary_tracker,
     "garbage_common_pt": case_garbage_common_pt,
+    "garbage_common_pt_not_a_pickle": case_garbage_common_pt_not_a_pickle,
+    "flipped_shard_expert": case_flipped_shard_expert,
+    "flipped_shard_streamed": case_flipped_shard_streamed,
+    "nan_in_source_expert": case_nan_in_source_expert,
+    "nan_in_source_attention": case_nan_in_source_attention,
+    "depth_factor_huge": case_depth_factor_huge,
+    "width_factor_huge": case_width_factor_huge,
 }
 
 
@@ -357,12 +447,12 @@ class Outcome:
     load_existed: bool
 
 
-def _run_case(name: str, source: str, base: str) -> Outcome:
+def _run_case(name: str, source: str, base: str, nan_sources: dict) -> Outcome:
     tmp = os.path.join(base, name)
     os.makedirs(tmp)
     src = os.path.join(tmp, "src")
     shutil.copytree(source, src)
-    ctx = Ctx(src=src, dst=os.path.join(tmp, "dst"), tmp=tmp)
+    ctx = Ctx(src=src, dst=os.path.join(tmp, "dst"), tmp=tmp, nan_sources=nan_sources)
     CASES[name](ctx)
     ctx.load, ctx.save = ctx.load or ctx.src, ctx.save or ctx.dst
     src_before, dst_before = tree_digest(ctx.src), tree_digest(ctx.save)
@@ -375,14 +465,14 @@ def _run_case(name: str, source: str, base: str) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def bad_input_outcomes(request, source, tmp_path_factory) -> dict:
+def bad_input_outcomes(request, source, nan_sources, tmp_path_factory) -> dict:
     """Run every selected case (in this process, one after another); {name: Outcome}."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if hasattr(item, "callspec") and item.module.__name__ == __name__
                 and "case" in item.callspec.params]
     names = [n for n in CASES if n in selected] or list(CASES)
     base = str(tmp_path_factory.mktemp("grow_bad_input_cases"))
-    return {n: _run_case(n, source, base) for n in names}
+    return {n: _run_case(n, source, base, nan_sources) for n in names}
 
 
 def test_in_process_matches_subprocess(source, tmp_path):
@@ -411,7 +501,10 @@ def test_bad_input_fails_cleanly_before_writing(case, bad_input_outcomes):
     message = "\n".join(lines)
     for fragment in ctx.expect:
         assert fragment in message, f"error does not mention {fragment!r}{where}"
-    assert proc.stdout.strip() == "", f"the command got past validation{where}"
+    for advice in TORCH_ADVICE:
+        assert advice not in message, f"torch's own advice leaked into the error{where}"
+    if not ctx.after_start:
+        assert proc.stdout.strip() == "", f"the command got past validation{where}"
     # Nothing written: --save is as it was (absent, or untouched when it existed), SRC unchanged.
     assert out.dst_after == out.dst_before, f"--save {ctx.save} was written to{where}"
     if out.dst_before is None:
@@ -454,6 +547,47 @@ def test_overwrite_replaces_non_empty_destination(overwrite_run):
     left = sorted(os.listdir(run.dst))
     assert left == sorted([paths.TRACKER_FILENAME, "iter_0000001"]), f"stale files survived: {left}"
     assert run.src_after == run.src_before, "the source checkpoint changed"
+
+
+def test_damaged_shard_under_launch_is_one_line_from_two_ranks(source, tmp_path):
+    """Two ranks, one damaged item read by one rank's writer threads while the other rank writes.
+    Was a traceback per writer thread, then a hang or the other rank's traceback; now both ranks
+    leave the same way and rank 0 says it once. (An item read for the noise statistics goes through
+    the same agreement, source_reads._raise_on_every_rank.)"""
+    fqn = "decoder.layers.self_attention.linear_qkv.weight"
+    ctx = Ctx(src=str(tmp_path / "src"), dst=str(tmp_path / "dst"), tmp=str(tmp_path))
+    shutil.copytree(source, ctx.src)
+    name = _flip_item_header(ctx, fqn)
+    argv = [sys.executable, "-m", "megatron_grow", "launch", "--nproc-per-node", "2",
+            *grow_argv(ctx.src, ctx.dst, "--expert-model-parallel-size", "2")[3:]]
+    proc = run_cli(argv)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert len(errors) == 1 and f"checkpoint shard {_ckpt(ctx)}/{name} is damaged" in errors[0], proc.stderr
+    assert not os.path.exists(ctx.dst)
+
+
+def test_capacity_estimate_is_a_lower_bound_of_what_grow_writes(overwrite_run, source):
+    """The refusal above compares count_params(grown) x stored bytes per element with the free disk:
+    that must not exceed the tensor bytes a real grow writes (else a growth that fits is refused)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_grow.growth.capacity import capacity_problem
+    from megatron_grow.models.params import count_params
+
+    assert overwrite_run.proc.returncode == 0, overwrite_run.proc.stderr
+    ckpt, _ = assert_complete_checkpoint(overwrite_run.dst)
+    md = io.read_storage_metadata(ckpt)
+    written = sum(math.prod(m.size) * m.properties.dtype.itemsize for k, m in md.state_dict_metadata.items()
+                  if isinstance(m, TensorStorageMetadata))
+    growth = load_recipe(os.path.join(REPO, RECIPE)).growth
+    source_model = read_checkpoint_info(*paths.resolve_checkpoint_dir(source)).model
+    grown_model = read_checkpoint_info(ckpt, 1).model
+    estimate = count_params(grown_model).total * 4  # fp32 on CPU
+    assert 0.9 * written <= estimate <= written, (estimate, written)
+    # ... and the check says yes with exactly that much space, no with one byte less.
+    assert capacity_problem(source_model, growth, 4, "D", estimate, None, False) is None
+    assert "MiB are free at D" in capacity_problem(source_model, growth, 4, "D", estimate - 1, None, False)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_grow.checkpoint import io, keys, paths
+from megatron_grow.checkpoint.integrity import describe_non_finite, non_finite_counts
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import ModelConfig
@@ -160,14 +161,28 @@ def _copy_tokenizer(writer: ShardedSafetensorsWriter, tokenizer: str | None, ori
     return copied
 
 
+def _check_finite(values: dict, group_items: list, ckpt_dir: str) -> None:
+    """A model with NaN or ±inf weights exported as HF loads without complaint and only yields NaN
+    logits; refuse it here, naming the tensor (``--allow-nonfinite`` writes it anyway)."""
+    for it in group_items:
+        nan, inf = non_finite_counts(values[(it.key, it.group)])
+        if nan or inf:
+            indices = (("layer", it.layer), ("expert", it.expert))
+            where = ", ".join(f"{name} {i}" for name, i in indices if i is not None)
+            raise InteropError(f"tensor {it.key} ({where or 'not per layer'}) of {ckpt_dir} holds "
+                               f"non-finite values ({describe_non_finite(nan, inf)}); not exported "
+                               "(--allow-nonfinite writes it anyway)")
+
+
 def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype: str = "auto",
               tokenizer: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              overwrite: bool = False, progress: bool = True) -> dict:
+              overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> dict:
     """Write checkpoint ``load`` as a Hugging Face model directory (one process, sharded safetensors).
 
     Args: ``load`` (run root or ``iter_N``), ``hf_dir`` (appears only once complete), ``architecture`` (default:
     the class it came from, else the first that fits), ``dtype`` (``auto``: as stored), ``tokenizer`` (files to copy
-    in), ``max_shard_bytes``, ``overwrite`` (replace ``hf_dir``), ``progress``. Returns: a summary (checkpoint,
+    in), ``max_shard_bytes``, ``overwrite`` (replace ``hf_dir``), ``progress``, ``allow_nonfinite`` (write NaN/±inf
+    tensors; by default one is refused, naming it, with nothing written). Returns: a summary (checkpoint,
     hf_dir, architecture, tensors, shards, bytes written and read, dtype, tokenizer files, seconds).
     """
     t0 = time.perf_counter()
@@ -196,6 +211,8 @@ def export_hf(load: str, hf_dir: str, *, architecture: str | None = None, dtype:
         bar = tqdm(groups.items(), desc="export-hf", unit="group", file=sys.stderr, disable=not progress)
         for g, group_items in bar:
             values = {(it.key, it.group): _read_item(reader, it) for it in group_items}
+            if not allow_nonfinite:
+                _check_finite(values, group_items, ckpt_dir)
             for name in names[g]:
                 parts = [values[(it.key, it.group)][row:row + rows] for _, it, row, rows in sources[name]]
                 writer.add(name, torch.cat(parts) if len(parts) > 1 else parts[0])

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.architecture import model_config_from_dict
 from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_sourced
+from megatron_grow.checkpoint.integrity import describe_non_finite, non_finite_counts
 from megatron_grow.checkpoint.manifest import build_manifest, empty_counters
 from megatron_grow.checkpoint.megatron_args import common_state
 from megatron_grow.config.layout_rules import model_layout_problems
@@ -97,11 +98,23 @@ def read_region(item: tensor_map.Item, offsets: tuple, sizes: tuple, ckpt: Safet
                 out[a - r0:b - r0] = 0
             else:
                 rows = slice(pc.hf_row + a - row, pc.hf_row + b - row)
-                out[a - r0:b - r0] = ckpt.read(pc.hf_name, (rows,) + rest).to(dtype)
+                value = ckpt.read(pc.hf_name, (rows,) + rest)
+                _check_finite(pc.hf_name, value, ckpt)
+                out[a - r0:b - r0] = value.to(dtype)
         row += pc.rows
     if row != item.shape[0]:
         raise InteropError(f"internal: pieces of {item.key} cover {row} rows, the tensor has {item.shape[0]}")
     return out
+
+
+def _check_finite(hf_name: str, value: torch.Tensor, ckpt: SafetensorsCheckpoint) -> None:
+    """NaN or ±inf in an HF tensor is named here; the poisoned-parameter check after the fill
+    would otherwise report that tensor as "not sourced"."""
+    nan, inf = non_finite_counts(value)
+    if nan or inf:
+        path = os.path.join(ckpt.hf_dir, ckpt.weight_map.get(hf_name, "?"))
+        raise InteropError(f"tensor {hf_name} in {path} holds non-finite values ({describe_non_finite(nan, inf)}); "
+                           "nothing can be imported from it")
 
 
 def _item_of(st, index: dict) -> tensor_map.Item:
