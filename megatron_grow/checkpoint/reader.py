@@ -97,6 +97,8 @@ class CheckpointReader:
     Reads are local to the calling process (no collectives) and may run in several threads.
     """
 
+    buffer_device = "cpu"  # where read regions are allocated ("meta" in the growth rehearsal: no data)
+
     def __init__(self, path: str, iteration: int | None = None,
                  progress: Callable[[str], None] | None = None, storage_metadata=None):
         from torch.distributed.checkpoint import FileSystemReader
@@ -132,7 +134,6 @@ class CheckpointReader:
              sizes: Sequence[int] | None = None) -> torch.Tensor:
         """The region ``[offsets, offsets + sizes)`` of stored tensor ``key`` (whole tensor by default)."""
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         st = self.stored(key)
@@ -141,7 +142,7 @@ class CheckpointReader:
         if len(offsets) != len(st.shape) or len(sizes) != len(st.shape) or any(
                 o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, st.shape)):
             raise ValueError(f"region offsets={offsets} sizes={sizes} is outside {key} of shape {st.shape}")
-        buffer = torch.empty(sizes, dtype=st.dtype)
+        buffer = torch.empty(sizes, dtype=st.dtype, device=self.buffer_device)
         if buffer.numel() == 0:
             return buffer
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
@@ -151,6 +152,15 @@ class CheckpointReader:
             raise CheckpointError(f"{self.ckpt_dir}: the stored chunks of {key} cover {covered} of the "
                                   f"{buffer.numel()} elements requested (offsets {offsets}, sizes {sizes}); "
                                   "the metadata is inconsistent")
+        self._read_items(key, items, buffer)
+        self.bytes_read += buffer.numel() * buffer.element_size()
+        return buffer
+
+    def _read_items(self, key: str, items: list, buffer: torch.Tensor) -> None:
+        """Copy the stored overlaps ``items`` (DCP ReadItems) into ``buffer``: the only storage access
+        (``growth.rehearsal`` overrides it to count instead)."""
+        from torch.distributed.checkpoint.planner import LoadPlan
+
         plan = self._reader.prepare_local_plan(LoadPlan(items))
         plan = self._reader.prepare_global_plan([plan])[0]
         try:
@@ -159,8 +169,6 @@ class CheckpointReader:
             raise
         except Exception as e:
             raise CheckpointError(f"reading {key} from {self.ckpt_dir} failed ({type(e).__name__}: {e})") from None
-        self.bytes_read += buffer.numel() * buffer.element_size()
-        return buffer
 
     def _candidates(self, key: str, offsets: tuple, sizes: tuple):
         """The key's metadata with only the stored chunks in the request's first-dim rows.

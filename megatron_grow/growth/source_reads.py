@@ -68,7 +68,10 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
         full = tuple(st.global_shape[2:])
         request = retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
         read_requests({0: request}, reader)
-        moments[k, ls, es] = torch.tensor(noise.tensor_moments(request.data), dtype=torch.float64)
+        # A rehearsal (growth.rehearsal) reads no data: its regions are meta tensors, their moments zero.
+        data = request.data
+        moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
+                                          dtype=torch.float64)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)
     out = {}
