@@ -107,6 +107,10 @@ class RankIO:
     reads: int = 0
     write_items: int = 0
     peak_held_bytes: int = 0
+    # For growth.optimizer: carry (three fp32 states per parameter element, see Rehearsal.carry):
+    local_numel: int = 0      # elements of this rank's target tensors, replicas included
+    requested_numel: int = 0  # elements of this rank's weight read requests (the statistics pass excluded)
+    written_numel: int = 0    # elements of the tensors this rank writes (main replicas)
 
 
 @dataclass
@@ -127,6 +131,18 @@ class Rehearsal:
         for r in self.ranks:
             out[r.node] = out.get(r.node, 0) + r.bytes_from_storage + r.bytes_written
         return out
+
+    def carry(self) -> dict:
+        """What ``growth.optimizer: carry`` adds, per rank at most, derived from these figures (not run
+        through ``growth.optimizer_state``): three fp32 states (main param, exp_avg, exp_avg_sq) per
+        element read through the weights' requests and written for the main replicas; and held in
+        memory all at once, for every local element, replicas included (``fill_grown_optimizer_tensors``
+        allocates the rank's whole optimizer state before the save: it is not streamed)."""
+        per_rank = [(3 * 4 * r.requested_numel, 3 * 4 * r.written_numel, 3 * 4 * r.local_numel) for r in self.ranks]
+        return {"bytes_read": sum(p[0] for p in per_rank), "bytes_written": sum(p[1] for p in per_rank),
+                "max_rank_bytes_read": max(p[0] for p in per_rank),
+                "max_rank_bytes_written": max(p[1] for p in per_rank),
+                "max_rank_memory_bytes": max(p[2] for p in per_rank)}
 
     def summary(self, bandwidth_gib_s: float) -> dict:
         """Totals, the most loaded rank and node, and the predicted wall time at ``bandwidth_gib_s`` per node
@@ -175,13 +191,16 @@ def linear_overlap_checks():
 # The checkpoint a layout writes, and the growth into another layout
 
 
-def simulated_metadata(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> tuple[Metadata, list]:
+def simulated_metadata(model: ModelConfig, parallel: ParallelConfig, world_size: int,
+                       params_dtype: torch.dtype = torch.float32) -> tuple[Metadata, list]:
     """The DCP ``Metadata`` a checkpoint of ``model`` saved under ``parallel`` on ``world_size`` ranks has,
-    and each rank's local write plan: the model built on meta on every rank, planned as a save plans it."""
+    and each rank's local write plan: the model built on meta on every rank, planned as a save plans it.
+    ``params_dtype``: the weights' dtype in the run that saved it (bf16 for a bf16 run on GPUs)."""
     planners, plans = [], []
     for r in range(world_size):
         with simulated_rank(parallel, r, world_size):
-            state = io.model_sharded_state_dict(build_model_chunks(model, parallel, meta=True))
+            chunks = build_model_chunks(model, parallel, meta=True, params_dtype=params_dtype)
+            state = io.model_sharded_state_dict(chunks)
             _, pyt_state_dict, planner, _ = streaming_save_plan(state, None)
             planner.set_up_planner(pyt_state_dict, storage_meta=None, is_coordinator=r == 0)
             plans.append(planner.create_local_plan())
@@ -197,27 +216,30 @@ def tensor_bytes(metadata: Metadata) -> int:
 
 def tiling_problems(metadata: Metadata) -> list[str]:
     """Tensors whose stored chunks do not tile their global shape exactly once (a gap, an overlap or a
-    chunk outside): checked on the grid of the chunks' own boundaries."""
-    problems = []
-    for key, md in metadata.state_dict_metadata.items():
-        if not isinstance(md, TensorStorageMetadata):
-            continue
-        cuts = [sorted({0, n} | {c.offsets[d] for c in md.chunks} | {c.offsets[d] + c.sizes[d] for c in md.chunks})
-                for d, n in enumerate(md.size)]
-        cells = math.prod(len(c) - 1 for c in cuts)
-        seen = 0
-        covered: set = set()
-        for c in md.chunks:
-            if any(o < 0 or o + n > size for o, n, size in zip(c.offsets, c.sizes, md.size)):
-                problems.append(f"{key}: chunk at {tuple(c.offsets)} lies outside {tuple(md.size)}")
-                break
-            spans = [range(cut.index(o), cut.index(o + n)) for cut, o, n in zip(cuts, c.offsets, c.sizes)]
-            for cell in _cells(spans):
-                seen += 1
-                covered.add(cell)
-        if seen != len(covered) or len(covered) != cells:
-            problems.append(f"{key}: {cells} grid cells, {len(covered)} covered, {seen - len(covered)} twice")
-    return problems
+    chunk outside): checked on the grid of the chunks' own boundaries, linear in the chunks."""
+    problems = [_tiling_problem(key, md) for key, md in metadata.state_dict_metadata.items()
+                if isinstance(md, TensorStorageMetadata)]
+    return [p for p in problems if p is not None]
+
+
+def _tiling_problem(key: str, md: TensorStorageMetadata) -> str | None:
+    for c in md.chunks:
+        if any(o < 0 or o + n > size for o, n, size in zip(c.offsets, c.sizes, md.size)):
+            return f"{key}: chunk at {tuple(c.offsets)} lies outside {tuple(md.size)}"
+    cuts = [sorted({0, n} | {c.offsets[d] for c in md.chunks} | {c.offsets[d] + c.sizes[d] for c in md.chunks})
+            for d, n in enumerate(md.size)]
+    index = [{cut: i for i, cut in enumerate(dim_cuts)} for dim_cuts in cuts]
+    cells = math.prod(len(c) - 1 for c in cuts)
+    seen = 0
+    covered: set = set()
+    for c in md.chunks:
+        spans = [range(ix[o], ix[o + n]) for ix, o, n in zip(index, c.offsets, c.sizes)]
+        for cell in _cells(spans):
+            seen += 1
+            covered.add(cell)
+    if seen != len(covered) or len(covered) != cells:
+        return f"{key}: {cells} grid cells, {len(covered)} covered, {seen - len(covered)} twice"
+    return None
 
 
 def _cells(spans: list):
@@ -242,25 +264,26 @@ class _StagedRank:
 
 def rehearse_growth(source_model: ModelConfig, growth: GrowthConfig, source_parallel: ParallelConfig,
                     source_world: int, target_parallel: ParallelConfig, target_world: int, *,
-                    gpus_per_node: int = 8, threads: int | None = None, target_spec: str | None = None
-                    ) -> Rehearsal:
+                    gpus_per_node: int = 8, threads: int | None = None, target_spec: str | None = None,
+                    source_dtype: torch.dtype = torch.float32) -> Rehearsal:
     """Every rank of ``megatron-grow grow`` from ``source_model`` saved under ``source_parallel`` on
     ``source_world`` ranks into ``target_parallel`` on ``target_world`` ranks, with no data (module doc).
+    ``source_dtype``: the source weights' stored dtype (the grow writes what its meta model holds: fp32).
     Raises on a layout that does not fit, a read outside the source's chunks, or a target tensor not
     tiled exactly once."""
     t0 = time.perf_counter()
     plan = make_growth_plan(source_model, growth)
     check_target_layout(plan.target, target_parallel)
     with linear_overlap_checks():
-        out = _rehearse(plan, source_parallel, source_world, target_parallel, target_world, gpus_per_node,
+        metadata, _ = simulated_metadata(plan.source, source_parallel, source_world, source_dtype)
+        out = _rehearse(plan, metadata, source_world, target_parallel, target_world, gpus_per_node,
                         threads or DEFAULT_WRITER_THREADS, target_spec or keys.built_spec(te_available()))
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _rehearse(plan, source_parallel: ParallelConfig, source_world: int, target_parallel: ParallelConfig,
+def _rehearse(plan, metadata: Metadata, source_world: int, target_parallel: ParallelConfig,
               target_world: int, gpus_per_node: int, threads: int, target_spec: str) -> Rehearsal:
-    metadata, _ = simulated_metadata(plan.source, source_parallel, source_world)
     problems = tiling_problems(metadata)
     if problems:
         raise GrowthError(f"the simulated source checkpoint does not tile its tensors: {'; '.join(problems[:5])}")
@@ -287,13 +310,15 @@ def _plan_rank(plan, metadata: Metadata, parallel: ParallelConfig, rank: int, no
     info = CheckpointInfo(LABEL, 0, plan.source, {}, [], {}, {})
     source_spec = keys.storage_spec(metadata.state_dict_metadata.keys()) or keys.LOCAL_SPEC
     source = GrowthSource(LABEL, info, plan, source_spec, metadata, _reader=reader)
-    state, _, grown = streaming_target(source, plan.target, parallel, LoadStats(), progress=False,
-                                       compute=_meta_slice)
+    state, targets, grown = streaming_target(source, plan.target, parallel, LoadStats(), progress=False,
+                                             compute=_meta_slice)
+    rank_io = RankIO(rank, node, local_numel=sum(math.prod(st.local_shape) for st in targets),
+                     requested_numel=sum(math.prod(req.local_shape) for req in grown.requests.values()))
     keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)
     _, pyt_state_dict, planner, lazy_count = streaming_save_plan(state, grown)
     planner.set_up_planner(pyt_state_dict, storage_meta=None, is_coordinator=rank == 0)
     planner.create_local_plan()
-    return _StagedRank(RankIO(rank, node), planner, grown, reader, lazy_count)
+    return _StagedRank(rank_io, planner, grown, reader, lazy_count)
 
 
 def _write_rank(staged: _StagedRank, global_plan, threads: int) -> None:
@@ -312,6 +337,7 @@ def _write_rank(staged: _StagedRank, global_plan, threads: int) -> None:
                     objects += len(data.getbuffer())
                 else:
                     written += data.numel() * data.element_size()
+                    staged.io.written_numel += data.numel()
     problem = local_problem(planner, staged.lazy_count, grown, LABEL)
     if problem is not None:
         raise problem

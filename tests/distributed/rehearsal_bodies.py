@@ -52,3 +52,23 @@ def rehearse(model: ModelConfig, growth: GrowthConfig, source_parallel: Parallel
 
     result = rehearse_growth(model, growth, source_parallel, source_world, parallel, world, threads=threads)
     return [dataclasses.asdict(r) for r in result.ranks]
+
+
+def rehearse_with_a_lost_chunk(model: ModelConfig, growth: GrowthConfig, source_parallel: ParallelConfig,
+                               source_world: int, parallel: ParallelConfig, world: int) -> str | None:
+    """The rehearsal over a source whose metadata lost one stored expert chunk: the error it raises
+    (the source's tiling check finds it before any read would)."""
+    from megatron_grow.checkpoint import keys
+    from megatron_grow.errors import CheckpointError, GrowthError
+    from megatron_grow.growth import rehearsal
+    from megatron_grow.growth.plan import make_growth_plan
+
+    plan = make_growth_plan(model, growth)
+    with rehearsal.linear_overlap_checks():
+        metadata, _ = rehearsal.simulated_metadata(model, source_parallel, source_world)
+        metadata.state_dict_metadata["decoder.layers.mlp.experts.experts.linear_fc1.weight"].chunks.pop()
+        try:
+            rehearsal._rehearse(plan, metadata, source_world, parallel, world, 8, 1, keys.LOCAL_SPEC)
+        except (CheckpointError, GrowthError) as e:
+            return str(e)
+    return None

@@ -20,13 +20,20 @@ data, must give, per rank:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
-from tests.distributed.rehearsal_bodies import grow_counted, rehearse, save_source
+from tests.distributed.rehearsal_bodies import grow_counted, rehearse, rehearse_with_a_lost_chunk, save_source
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow  # each case: a source save, a grow and a rehearsal in fresh processes
 
@@ -69,3 +76,28 @@ def test_rehearsal_matches_the_real_grow(source, tmp_path, case):
         if threads == 1:
             assert got["peak_held_bytes"] == want["peak_held_bytes"], f"rank {rank}: peak held bytes"
     assert sum(r["bytes_read"] for r in real) > 0
+
+
+def test_a_read_outside_the_source_chunks_is_caught():
+    """Coverage of the reads: with one stored expert chunk missing from the source, the rehearsal fails,
+    naming the tensor."""
+    error = run_in_processes(rehearse_with_a_lost_chunk, 1, (MODEL, GROWTH, SOURCE[1], SOURCE[0],
+                                                             ParallelConfig(expert_model_parallel_size=2), 2))[0]
+    assert error is not None and "linear_fc1.weight" in error and "covered" in error
+
+
+def test_plan_prints_the_rehearsal_of_a_growth_recipe():
+    """``megatron-grow plan`` on a growth recipe: the rehearsal in the table and in ``--json``."""
+    base = [sys.executable, "-m", "megatron_grow", "plan", "--config", "configs/growth/tiny_depth_width.yaml",
+            "--nodes", "1", "--gpus-per-node", "2", "parallel.expert_model_parallel_size=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    table = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "growth rehearsal" in table.stdout and "tiled exactly once" in table.stdout
+    plan = json.loads(subprocess.run(base + ["--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                     timeout=300, check=True).stdout)
+    rehearsal = plan["rehearsal"]
+    assert [r["rank"] for r in rehearsal["ranks"]] == [0, 1]
+    assert rehearsal["coverage"]["target_tensors_tiled_exactly_once"] == 13
+    assert rehearsal["bytes_written"] == sum(r["bytes_written"] for r in rehearsal["ranks"])
+    assert rehearsal["target_bytes"] <= rehearsal["bytes_written"]  # tensors plus pickled extra state
