@@ -19,3 +19,6 @@ plan 35b_to_70b_recipe_4nodes --config configs/growth/35b_to_70b.yaml --nodes 4 
 plan 35b_to_70b_recipe_8nodes --config configs/growth/35b_to_70b.yaml --nodes 8 --source-nodes 4
 plan 35b_to_70b_ep16_8nodes --config configs/growth/35b_to_70b.yaml --nodes 8 --source-nodes 4 \
     --source-parallel expert_model_parallel_size=8 parallel.expert_model_parallel_size=16
+# The training side: parameters per GPU of every pipeline stage from the real model on meta vs plan's formula.
+python -m megatron_grow.analysis.training_memory configs/models/35b.yaml 32 > "$out/training_35b_32gpus.json"
+python -m megatron_grow.analysis.training_memory configs/growth/35b_to_70b.yaml 32 > "$out/training_70b_32gpus.json"

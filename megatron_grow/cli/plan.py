@@ -3,6 +3,16 @@
     megatron-grow plan --config configs/models/17b.yaml
     megatron-grow plan --config configs/models/70b.yaml --nodes 8 --mfu 0.35 --json
     megatron-grow plan --config configs/models/tiny.yaml parallel.tensor_model_parallel_size=2
+    megatron-grow plan --config configs/growth/17b_to_35b.yaml --nodes 4 --source-nodes 1 \
+        --source-parallel pipeline_model_parallel_size=1
+    megatron-grow plan --config configs/growth/35b_to_70b.yaml --nodes 4 --json
+
+On a growth recipe, plan also rehearses the grow (``growth.rehearsal``, docs/scale.md): every
+rank of ``megatron-grow grow`` from the source layout (``parallel:`` with ``--source-parallel``
+overrides, on ``--source-nodes``) into the recipe's, simulated with no data: bytes read and
+written and streaming memory per rank, coverage, the predicted I/O time at
+``--bandwidth-gib-s`` per node, and what ``growth.optimizer: carry`` adds (``--no-rehearsal``
+skips it; it takes ~1-3 minutes at the paper's sizes).
 
 Impossible layouts (TP not dividing the heads, EP not dividing the experts, PP not dividing
 the layers, a world size that TP x PP x CP does not divide, a global batch that micro batch x
