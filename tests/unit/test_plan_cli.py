@@ -87,6 +87,8 @@ def test_human_table_is_aligned(capsys):
      "world size 2 is not divisible by expert_tensor x expert x pipeline"),
     (["model.num_layerz=3"], "did you mean 'num_layers'"),
     (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
+    (["--source-nodes", "0"], "--source-nodes must be >= 1"),
+    (["--bandwidth-gib-s", "0"], "--bandwidth-gib-s must be > 0"),
 ])
 def test_impossible_layouts_are_refused(capsys, args, message):
     assert main(["plan", "--config", TINY, *args]) == 2
