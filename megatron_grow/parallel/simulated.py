@@ -28,11 +28,11 @@ def simulated_rank(parallel: ParallelConfig, rank: int, world_size: int) -> Iter
     """Inside: this process is rank ``rank`` of ``world_size`` under ``parallel`` (fake collectives)."""
     from megatron.core import parallel_state as ps
 
-    if torch.distributed.is_initialized():
-        raise RuntimeError("simulated_rank needs a process without torch.distributed initialised")
     problems = world_layout_problems(parallel, world_size)
     if problems:
         raise LayoutError("; ".join(problems))
+    if torch.distributed.is_initialized():
+        raise RuntimeError("simulated_rank needs a process without torch.distributed initialised")
     layout = resolve_layout(parallel, world_size)
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
