@@ -40,7 +40,8 @@ class GrownTensors:
 
     Thread-safe (the writer calls it from several threads). ``bytes_read`` and ``seconds``
     (summed over threads) are reported in the grow summary. ``held_bytes`` is what this object
-    holds right now: the source regions kept for later copies plus the slices being computed;
+    holds right now: the source regions kept for later copies plus the slices being computed (a
+    slice that is its region unchanged counts twice: an upper bound by one region);
     ``peak_held_bytes`` its maximum, ``bytes_produced`` the sum of the slices handed to the writer.
     ``compute`` grows one slice from its source region (the rehearsal, ``growth.rehearsal``, passes
     one that returns an empty meta tensor of the slice's shape).
