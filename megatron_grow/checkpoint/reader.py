@@ -104,6 +104,8 @@ class CheckpointReader:
     Reads are local to the calling process (no collectives) and may run in several threads.
     """
 
+    buffer_device = "cpu"  # where read regions are allocated ("meta" in the growth rehearsal: no data)
+
     def __init__(self, path: str, iteration: int | None = None,
                  progress: Callable[[str], None] | None = None, storage_metadata=None):
         self.ckpt_dir, self.iteration = paths.resolve_checkpoint_dir(path, iteration)
@@ -173,7 +175,7 @@ class CheckpointReader:
         if len(offsets) != len(st.shape) or len(sizes) != len(st.shape) or any(
                 o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, st.shape)):
             raise ValueError(f"region offsets={offsets} sizes={sizes} is outside {key} of shape {st.shape}")
-        buffer = torch.empty(sizes, dtype=st.dtype)
+        buffer = torch.empty(sizes, dtype=st.dtype, device=self.buffer_device)
         if buffer.numel() == 0:
             return buffer
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
@@ -183,6 +185,13 @@ class CheckpointReader:
             raise CheckpointError(f"{self.ckpt_dir}: the stored chunks of {key} cover {covered} of the "
                                   f"{buffer.numel()} elements requested (offsets {offsets}, sizes {sizes}); "
                                   "the metadata is inconsistent")
+        self._read_items(key, items, buffer)
+        self.bytes_read += buffer.numel() * buffer.element_size()
+        return buffer
+
+    def _read_items(self, key: str, items: list, buffer: torch.Tensor) -> None:
+        """Copy the stored overlaps ``items`` (DCP ReadItems) into ``buffer``: the only storage access
+        (``growth.rehearsal`` overrides it to count instead)."""
         plan = self._reader.prepare_local_plan(LoadPlan(items))
         plan = self._reader.prepare_global_plan([plan])[0]
         try:
@@ -192,8 +201,6 @@ class CheckpointReader:
         except Exception as e:  # a damaged archive: name the shard and byte range, in one line
             raise damaged_checkpoint_error(self.ckpt_dir, self.metadata, e, f"reading {key} from",
                                            fqns=[key]) from None
-        self.bytes_read += buffer.numel() * buffer.element_size()
-        return buffer
 
     def _candidates(self, key: str, offsets: tuple, sizes: tuple):
         """The key's metadata with only the stored chunks in the request's first-dim rows.

@@ -72,7 +72,7 @@ def is_lazy(sharded_tensor) -> bool:
 
 
 def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Callable,
-                   threads: int = DEFAULT_WRITER_THREADS) -> int:
+                   threads: int | None = None) -> int:
     """Write ``sharded_state_dict`` into ``checkpoint_dir`` (collective); returns the number of lazy
     tensors this rank produced. ``produce(st)`` returns the values of lazy ShardedTensor ``st``
     (shape ``st.local_shape``); a ``produce.check_complete()`` method, if any, is called once all
@@ -82,19 +82,14 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
         sharded_state_dict: the state dict to save; lazy tensors (:func:`is_lazy`) are produced.
         checkpoint_dir: the (staging) directory to write.
         produce: computes a lazy tensor's local shard.
-        threads: writer threads of this rank.
+        threads: writer threads of this rank (None: ``DEFAULT_WRITER_THREADS``, read at call time).
 
     Returns:
         The number of lazy tensors this rank produced.
     """
-    # The model's own sharded state dict: the sharding is Megatron-Core's, so integrity is not re-proven here.
-    sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=False)
+    common, pyt_state_dict, planner, lazy_count = streaming_save_plan(sharded_state_dict, produce)
     get_default_save_common_strategy().save_common(common, checkpoint_dir)
-    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
-    lazy = {(st.key, tuple(st.global_offset)): st for sts in flat.values() for st in sts if is_lazy(st)}
-    pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
-    planner = _producing_planner(lazy, produce)
-    writer = FileSystemWriter(checkpoint_dir, thread_count=threads, sync_files=False)
+    writer = FileSystemWriter(checkpoint_dir, thread_count=threads or DEFAULT_WRITER_THREADS, sync_files=False)
     before = set(threading.enumerate())
     save_error = None
     try:
@@ -112,8 +107,8 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
         join_writer_threads(before)
         raise
     # The producer's own error where it failed; elsewhere DCP's, which carries it (checkpoint.io unwraps).
-    problem = (planner.error or save_error) if save_error else _local_problem(planner, len(lazy), produce,
-                                                                              checkpoint_dir)
+    problem = (planner.error or save_error) if save_error else local_problem(planner, lazy_count, produce,
+                                                                             checkpoint_dir)
     if problem is None:
         _fsync_own_files(checkpoint_dir)
     flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
@@ -127,7 +122,21 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     return planner.produced
 
 
-def _local_problem(planner, expected: int, produce: Callable, checkpoint_dir: str) -> BaseException | None:
+def streaming_save_plan(sharded_state_dict: dict, produce: Callable | None) -> tuple[dict, dict, object, int]:
+    """What :func:`save_streaming` hands torch DCP, before any I/O: the common (non-sharded) state, the
+    torch state dict (main replicas only), the producing save planner and the number of lazy tensors.
+
+    Also the seam of the growth rehearsal (``growth.rehearsal``), which drives the same planner
+    through DCP's planning steps with no storage behind it."""
+    # The model's own sharded state dict: the sharding is Megatron-Core's, so integrity is not re-proven here.
+    sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=False)
+    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    lazy = {(st.key, tuple(st.global_offset)): st for sts in flat.values() for st in sts if is_lazy(st)}
+    pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
+    return common, pyt_state_dict, _producing_planner(lazy, produce), len(lazy)
+
+
+def local_problem(planner, expected: int, produce: Callable, checkpoint_dir: str) -> BaseException | None:
     """What went wrong on this rank only: an error in a writer thread other than the main one (DCP
     would only print it), a tensor never asked for, or the producer's own account."""
     if planner.error is not None:

@@ -363,26 +363,35 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     _log_start(source, ctx)
     built = (dataclasses.replace(source.plan.target, moe_expert_backend=expert_backend) if expert_backend
              else source.plan.target)
-    chunks = build_model_chunks(built, parallel, meta=True)  # every weight comes from SRC, streamed
-    state = io.model_sharded_state_dict(chunks)
-    apply_factories(state)  # the sharded tensors the tasks fill are the ones the writer saves
-    targets = list(io.iter_sharded_tensors(state))
-    for st in targets:  # buffers MCore creates on an explicit device (expert_bias) are grown too
-        st.data = st.data.to("meta")
     stats = LoadStats()
-    tasks, requests, expert_std = plan_reads(targets, chunks, source, stats)
-    grown = GrownTensors(tasks, requests, source.plan, source.reader, expert_std, progress)
+    state, targets, grown, built_spec = streaming_target(source, built, parallel, stats, progress)
     # growth.optimizer: carry: Adam state grown through the same maps (growth/optimizer_state.py).
     carried = (optimizer_state.grown_optimizer_checkpoint_state(targets, source, progress)
                if optimizer_state.carries(growth) else {})
     before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     record = growth_record(source, before, after, time.perf_counter() - t0)
     ts = time.perf_counter()
-    built_spec = keys.built_spec(built_with_te(chunks))  # what the chunks hold, e.g. local for grouped_mm
     final = _save_grown(state, grown, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
                         built_spec=built_spec, target_spec=target_spec or built_spec, carried_optimizer=carried,
                         check_staged=check_staged)
     return _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
+
+
+def streaming_target(source: GrowthSource, built: ModelConfig, parallel: ParallelConfig, stats: LoadStats,
+                     progress: bool = True, compute=retarget.grown_slice) -> tuple[dict, list, GrownTensors, str]:
+    """This rank's grown model on the meta device, as the streaming save sees it: its sharded state dict,
+    its sharded tensors (lazy), the producer of their values and the spec whose names the built chunks
+    hold (``keys.built_spec``: local for ``grouped_mm`` experts even with TE installed). Also the growth
+    rehearsal's entry (``growth.rehearsal``: ``source.reader`` reads no data there, ``compute`` computes none)."""
+    chunks = build_model_chunks(built, parallel, meta=True)  # every weight comes from SRC, streamed
+    state = io.model_sharded_state_dict(chunks)
+    apply_factories(state)  # the sharded tensors the tasks fill are the ones the writer saves
+    targets = list(io.iter_sharded_tensors(state))
+    for st in targets:  # buffers MCore creates on an explicit device (expert_bias) are grown too
+        st.data = st.data.to("meta")
+    tasks, requests, expert_std = plan_reads(targets, chunks, source, stats)
+    grown = GrownTensors(tasks, requests, source.plan, source.reader, expert_std, progress, compute=compute)
+    return state, targets, grown, keys.built_spec(built_with_te(chunks))
 
 
 def _summary(source: GrowthSource, final: str, grown: GrownTensors, stats: LoadStats, ctx, t0: float,
@@ -402,6 +411,9 @@ def _summary(source: GrowthSource, final: str, grown: GrownTensors, stats: LoadS
         "load_seconds": grown.seconds, "stats_seconds": stats.stats_seconds, "save_seconds": save_seconds,
         "seconds": total, "world_size": ctx.world_size,
         "throughput_gib_s": (bytes_written / 2**30) / total if total > 0 else 0.0,
+        # This rank's own I/O and streaming buffers, as the growth rehearsal predicts them.
+        "rank_io": {"bytes_read": source.reader.bytes_read, "bytes_produced": grown.bytes_produced,
+                    "peak_held_bytes": grown.peak_held_bytes},
     }
 
 

@@ -105,7 +105,10 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
         except CheckpointError as e:  # a damaged shard: every rank must leave this collective the same way
             error = str(e)
             break
-        moments[k, ls, es] = torch.tensor(noise.tensor_moments(request.data), dtype=torch.float64)
+        # A rehearsal (growth.rehearsal) reads no data: its regions are meta tensors, their moments zero.
+        data = request.data
+        moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
+                                          dtype=torch.float64)
     _raise_on_every_rank(error)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)

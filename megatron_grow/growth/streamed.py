@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
@@ -38,12 +39,19 @@ class GrownTensors:
     """``produce(sharded_tensor)`` for the streaming save: the grown values of one target slice.
 
     Thread-safe (the writer calls it from several threads). ``bytes_read`` and ``seconds``
-    (summed over threads) are reported in the grow summary.
+    (summed over threads) are reported in the grow summary. ``held_bytes`` is what this object
+    holds right now: the source regions kept for later copies plus the slices being computed (a
+    slice that is its region unchanged counts twice: an upper bound by one region);
+    ``peak_held_bytes`` its maximum, ``bytes_produced`` the sum of the slices handed to the writer.
+    ``compute`` grows one slice from its source region (the rehearsal, ``growth.rehearsal``, passes
+    one that returns an empty meta tensor of the slice's shape).
     """
 
     def __init__(self, tasks: list, requests: dict, plan: GrowthPlan, reader, expert_std: dict,
-                 progress: bool = True):
+                 progress: bool = True, compute: Callable = retarget.grown_slice):
         self.plan, self.reader, self.expert_std, self.requests = plan, reader, expert_std, requests
+        self.compute = compute
+        self.held_bytes = self.peak_held_bytes = self.bytes_produced = 0
         self.task_of = {id(t.target): t for t in tasks}
         # Only main replicas are written; a region read only for other replicas is never needed.
         self.users = Counter(t.request_id for t in tasks if is_main_replica(t.target.replica_id))
@@ -63,11 +71,15 @@ class GrownTensors:
             raise GrowthError(f"{st.key} at {tuple(st.global_offset)}: no growth task produces this tensor")
         t0 = time.perf_counter()
         source = self._source(task.request_id)
-        value = retarget.grown_slice(task, source, self.plan, self.expert_std).to(st.dtype)
+        value = self.compute(task, source, self.plan, self.expert_std).to(st.dtype)
+        nbytes = value.numel() * value.element_size()
+        self._hold(nbytes)
         self._release(task.request_id)
         with self.lock:
             self.seconds += time.perf_counter() - t0
             self.produced += 1
+            self.bytes_produced += nbytes
+            self.held_bytes -= nbytes  # handed to the writer
             done = self.produced
         self._log(done)
         return value
@@ -85,14 +97,22 @@ class GrownTensors:
                 with self.lock:
                     self.loaded[request_id] = value
                     self.bytes_read += nbytes
+                self._hold(value.numel() * value.element_size())
         return value
+
+    def _hold(self, nbytes: int) -> None:
+        with self.lock:
+            self.held_bytes += nbytes
+            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
 
     def _release(self, request_id) -> None:
         with self.lock:
             self.users[request_id] -= 1
             if self.users[request_id] <= 0:
-                self.loaded.pop(request_id, None)
+                value = self.loaded.pop(request_id, None)
                 self.read_locks.pop(request_id, None)
+                if value is not None:
+                    self.held_bytes -= value.numel() * value.element_size()
 
     def _log(self, done: int) -> None:
         if not self.progress or self.total == 0:

@@ -87,6 +87,8 @@ def test_human_table_is_aligned(capsys):
      "world size 2 is not divisible by expert_tensor x expert x pipeline"),
     (["model.num_layerz=3"], "did you mean 'num_layers'"),
     (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
+    (["--source-nodes", "0"], "--source-nodes must be >= 1"),
+    (["--bandwidth-gib-s", "0"], "--bandwidth-gib-s must be > 0"),
 ])
 def test_impossible_layouts_are_refused(capsys, args, message):
     assert main(["plan", "--config", TINY, *args]) == 2
@@ -95,3 +97,16 @@ def test_impossible_layouts_are_refused(capsys, args, message):
     assert message in captured.err
     assert captured.err.startswith("megatron-grow: error:")
 
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--source-parallel", "pipeline_model_parallel_size=3"], "pipeline_model_parallel_size (3) must divide"),
+    (["--source-nodes", "1", "--source-parallel", "expert_model_parallel_size=4"],
+     "world size 2 is not divisible by expert_tensor x expert x pipeline"),
+])
+def test_impossible_source_layouts_are_refused(capsys, args, message):
+    """A growth recipe's source layout (the rehearsal's) is checked before any rank is simulated."""
+    growth = str(ROOT / "configs" / "growth" / "tiny_depth_width.yaml")
+    assert main(["plan", "--config", growth, "--nodes", "1", "--gpus-per-node", "2", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("megatron-grow: error:")
