@@ -122,11 +122,7 @@ def grow_router(plan: GrowthPlan, target_layer: int, source_router_EH: torch.Ten
     Returns:
         A new tensor.
     """
-    index = torch.tensor(plan.expert_source, dtype=torch.long, device=source_router_EH.device)
-    out_EH = source_router_EH.index_select(0, index).clone()
-    for op in plan.operators:
-        out_EH = op.router(plan, target_layer, out_EH, source_router_EH)
-    return out_EH
+    return _per_expert_rows(plan, target_layer, source_router_EH, "router")
 
 
 def grow_expert_bias(plan: GrowthPlan, target_layer: int, source_bias_E: torch.Tensor) -> torch.Tensor:
@@ -141,8 +137,14 @@ def grow_expert_bias(plan: GrowthPlan, target_layer: int, source_bias_E: torch.T
     Returns:
         A new tensor.
     """
-    index = torch.tensor(plan.expert_source, dtype=torch.long, device=source_bias_E.device)
-    out_E = source_bias_E.index_select(0, index).clone()
+    return _per_expert_rows(plan, target_layer, source_bias_E, "expert_bias")
+
+
+def _per_expert_rows(plan: GrowthPlan, target_layer: int, source: torch.Tensor, transform: str) -> torch.Tensor:
+    """Rows of ``source`` (one per source expert) gathered through ``plan.expert_source``, then each
+    operator's ``transform`` hook (``router`` or ``expert_bias``) in the plan's order."""
+    index = torch.tensor(plan.expert_source, dtype=torch.long, device=source.device)
+    out = source.index_select(0, index).clone()
     for op in plan.operators:
-        out_E = op.expert_bias(plan, target_layer, out_E, source_bias_E)
-    return out_E
+        out = getattr(op, transform)(plan, target_layer, out, source)
+    return out

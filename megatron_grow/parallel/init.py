@@ -32,6 +32,24 @@ class DistributedContext:
     device: torch.device
 
 
+def initialize_model_parallel(layout: Layout, **options) -> None:
+    """Megatron-Core's parallel state for ``layout`` (its process groups over the current world).
+
+    Args:
+        layout: the resolved layout (``config.layout_rules.resolve_layout``).
+        options: further ``parallel_state.initialize_model_parallel`` arguments.
+    """
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        **options,
+    )
+
+
 def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
                            timeout_minutes: int = 30) -> DistributedContext:
     """Start torch.distributed (if needed) and MCore model-parallel groups for ``parallel``."""
@@ -56,14 +74,7 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
     layout = resolve_layout(parallel, world)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
+    initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")

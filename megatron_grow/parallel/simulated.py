@@ -22,6 +22,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megatron_grow.config.layout_rules import Layout, resolve_layout, world_layout_problems
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.errors import LayoutError
+from megatron_grow.parallel.init import initialize_model_parallel
 
 
 @contextlib.contextmanager
@@ -35,15 +36,7 @@ def simulated_rank(parallel: ParallelConfig, rank: int, world_size: int) -> Iter
     layout = resolve_layout(parallel, world_size)
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp,
-            pipeline_model_parallel_size=layout.pp,
-            virtual_pipeline_model_parallel_size=layout.vpp,
-            context_parallel_size=layout.cp,
-            expert_model_parallel_size=layout.ep,
-            expert_tensor_parallel_size=layout.etp,
-            create_gloo_process_groups=False,  # gloo groups would need a real rendezvous
-        )
+        initialize_model_parallel(layout, create_gloo_process_groups=False)  # gloo groups need a rendezvous
         yield layout
     finally:
         if ps.model_parallel_is_initialized():
