@@ -1,0 +1,79 @@
+"""``route-stats``: per-layer routing counts of a real checkpoint on real tokens, in any layout.
+
+A tiny MoE (4 layers, 4 experts, top-2, vocabulary 512) is saved once, then its routing is counted
+on the first 2048 tokens of the KJV dataset (the session's sentencepiece-512 tokenization) in three
+layouts: one rank, TP=2 (tokens split by sequence parallelism) and EP=2 (data-parallel ranks split the
+sequences). By definition every layer routes every token to exactly k=2 experts, so each layer's
+counts sum to 2 x 2048 in every layout; the layouts route the same tokens with the same weights, so
+the shares agree (up to routing flips of near-tied scores, whose reduction order differs across TP).
+The written file is the one ``growth.upcycle.utility_stats`` reads.
+
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/distributed/test_route_stats.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_grow.config.route_stats import FORMAT
+from megatron_grow.config.schema import GrowthConfig, ParallelConfig, UpcycleGrowthConfig
+from megatron_grow.growth.plan import make_growth_plan
+from megatron_grow.parallel.spawn import run_in_processes
+from tests.distributed.bodies import build_save_forward, tiny_model
+
+pytestmark = pytest.mark.slow  # ~1 min on 2 shared cores: one save, three counting runs
+
+MODEL = tiny_model(vocab_size=512, moe_router_enable_expert_bias=True)
+TOKENS = 2048
+
+
+def count_body(root: str, prefix: str, parallel: ParallelConfig, out: str):
+    from megatron_grow.growth.route_stats import route_stats, write_stats
+
+    stats = route_stats(root, prefix, parallel, tokens=TOKENS, micro_batch=2)
+    write_stats(out, stats)
+    return stats
+
+
+@pytest.fixture(scope="module")
+def counted(kjv_dataset, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("route_stats") / "ckpt")
+    run_in_processes(build_save_forward, 1, (MODEL, ParallelConfig(), root))
+    out = {}
+    for name, world, parallel in (("one_rank", 1, ParallelConfig()),
+                                  ("tp2", 2, ParallelConfig(tensor_model_parallel_size=2)),
+                                  ("ep2", 2, ParallelConfig(expert_model_parallel_size=2))):
+        path = str(tmp_path_factory.mktemp(name) / "stats.json")
+        results = run_in_processes(count_body, world, (root, kjv_dataset["prefix"], parallel, path))
+        assert all(r == results[0] for r in results), f"{name}: ranks disagree"
+        with open(path) as f:
+            out[name] = (json.load(f), path)
+    return out
+
+
+def test_every_token_is_routed_k_times_in_every_layout(counted):
+    for name, (stats, _) in counted.items():
+        assert stats["format"] == FORMAT and stats["tokens"] == TOKENS, name
+        assert len(stats["counts"]) == MODEL.num_layers and len(stats["counts"][0]) == MODEL.num_moe_experts
+        for layer, row in enumerate(stats["counts"]):
+            assert sum(row) == TOKENS * MODEL.moe_router_topk, (name, layer, row)
+            assert sum(stats["shares"][layer]) == pytest.approx(1.0)
+
+
+def test_layouts_agree(counted):
+    base = counted["one_rank"][0]["counts"]
+    for name in ("tp2", "ep2"):
+        for layer, (a, b) in enumerate(zip(base, counted[name][0]["counts"])):
+            # identical weights and tokens; only near-tied scores may flip under another reduction order
+            assert max(abs(x - y) for x, y in zip(a, b)) <= 0.01 * TOKENS, (name, layer, a, b)
+
+
+def test_the_file_drives_the_upcycle_allocation(counted):
+    stats, path = counted["ep2"]
+    plan = make_growth_plan(MODEL, GrowthConfig(upcycle=UpcycleGrowthConfig(num_experts=5, utility_stats=path)))
+    mean = [sum(row[e] for row in stats["shares"]) / MODEL.num_layers for e in range(MODEL.num_moe_experts)]
+    # one new expert: it goes to the expert with the largest mean share (largest remainder of 1 * share)
+    assert plan.expert_source[4] == max(range(4), key=lambda e: (mean[e], -e))
+    assert plan.growth.upcycle.utility_shares == pytest.approx(tuple(mean))
