@@ -423,6 +423,10 @@ class UpcycleGrowthConfig(GrowthSection):
                               "order) or interleave (each expert followed by its copies)", choices=values(ExpertLayout))
     bias_noise: float = spec(0.0, "std of the N(0, std^2) added to each copy's router expert_bias (absolute; the "
                              "only perturbation: weights and router rows are exact copies)", ge=0.0)
+    unselected_copies: bool = spec(
+        False, "copies' expert_bias start at min(source bias) - 2 - bias_noise*|N(0,1)|: no token selects a copy, "
+        "so the grown model computes the source's function exactly (sigmoid routing with expert bias only); the "
+        "aux-loss-free bias update then raises the unused copies")
 
     def with_inputs(self, prefix: str) -> UpcycleGrowthConfig:
         if self.utility_stats is None or self.utility_shares is not None:
@@ -440,6 +444,10 @@ class UpcycleGrowthConfig(GrowthSection):
             out.append(f"{prefix}.num_experts ({self.num_experts}) must be > the experts it grows ({E})")
         if self.bias_noise > 0 and not model.moe_router_enable_expert_bias:
             out.append(f"{prefix}.bias_noise ({self.bias_noise}) needs model.moe_router_enable_expert_bias: true")
+        if self.unselected_copies and not (model.moe_router_enable_expert_bias
+                                           and model.moe_router_score_function == "sigmoid"):
+            out.append(f"{prefix}.unselected_copies needs model.moe_router_score_function: sigmoid and "
+                       "model.moe_router_enable_expert_bias: true (the bias then steers selection only)")
         if self.allocation != ExpertAllocation.UTILITY:
             return out
         shares = self.utility_shares

@@ -170,14 +170,17 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
 
 def _upcycled(key, x, esrc, copy, u, seed, layer):
     """Upcycling: router rows, expert biases and routed experts exact copies through the map; each copy's
-    router expert_bias gets bias_noise * N(0, 1) keyed by (seed, router.expert_bias, layer, target expert)."""
+    router expert_bias gets + bias_noise * eps, eps = N(0, 1) keyed by (seed, router.expert_bias, layer,
+    target expert); with unselected_copies it is min(source bias) - 2 - bias_noise * |eps| instead."""
     if not (key.endswith(("mlp.router.weight", "mlp.router.expert_bias")) or ".mlp.experts.experts." in key):
         return x.clone()
     out = x[esrc].clone()
-    if key.endswith("mlp.router.expert_bias") and u.bias_noise > 0:
+    if key.endswith("mlp.router.expert_bias") and (u.bias_noise > 0 or u.unselected_copies):
         for e, c in enumerate(copy):
             if c:
-                out[e] = (out[e].float() + draw(seed, BIAS, layer, e, ()) * u.bias_noise).to(out.dtype)
+                eps = draw(seed, BIAS, layer, e, ()) * u.bias_noise
+                value = x.float().min() - 2.0 - eps.abs() if u.unselected_copies else out[e].float() + eps
+                out[e] = value.to(out.dtype)
     return out
 
 

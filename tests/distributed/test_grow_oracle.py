@@ -171,12 +171,13 @@ CASES = {
     "upcycle_utility": dict(
         source="tp2", world=2, parallel=ParallelConfig(expert_model_parallel_size=2),
         growth=_growth(("upcycle",), upcycle=dict(num_experts=10, utility_shares=UTILITY, bias_noise=0.05), seed=7)),
-    # upcycling uniform 8 -> 11, interleave, then depth (bias noise keyed by the source layer); EP=2 into TP=2.
+    # upcycling uniform 8 -> 11, interleave, copies unselected, then depth (bias noise keyed by the source
+    # layer); EP=2 into TP=2.
     "upcycle_uniform_then_depth": dict(
         source="ep2", world=2, parallel=ParallelConfig(tensor_model_parallel_size=2),
         growth=_growth(("upcycle", "depth"), depth=dict(mode="interposition", factor=2),
                        upcycle=dict(num_experts=11, allocation="uniform", expert_layout="interleave",
-                                    bias_noise=0.1))),
+                                    bias_noise=0.1, unselected_copies=True))),
 }
 
 SOURCES = {"tp2": (2, 1), "ep2": (1, 2)}
@@ -357,4 +358,8 @@ def test_upcycle_uniform_then_depth_properties(checkpoints):
     for j in range(8):
         assert torch.equal(grown[fc2][j], src[fc2][j // 2][order]), j
     # upcycling first: both depth copies of a layer carry the same bias noise
-    assert torch.equal(grown[bias][0], grown[bias][1]) and not torch.equal(grown[bias][0, 1], src[bias][0, 0])
+    assert torch.equal(grown[bias][0], grown[bias][1])
+    # unselected copies: below every source bias by 2 or more; originals exact
+    for j in range(8):
+        assert torch.equal(grown[bias][j, [0, 2, 4, 6, 7, 8, 9, 10]], src[bias][j // 2]), j
+        assert (grown[bias][j, [1, 3, 5]] <= src[bias][j // 2].min() - 2).all(), j

@@ -125,3 +125,18 @@ def test_bias_noise_only_on_copies():
     grown = plan.operators[0].expert_bias(plan, 1, source[list(plan.expert_source)].clone(), source)
     assert torch.equal(grown[:4], source)
     assert not torch.equal(grown[4:], source[:2])
+
+
+def test_unselected_copies_need_sigmoid_routing_with_expert_bias():
+    model = dataclasses.replace(SRC, moe_router_score_function="softmax")
+    with pytest.raises(ConfigError) as err:
+        make_growth_plan(model, _growth(num_experts=6, allocation="uniform", unselected_copies=True))
+    assert "growth.upcycle.unselected_copies needs model.moe_router_score_function: sigmoid" in str(err.value)
+
+
+def test_unselected_copies_sit_below_every_original():
+    plan = make_growth_plan(SRC, _growth(num_experts=6, allocation="uniform", bias_noise=0.5,
+                                         unselected_copies=True))
+    source = torch.tensor([0.1, -0.2, 0.3, 0.4])
+    grown = plan.operators[0].expert_bias(plan, 0, source[list(plan.expert_source)].clone(), source)
+    assert torch.equal(grown[:4], source) and (grown[4:] <= -2.2).all()

@@ -95,17 +95,21 @@ class UpcycleOperator(GrowthOperator):
 
     def expert_bias(self, plan: GrowthPlan, target_layer: int, grown_E: torch.Tensor,
                     source_E: torch.Tensor) -> torch.Tensor:
-        """Copies: the source entry + bias_noise * N(0, 1), one generator per (layer after this
-        operator, target expert); originals exact. Added in fp32, then cast."""
-        std = self.config.bias_noise
-        if std == 0.0:
+        """Copies: the source entry + bias_noise * eps, eps ~ N(0, 1) from one generator per (layer
+        after this operator, target expert); with unselected_copies, min(source bias) - 2 -
+        bias_noise * |eps| instead (a sigmoid score is in [0, 1], so a copy's score plus bias stays
+        below every original's). Originals exact. Computed in fp32, then cast."""
+        std, unselected = self.config.bias_noise, self.config.unselected_copies
+        if std == 0.0 and not unselected:
             return grown_E
         layer = plan.layer_index_after(self.name, target_layer)
+        floor = source_E.to(torch.float32).min() - 2.0
         for e, c in enumerate(plan.expert_copy_index):
             if c > 0:
                 g = noise_generator(plan.growth.seed, EXPERT_BIAS_KEY, layer, e)
                 eps = (torch.randn((), generator=g, dtype=torch.float32) * std).to(grown_E.device)
-                grown_E[e] = (grown_E[e].to(torch.float32) + eps).to(grown_E.dtype)
+                value = floor.to(grown_E.device) - eps.abs() if unselected else grown_E[e].to(torch.float32) + eps
+                grown_E[e] = value.to(grown_E.dtype)
         return grown_E
 
     @classmethod
@@ -113,4 +117,5 @@ class UpcycleOperator(GrowthOperator):
         sha = section.get("utility_stats_sha256")
         source = f", stats {section.get('utility_stats')} sha256 {sha[:12]}" if sha else ""
         return (f"upcycle -> {section.get('num_experts')} experts (top-k fixed, {section.get('allocation')}"
-                f"{source}, {section.get('expert_layout')}, bias noise {section.get('bias_noise')})")
+                f"{source}, {section.get('expert_layout')}, bias noise {section.get('bias_noise')}"
+                f"{', copies unselected' if section.get('unselected_copies') else ''})")
