@@ -6,7 +6,8 @@ layouts: one rank, TP=2 (tokens split by sequence parallelism) and EP=2 (data-pa
 sequences). By definition every layer routes every token to exactly k=2 experts, so each layer's
 counts sum to 2 x 2048 in every layout; the layouts route the same tokens with the same weights, so
 the shares agree (up to routing flips of near-tied scores, whose reduction order differs across TP).
-The written file is the one ``growth.upcycle.utility_stats`` reads.
+The written file is the one ``growth.upcycle.utility_stats`` reads; the last test runs the whole path
+(train, route-stats in EP=2, ``train --grow-from`` with upcycling by that file, lineage checked).
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/distributed/test_route_stats.py
 """
@@ -23,9 +24,10 @@ from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed.bodies import build_save_forward, tiny_model
 
-pytestmark = pytest.mark.slow  # ~1 min on 2 shared cores: one save, three counting runs
+pytestmark = pytest.mark.slow  # ~2 min on 2 shared cores: one save, three counting runs, two short trainings
 
 MODEL = tiny_model(vocab_size=512, moe_router_enable_expert_bias=True)
+EP2 = ParallelConfig(expert_model_parallel_size=2)
 TOKENS = 2048
 
 
@@ -77,3 +79,31 @@ def test_the_file_drives_the_upcycle_allocation(counted):
     # one new expert: it goes to the expert with the largest mean share (largest remainder of 1 * share)
     assert plan.expert_source[4] == max(range(4), key=lambda e: (mean[e], -e))
     assert plan.growth.upcycle.utility_shares == pytest.approx(tuple(mean))
+
+
+def test_train_grow_from_upcycles_by_measured_utility(kjv_dataset, tmp_path):
+    """The whole path: train a tiny base, measure its routing in EP=2, then ``train --grow-from`` with
+    ``growth.upcycle.utility_stats`` in EP=2; the lineage names the utility it used and the file's digest."""
+    from megatron_grow.checkpoint import io, paths
+    from megatron_grow.config.route_stats import file_sha256
+    from tests.distributed.bodies import train_body
+    from tests.distributed.conftest import write_recipe
+
+    base = write_recipe(tmp_path / "base.yaml", kjv_dataset, tmp_path / "base", training={"train_iters": 2})
+    run_in_processes(train_body, 1, (base, []))
+    stats = str(tmp_path / "stats.json")
+    run_in_processes(count_body, 2, (str(tmp_path / "base"), kjv_dataset["prefix"], EP2, stats))
+    grow = write_recipe(tmp_path / "grow.yaml", kjv_dataset, tmp_path / "grown", training={"train_iters": 3},
+                        parallel={"expert_model_parallel_size": 2})
+    with open(grow, "a") as f:
+        f.write(f"growth:\n  upcycle: {{num_experts: 10, utility_stats: {stats}, bias_noise: 0.001}}\n")
+    out = run_in_processes(train_body, 2, (grow, [], str(tmp_path / "base")))[0]
+    assert out["exit_code"] == 0 and out["iteration"] == 3
+    manifest = io.read_manifest(paths.iteration_dir(str(tmp_path / "grown"), 3))
+    assert manifest["model"]["num_moe_experts"] == 10 and manifest["model"]["moe_router_topk"] == 2
+    record = manifest["lineage"][-1]["upcycle"]
+    with open(stats) as f:
+        shares = json.load(f)["shares"]
+    mean = [sum(row[e] for row in shares) / len(shares) for e in range(8)]
+    assert record["utility_stats"] == stats and record["utility_stats_sha256"] == file_sha256(stats)
+    assert record["utility_shares"] == pytest.approx(mean)
