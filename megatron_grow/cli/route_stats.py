@@ -32,14 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_grow.errors import ConfigError
+    from megatron_grow.errors import UserInputError
     from megatron_grow.growth.route_stats import route_stats, write_stats
     from megatron_grow.parallel.init import destroy_distributed
 
     for flag, value in (("--tokens", args.tokens), ("--micro-batch-size", args.micro_batch_size),
                         ("--seq-length", args.seq_length or 1)):
         if value < 1:
-            raise ConfigError([f"{flag}: {value} is not allowed; must be >= 1"])
+            raise UserInputError(f"{flag}: {value} is not allowed; must be >= 1")
     try:
         stats = route_stats(args.load, args.data, layout_from_args(args, ParallelConfig()), tokens=args.tokens,
                             seq_length=args.seq_length, micro_batch=args.micro_batch_size,

@@ -38,7 +38,6 @@ def calibration_sequences(prefix: str, tokens: int, seq_length: int, groups: int
     Raises:
         DataError: the dataset holds too few tokens for one sequence per group.
     """
-    check_prefixes([prefix])
     dataset, parts, have = IndexedDataset(prefix), [], 0
     for i in range(len(dataset)):
         if have >= tokens:
@@ -86,6 +85,7 @@ def route_stats(load: str, prefix: str, parallel: ParallelConfig, *, tokens: int
     """
     ckpt_dir, _ = paths.resolve_checkpoint_dir(load)
     model = resolve_architecture(ckpt_dir, source_model)[0]
+    check_prefixes([prefix])  # every input is checked before the process group starts
     problems = model_layout_problems(model, parallel)
     if problems:
         raise LayoutError("route-stats: " + "; ".join(problems))

@@ -107,3 +107,26 @@ def test_train_grow_from_upcycles_by_measured_utility(kjv_dataset, tmp_path):
     mean = [sum(row[e] for row in shares) / len(shares) for e in range(8)]
     assert record["utility_stats"] == stats and record["utility_stats_sha256"] == file_sha256(stats)
     assert record["utility_shares"] == pytest.approx(mean)
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("tokens_zero", "--tokens: 0 is not allowed"),
+    ("missing_data", "missing"),
+    ("missing_checkpoint", "nope"),
+])
+def test_bad_input_is_one_line_and_exit_2(counted, kjv_dataset, tmp_path, case, expect):
+    import contextlib
+    import io as _io
+
+    from megatron_grow.__main__ import main
+
+    ckpt = counted["one_rank"][0]["checkpoint"]
+    argv = {"tokens_zero": ["--load", ckpt, "--data", kjv_dataset["prefix"], "--tokens", "0"],
+            "missing_data": ["--load", ckpt, "--data", str(tmp_path / "none")],
+            "missing_checkpoint": ["--load", str(tmp_path / "nope"), "--data", kjv_dataset["prefix"]]}[case]
+    err = _io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(_io.StringIO()):
+        code = main(["route-stats", *argv, "--out", str(tmp_path / "s.json")])
+    assert code == 2, err.getvalue()
+    assert expect in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+    assert not (tmp_path / "s.json").exists()
