@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from megatron_grow.config.route_stats import file_sha256, mean_share_per_expert, read_route_stats
+
 
 def spec(default: Any = None, doc: str = "", *, choices=None, ge=None, gt=None, le=None,
          factory=None, operator: bool = False) -> Any:
@@ -299,6 +301,20 @@ class GrowthSection:
         """
         return model
 
+    def with_inputs(self, prefix: str) -> GrowthSection:
+        """This section with the files it names read into its fields (so the growth record holds them).
+
+        Args:
+            prefix: the section's key path, for errors.
+
+        Returns:
+            The section (``self`` for one that reads no file).
+
+        Raises:
+            ConfigError: a named file is missing or malformed (one line naming its key).
+        """
+        return self
+
     def problems(self, model: ModelConfig, prefix: str) -> list[str]:
         """What is wrong with this section for ``model``, one line each naming its key under ``prefix``.
 
@@ -379,6 +395,72 @@ class WidthGrowthConfig(GrowthSection):
         return []
 
 
+# ---- expert upcycling (issue 27, expert side) -------------------------------------------------
+
+
+class ExpertAllocation(StrEnum):
+    """How expert upcycling shares the new experts among the source experts."""
+
+    UTILITY = "utility"   # largest remainder, proportional to each expert's routing share
+    UNIFORM = "uniform"   # as equal as possible, the remainder to the lowest indices
+
+
+@dataclass(frozen=True)
+class UpcycleGrowthConfig(GrowthSection):
+    """Expert upcycling: E -> E' experts for any E' > E, top-k fixed, copies chosen by utility or uniformly
+    (Expert Upcycling, arXiv 2604.19835; docs/growth.md)."""
+
+    num_experts: int = spec(16, "experts per layer after growth E' (> the experts before it; any number)", ge=2)
+    allocation: str = spec(ExpertAllocation.UTILITY.value, "utility (the E'-E copies shared by largest remainder "
+                           "in proportion to each expert's routing share) or uniform", choices=values(ExpertAllocation))
+    utility_stats: str | None = spec(None, "route-stats JSON (megatron-grow route-stats) whose shares, averaged over "
+                                     "layers, are the utility; required by allocation: utility unless "
+                                     "utility_shares is given")
+    utility_shares: tuple | None = spec(None, "per-expert utility; filled in from utility_stats by the growth (and so "
+                                        "recorded in the lineage), or given directly")
+    utility_stats_sha256: str | None = spec(None, "SHA-256 of utility_stats; filled in by the growth")
+    expert_layout: str = spec(ExpertLayout.APPEND.value, "append (all copies after the originals, in source-expert "
+                              "order) or interleave (each expert followed by its copies)", choices=values(ExpertLayout))
+    bias_noise: float = spec(0.0, "std of the N(0, std^2) added to each copy's router expert_bias (absolute; the "
+                             "only perturbation: weights and router rows are exact copies)", ge=0.0)
+    unselected_copies: bool = spec(
+        False, "copies' expert_bias start at min(source bias) - 2 - bias_noise*|N(0,1)|: no token selects a copy, "
+        "so the grown model computes the source's function exactly (sigmoid routing with expert bias only); the "
+        "aux-loss-free bias update then raises the unused copies")
+
+    def with_inputs(self, prefix: str) -> UpcycleGrowthConfig:
+        if self.utility_stats is None or self.utility_shares is not None:
+            return self  # nothing to read, or already read (a growth record rebuilt by verify)
+        stats = read_route_stats(self.utility_stats, f"{prefix}.utility_stats")
+        return dataclasses.replace(self, utility_shares=mean_share_per_expert(stats["shares"]),
+                                   utility_stats_sha256=file_sha256(self.utility_stats))
+
+    def grown_model(self, model: ModelConfig) -> ModelConfig:
+        return dataclasses.replace(model, num_moe_experts=self.num_experts)
+
+    def problems(self, model: ModelConfig, prefix: str) -> list[str]:
+        E, out = model.num_moe_experts, []
+        if self.num_experts <= E:
+            out.append(f"{prefix}.num_experts ({self.num_experts}) must be > the experts it grows ({E})")
+        if self.bias_noise > 0 and not model.moe_router_enable_expert_bias:
+            out.append(f"{prefix}.bias_noise ({self.bias_noise}) needs model.moe_router_enable_expert_bias: true")
+        if self.unselected_copies and not (model.moe_router_enable_expert_bias
+                                           and model.moe_router_score_function == "sigmoid"):
+            out.append(f"{prefix}.unselected_copies needs model.moe_router_score_function: sigmoid and "
+                       "model.moe_router_enable_expert_bias: true (the bias then steers selection only)")
+        if self.allocation != ExpertAllocation.UTILITY:
+            return out
+        shares = self.utility_shares
+        if shares is None and self.utility_stats is None:
+            out.append(f"{prefix}.utility_stats: required by allocation: utility (or give utility_shares)")
+        elif shares is not None and len(shares) != E:
+            out.append(f"{prefix}.utility_shares: {len(shares)} values for {E} experts")
+        elif shares is not None and not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+                                            for x in shares):
+            out.append(f"{prefix}.utility_shares: every value must be a finite number >= 0")
+        return out
+
+
 @dataclass(frozen=True)
 class GrowthConfig:
     """Grow a converged checkpoint (arXiv 2510.08008); a null operator section means that operator is off."""
@@ -388,6 +470,9 @@ class GrowthConfig:
     # One field per operator (``operator=True``), in the default order (docs/extending.md).
     depth: DepthGrowthConfig | None = spec(None, "depth growth; null for none", operator=True)
     width: WidthGrowthConfig | None = spec(None, "width growth; null for none", operator=True)
+    # expert upcycling (issue 27, expert side)
+    upcycle: UpcycleGrowthConfig | None = spec(None, "expert upcycling (E -> any E' > E, top-k fixed); null for none",
+                                               operator=True)
     seed: int = spec(1234, "seed of the growth noise (keyed with tensor, layer and expert, never with rank)",
                      ge=0)
     optimizer: str = spec(OptimizerCarry.RESET.value, "reset (fresh Adam state; the paper), carry (Adam moments "

@@ -19,6 +19,8 @@ last (after width noise), so it gives the same tensors in both orders.
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_grow.config.growth_rules import growth_problems, resolved_order
 from megatron_grow.config.schema import GrowthConfig, ModelConfig
 from megatron_grow.errors import ConfigError
@@ -27,6 +29,13 @@ from megatron_grow.growth.operators import operator_class
 from megatron_grow.growth.operators.base import GrowthOperator, GrowthPlan
 
 __all__ = ["GrowthPlan", "make_growth_plan"]
+
+
+def with_inputs(growth: GrowthConfig) -> GrowthConfig:
+    """``growth`` with every section's named files read into its fields (``GrowthSection.with_inputs``),
+    so the plan, and the growth record made from it, hold what the files said."""
+    read = {name: section.with_inputs(f"growth.{name}") for name, section in growth.sections().items()}
+    return dataclasses.replace(growth, **read)
 
 
 def make_growth_plan(source: ModelConfig, growth: GrowthConfig) -> GrowthPlan:
@@ -42,6 +51,7 @@ def make_growth_plan(source: ModelConfig, growth: GrowthConfig) -> GrowthPlan:
     Raises:
         ConfigError: every problem of ``growth``, one line each naming its key.
     """
+    growth = with_inputs(growth)
     problems = growth_problems(growth, source)
     if problems:
         raise ConfigError(problems)

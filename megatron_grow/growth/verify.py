@@ -31,6 +31,7 @@ from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.forward import forward_logits
 from megatron_grow.models.routing import RoutingCounter
 from megatron_grow.models.specs import built_with_te
+from megatron_grow.parallel.collectives import all_reduce_host
 from megatron_grow.parallel.init import initialize_distributed
 
 
@@ -79,10 +80,11 @@ def verify_growth(source_root: str, grown_root: str, parallel: ParallelConfig, *
     initialize_distributed(parallel)
     if batches is None:
         batches = _probe_batches(source_cfg.vocab_size, seq_length or min(source_cfg.seq_length, 64), 2, 2, seed)
-    src_logits, _ = _run_checkpoint(source_cfg, src_dir, parallel, batches, params_dtype)
-    grown_logits, loads = _run_checkpoint(plan.target, grown_dir, parallel, batches, params_dtype)
+    src_logits, src_loads, src_maps = _run_checkpoint(source_cfg, src_dir, parallel, batches, params_dtype)
+    grown_logits, loads, grown_maps = _run_checkpoint(plan.target, grown_dir, parallel, batches, params_dtype)
     metrics = _logit_metrics(src_logits, grown_logits, source_cfg.vocab_size) if src_logits is not None else {}
     metrics.update(_routing_metrics(loads, plan))
+    metrics.update(_routing_change(src_loads, loads, src_maps, grown_maps, plan))
     # Broadcast the last stage's numbers so every rank returns the same dict.
     if torch.distributed.is_initialized():
         holders = [None] * torch.distributed.get_world_size()
@@ -101,15 +103,15 @@ def _source_architecture(src_dir: str, explicit, record: dict, grown_dir: str) -
 def _run_checkpoint(model_cfg: ModelConfig, ckpt_dir: str, parallel: ParallelConfig, batches,
                     params_dtype: torch.dtype = torch.float32) -> tuple:
     """Load ``ckpt_dir`` (stored under either layer spec's names) and run the probe batches:
-    (last-stage logits or None, per-layer routing counts)."""
+    (last-stage logits or None, per-layer routing counts, this rank's per-token routing maps by layer)."""
     chunks = build_model_chunks(model_cfg, parallel, initialize=False, params_dtype=params_dtype)
     state = io.model_sharded_state_dict(chunks)
     stored = io.read_storage_metadata(ckpt_dir).state_dict_metadata.keys()
     keys.rename_for_spec(state, keys.built_spec(built_with_te(chunks)), keys.storage_spec(stored) or keys.LOCAL_SPEC)
     io.load_checkpoint(ckpt_dir, state)
-    counter = RoutingCounter(chunks)
+    counter = RoutingCounter(chunks, keep_maps=True)
     logits, _ = forward_logits(chunks, batches)
-    return logits, counter.gathered(model_cfg.num_layers, model_cfg.num_moe_experts)
+    return logits, counter.gathered(model_cfg.num_layers, model_cfg.num_moe_experts), counter.maps
 
 
 def _logit_metrics(src_logits: torch.Tensor, grown_logits: torch.Tensor, vocab: int) -> dict:
@@ -138,6 +140,35 @@ def _routing_metrics(loads: torch.Tensor, plan: GrowthPlan) -> dict:
         "max_copy_vs_original_share_gap": pair_gap,
         "per_layer_share_original": [round(float(x), 4) for x in share[:, original].sum(1)],
         "has_copies": bool((~original).any()),
+    }
+
+
+def _routing_change(src_loads: torch.Tensor, loads: torch.Tensor, src_maps: dict, grown_maps: dict,
+                    plan: GrowthPlan) -> dict:
+    """The routing before and after, per source expert (a grown expert counts for the source expert it
+    copies): the mean share of each, the mass moved between them (total variation, mean over layers),
+    and the share of (token, layer) pairs whose selected set of source experts changed (collective;
+    over the layers a rank holds in both models, all of them without PP)."""
+    to_source = torch.zeros(len(plan.expert_source), plan.source.num_moe_experts, dtype=torch.float64)
+    to_source[torch.arange(len(plan.expert_source)), torch.tensor(plan.expert_source)] = 1
+    before = src_loads[list(plan.layer_source)]
+    after = loads @ to_source
+    before = before / before.sum(1, keepdim=True).clamp_min(1)
+    after = after / after.sum(1, keepdim=True).clamp_min(1)
+    changed_and_seen = torch.zeros(2, dtype=torch.float64)
+    for j, maps in grown_maps.items():
+        if plan.layer_source[j] not in src_maps:
+            continue
+        for grown_map, src_map in zip(maps, src_maps[plan.layer_source[j]]):
+            projected = (grown_map.to(torch.float64) @ to_source) > 0
+            changed_and_seen += torch.tensor([float((projected != src_map).any(1).sum()), float(len(src_map))])
+    if torch.distributed.is_initialized():
+        all_reduce_host(changed_and_seen)
+    return {
+        "routing_share_by_source_expert_before": [round(float(x), 4) for x in before.mean(0)],
+        "routing_share_by_source_expert_after": [round(float(x), 4) for x in after.mean(0)],
+        "routing_mass_moved": float(0.5 * (after - before).abs().sum(1).mean()),
+        "topk_set_changed": float(changed_and_seen[0] / changed_and_seen[1]) if changed_and_seen[1] else None,
     }
 
 
@@ -207,4 +238,14 @@ def format_metrics(m: dict) -> str:
         f"  routing share, copies       {m['routing_share_copies'] * 100:.2f}%",
         f"  max copy/original share gap {m['max_copy_vs_original_share_gap'] * 100:.2f} points",
     ]
+    if "routing_mass_moved" in m:
+        changed = m["topk_set_changed"]
+        lines += [
+            "  routing by source expert    before " + " ".join(f"{x:.3f}" for x in
+                                                             m["routing_share_by_source_expert_before"]),
+            "                              after  " + " ".join(f"{x:.3f}" for x in
+                                                             m["routing_share_by_source_expert_after"]),
+            f"  routing mass moved          {m['routing_mass_moved'] * 100:.2f}%",
+            f"  top-k set changed           {'n/a' if changed is None else f'{changed * 100:.2f}%'} of tokens",
+        ]
     return "\n".join(lines)

@@ -21,8 +21,10 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 class RoutingCounter:
     """Forward hooks on every router of ``model_chunks`` that add up routing maps."""
 
-    def __init__(self, model_chunks):
+    def __init__(self, model_chunks, keep_maps: bool = False):
         self.counts: dict[int, torch.Tensor] = {}
+        self.keep_maps = keep_maps  # also keep each forward's per-token routing map (verify compares them)
+        self.maps: dict[int, list[torch.Tensor]] = {}
         self.handles = []
         for chunk in model_chunks:
             for layer in unwrap(chunk).decoder.layers:
@@ -34,6 +36,8 @@ class RoutingCounter:
             _, routing_map = output
             c = routing_map.sum(dim=0).to(torch.float64).cpu()
             self.counts[layer_idx] = self.counts.get(layer_idx, 0) + c
+            if self.keep_maps:
+                self.maps.setdefault(layer_idx, []).append(routing_map.detach().bool().cpu())
         return hook
 
     def snapshot(self, num_layers: int, num_experts: int, reset: bool = True) -> torch.Tensor:

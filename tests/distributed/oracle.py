@@ -60,6 +60,30 @@ def width_sources(E: int, m: int, layout: str) -> tuple[list[int], list[int]]:
     return [e // m for e in range(n)], [e % m for e in range(n)]
 
 
+def upcycle_sources(E: int, u) -> tuple[list[int], list[int]]:
+    """(source expert, copy index) of every target expert of expert upcycling (docs/growth.md).
+
+    Copies per expert by largest remainder: n = E' - E; utility u_e (the recorded shares, or all 1
+    for uniform; all 0 counts as uniform); quota q_e = n u_e / sum(u) in exact rationals; each gets
+    floor(q_e), the rest one each by descending q_e - floor(q_e), lower index first. append: the E
+    originals, then expert 0's copies, expert 1's, ...; interleave: each expert then its copies.
+    """
+    from fractions import Fraction
+
+    n = u.num_experts - E
+    util = [Fraction(x) for x in u.utility_shares] if u.allocation == "utility" else [Fraction(1)] * E
+    if sum(util) == 0:
+        util = [Fraction(1)] * E
+    q = [n * x / sum(util) for x in util]
+    c = [math.floor(x) for x in q]
+    for e in sorted(range(E), key=lambda e: (c[e] - q[e], e))[:n - sum(c)]:
+        c[e] += 1
+    if u.expert_layout == "append":
+        return (list(range(E)) + [e for e in range(E) for _ in range(c[e])],
+                [0] * E + [i for e in range(E) for i in range(1, c[e] + 1)])
+    return [e for e in range(E) for _ in range(c[e] + 1)], [i for e in range(E) for i in range(c[e] + 1)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Noise
 
@@ -102,12 +126,15 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
     layer_keys = [k for k in src if k.startswith("decoder.layers.")]
     L = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[0]
     E = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[1]
-    d, w = growth.depth, growth.width
+    d, w, u = growth.depth, growth.width, growth.upcycle
+    assert not (w and u), "the oracle composes depth with one expert operator"
     lsrc = depth_sources(L, d.mode, d.factor, d.ignore_first, d.ignore_last) if d else list(range(L))
     new_copy = is_new_depth_copy(lsrc)
     esrc, copy = width_sources(E, w.factor, w.expert_layout) if w else (list(range(E)), [0] * E)
-    order = list(growth.order) or [op for op, on in (("depth", d), ("width", w)) if on]
-    width_first = order == ["width", "depth"]
+    if u:
+        esrc, copy = upcycle_sources(E, u)
+    order = list(growth.order) or [op for op, on in (("depth", d), ("width", w), ("upcycle", u)) if on]
+    width_first = order in (["width", "depth"], ["upcycle", "depth"])
 
     def noise_layer(j: int) -> int:
         # Width before depth widens each source layer once, and depth copies it: keyed by the source
@@ -119,7 +146,9 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
         s = src[key]
         rows = []
         for j, ls in enumerate(lsrc):
-            if w is None:
+            if u is not None:
+                t = _upcycled(key, s[ls], esrc, copy, u, growth.seed, noise_layer(j))
+            elif w is None:
                 t = s[ls].clone()
             elif key.endswith("mlp.router.weight"):
                 t = _router(s[ls], esrc, copy, w, growth.seed, noise_layer(j), init_method_std)
@@ -136,6 +165,22 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
                 t = torch.zeros_like(t)  # applied last, after any width noise
             rows.append(t)
         out[key] = torch.stack(rows)
+    return out
+
+
+def _upcycled(key, x, esrc, copy, u, seed, layer):
+    """Upcycling: router rows, expert biases and routed experts exact copies through the map; each copy's
+    router expert_bias gets + bias_noise * eps, eps = N(0, 1) keyed by (seed, router.expert_bias, layer,
+    target expert); with unselected_copies it is min(source bias) - 2 - bias_noise * |eps| instead."""
+    if not (key.endswith(("mlp.router.weight", "mlp.router.expert_bias")) or ".mlp.experts.experts." in key):
+        return x.clone()
+    out = x[esrc].clone()
+    if key.endswith("mlp.router.expert_bias") and (u.bias_noise > 0 or u.unselected_copies):
+        for e, c in enumerate(copy):
+            if c:
+                eps = draw(seed, BIAS, layer, e, ()) * u.bias_noise
+                value = x.float().min() - 2.0 - eps.abs() if u.unselected_copies else out[e].float() + eps
+                out[e] = value.to(out.dtype)
     return out
 
 

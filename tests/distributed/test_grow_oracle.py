@@ -27,7 +27,13 @@ import pytest
 import torch
 
 from megatron_grow.config.loader import load_recipe
-from megatron_grow.config.schema import DepthGrowthConfig, GrowthConfig, ParallelConfig, WidthGrowthConfig
+from megatron_grow.config.schema import (
+    DepthGrowthConfig,
+    GrowthConfig,
+    ParallelConfig,
+    UpcycleGrowthConfig,
+    WidthGrowthConfig,
+)
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed import oracle
 from tests.distributed.bodies import plain_tensors_of_many
@@ -117,9 +123,15 @@ def grow_stock_source(source_root: str, grown_root: str, growth: GrowthConfig, p
 # Cases
 
 
-def _growth(order, depth=None, width=None, seed=1234):
+def _growth(order, depth=None, width=None, seed=1234, upcycle=None):
     return GrowthConfig(order=tuple(order), depth=DepthGrowthConfig(**depth) if depth else None,
-                        width=WidthGrowthConfig(**width) if width else None, seed=seed)
+                        width=WidthGrowthConfig(**width) if width else None, seed=seed,
+                        upcycle=UpcycleGrowthConfig(**upcycle) if upcycle else None)
+
+
+# Routing shares of the 8 source experts (as route-stats would average them): q = 2 * u / sum(u) for
+# E' = 10 is (.08, .8, .16, .04, .48, .16, .16, .12) -> floors 0; the 2 copies go to e1 (.8) and e4 (.48).
+UTILITY = (0.04, 0.4, 0.08, 0.02, 0.24, 0.08, 0.08, 0.06)
 
 
 CASES = {
@@ -155,6 +167,17 @@ CASES = {
         growth=_growth(("depth", "width"),
                        depth=dict(mode="stack", factor=2, ignore_last=1, identity_init=True),
                        width=dict(factor=2, expert_layout="append", noise="none"))),
+    # expert upcycling by utility, 8 -> 10 experts, top-k fixed, copies' expert bias noised; TP=2 source into EP=2.
+    "upcycle_utility": dict(
+        source="tp2", world=2, parallel=ParallelConfig(expert_model_parallel_size=2),
+        growth=_growth(("upcycle",), upcycle=dict(num_experts=10, utility_shares=UTILITY, bias_noise=0.05), seed=7)),
+    # upcycling uniform 8 -> 11, interleave, copies unselected, then depth (bias noise keyed by the source
+    # layer); EP=2 into TP=2.
+    "upcycle_uniform_then_depth": dict(
+        source="ep2", world=2, parallel=ParallelConfig(tensor_model_parallel_size=2),
+        growth=_growth(("upcycle", "depth"), depth=dict(mode="interposition", factor=2),
+                       upcycle=dict(num_experts=11, allocation="uniform", expert_layout="interleave",
+                                    bias_noise=0.1, unselected_copies=True))),
 }
 
 SOURCES = {"tp2": (2, 1), "ep2": (1, 2)}
@@ -311,3 +334,32 @@ def test_stack_identity_noise_none_properties(checkpoints):
         assert torch.equal(grown[proj][j], torch.zeros_like(src[proj][s]) if new else src[proj][s]), j
         expected_fc2 = torch.zeros_like(grown[fc2][j]) if new else torch.cat([src[fc2][s], src[fc2][s]])
         assert torch.equal(grown[fc2][j], expected_fc2), j
+
+
+def test_upcycle_utility_properties(checkpoints):
+    src, grown = checkpoints["tp2"], checkpoints["upcycle_utility"]
+    fc1, bias = _expert_key(grown, "linear_fc1.weight"), _key(grown, "mlp.router.expert_bias")
+    router = _key(grown, "mlp.router.weight")
+    assert grown[fc1].shape[:2] == (4, 10)
+    assert torch.equal(grown[fc1][:, :8], src[fc1]) and torch.equal(grown[router][:, :8], src[router])
+    # the two most used experts (1 and 4) are the ones copied, exactly, router rows included
+    assert torch.equal(grown[fc1][:, 8], src[fc1][:, 1]) and torch.equal(grown[fc1][:, 9], src[fc1][:, 4])
+    assert torch.equal(grown[router][:, 8:], src[router][:, [1, 4]])
+    assert torch.equal(grown[bias][:, :8], src[bias])
+    assert not torch.equal(grown[bias][:, 8:], src[bias][:, [1, 4]])   # copies perturbed through the bias only
+
+
+def test_upcycle_uniform_then_depth_properties(checkpoints):
+    src, grown = checkpoints["ep2"], checkpoints["upcycle_uniform_then_depth"]
+    fc2, bias = _expert_key(grown, "linear_fc2.weight"), _key(grown, "mlp.router.expert_bias")
+    # uniform 8 -> 11: experts 0, 1, 2 get one copy each; interleave: [0, 0', 1, 1', 2, 2', 3, ..., 7]
+    order = [0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7]
+    assert grown[fc2].shape[:2] == (8, 11)
+    for j in range(8):
+        assert torch.equal(grown[fc2][j], src[fc2][j // 2][order]), j
+    # upcycling first: both depth copies of a layer carry the same bias noise
+    assert torch.equal(grown[bias][0], grown[bias][1])
+    # unselected copies: below every source bias by 2 or more; originals exact
+    for j in range(8):
+        assert torch.equal(grown[bias][j, [0, 2, 4, 6, 7, 8, 9, 10]], src[bias][j // 2]), j
+        assert (grown[bias][j, [1, 3, 5]] <= src[bias][j // 2].min() - 2).all(), j

@@ -1,0 +1,142 @@
+"""Expert upcycling (``growth.upcycle``): the allocation rule and the index map against hand-worked
+values from their definition in docs/growth.md, the section's problems, and the statistics file read
+into the plan (and so into the growth record)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from megatron_grow.config.loader import load_recipe
+from megatron_grow.config.route_stats import FORMAT, file_sha256
+from megatron_grow.config.schema import GrowthConfig, ModelConfig, UpcycleGrowthConfig
+from megatron_grow.errors import ConfigError
+from megatron_grow.growth.operators.upcycle import UpcycleOperator, allocate_copies, upcycle_map
+from megatron_grow.growth.plan import make_growth_plan
+
+SRC = ModelConfig(num_layers=2, num_moe_experts=4, moe_router_topk=2, moe_router_enable_expert_bias=True)
+
+
+# Worked by hand: quota q_e = n*u_e/sum(u); floor; the rest to the largest q_e - floor(q_e), lower index first.
+@pytest.mark.parametrize("utility, n, expected", [
+    ((0.5, 0.3, 0.2, 0.0), 3, (1, 1, 1, 0)),      # q = 1.5, .9, .6, 0 -> floors 1,0,0,0; +1 to e1 (.9), e2 (.6)
+    ((0.4, 0.4, 0.2), 4, (2, 1, 1)),              # q = 1.6, 1.6, .8 -> 1,1,0; +1 to e2 (.8), then e0 (tie with e1)
+    ((1.0,) * 8, 3, (1, 1, 1, 0, 0, 0, 0, 0)),     # uniform: the remainder to the lowest indices
+    ((0.0, 0.0, 0.0), 4, (2, 1, 1)),              # all zero counts as uniform: q = 4/3 each
+    ((0.7, 0.1, 0.1, 0.1), 6, (4, 1, 1, 0)),      # q = 4.2, .6, .6, .6 -> 4,0,0,0; +1 to e1, e2 (.6 > .2; by index)
+    ((3.0, 1.0), 0, (0, 0)),
+])
+def test_largest_remainder_allocation(utility, n, expected):
+    assert allocate_copies(utility, n) == expected
+    assert sum(allocate_copies(utility, n)) == n
+
+
+def test_allocation_refuses_negative_utility():
+    with pytest.raises(ValueError):
+        allocate_copies((1.0, -0.1), 2)
+
+
+def test_upcycle_maps():
+    m = upcycle_map((2, 1, 0), "append")
+    assert (m.source, m.copy_index) == ((0, 1, 2, 0, 0, 1), (0, 0, 0, 1, 2, 1))
+    m = upcycle_map((2, 1, 0), "interleave")
+    assert (m.source, m.copy_index) == ((0, 0, 0, 1, 1, 2), (0, 1, 2, 0, 1, 0))
+
+
+def _growth(**kw):
+    return GrowthConfig(upcycle=UpcycleGrowthConfig(**kw))
+
+
+def test_plan_keeps_topk_and_follows_the_utility():
+    plan = make_growth_plan(SRC, _growth(num_experts=7, utility_shares=(0.1, 0.6, 0.2, 0.1)))
+    # q = 3 * (.1, .6, .2, .1) = .3, 1.8, .6, .3 -> floors 0,1,0,0; +1 to e1 (.8), e2 (.6)
+    assert plan.target.num_moe_experts == 7 and plan.target.moe_router_topk == 2
+    assert plan.expert_source == (0, 1, 2, 3, 1, 1, 2)
+    assert plan.expert_copy_index == (0, 0, 0, 0, 1, 2, 1)
+
+
+def test_uniform_ignores_shares():
+    plan = make_growth_plan(SRC, _growth(num_experts=6, allocation="uniform"))
+    assert plan.expert_source == (0, 1, 2, 3, 0, 1)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(num_experts=4, allocation="uniform"), "growth.upcycle.num_experts (4) must be > the experts it grows (4)"),
+    (dict(num_experts=6), "growth.upcycle.utility_stats: required by allocation: utility"),
+    (dict(num_experts=6, utility_shares=(1.0, 2.0)), "growth.upcycle.utility_shares: 2 values for 4 experts"),
+    (dict(num_experts=6, utility_shares=(1.0, -2.0, 0, 0)), "growth.upcycle.utility_shares: every value"),
+    (dict(num_experts=6, allocation="uniform", bias_noise=-1.0), "growth.upcycle.bias_noise"),
+])
+def test_problems_name_the_key(kw, needle):
+    with pytest.raises(ConfigError) as err:
+        make_growth_plan(SRC, _growth(**kw))
+    assert needle in str(err.value)
+
+
+def test_bias_noise_needs_an_expert_bias():
+    model = dataclasses.replace(SRC, moe_router_enable_expert_bias=False)
+    with pytest.raises(ConfigError) as err:
+        make_growth_plan(model, _growth(num_experts=6, allocation="uniform", bias_noise=0.1))
+    assert "growth.upcycle.bias_noise (0.1) needs model.moe_router_enable_expert_bias: true" in str(err.value)
+
+
+def _stats_file(tmp_path, shares):
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"format": FORMAT, "shares": shares}))
+    return str(path)
+
+
+def test_stats_file_is_read_into_the_plan(tmp_path):
+    # layer means: (.1+.3)/2=.2, (.6+.4)/2=.5, (.2+.2)/2=.2, (.1+.1)/2=.1 -> q = 3u = .6, 1.5, .6, .3
+    # -> floors 0,1,0,0; left 2: remainders .6 (e0), .5 (e1), .6 (e2), .3 -> e0, e2
+    path = _stats_file(tmp_path, [[0.1, 0.6, 0.2, 0.1], [0.3, 0.4, 0.2, 0.1]])
+    recipe = load_recipe(raw={"model": dataclasses.asdict(SRC),
+                              "growth": {"upcycle": {"num_experts": 7, "utility_stats": path}}})
+    plan = make_growth_plan(recipe.model, recipe.growth)
+    section = plan.growth.upcycle
+    assert section.utility_shares == pytest.approx((0.2, 0.5, 0.2, 0.1))
+    assert section.utility_stats_sha256 == file_sha256(path)
+    assert plan.expert_source == (0, 1, 2, 3, 0, 1, 2)
+    # the record's section (dataclasses.asdict) rebuilds the same plan without the file
+    rebuilt = UpcycleGrowthConfig(**json.loads(json.dumps(dataclasses.asdict(section))))
+    (tmp_path / "stats.json").unlink()
+    assert make_growth_plan(SRC, GrowthConfig(upcycle=rebuilt)).expert_source == plan.expert_source
+    assert "sha256" in UpcycleOperator.describe(dataclasses.asdict(section))
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "does not exist"), ("{", "not a readable JSON"), ('{"shares": [[1, 2]]}', "is not a megatron_grow"),
+])
+def test_bad_stats_file_is_one_line_naming_the_key(tmp_path, content, needle):
+    path = tmp_path / "stats.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        make_growth_plan(SRC, _growth(num_experts=6, utility_stats=str(path)))
+    assert "growth.upcycle.utility_stats:" in str(err.value) and needle in str(err.value)
+
+
+def test_bias_noise_only_on_copies():
+    plan = make_growth_plan(SRC, _growth(num_experts=6, allocation="uniform", bias_noise=0.5))
+    source = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    grown = plan.operators[0].expert_bias(plan, 1, source[list(plan.expert_source)].clone(), source)
+    assert torch.equal(grown[:4], source)
+    assert not torch.equal(grown[4:], source[:2])
+
+
+def test_unselected_copies_need_sigmoid_routing_with_expert_bias():
+    model = dataclasses.replace(SRC, moe_router_score_function="softmax")
+    with pytest.raises(ConfigError) as err:
+        make_growth_plan(model, _growth(num_experts=6, allocation="uniform", unselected_copies=True))
+    assert "growth.upcycle.unselected_copies needs model.moe_router_score_function: sigmoid" in str(err.value)
+
+
+def test_unselected_copies_sit_below_every_original():
+    plan = make_growth_plan(SRC, _growth(num_experts=6, allocation="uniform", bias_noise=0.5,
+                                         unselected_copies=True))
+    source = torch.tensor([0.1, -0.2, 0.3, 0.4])
+    grown = plan.operators[0].expert_bias(plan, 0, source[list(plan.expert_source)].clone(), source)
+    assert torch.equal(grown[:4], source) and (grown[4:] <= -2.2).all()
