@@ -27,7 +27,13 @@ import pytest
 import torch
 
 from megatron_grow.config.loader import load_recipe
-from megatron_grow.config.schema import DepthGrowthConfig, GrowthConfig, ParallelConfig, WidthGrowthConfig
+from megatron_grow.config.schema import (
+    DepthGrowthConfig,
+    GrowthConfig,
+    InsertGrowthConfig,
+    ParallelConfig,
+    WidthGrowthConfig,
+)
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed import oracle
 from tests.distributed.bodies import plain_tensors_of_many
@@ -117,9 +123,10 @@ def grow_stock_source(source_root: str, grown_root: str, growth: GrowthConfig, p
 # Cases
 
 
-def _growth(order, depth=None, width=None, seed=1234):
+def _growth(order, depth=None, width=None, seed=1234, insert=None):
     return GrowthConfig(order=tuple(order), depth=DepthGrowthConfig(**depth) if depth else None,
-                        width=WidthGrowthConfig(**width) if width else None, seed=seed)
+                        width=WidthGrowthConfig(**width) if width else None, seed=seed,
+                        insert=InsertGrowthConfig(**insert) if insert else None)
 
 
 CASES = {
@@ -155,6 +162,17 @@ CASES = {
         growth=_growth(("depth", "width"),
                        depth=dict(mode="stack", factor=2, ignore_last=1, identity_init=True),
                        width=dict(factor=2, expert_layout="append", noise="none"))),
+    # depth by insertion (LLaMA Pro), 3 blocks (after layers 0, 2, 2: 4 -> 7), then width with gaussian
+    # noise (keyed by the layer after insertion; the inserted blocks' fc2 zeroed after the noise); TP=2
+    # source into EP=2.
+    "insert_after_then_width": dict(
+        source="tp2", world=2, parallel=ParallelConfig(expert_model_parallel_size=2),
+        growth=_growth(("insert", "width"), insert=dict(after=(0, 2, 2)),
+                       width=dict(factor=2, expert_layout="append", noise="gaussian", alpha=0.05))),
+    # depth x2 then one block after every 4th layer (8 -> 10); EP=2 source into PP=2.
+    "depth_then_insert_every": dict(
+        source="ep2", world=2, parallel=ParallelConfig(pipeline_model_parallel_size=2),
+        growth=_growth(("depth", "insert"), depth=dict(mode="interposition", factor=2), insert=dict(every=4))),
 }
 
 SOURCES = {"tp2": (2, 1), "ep2": (1, 2)}
@@ -311,3 +329,17 @@ def test_stack_identity_noise_none_properties(checkpoints):
         assert torch.equal(grown[proj][j], torch.zeros_like(src[proj][s]) if new else src[proj][s]), j
         expected_fc2 = torch.zeros_like(grown[fc2][j]) if new else torch.cat([src[fc2][s], src[fc2][s]])
         assert torch.equal(grown[fc2][j], expected_fc2), j
+
+
+def test_insert_properties(checkpoints):
+    src, grown = checkpoints["tp2"], checkpoints["insert_after_then_width"]
+    proj, qkv = _key(grown, "self_attention.linear_proj.weight"), _key(grown, "linear_qkv.weight")
+    fc1, fc2 = _expert_key(grown, "linear_fc1.weight"), _expert_key(grown, "linear_fc2.weight")
+    # after layers 0, 2, 2: [0, 0*, 1, 2, 2*, 2*, 3]; a new block copies the layer before it.
+    for j, (s, new) in enumerate([(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 1), (3, 0)]):
+        assert torch.equal(grown[qkv][j], src[qkv][s]), j
+        assert torch.equal(grown[fc1][j, :8], src[fc1][s]), j
+        assert torch.equal(grown[proj][j], torch.zeros_like(src[proj][s]) if new else src[proj][s]), j
+        assert bool(grown[fc2][j].abs().max() == 0) == bool(new), j
+    # width after insertion keys its noise by the layer after insertion: the two new blocks after layer 2 differ.
+    assert not torch.equal(grown[fc1][4, 8:], grown[fc1][5, 8:])

@@ -9,11 +9,14 @@ from __future__ import annotations
 from megatron_grow.errors import ConfigError
 from megatron_grow.growth.operators.base import GrowthOperator
 from megatron_grow.growth.operators.depth import DepthOperator
+from megatron_grow.growth.operators.insert import InsertOperator
 from megatron_grow.growth.operators.width import WidthOperator
 
 REGISTRY: dict[str, type[GrowthOperator]] = {op.name: op for op in (
     DepthOperator,
     WidthOperator,
+    # issue 27 (h27b)
+    InsertOperator,
 )}
 
 
