@@ -125,11 +125,13 @@ def grown(source, tmp_path_factory):
     """The source grown (depth x2 then width x2, gaussian alpha 0.01) with carry into three layouts,
     and with carry_zero_new into one; the plain tensors of all of them and of the source."""
     root = tmp_path_factory.mktemp("grown")
-    cases = {"serial": "carry", "ep2": "carry", "tp2": "carry", "ep2_zero": "carry_zero_new"}
-    for name, mode in cases.items():
+    cases = {"serial": {"optimizer": "carry"}, "ep2": {"optimizer": "carry"}, "tp2": {"optimizer": "carry"},
+             "ep2_zero": {"optimizer": "carry_zero_new"},
+             "ep2_policy": {"optimizer": "policy", "optimizer_policy": POLICY}}
+    for name, changes in cases.items():
         world, par = LAYOUTS[name.split("_")[0]]
         run_in_processes(grow_body, world, (source["root"], str(root / name),
-                                            _growth("tiny_depth_width.yaml", optimizer=mode), ParallelConfig(**par)))
+                                            _growth("tiny_depth_width.yaml", **changes), ParallelConfig(**par)))
     roots = [source["root"]] + [str(root / n) for n in cases]
     tensors = run_in_processes(plain_tensors_of_many, 1, (roots,))[0]
     return {"source": tensors[0], **dict(zip(cases, tensors[1:])), "root": root}
@@ -154,6 +156,70 @@ def test_grown_moments_equal_the_definitions(grown, name):
     for k in out:
         if k.startswith(keys.optimizer_state_key(keys.MAIN_PARAM_STATE, "")):
             assert torch.equal(out[k], out[k[len(keys.optimizer_state_key(keys.MAIN_PARAM_STATE, "")):]]), k
+
+
+# growth.optimizer: policy -- every rule on each moment, per kind and member (docs/growth.md).
+POLICY = load_recipe(raw={"growth": {"width": {"factor": 2}, "optimizer": "policy", "optimizer_policy": {
+    "originals": {"exp_avg": "copy", "exp_avg_sq": "scale", "exp_avg_sq_factor": 0.5},
+    "copies": {"exp_avg": "reset", "exp_avg_sq": "copy"},          # SPARKLING's asymmetric reset
+    "experts": {"copies": {"exp_avg": "scale", "exp_avg_factor": 0.5, "exp_avg_sq": "interpolate",
+                           "exp_avg_sq_factor": 0.25, "exp_avg_sq_toward": 1e-6}},
+    "router": {"copies": {"exp_avg": "interpolate", "exp_avg_factor": 0.5, "exp_avg_toward": 1e-3,
+                          "exp_avg_sq": "reset"}},
+    "attention": {"originals": {"exp_avg": "reset", "exp_avg_sq": "copy"}},
+    "norms": {"copies": {"exp_avg": "copy", "exp_avg_sq": "scale", "exp_avg_sq_factor": 2.0}},
+    "embeddings": {"originals": {"exp_avg": "scale", "exp_avg_factor": 0.1}}}}}).growth.optimizer_policy
+
+
+def _kind(key: str) -> str | None:
+    """The policy's kinds (docs/growth.md), from the storage key."""
+    if "norm" in key:
+        return "norms"
+    for marker, kind in (("router", "router"), ("experts", "experts"), ("self_attention", "attention"),
+                         ("embedding", "embeddings"), ("output_layer", "embeddings")):
+        if marker in key:
+            return kind
+    return None
+
+
+def _rule(c: torch.Tensor, spec: dict, moment: str) -> torch.Tensor:
+    """copy: c; scale: factor * c; interpolate: factor * c + (1 - factor) * toward; reset: 0."""
+    rule, f, toward = spec[moment], spec[f"{moment}_factor"], spec[f"{moment}_toward"]
+    return {"copy": c, "scale": c * f, "interpolate": c * f + (1 - f) * toward, "reset": torch.zeros_like(c)}[rule]
+
+
+def _expected_policy_moment(src: torch.Tensor, key: str, E: int, moment: str) -> torch.Tensor:
+    """Carried as with carry (depth x2 interposition, width x2 append), then each entry by its rule."""
+    carried = _expected_moment(src, key, E, zero_new=False)
+    policy = dataclasses.asdict(POLICY)
+    kind = _kind(key)
+
+    def chosen(member):
+        by_kind = policy[kind][member] if kind and policy[kind] else None
+        return by_kind if by_kind is not None else policy[member]
+
+    as_copy, as_original = _rule(carried, chosen("copies"), moment), _rule(carried, chosen("originals"), moment)
+    if not key.startswith(keys.LAYER_PREFIX):
+        return as_original
+    is_copy = torch.zeros(carried.shape, dtype=torch.bool)
+    is_copy[1::2] = True                                  # new depth copies: target layers 1, 3, 5, 7
+    if keys.ROUTED_EXPERTS_MARKER in key or key.endswith(keys.ROUTER_SUFFIX):
+        is_copy[:, E:] = True                             # expert copies and their router rows
+    return torch.where(is_copy, as_copy, as_original)
+
+
+def test_grown_moments_follow_the_policy(grown):
+    src, out = grown["source"], grown["ep2_policy"]
+    E = src[keys.ROUTER].shape[1]
+    kinds = set()
+    for k, v in src.items():
+        if not keys.is_model_space_optimizer_key(k):
+            continue
+        moment, model_key = k.split(".")[2], k.split(".", 3)[3]
+        expected = _expected_policy_moment(v, model_key, E, moment)
+        torch.testing.assert_close(out[k], expected, rtol=1e-6, atol=0, msg=k)
+        kinds.add(_kind(model_key))
+    assert kinds == {"norms", "router", "experts", "attention", "embeddings"}
 
 
 def test_grown_checkpoint_keeps_the_step_and_resumes_in_another_layout(source, grown, kjv_dataset, tmp_path):
