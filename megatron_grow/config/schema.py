@@ -150,6 +150,10 @@ class TrainingConfig:
     min_lr: float = spec(3e-5, "learning rate at the end of decay", ge=0.0)
     lr_decay_style: str = spec("WSD", "schedule shape", choices=("WSD", "cosine", "constant", "linear"))
     lr_warmup_iters: int = spec(0, "linear warmup steps", ge=0)
+    # issue 27 (h27b)
+    lr_rewarmup_iters: int | None = spec(
+        None, "linear warmup steps of a schedule that restarts at a growth point (train --grow-from, or "
+        "resuming a grown checkpoint); null: lr_warmup_iters. WSD then warms up, holds and decays from there", ge=0)
     lr_wsd_decay_iters: int = spec(0, "WSD: length of the final decay phase", ge=0)
     lr_wsd_decay_style: str = spec("linear", "WSD decay shape",
                                    choices=("linear", "cosine", "exponential", "minus_sqrt"))

@@ -340,6 +340,30 @@ def test_online_carry_equals_offline_carry_then_resume(source, kjv_dataset, tmp_
     assert lineage[-1]["optimizer"] == "carry"
 
 
+def test_grow_from_restarts_the_schedule_with_the_rewarmup(source, kjv_dataset, tmp_path):
+    """train --grow-from a source at iteration 3 with lr_rewarmup_iters: the saved MCore scheduler state
+    is a WSD schedule over the 9 remaining steps whose warmup is the re-warmup; at the save of iteration 5
+    (2 steps after the growth point) the LR is the formula's (warmup 4 steps from 0 to lr: 2/4 of lr)."""
+    from megatron.core import dist_checkpointing
+
+    training = {"train_iters": 12, "lr_decay_style": "WSD", "lr_warmup_iters": 1, "lr_rewarmup_iters": 4,
+                "lr_wsd_decay_iters": 2}
+    recipe = write_recipe(tmp_path / "g.yaml", kjv_dataset, tmp_path / "g", model=MODEL, training=training,
+                          checkpoint={"save_interval": 5})
+    with open(recipe, "a") as f:
+        f.write("growth:\n  order: [insert]\n  insert: {every: 2}\n")
+    run_in_processes(train_body, 1, (recipe, [], source["root"]))
+    state = dist_checkpointing.load_common_state_dict(_iter_dir(tmp_path / "g", 5))["opt_param_scheduler"]
+    assert (state["lr_warmup_steps"], state["lr_decay_steps"], state["num_steps"]) == (4, 9, 2)
+    t = load_recipe(recipe).training
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    from megatron_grow.training.optimizer import build_scheduler
+
+    scheduler = build_scheduler(optimizer, load_recipe(recipe), 9, restarted=True)
+    scheduler.load_state_dict(state)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(t.lr * 2 / 4, rel=1e-12)
+
+
 def _online_then_offline(online, grow_from, offline):
     return [train_body(online, [], grow_from), _train_grown(offline)]
 
