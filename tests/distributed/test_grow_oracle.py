@@ -173,6 +173,11 @@ CASES = {
     "depth_then_insert_every": dict(
         source="ep2", world=2, parallel=ParallelConfig(pipeline_model_parallel_size=2),
         growth=_growth(("depth", "insert"), depth=dict(mode="interposition", factor=2), insert=dict(every=4))),
+    # depth by insertion alone (4 -> 7: every 2nd layer, i.e. after 1 and 3, is the every-k case; here
+    # after 0, 0 and 3); EP=2 source into TP=2. Also checked to compute the source function exactly.
+    "insert_only": dict(
+        source="ep2", world=2, parallel=ParallelConfig(tensor_model_parallel_size=2),
+        growth=_growth(("insert",), insert=dict(after=(3, 0, 0)))),
 }
 
 SOURCES = {"tp2": (2, 1), "ep2": (1, 2)}
@@ -193,10 +198,13 @@ def checkpoints(tmp_path_factory):
             c = CASES[case]
             root = str(tmp_path_factory.mktemp(case) / "grown")
             run_in_processes(grow_stock_source, c["world"], (roots[c["source"]], root, c["growth"], c["parallel"]))
+            self.roots[case] = root
             self[case] = run_in_processes(plain_tensors_of_many, 1, ([root],))[0][0]
             return self[case]
 
-    return Lazy(loaded)
+    lazy = Lazy(loaded)
+    lazy.roots = dict(roots)
+    return lazy
 
 
 def _expert_key(tensors: dict, name: str) -> str:
@@ -343,3 +351,17 @@ def test_insert_properties(checkpoints):
         assert bool(grown[fc2][j].abs().max() == 0) == bool(new), j
     # width after insertion keys its noise by the layer after insertion: the two new blocks after layer 2 differ.
     assert not torch.equal(grown[fc1][4, 8:], grown[fc1][5, 8:])
+
+
+def _verify(source_root: str, grown_root: str, parallel: ParallelConfig) -> dict:
+    from megatron_grow.growth.verify import verify_growth
+
+    return verify_growth(source_root, grown_root, parallel, source_model=SOURCE_MODEL)
+
+
+def test_insert_preserves_the_function_exactly(checkpoints):
+    checkpoints["insert_only"]  # grown on first use
+    metrics = run_in_processes(_verify, 2, (checkpoints.roots["ep2"], checkpoints.roots["insert_only"],
+                                            ParallelConfig(tensor_model_parallel_size=2)))[0]
+    assert metrics["tokens"] > 0
+    assert metrics["max_abs_logit_diff"] == 0.0 and metrics["top1_agreement"] == 1.0, metrics
