@@ -21,6 +21,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from megatron_grow.checkpoint import keys, paths
 from megatron_grow.config.loader import load_recipe
@@ -313,16 +314,23 @@ def _two_steps(runs):
 # Online carry
 
 
-def test_online_carry_equals_offline_carry_then_resume(source, kjv_dataset, tmp_path):
+ONLINE_POLICY = ("  optimizer_policy:\n    copies: {exp_avg: reset, exp_avg_sq: scale, exp_avg_sq_factor: 0.5}\n"
+                 "    router: {originals: {exp_avg: scale, exp_avg_factor: 0.25}}\n")
+
+
+@pytest.mark.parametrize("mode", ["carry", "policy"])
+def test_online_carry_equals_offline_carry_then_resume(source, kjv_dataset, tmp_path, mode):
     growth_yaml = ("growth:\n  order: [width]\n  width: {factor: 2, noise: gaussian, alpha: 0.01}\n"
-                   "  optimizer: carry\n")
+                   f"  optimizer: {mode}\n" + (ONLINE_POLICY if mode == "policy" else ""))
+    policy = load_recipe(raw={"growth": yaml.safe_load(growth_yaml)["growth"]}).growth.optimizer_policy
     par = LAYOUTS["ep2"][1]
     online = write_recipe(tmp_path / "on.yaml", kjv_dataset, tmp_path / "on", model=MODEL, parallel=par,
                           training={"train_iters": 5})
     with open(online, "a") as f:
         f.write(growth_yaml)
     run_in_processes(grow_body, 2, (source["root"], str(tmp_path / "off_init"),
-                                    _growth("tiny_width.yaml", optimizer="carry"), ParallelConfig(**par)))
+                                    _growth("tiny_width.yaml", optimizer=mode, optimizer_policy=policy),
+                                    ParallelConfig(**par)))
     offline = write_recipe(tmp_path / "off.yaml", kjv_dataset, tmp_path / "off", model=MODEL, parallel=par,
                            training={"train_iters": 5},
                            checkpoint={"load": str(tmp_path / "off_init"), "save": str(tmp_path / "off")})
@@ -337,7 +345,8 @@ def test_online_carry_equals_offline_carry_then_resume(source, kjv_dataset, tmp_
     from megatron_grow.checkpoint import io
 
     lineage = io.read_manifest(_iter_dir(tmp_path / "on"))["lineage"]
-    assert lineage[-1]["optimizer"] == "carry"
+    assert lineage[-1]["optimizer"] == mode
+    assert lineage[-1]["optimizer_policy"] == (dataclasses.asdict(policy) if policy is not None else None)
 
 
 def test_grow_from_restarts_the_schedule_with_the_rewarmup(source, kjv_dataset, tmp_path):
