@@ -128,7 +128,8 @@ def grown(source, tmp_path_factory):
     root = tmp_path_factory.mktemp("grown")
     cases = {"serial": {"optimizer": "carry"}, "ep2": {"optimizer": "carry"}, "tp2": {"optimizer": "carry"},
              "ep2_zero": {"optimizer": "carry_zero_new"},
-             "ep2_policy": {"optimizer": "policy", "optimizer_policy": POLICY}}
+             "ep2_policy": {"optimizer": "policy", "optimizer_policy": POLICY},
+             "tp2_policy": {"optimizer": "policy", "optimizer_policy": POLICY}}
     for name, changes in cases.items():
         world, par = LAYOUTS[name.split("_")[0]]
         run_in_processes(grow_body, world, (source["root"], str(root / name),
@@ -209,8 +210,9 @@ def _expected_policy_moment(src: torch.Tensor, key: str, E: int, moment: str) ->
     return torch.where(is_copy, as_copy, as_original)
 
 
-def test_grown_moments_follow_the_policy(grown):
-    src, out = grown["source"], grown["ep2_policy"]
+@pytest.mark.parametrize("name", ["ep2_policy", "tp2_policy"])
+def test_grown_moments_follow_the_policy(grown, name):
+    src, out = grown["source"], grown[name]
     E = src[keys.ROUTER].shape[1]
     kinds = set()
     for k, v in src.items():
