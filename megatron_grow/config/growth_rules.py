@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from megatron_grow.config.schema import GrowthConfig, ModelConfig, field_problem
+from megatron_grow.config.schema import GrowthConfig, ModelConfig, OptimizerCarry, ParamKind, field_problem, values
 
 OPERATORS = GrowthConfig.operator_names()
 
@@ -74,6 +74,28 @@ def _source_problems(growth: GrowthConfig, model: ModelConfig, prefix: str, orde
     return out
 
 
+def _policy_problems(growth: GrowthConfig, prefix: str) -> list[str]:
+    """``optimizer_policy`` goes with ``optimizer: policy`` and only with it; its rules' bounds."""
+    policy, wants = growth.optimizer_policy, growth.optimizer == OptimizerCarry.POLICY
+    if wants and policy is None:
+        return [f"{prefix}.optimizer: policy needs a {prefix}.optimizer_policy section"]
+    if policy is not None and not wants:
+        return [f"{prefix}.optimizer_policy is set but {prefix}.optimizer is {growth.optimizer!r}; "
+                f"set {prefix}.optimizer: policy or remove the section"]
+    if policy is None:
+        return []
+    out = []
+    for member in ("originals", "copies"):
+        out.extend(bounds_problems(getattr(policy, member), f"{prefix}.optimizer_policy.{member}"))
+    for kind in values(ParamKind):
+        by_kind = getattr(policy, kind)
+        for member in ("originals", "copies"):
+            rule = getattr(by_kind, member) if by_kind is not None else None
+            if rule is not None:
+                out.extend(bounds_problems(rule, f"{prefix}.optimizer_policy.{kind}.{member}"))
+    return out
+
+
 def growth_problems(growth: GrowthConfig, model: ModelConfig | None = None,
                     prefix: str = "growth") -> list[str]:
     """Every problem of ``growth`` (against ``model`` when given), one line each naming its key.
@@ -91,6 +113,7 @@ def growth_problems(growth: GrowthConfig, model: ModelConfig | None = None,
         out.extend(bounds_problems(section, f"{prefix}.{name}"))
     order_problems = _order_problems(growth, prefix)
     out.extend(order_problems)
+    out.extend(_policy_problems(growth, prefix))
     if model is not None:
         # With a bad order the sections are still checked, in the default order.
         order = tuple(growth.sections()) if order_problems else resolved_order(growth)

@@ -152,6 +152,9 @@ class TrainingConfig:
     min_lr: float = spec(3e-5, "learning rate at the end of decay", ge=0.0)
     lr_decay_style: str = spec("WSD", "schedule shape", choices=("WSD", "cosine", "constant", "linear"))
     lr_warmup_iters: int = spec(0, "linear warmup steps", ge=0)
+    lr_rewarmup_iters: int | None = spec(
+        None, "linear warmup steps of a schedule that restarts at a growth point (train --grow-from, or "
+        "resuming a grown checkpoint); null: lr_warmup_iters. WSD then warms up, holds and decays from there", ge=0)
     lr_wsd_decay_iters: int = spec(0, "WSD: length of the final decay phase", ge=0)
     lr_wsd_decay_style: str = spec("linear", "WSD decay shape",
                                    choices=("linear", "cosine", "exponential", "minus_sqrt"))
@@ -274,6 +277,7 @@ class OptimizerCarry(StrEnum):
     RESET = "reset"                     # fresh moments (the paper)
     CARRY = "carry"                     # grown through the weights' index maps
     CARRY_ZERO_NEW = "carry_zero_new"   # carry, entries new in the grown model at zero
+    POLICY = "policy"                   # carry, each moment by growth.optimizer_policy
 
 
 def values(kind: type[StrEnum]) -> tuple[str, ...]:
@@ -395,7 +399,7 @@ class WidthGrowthConfig(GrowthSection):
         return []
 
 
-# ---- expert upcycling (issue 27, expert side) -------------------------------------------------
+# ---- expert upcycling ------------------------------------------------------------------------------
 
 
 class ExpertAllocation(StrEnum):
@@ -461,6 +465,136 @@ class UpcycleGrowthConfig(GrowthSection):
         return out
 
 
+# ---- depth by insertion (LLaMA Pro block expansion) ---------------------------------------------
+
+
+def insertion_points(num_layers: int, every: int | None, after: tuple) -> tuple[int, ...]:
+    """The source layers a new block is inserted after, ascending, one entry per new block.
+
+    ``every: k`` inserts one block after source layers ``k-1, 2k-1, ...`` (LLaMA Pro's groups of k);
+    ``after`` lists the source layers explicitly (a layer listed twice gets two blocks).
+    """
+    if every is not None:
+        return tuple(range(every - 1, num_layers, every))
+    return tuple(sorted(after))
+
+
+@dataclass(frozen=True)
+class InsertGrowthConfig(GrowthSection):
+    """Depth by insertion (LLaMA Pro): L -> L + n layers, each new block a copy of the source layer
+    before it with its attention linear_proj and (shared-)expert linear_fc2 at zero, so it starts as
+    the identity on the residual stream (docs/growth.md)."""
+
+    every: int | None = spec(None, "insert one new block after every k-th source layer (after layers k-1, 2k-1, "
+                             "...); null to list the positions in 'after'", ge=1)
+    after: tuple = spec(factory=tuple, doc="source layers (0-based) to insert a new block after; a layer listed "
+                        "n times gets n blocks; empty when 'every' is set")
+
+    def grown_model(self, model: ModelConfig) -> ModelConfig:
+        points = insertion_points(model.num_layers, self.every, self.after)
+        return dataclasses.replace(model, num_layers=model.num_layers + len(points))
+
+    def problems(self, model: ModelConfig, prefix: str) -> list[str]:
+        if (self.every is None) == (not self.after):
+            return [f"{prefix}: set exactly one of {prefix}.every and {prefix}.after"]
+        bad = [p for p in self.after if isinstance(p, bool) or not isinstance(p, int)
+               or not 0 <= p < model.num_layers]
+        if bad:
+            return [f"{prefix}.after: {bad} are not source layer indices in [0, {model.num_layers})"]
+        if self.every is not None and self.every > model.num_layers:
+            return [f"{prefix}.every ({self.every}) must be <= the source model's num_layers ({model.num_layers})"]
+        return []
+
+
+
+# ---- optimizer state by policy ---------------------------------------------------------------------
+
+
+class MomentRule(StrEnum):
+    """What one Adam moment of a grown entry starts from, given the carried value ``c`` (docs/growth.md)."""
+
+    COPY = "copy"                 # c
+    SCALE = "scale"               # factor * c
+    INTERPOLATE = "interpolate"   # factor * c + (1 - factor) * toward
+    RESET = "reset"               # 0
+
+
+class ParamKind(StrEnum):
+    """The kinds of grown tensors an optimizer policy names."""
+
+    EXPERTS = "experts"         # routed and shared experts' fc1/fc2
+    ROUTER = "router"           # the router weight
+    ATTENTION = "attention"     # linear_qkv, linear_proj
+    NORMS = "norms"             # every norm weight (input, pre-MLP, QK, final)
+    EMBEDDINGS = "embeddings"   # word embedding and output layer
+
+
+@dataclass(frozen=True)
+class MomentPolicy:
+    """The rule for the first (``exp_avg``) and second (``exp_avg_sq``) Adam moments, independently."""
+
+    exp_avg: str = spec(MomentRule.COPY.value, "first moment: copy, scale, interpolate or reset",
+                        choices=values(MomentRule))
+    exp_avg_sq: str = spec(MomentRule.COPY.value, "second moment: copy, scale, interpolate or reset",
+                           choices=values(MomentRule))
+    exp_avg_factor: float = spec(1.0, "first moment: the factor of scale / the weight of the carried value in "
+                                 "interpolate", ge=0.0)
+    exp_avg_sq_factor: float = spec(1.0, "second moment: the factor of scale / the weight of the carried value in "
+                                    "interpolate", ge=0.0)
+    exp_avg_toward: float = spec(0.0, "first moment: the value interpolate moves towards")
+    exp_avg_sq_toward: float = spec(0.0, "second moment: the value interpolate moves towards", ge=0.0)
+
+    def rule(self, moment: str) -> tuple[str, float, float]:
+        """(rule, factor, toward) of ``moment`` (``exp_avg`` or ``exp_avg_sq``)."""
+        return getattr(self, moment), getattr(self, f"{moment}_factor"), getattr(self, f"{moment}_toward")
+
+
+@dataclass(frozen=True)
+class KindPolicy:
+    """One kind's rules for its original entries and its copies; null falls back to the policy's own."""
+
+    originals: MomentPolicy | None = spec(None, "entries that existed in the source; null: the policy's originals")
+    copies: MomentPolicy | None = spec(None, "entries new in the grown model; null: the policy's copies")
+
+
+@dataclass(frozen=True)
+class OptimizerPolicyConfig:
+    """``growth.optimizer: policy``: each grown tensor's Adam moments by kind and by original vs copy.
+
+    Copies are the entries ``carry_zero_new`` zeroes: whole new layers (depth copies, inserted
+    blocks), expert copies and their router rows. Adam's step is kept, as with ``carry``.
+    """
+
+    originals: MomentPolicy = spec(factory=MomentPolicy, doc="default rule for entries that existed in the source")
+    copies: MomentPolicy = spec(factory=MomentPolicy, doc="default rule for entries new in the grown model")
+    experts: KindPolicy | None = spec(None, "routed and shared experts; null: the defaults")
+    router: KindPolicy | None = spec(None, "router weight rows; null: the defaults")
+    attention: KindPolicy | None = spec(None, "attention linear_qkv and linear_proj; null: the defaults")
+    norms: KindPolicy | None = spec(None, "norm weights; null: the defaults")
+    embeddings: KindPolicy | None = spec(None, "embedding and output layer (never copies); null: the defaults")
+
+    @classmethod
+    def from_record(cls, record: Mapping | None) -> OptimizerPolicyConfig | None:
+        """The policy a growth record stores (``dataclasses.asdict`` of it), or None."""
+        if record is None:
+            return None
+
+        def rule(d):
+            return MomentPolicy(**d) if d is not None else None
+
+        kinds = {k: KindPolicy(rule(v.get("originals")), rule(v.get("copies"))) if v is not None else None
+                 for k, v in record.items() if k not in ("originals", "copies")}
+        return cls(originals=MomentPolicy(**record["originals"]), copies=MomentPolicy(**record["copies"]), **kinds)
+
+    def policy_for(self, kind: str | None, is_copy: bool) -> MomentPolicy:
+        """The rule of an entry of ``kind`` (None: a tensor of no named kind) that is a copy or an original."""
+        member = "copies" if is_copy else "originals"
+        by_kind = getattr(self, kind) if kind is not None else None
+        chosen = getattr(by_kind, member) if by_kind is not None else None
+        return chosen if chosen is not None else getattr(self, member)
+
+
+
 @dataclass(frozen=True)
 class GrowthConfig:
     """Grow a converged checkpoint (arXiv 2510.08008); a null operator section means that operator is off."""
@@ -470,15 +604,18 @@ class GrowthConfig:
     # One field per operator (``operator=True``), in the default order (docs/extending.md).
     depth: DepthGrowthConfig | None = spec(None, "depth growth; null for none", operator=True)
     width: WidthGrowthConfig | None = spec(None, "width growth; null for none", operator=True)
-    # expert upcycling (issue 27, expert side)
     upcycle: UpcycleGrowthConfig | None = spec(None, "expert upcycling (E -> any E' > E, top-k fixed); null for none",
                                                operator=True)
+    insert: InsertGrowthConfig | None = spec(
+        None, "depth by insertion (LLaMA Pro): identity-initialised new blocks; null for none", operator=True)
     seed: int = spec(1234, "seed of the growth noise (keyed with tensor, layer and expert, never with rank)",
                      ge=0)
     optimizer: str = spec(OptimizerCarry.RESET.value, "reset (fresh Adam state; the paper), carry (Adam moments "
                           "and step grown through the weights' index maps) or carry_zero_new (carry, new entries at "
                           "zero moments)",
                           choices=values(OptimizerCarry))
+    optimizer_policy: OptimizerPolicyConfig | None = spec(
+        None, "with optimizer: policy, the rule for each grown tensor's Adam moments (docs/growth.md); null otherwise")
 
     @classmethod
     def operator_names(cls) -> tuple[str, ...]:

@@ -264,6 +264,7 @@ def growth_record(source: GrowthSource, params_before: int, params_after: int, s
         **sections,
         "seed": g.seed,
         "optimizer": g.optimizer,
+        "optimizer_policy": dataclasses.asdict(g.optimizer_policy) if g.optimizer_policy is not None else None,
         "source_path": os.path.abspath(source.root),
         "source_iteration": source.info.iteration,
         "source_model": dataclasses.asdict(source.plan.source),

@@ -13,6 +13,9 @@
   ``param_groups`` in the common state) are kept.
 * ``carry_zero_new``: as ``carry``, but entries that did not exist in the source (new depth
   copies, expert copies, copied router rows) start with zero moments (MSG's choice).
+* ``policy``: as ``carry``, then each moment of each entry by ``growth.optimizer_policy``: its
+  kind (``param_kind``) and whether it is a copy choose a rule (copy, scale, interpolate, reset)
+  for ``exp_avg`` and ``exp_avg_sq`` independently (Expert Upcycling; SPARKLING's asymmetric reset).
 
 The router's ``expert_bias`` is a buffer updated by the aux-loss-free balancing, not by
 Adam: it has no optimizer state (it grows with the weights).
@@ -33,7 +36,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_grow.checkpoint import io, keys
-from megatron_grow.config.schema import GrowthConfig, OptimizerCarry
+from megatron_grow.config.schema import GrowthConfig, MomentRule, OptimizerCarry, OptimizerPolicyConfig, ParamKind
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import retarget, source_reads
 from megatron_grow.growth.operators import operator_class
@@ -41,7 +44,7 @@ from megatron_grow.growth.plan import GrowthPlan
 from megatron_grow.growth.source import GrowthSource
 from megatron_grow.parallel.collectives import print_rank0
 
-CARRY_MODES = (OptimizerCarry.CARRY, OptimizerCarry.CARRY_ZERO_NEW)
+CARRY_MODES = (OptimizerCarry.CARRY, OptimizerCarry.CARRY_ZERO_NEW, OptimizerCarry.POLICY)
 OPTIMIZER_STATES = (keys.MAIN_PARAM_STATE,) + keys.ADAM_MOMENTS
 
 
@@ -131,7 +134,67 @@ def optimizer_tensors_for(model_tensors: Iterable, stored_keys: set) -> list:
     return out
 
 
-def grown_moment(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPlan, zero_new: bool) -> torch.Tensor:
+def param_kind(model_key: str) -> str | None:
+    """The ``ParamKind`` of a parameter's storage key, or None for a tensor of no named kind.
+
+    Args:
+        model_key: a model storage key (``decoder.layers.self_attention.linear_proj.weight``).
+
+    Returns:
+        The kind's value.
+    """
+    if "norm" in model_key.rsplit(".", 1)[-1] or "layernorm" in model_key:
+        return ParamKind.NORMS.value   # linear_qkv.layer_norm_weight, q/k_layernorm, final_layernorm
+    for marker, kind in ((".router.", ParamKind.ROUTER), (".experts.", ParamKind.EXPERTS),
+                         (".shared_experts.", ParamKind.EXPERTS), ("self_attention.", ParamKind.ATTENTION),
+                         ("embedding.", ParamKind.EMBEDDINGS), ("output_layer.", ParamKind.EMBEDDINGS)):
+        if marker in model_key:
+            return kind.value
+    return None
+
+
+def copy_mask(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPlan) -> torch.Tensor:
+    """Which entries of a grown slice are copies (new in the grown model), broadcastable to it.
+
+    Args:
+        task: the slice's growth task.
+        source: the loaded source slice (router: the source layer's whole ``[E_src, H]``).
+        plan: the growth plan.
+
+    Returns:
+        A bool tensor: the whole slice for a new layer or an expert copy, per row for the router.
+    """
+    new_layer = task.target_layer is not None and plan.layer_is_new_copy[task.target_layer]
+    if task.kind in (retarget.ROUTER, retarget.EXPERT_BIAS):
+        rows = torch.tensor([new_layer or c > 0 for c in plan.expert_copy_index])
+        return rows.view(-1, *([1] * (source.dim() - 1)))
+    is_new = new_layer or (task.kind == retarget.EXPERT and plan.expert_copy_index[task.target_expert] > 0)
+    return torch.tensor(is_new)
+
+
+def apply_moment_rule(carried: torch.Tensor, rule: str, factor: float, toward: float) -> torch.Tensor:
+    """One moment rule (docs/growth.md, "Optimizer state by policy") on the carried value.
+
+    Args:
+        carried: the moment read through the weights' index maps (fp32).
+        rule: a ``MomentRule`` value.
+        factor: scale's factor; interpolate's weight of the carried value.
+        toward: the value interpolate moves towards.
+
+    Returns:
+        A new tensor.
+    """
+    if rule == MomentRule.COPY:
+        return carried.clone()
+    if rule == MomentRule.SCALE:
+        return carried * factor
+    if rule == MomentRule.INTERPOLATE:
+        return carried * factor + (1.0 - factor) * toward
+    return torch.zeros_like(carried)
+
+
+def grown_moment(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPlan, zero_new: bool,
+                 moment: str = keys.ADAM_MOMENTS[0]) -> torch.Tensor:
     """An Adam moment slice of the grown model from its source slice: the weights' index maps, no noise.
 
     Args:
@@ -140,24 +203,28 @@ def grown_moment(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPla
         plan: the growth plan.
         zero_new: entries new in the grown model (a whole depth copy, an expert copy, a copied
             router row: the composed maps' copies) get 0.
+        moment: ``exp_avg`` or ``exp_avg_sq`` (which rule of ``growth.optimizer_policy`` applies).
 
     Returns:
         The grown slice.
     """
-    new_layer = task.target_layer is not None and plan.layer_is_new_copy[task.target_layer]
+    carried = source
     if task.kind in (retarget.ROUTER, retarget.EXPERT_BIAS):
-        index = torch.tensor(plan.expert_source, dtype=torch.long)
-        out = source.index_select(0, index).clone()
-        if zero_new:
-            if new_layer:
-                return torch.zeros_like(out)
-            copies = torch.tensor([c > 0 for c in plan.expert_copy_index])
-            out[copies] = 0
-        return out
-    is_new = new_layer or (task.kind == retarget.EXPERT and plan.expert_copy_index[task.target_expert] > 0)
-    if zero_new and is_new:
-        return torch.zeros_like(source)
-    return source
+        carried = source.index_select(0, torch.tensor(plan.expert_source, dtype=torch.long))
+    policy = plan.growth.optimizer_policy
+    if policy is None:
+        if not zero_new:
+            return carried
+        return torch.where(copy_mask(task, source, plan), torch.zeros_like(carried), carried)
+    return _by_policy(task, carried, copy_mask(task, source, plan), policy, moment)
+
+
+def _by_policy(task: retarget.SliceTask, carried: torch.Tensor, is_copy: torch.Tensor,
+               policy: OptimizerPolicyConfig, moment: str) -> torch.Tensor:
+    kind = param_kind(task.target.key)
+    as_copy = apply_moment_rule(carried, *policy.policy_for(kind, True).rule(moment))
+    as_original = apply_moment_rule(carried, *policy.policy_for(kind, False).rule(moment))
+    return torch.where(is_copy, as_copy, as_original)
 
 
 def _tasks_for(targets: Sequence, plan: GrowthPlan) -> tuple[list, dict, dict]:
@@ -204,7 +271,7 @@ def fill_grown_optimizer_tensors(targets: Sequence, source: GrowthSource, progre
             if state_of[t.request_id] == keys.MAIN_PARAM_STATE:
                 value = retarget.grown_slice(t, loaded, plan, expert_std)
             else:
-                value = grown_moment(t, loaded, plan, zero_new)
+                value = grown_moment(t, loaded, plan, zero_new, state_of[t.request_id])
             t.target.data.copy_(value.to(t.target.data.dtype))
         for st in group_requests.values():
             st.data = torch.empty(0, dtype=st.data.dtype)

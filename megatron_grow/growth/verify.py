@@ -23,7 +23,7 @@ from megatron_grow.checkpoint.architecture import (
 )
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.layout_rules import model_layout_problems
-from megatron_grow.config.schema import GrowthConfig, ModelConfig, OptimizerCarry, ParallelConfig
+from megatron_grow.config.schema import GrowthConfig, ModelConfig, OptimizerCarry, OptimizerPolicyConfig, ParallelConfig
 from megatron_grow.errors import CheckpointError, LayoutError, VerificationError
 from megatron_grow.growth.operators import operator_class
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
@@ -40,7 +40,8 @@ def _growth_from_record(record: dict) -> GrowthConfig:
     sections = {name: operator_class(name).config_type(**record[name])
                 for name in GrowthConfig.operator_names() if record.get(name)}
     return GrowthConfig(order=tuple(record["operators"]), seed=record["seed"],
-                        optimizer=record.get("optimizer", OptimizerCarry.RESET.value), **sections)
+                        optimizer=record.get("optimizer", OptimizerCarry.RESET.value),
+                        optimizer_policy=OptimizerPolicyConfig.from_record(record.get("optimizer_policy")), **sections)
 
 
 def _probe_batches(vocab: int, seq: int, n_micro: int, micro: int, seed: int) -> list:

@@ -58,15 +58,24 @@ def build_optimizer(chunks: Sequence[torch.nn.Module], recipe: Recipe, params_dt
     return get_megatron_optimizer(config, list(chunks))
 
 
-def build_scheduler(optimizer, recipe: Recipe, schedule_steps: int, override: bool = False):
+def warmup_iters(recipe: Recipe, restarted: bool) -> int:
+    """The warmup of a schedule: ``lr_rewarmup_iters`` (when set) for one that restarts at a growth
+    point (``restarted``: it starts at an iteration > 0), else ``lr_warmup_iters``."""
+    t = recipe.training
+    return t.lr_rewarmup_iters if restarted and t.lr_rewarmup_iters is not None else t.lr_warmup_iters
+
+
+def build_scheduler(optimizer, recipe: Recipe, schedule_steps: int, override: bool = False,
+                    restarted: bool = False):
     """LR/WD schedule over ``schedule_steps`` iterations (counted from the schedule's start).
 
     A scheduler state loaded later keeps its own values, unless ``override`` (then the recipe's
     values win and only the step count is taken from the state, as Megatron-LM's
-    ``--override-opt_param-scheduler``)."""
+    ``--override-opt_param-scheduler``). ``restarted``: the schedule starts at a growth point
+    (iteration > 0), so its warmup is ``lr_rewarmup_iters`` when set."""
     t = recipe.training
     steps = max(schedule_steps, 1)
-    warmup = min(t.lr_warmup_iters, steps)
+    warmup = min(warmup_iters(recipe, restarted), steps)
     style = t.lr_decay_style
     return OptimizerParamScheduler(
         optimizer,

@@ -70,7 +70,8 @@ def apply_recipe_schedule(optimizer, scheduler, recipe: Recipe, ckpt_dir: str, i
     changes = scheduler_differences(state, recipe, start)
     if not changes:
         return scheduler
-    applied = build_scheduler(optimizer, recipe, recipe.training.train_iters - start, override=True)
+    applied = build_scheduler(optimizer, recipe, recipe.training.train_iters - start, override=True,
+                              restarted=start > 0)
     # MCore's scheduler reads each param group's own max_lr/min_lr, which the optimizer load restored.
     for group in optimizer.param_groups:
         if "max_lr" in group:
@@ -93,6 +94,7 @@ def scheduler_differences(state: dict, recipe: Recipe, start: int) -> list[tuple
               "lr_warmup_iters": state.get("lr_warmup_steps"),
               "train_iters": None if state.get("lr_decay_steps") is None else start + state["lr_decay_steps"],
               "lr_decay_style": state.get("lr_decay_style"), "weight_decay": state.get("start_wd")}
-    wanted = {"lr": t.lr, "min_lr": t.min_lr, "lr_warmup_iters": min(t.lr_warmup_iters, steps),
+    warmup = t.lr_rewarmup_iters if start > 0 and t.lr_rewarmup_iters is not None else t.lr_warmup_iters
+    wanted = {"lr": t.lr, "min_lr": t.min_lr, "lr_warmup_iters": min(warmup, steps),
               "train_iters": start + steps, "lr_decay_style": t.lr_decay_style, "weight_decay": t.weight_decay}
     return [(k, loaded[k], v) for k, v in wanted.items() if loaded[k] is not None and loaded[k] != v]

@@ -259,7 +259,8 @@ class Trainer:
             ck.load, self.chunks, self.optimizer, scheduler, load_optim=ck.load_optim,
             expert_backend=self.model_cfg.moe_expert_backend)
         if not scheduler_loaded:  # e.g. the output of `megatron-grow grow`: a fresh schedule from here
-            scheduler = build_scheduler(self.optimizer, recipe, train_iters - counters["iteration"])
+            scheduler = build_scheduler(self.optimizer, recipe, train_iters - counters["iteration"],
+                                        restarted=counters["iteration"] > 0)
         else:  # a recipe whose schedule differs from the checkpoint's: applied and logged
             scheduler = apply_recipe_schedule(self.optimizer, scheduler, recipe, ckpt_dir, counters["iteration"],
                                               print_rank0)
@@ -280,7 +281,8 @@ class Trainer:
             if grown.load_optimizer is not None:  # growth.optimizer: carry
                 grown.load_optimizer(self.optimizer, self.chunks)
         self.counters, self.lineage = counters, lineage
-        self.scheduler = build_scheduler(self.optimizer, self.recipe, self.recipe.training.train_iters - schedule_start)
+        self.scheduler = build_scheduler(self.optimizer, self.recipe, self.recipe.training.train_iters - schedule_start,
+                                         restarted=schedule_start > 0)
 
     def load_weights(self, root: str) -> None:
         """Only the model weights of the checkpoint under ``root`` (no optimizer, schedule or counters)."""

@@ -47,6 +47,21 @@ def is_new_depth_copy(sources: list[int]) -> list[bool]:
     return [s in sources[:j] for j, s in enumerate(sources)]
 
 
+def insert_sources(L: int, every, after) -> tuple[list[int], list[bool]]:
+    """Depth by insertion (LLaMA Pro): (source layer, is an inserted block) of every target layer.
+
+    The insertion points are source layers k-1, 2k-1, ... for ``every: k``, else the ``after`` list;
+    walking the source layers in order, layer p is followed by one new block per time p is a point,
+    each a copy of p (the preceding block).
+    """
+    points = list(range(every - 1, L, every)) if every else list(after)
+    src, new = [], []
+    for p in range(L):
+        src += [p] * (1 + points.count(p))
+        new += [False] + [True] * points.count(p)
+    return src, new
+
+
 def width_sources(E: int, m: int, layout: str) -> tuple[list[int], list[int]]:
     """(source expert, copy index) of every target expert; copy index 0 is the original.
 
@@ -127,19 +142,37 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
     L = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[0]
     E = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[1]
     d, w, u = growth.depth, growth.width, growth.upcycle
-    assert not (w and u), "the oracle composes depth with one expert operator"
-    lsrc = depth_sources(L, d.mode, d.factor, d.ignore_first, d.ignore_last) if d else list(range(L))
-    new_copy = is_new_depth_copy(lsrc)
+    ins = growth.insert
+    assert not (w and u), "the oracle composes the layer operators with one expert operator"
     esrc, copy = width_sources(E, w.factor, w.expert_layout) if w else (list(range(E)), [0] * E)
     if u:
         esrc, copy = upcycle_sources(E, u)
-    order = list(growth.order) or [op for op, on in (("depth", d), ("width", w), ("upcycle", u)) if on]
-    width_first = order in (["width", "depth"], ["upcycle", "depth"])
+    order = list(growth.order) or [op for op, on in (("depth", d), ("width", w), ("upcycle", u), ("insert", ins))
+                                   if on]
+    # Each layer operator's map (output -> input) and the layers its definition zeroes, in order.
+    maps, zeroed, n = {}, {}, L
+    for op in order:
+        if op == "depth":
+            maps[op] = depth_sources(n, d.mode, d.factor, d.ignore_first, d.ignore_last)
+            zeroed[op] = is_new_depth_copy(maps[op]) if d.identity_init else [False] * len(maps[op])
+        elif op == "insert":
+            maps[op], zeroed[op] = insert_sources(n, ins.every, ins.after)
+        else:
+            maps[op], zeroed[op] = list(range(n)), [False] * n
+        n = len(maps[op])
+    # index of every final layer in the output of each operator (walking back from the last one)
+    idx, at = list(range(n)), {}
+    for op in reversed(order):
+        at[op] = idx
+        idx = [maps[op][i] for i in idx]
+    lsrc = idx
+    zero_layer = [any(zeroed[op][at[op][j]] for op in order) for j in range(n)]
+    expert_op = "upcycle" if u else "width"
 
     def noise_layer(j: int) -> int:
-        # Width before depth widens each source layer once, and depth copies it: keyed by the source
-        # layer. Depth first widens every target layer on its own: keyed by the target layer.
-        return lsrc[j] if width_first else j
+        # Width noise is keyed by the layer's index in width's output: width before depth widens each
+        # source layer once and depth copies it; depth first widens every target layer on its own.
+        return at[expert_op][j]
 
     out = {k: v.clone() for k, v in src.items() if not k.startswith("decoder.layers.")}
     for key in layer_keys:
@@ -161,7 +194,7 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
                 t = s[ls][esrc].clone()  # expert biases: exact copies
             else:
                 t = s[ls].clone()
-            if d is not None and d.identity_init and new_copy[j] and _zeroed_by_identity_init(key):
+            if zero_layer[j] and _zeroed_by_identity_init(key):
                 t = torch.zeros_like(t)  # applied last, after any width noise
             rows.append(t)
         out[key] = torch.stack(rows)

@@ -30,6 +30,7 @@ from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import (
     DepthGrowthConfig,
     GrowthConfig,
+    InsertGrowthConfig,
     ParallelConfig,
     UpcycleGrowthConfig,
     WidthGrowthConfig,
@@ -123,10 +124,11 @@ def grow_stock_source(source_root: str, grown_root: str, growth: GrowthConfig, p
 # Cases
 
 
-def _growth(order, depth=None, width=None, seed=1234, upcycle=None):
+def _growth(order, depth=None, width=None, seed=1234, upcycle=None, insert=None):
     return GrowthConfig(order=tuple(order), depth=DepthGrowthConfig(**depth) if depth else None,
                         width=WidthGrowthConfig(**width) if width else None, seed=seed,
-                        upcycle=UpcycleGrowthConfig(**upcycle) if upcycle else None)
+                        upcycle=UpcycleGrowthConfig(**upcycle) if upcycle else None,
+                        insert=InsertGrowthConfig(**insert) if insert else None)
 
 
 # Routing shares of the 8 source experts (as route-stats would average them): q = 2 * u / sum(u) for
@@ -178,6 +180,22 @@ CASES = {
         growth=_growth(("upcycle", "depth"), depth=dict(mode="interposition", factor=2),
                        upcycle=dict(num_experts=11, allocation="uniform", expert_layout="interleave",
                                     bias_noise=0.1, unselected_copies=True))),
+    # depth by insertion (LLaMA Pro), 3 blocks (after layers 0, 2, 2: 4 -> 7), then width with gaussian
+    # noise (keyed by the layer after insertion; the inserted blocks' fc2 zeroed after the noise); TP=2
+    # source into EP=2.
+    "insert_after_then_width": dict(
+        source="tp2", world=2, parallel=ParallelConfig(expert_model_parallel_size=2),
+        growth=_growth(("insert", "width"), insert=dict(after=(0, 2, 2)),
+                       width=dict(factor=2, expert_layout="append", noise="gaussian", alpha=0.05))),
+    # depth x2 then one block after every 4th layer (8 -> 10); EP=2 source into PP=2.
+    "depth_then_insert_every": dict(
+        source="ep2", world=2, parallel=ParallelConfig(pipeline_model_parallel_size=2),
+        growth=_growth(("depth", "insert"), depth=dict(mode="interposition", factor=2), insert=dict(every=4))),
+    # depth by insertion alone (4 -> 7: every 2nd layer, i.e. after 1 and 3, is the every-k case; here
+    # after 0, 0 and 3); EP=2 source into TP=2. Also checked to compute the source function exactly.
+    "insert_only": dict(
+        source="ep2", world=2, parallel=ParallelConfig(tensor_model_parallel_size=2),
+        growth=_growth(("insert",), insert=dict(after=(3, 0, 0)))),
 }
 
 SOURCES = {"tp2": (2, 1), "ep2": (1, 2)}
@@ -198,10 +216,13 @@ def checkpoints(tmp_path_factory):
             c = CASES[case]
             root = str(tmp_path_factory.mktemp(case) / "grown")
             run_in_processes(grow_stock_source, c["world"], (roots[c["source"]], root, c["growth"], c["parallel"]))
+            self.roots[case] = root
             self[case] = run_in_processes(plain_tensors_of_many, 1, ([root],))[0][0]
             return self[case]
 
-    return Lazy(loaded)
+    lazy = Lazy(loaded)
+    lazy.roots = dict(roots)
+    return lazy
 
 
 def _expert_key(tensors: dict, name: str) -> str:
@@ -363,3 +384,31 @@ def test_upcycle_uniform_then_depth_properties(checkpoints):
     for j in range(8):
         assert torch.equal(grown[bias][j, [0, 2, 4, 6, 7, 8, 9, 10]], src[bias][j // 2]), j
         assert (grown[bias][j, [1, 3, 5]] <= src[bias][j // 2].min() - 2).all(), j
+
+
+def test_insert_properties(checkpoints):
+    src, grown = checkpoints["tp2"], checkpoints["insert_after_then_width"]
+    proj, qkv = _key(grown, "self_attention.linear_proj.weight"), _key(grown, "linear_qkv.weight")
+    fc1, fc2 = _expert_key(grown, "linear_fc1.weight"), _expert_key(grown, "linear_fc2.weight")
+    # after layers 0, 2, 2: [0, 0*, 1, 2, 2*, 2*, 3]; a new block copies the layer before it.
+    for j, (s, new) in enumerate([(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 1), (3, 0)]):
+        assert torch.equal(grown[qkv][j], src[qkv][s]), j
+        assert torch.equal(grown[fc1][j, :8], src[fc1][s]), j
+        assert torch.equal(grown[proj][j], torch.zeros_like(src[proj][s]) if new else src[proj][s]), j
+        assert bool(grown[fc2][j].abs().max() == 0) == bool(new), j
+    # width after insertion keys its noise by the layer after insertion: the two new blocks after layer 2 differ.
+    assert not torch.equal(grown[fc1][4, 8:], grown[fc1][5, 8:])
+
+
+def _verify(source_root: str, grown_root: str, parallel: ParallelConfig) -> dict:
+    from megatron_grow.growth.verify import verify_growth
+
+    return verify_growth(source_root, grown_root, parallel, source_model=SOURCE_MODEL)
+
+
+def test_insert_preserves_the_function_exactly(checkpoints):
+    checkpoints["insert_only"]  # grown on first use
+    metrics = run_in_processes(_verify, 2, (checkpoints.roots["ep2"], checkpoints.roots["insert_only"],
+                                            ParallelConfig(tensor_model_parallel_size=2)))[0]
+    assert metrics["tokens"] > 0
+    assert metrics["max_abs_logit_diff"] == 0.0 and metrics["top1_agreement"] == 1.0, metrics

@@ -21,6 +21,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from megatron_grow.checkpoint import keys, paths
 from megatron_grow.config.loader import load_recipe
@@ -125,11 +126,14 @@ def grown(source, tmp_path_factory):
     """The source grown (depth x2 then width x2, gaussian alpha 0.01) with carry into three layouts,
     and with carry_zero_new into one; the plain tensors of all of them and of the source."""
     root = tmp_path_factory.mktemp("grown")
-    cases = {"serial": "carry", "ep2": "carry", "tp2": "carry", "ep2_zero": "carry_zero_new"}
-    for name, mode in cases.items():
+    cases = {"serial": {"optimizer": "carry"}, "ep2": {"optimizer": "carry"}, "tp2": {"optimizer": "carry"},
+             "ep2_zero": {"optimizer": "carry_zero_new"},
+             "ep2_policy": {"optimizer": "policy", "optimizer_policy": POLICY},
+             "tp2_policy": {"optimizer": "policy", "optimizer_policy": POLICY}}
+    for name, changes in cases.items():
         world, par = LAYOUTS[name.split("_")[0]]
         run_in_processes(grow_body, world, (source["root"], str(root / name),
-                                            _growth("tiny_depth_width.yaml", optimizer=mode), ParallelConfig(**par)))
+                                            _growth("tiny_depth_width.yaml", **changes), ParallelConfig(**par)))
     roots = [source["root"]] + [str(root / n) for n in cases]
     tensors = run_in_processes(plain_tensors_of_many, 1, (roots,))[0]
     return {"source": tensors[0], **dict(zip(cases, tensors[1:])), "root": root}
@@ -154,6 +158,71 @@ def test_grown_moments_equal_the_definitions(grown, name):
     for k in out:
         if k.startswith(keys.optimizer_state_key(keys.MAIN_PARAM_STATE, "")):
             assert torch.equal(out[k], out[k[len(keys.optimizer_state_key(keys.MAIN_PARAM_STATE, "")):]]), k
+
+
+# growth.optimizer: policy -- every rule on each moment, per kind and member (docs/growth.md).
+POLICY = load_recipe(raw={"growth": {"width": {"factor": 2}, "optimizer": "policy", "optimizer_policy": {
+    "originals": {"exp_avg": "copy", "exp_avg_sq": "scale", "exp_avg_sq_factor": 0.5},
+    "copies": {"exp_avg": "reset", "exp_avg_sq": "copy"},          # SPARKLING's asymmetric reset
+    "experts": {"copies": {"exp_avg": "scale", "exp_avg_factor": 0.5, "exp_avg_sq": "interpolate",
+                           "exp_avg_sq_factor": 0.25, "exp_avg_sq_toward": 1e-6}},
+    "router": {"copies": {"exp_avg": "interpolate", "exp_avg_factor": 0.5, "exp_avg_toward": 1e-3,
+                          "exp_avg_sq": "reset"}},
+    "attention": {"originals": {"exp_avg": "reset", "exp_avg_sq": "copy"}},
+    "norms": {"copies": {"exp_avg": "copy", "exp_avg_sq": "scale", "exp_avg_sq_factor": 2.0}},
+    "embeddings": {"originals": {"exp_avg": "scale", "exp_avg_factor": 0.1}}}}}).growth.optimizer_policy
+
+
+def _kind(key: str) -> str | None:
+    """The policy's kinds (docs/growth.md), from the storage key."""
+    if "norm" in key:
+        return "norms"
+    for marker, kind in (("router", "router"), ("experts", "experts"), ("self_attention", "attention"),
+                         ("embedding", "embeddings"), ("output_layer", "embeddings")):
+        if marker in key:
+            return kind
+    return None
+
+
+def _rule(c: torch.Tensor, spec: dict, moment: str) -> torch.Tensor:
+    """copy: c; scale: factor * c; interpolate: factor * c + (1 - factor) * toward; reset: 0."""
+    rule, f, toward = spec[moment], spec[f"{moment}_factor"], spec[f"{moment}_toward"]
+    return {"copy": c, "scale": c * f, "interpolate": c * f + (1 - f) * toward, "reset": torch.zeros_like(c)}[rule]
+
+
+def _expected_policy_moment(src: torch.Tensor, key: str, E: int, moment: str) -> torch.Tensor:
+    """Carried as with carry (depth x2 interposition, width x2 append), then each entry by its rule."""
+    carried = _expected_moment(src, key, E, zero_new=False)
+    policy = dataclasses.asdict(POLICY)
+    kind = _kind(key)
+
+    def chosen(member):
+        by_kind = policy[kind][member] if kind and policy[kind] else None
+        return by_kind if by_kind is not None else policy[member]
+
+    as_copy, as_original = _rule(carried, chosen("copies"), moment), _rule(carried, chosen("originals"), moment)
+    if not key.startswith(keys.LAYER_PREFIX):
+        return as_original
+    is_copy = torch.zeros(carried.shape, dtype=torch.bool)
+    is_copy[1::2] = True                                  # new depth copies: target layers 1, 3, 5, 7
+    if keys.ROUTED_EXPERTS_MARKER in key or key.endswith(keys.ROUTER_SUFFIX):
+        is_copy[:, E:] = True                             # expert copies and their router rows
+    return torch.where(is_copy, as_copy, as_original)
+
+
+@pytest.mark.parametrize("name", ["ep2_policy", "tp2_policy"])
+def test_grown_moments_follow_the_policy(grown, name):
+    src, out = grown["source"], grown[name]
+    E = src[keys.ROUTER].shape[1]
+    kinds = set()
+    for k, v in src.items():
+        if not keys.is_model_space_optimizer_key(k):
+            continue
+        moment, model_key = k.split(".")[2], k.split(".", 3)[3]
+        expected = _expected_policy_moment(v, model_key, E, moment)
+        torch.testing.assert_close(out[k], expected, rtol=1e-6, atol=0, msg=k)
+        kinds.add(_kind(model_key))
+    assert kinds == {"norms", "router", "experts", "attention", "embeddings"}
 
 
 def test_grown_checkpoint_keeps_the_step_and_resumes_in_another_layout(source, grown, kjv_dataset, tmp_path):
@@ -247,16 +316,23 @@ def _two_steps(runs):
 # Online carry
 
 
-def test_online_carry_equals_offline_carry_then_resume(source, kjv_dataset, tmp_path):
+ONLINE_POLICY = ("  optimizer_policy:\n    copies: {exp_avg: reset, exp_avg_sq: scale, exp_avg_sq_factor: 0.5}\n"
+                 "    router: {originals: {exp_avg: scale, exp_avg_factor: 0.25}}\n")
+
+
+@pytest.mark.parametrize("mode", ["carry", "policy"])
+def test_online_carry_equals_offline_carry_then_resume(source, kjv_dataset, tmp_path, mode):
     growth_yaml = ("growth:\n  order: [width]\n  width: {factor: 2, noise: gaussian, alpha: 0.01}\n"
-                   "  optimizer: carry\n")
+                   f"  optimizer: {mode}\n" + (ONLINE_POLICY if mode == "policy" else ""))
+    policy = load_recipe(raw={"growth": yaml.safe_load(growth_yaml)["growth"]}).growth.optimizer_policy
     par = LAYOUTS["ep2"][1]
     online = write_recipe(tmp_path / "on.yaml", kjv_dataset, tmp_path / "on", model=MODEL, parallel=par,
                           training={"train_iters": 5})
     with open(online, "a") as f:
         f.write(growth_yaml)
     run_in_processes(grow_body, 2, (source["root"], str(tmp_path / "off_init"),
-                                    _growth("tiny_width.yaml", optimizer="carry"), ParallelConfig(**par)))
+                                    _growth("tiny_width.yaml", optimizer=mode, optimizer_policy=policy),
+                                    ParallelConfig(**par)))
     offline = write_recipe(tmp_path / "off.yaml", kjv_dataset, tmp_path / "off", model=MODEL, parallel=par,
                            training={"train_iters": 5},
                            checkpoint={"load": str(tmp_path / "off_init"), "save": str(tmp_path / "off")})
@@ -271,7 +347,32 @@ def test_online_carry_equals_offline_carry_then_resume(source, kjv_dataset, tmp_
     from megatron_grow.checkpoint import io
 
     lineage = io.read_manifest(_iter_dir(tmp_path / "on"))["lineage"]
-    assert lineage[-1]["optimizer"] == "carry"
+    assert lineage[-1]["optimizer"] == mode
+    assert lineage[-1]["optimizer_policy"] == (dataclasses.asdict(policy) if policy is not None else None)
+
+
+def test_grow_from_restarts_the_schedule_with_the_rewarmup(source, kjv_dataset, tmp_path):
+    """train --grow-from a source at iteration 3 with lr_rewarmup_iters: the saved MCore scheduler state
+    is a WSD schedule over the 9 remaining steps whose warmup is the re-warmup; at the save of iteration 5
+    (2 steps after the growth point) the LR is the formula's (warmup 4 steps from 0 to lr: 2/4 of lr)."""
+    from megatron.core import dist_checkpointing
+
+    training = {"train_iters": 12, "lr_decay_style": "WSD", "lr_warmup_iters": 1, "lr_rewarmup_iters": 4,
+                "lr_wsd_decay_iters": 2}
+    recipe = write_recipe(tmp_path / "g.yaml", kjv_dataset, tmp_path / "g", model=MODEL, training=training,
+                          checkpoint={"save_interval": 5})
+    with open(recipe, "a") as f:
+        f.write("growth:\n  order: [insert]\n  insert: {every: 2}\n")
+    run_in_processes(train_body, 1, (recipe, [], source["root"]))
+    state = dist_checkpointing.load_common_state_dict(_iter_dir(tmp_path / "g", 5))["opt_param_scheduler"]
+    assert (state["lr_warmup_steps"], state["lr_decay_steps"], state["num_steps"]) == (4, 9, 2)
+    t = load_recipe(recipe).training
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    from megatron_grow.training.optimizer import build_scheduler
+
+    scheduler = build_scheduler(optimizer, load_recipe(recipe), 9, restarted=True)
+    scheduler.load_state_dict(state)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(t.lr * 2 / 4, rel=1e-12)
 
 
 def _online_then_offline(online, grow_from, offline):

@@ -9,13 +9,15 @@ from __future__ import annotations
 from megatron_grow.errors import ConfigError
 from megatron_grow.growth.operators.base import GrowthOperator
 from megatron_grow.growth.operators.depth import DepthOperator
-from megatron_grow.growth.operators.upcycle import UpcycleOperator  # expert upcycling (issue 27, expert side)
+from megatron_grow.growth.operators.insert import InsertOperator
+from megatron_grow.growth.operators.upcycle import UpcycleOperator
 from megatron_grow.growth.operators.width import WidthOperator
 
 REGISTRY: dict[str, type[GrowthOperator]] = {op.name: op for op in (
     DepthOperator,
     WidthOperator,
-    UpcycleOperator,  # expert upcycling (issue 27, expert side)
+    UpcycleOperator,
+    InsertOperator,
 )}
 
 
