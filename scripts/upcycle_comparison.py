@@ -98,16 +98,17 @@ def _summary(result: dict) -> dict:
 
 
 def _copies(growth: dict, stats: str) -> list | None:
-    """Copies per source expert of an upcycle section (the allocation rule of growth.operators.upcycle)."""
-    from megatron_grow.config.route_stats import mean_share_per_expert, read_route_stats
+    """Copies per source expert in each layer of an upcycle section (the allocation rule of
+    growth.operators.upcycle: each layer by its own routing shares)."""
+    from megatron_grow.config.route_stats import read_route_stats
     from megatron_grow.growth.operators.upcycle import allocate_copies
 
     section = growth.get("upcycle")
     if section is None:
         return None
-    utility = (mean_share_per_expert(read_route_stats(stats, "stats")["shares"])
-               if section["allocation"] == "utility" else [1.0] * 8)
-    return list(allocate_copies(utility, section["num_experts"] - 8))
+    shares = read_route_stats(stats, "stats")["shares"]
+    rows = shares if section["allocation"] == "utility" else [[1.0] * 8] * len(shares)
+    return [list(allocate_copies(row, section["num_experts"] - 8)) for row in rows]
 
 
 def main() -> None:

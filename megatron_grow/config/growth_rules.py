@@ -66,10 +66,11 @@ def _order_problems(growth: GrowthConfig, prefix: str) -> list[str]:
 
 def _source_problems(growth: GrowthConfig, model: ModelConfig, prefix: str, order: tuple[str, ...]) -> list[str]:
     """Each operator's problems against the model it is applied to (the source grown by those before it)."""
-    out = []
+    out, source = [], model
     for name in order:
         section = getattr(growth, name)
         out.extend(section.problems(model, f"{prefix}.{name}"))
+        out.extend(section.source_problems(source, f"{prefix}.{name}"))
         model = section.grown_model(model)
     return out
 

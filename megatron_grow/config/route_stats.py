@@ -32,11 +32,10 @@ def shares_from_counts(counts: list[list[float]]) -> list[list[float]]:
     return out
 
 
-def mean_share_per_expert(shares: list[list[float]]) -> tuple[float, ...]:
-    """The utility of each expert: its routing share averaged over the layers (one allocation for
-    every layer, because an operator's expert map is the same for every layer)."""
-    n = len(shares)
-    return tuple(math.fsum(row[e] for row in shares) / n for e in range(len(shares[0])))
+def per_layer_shares(shares: list[list[float]]) -> tuple[tuple[float, ...], ...]:
+    """The utility of each expert in each layer: that layer's own routing shares (expert ``e`` of layer
+    0 and expert ``e`` of layer 5 are unrelated, so each layer gets its own allocation)."""
+    return tuple(tuple(float(x) for x in row) for row in shares)
 
 
 def file_sha256(path: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from megatron_grow.config.route_stats import file_sha256, mean_share_per_expert, read_route_stats
+from megatron_grow.config.route_stats import file_sha256, per_layer_shares, read_route_stats
 
 
 def spec(default: Any = None, doc: str = "", *, choices=None, ge=None, gt=None, le=None,
@@ -305,6 +305,11 @@ class GrowthSection:
         """
         return model
 
+    def source_problems(self, source: ModelConfig, prefix: str) -> list[str]:
+        """The section's problems against the *source* model (what a calibration file was measured on);
+        most sections have none."""
+        return []
+
     def with_inputs(self, prefix: str) -> GrowthSection:
         """This section with the files it names read into its fields (so the growth record holds them).
 
@@ -417,11 +422,12 @@ class UpcycleGrowthConfig(GrowthSection):
     num_experts: int = spec(16, "experts per layer after growth E' (> the experts before it; any number)", ge=2)
     allocation: str = spec(ExpertAllocation.UTILITY.value, "utility (the E'-E copies shared by largest remainder "
                            "in proportion to each expert's routing share) or uniform", choices=values(ExpertAllocation))
-    utility_stats: str | None = spec(None, "route-stats JSON (megatron-grow route-stats) whose shares, averaged over "
-                                     "layers, are the utility; required by allocation: utility unless "
-                                     "utility_shares is given")
-    utility_shares: tuple | None = spec(None, "per-expert utility; filled in from utility_stats by the growth (and so "
-                                        "recorded in the lineage), or given directly")
+    utility_stats: str | None = spec(None, "route-stats JSON (megatron-grow route-stats) whose per-layer shares are "
+                                     "the utility (each layer allocated on its own); required by allocation: "
+                                     "utility unless utility_shares is given")
+    utility_shares: tuple | None = spec(None, "utility: one row of per-expert shares per source layer (filled in from "
+                                        "utility_stats by the growth, and so recorded in the lineage), or one row "
+                                        "of per-expert values for every layer, given directly")
     utility_stats_sha256: str | None = spec(None, "SHA-256 of utility_stats; filled in by the growth")
     expert_layout: str = spec(ExpertLayout.APPEND.value, "append (all copies after the originals, in source-expert "
                               "order) or interleave (each expert followed by its copies)", choices=values(ExpertLayout))
@@ -436,7 +442,7 @@ class UpcycleGrowthConfig(GrowthSection):
         if self.utility_stats is None or self.utility_shares is not None:
             return self  # nothing to read, or already read (a growth record rebuilt by verify)
         stats = read_route_stats(self.utility_stats, f"{prefix}.utility_stats")
-        return dataclasses.replace(self, utility_shares=mean_share_per_expert(stats["shares"]),
+        return dataclasses.replace(self, utility_shares=per_layer_shares(stats["shares"]),
                                    utility_stats_sha256=file_sha256(self.utility_stats))
 
     def grown_model(self, model: ModelConfig) -> ModelConfig:
@@ -457,12 +463,34 @@ class UpcycleGrowthConfig(GrowthSection):
         shares = self.utility_shares
         if shares is None and self.utility_stats is None:
             out.append(f"{prefix}.utility_stats: required by allocation: utility (or give utility_shares)")
-        elif shares is not None and len(shares) != E:
-            out.append(f"{prefix}.utility_shares: {len(shares)} values for {E} experts")
-        elif shares is not None and not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
-                                            for x in shares):
-            out.append(f"{prefix}.utility_shares: every value must be a finite number >= 0")
+        elif shares is not None:
+            out.extend(_shares_problems(shares, E, f"{prefix}.utility_shares"))
         return out
+
+    def layer_rows(self) -> tuple[tuple, ...] | None:
+        """The utility as per-layer rows (None for uniform allocation); a single row stands for every layer."""
+        shares = self.utility_shares
+        if self.allocation != ExpertAllocation.UTILITY or shares is None:
+            return None
+        return tuple(tuple(r) for r in shares) if shares and isinstance(shares[0], (list, tuple)) else (tuple(shares),)
+
+    def source_problems(self, source: ModelConfig, prefix: str) -> list[str]:
+        rows = self.layer_rows()
+        if rows is None or len(rows) in (1, source.num_layers):
+            return []
+        return [f"{prefix}.utility_shares: {len(rows)} layer rows for the source's {source.num_layers} layers"]
+
+
+def _shares_problems(shares: tuple, num_experts: int, key: str) -> list[str]:
+    """Problems of ``utility_shares``: one row of per-expert values, or one such row per layer."""
+    rows = shares if shares and all(isinstance(r, (list, tuple)) for r in shares) else (shares,)
+    for row in rows:
+        if len(row) != num_experts:
+            return [f"{key}: {len(row)} values for {num_experts} experts"]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                   for x in row):
+            return [f"{key}: every value must be a finite number >= 0"]
+    return []
 
 
 # ---- depth by insertion (LLaMA Pro block expansion) ---------------------------------------------

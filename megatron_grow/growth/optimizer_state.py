@@ -166,9 +166,10 @@ def copy_mask(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPlan) 
     """
     new_layer = task.target_layer is not None and plan.layer_is_new_copy[task.target_layer]
     if task.kind in (retarget.ROUTER, retarget.EXPERT_BIAS):
-        rows = torch.tensor([new_layer or c > 0 for c in plan.expert_copy_index])
+        rows = torch.tensor([new_layer or c > 0 for c in plan.expert_copy_index[task.target_layer]])
         return rows.view(-1, *([1] * (source.dim() - 1)))
-    is_new = new_layer or (task.kind == retarget.EXPERT and plan.expert_copy_index[task.target_expert] > 0)
+    is_new = new_layer or (task.kind == retarget.EXPERT
+                           and plan.expert_copy_index[task.target_layer][task.target_expert] > 0)
     return torch.tensor(is_new)
 
 
@@ -210,7 +211,7 @@ def grown_moment(task: retarget.SliceTask, source: torch.Tensor, plan: GrowthPla
     """
     carried = source
     if task.kind in (retarget.ROUTER, retarget.EXPERT_BIAS):
-        carried = source.index_select(0, torch.tensor(plan.expert_source, dtype=torch.long))
+        carried = source.index_select(0, torch.tensor(plan.expert_source[task.target_layer], dtype=torch.long))
     policy = plan.growth.optimizer_policy
     if policy is None:
         if not zero_new:

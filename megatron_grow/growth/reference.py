@@ -11,7 +11,7 @@ the *local* spec in one process (no TP/PP/EP), so every tensor is whole and keys
 - ``*._extra_state``: opaque values, moved with their layer/expert untouched.
 
 Every per-layer entry moves with its layer (``plan.layer_source``); the router weight, the
-expert bias and the routed experts also follow ``plan.expert_source`` and the operators'
+expert bias and the routed experts also follow ``plan.expert_source`` (per target layer) and the operators'
 transforms; everything else is copied (or zeroed where an operator says so). The
 tensors themselves are produced by the same functions the sharded loader calls
 (``grow_expert_tensor``, ``grow_router``, ``grow_expert_bias``), so this is the reference
@@ -133,7 +133,7 @@ def grow_state_dict(source_sd: dict[str, Any], plan: GrowthPlan) -> dict[str, An
                 out[key] = torch.zeros_like(value)
             else:
                 out[key] = _copy(value)
-        for e_t, e_s in enumerate(plan.expert_source):
+        for e_t, e_s in enumerate(plan.expert_source[j]):
             for rest in expert_suffixes.get(0, []):
                 value = entries[f"mlp.experts.local_experts.{e_s}.{rest}"]
                 key = keys.module_expert_key(j, e_t, rest)

@@ -171,7 +171,7 @@ def _task_and_request(st, plan: GrowthPlan, key: str) -> tuple[SliceTask, Any]:
         req = _request(st, (ls, 0), (L_src, E_src), (E_src,), key)
         return SliceTask(st, kind, (), target_layer=j, source_layer=ls), req
     e = st.global_offset[1]  # EXPERT
-    es = plan.expert_source[e]
+    es = plan.expert_source[j][e]
     req = _request(st, (ls, es) + st.global_offset[2:], (L_src, E_src) + tuple(st.global_shape[2:]),
                    st.local_shape, key)
     return SliceTask(st, kind, (), target_layer=j, target_expert=e, source_layer=ls, source_expert=es,

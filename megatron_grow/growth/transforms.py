@@ -83,7 +83,7 @@ def grow_expert_tensor(plan: GrowthPlan, logical_key: str, target_layer: int, ta
         logical_key: ``noise.FC1_KEY`` or ``noise.FC2_KEY``.
         target_layer: the layer index in the grown model.
         target_expert: the expert index in the grown model.
-        source_expert_tensor: the full per-expert tensor of ``plan.expert_source[target_expert]``
+        source_expert_tensor: the full per-expert tensor of ``plan.expert_source[target_layer][target_expert]``
             in source layer ``plan.layer_source[target_layer]`` -- or only ``region`` of it.
         std: the (canonical) std of the source tensor, per expert or per layer
             (``expert_noise_std``); not computed here so that a sharded caller can supply it.
@@ -111,7 +111,7 @@ def grow_expert_tensor(plan: GrowthPlan, logical_key: str, target_layer: int, ta
 
 
 def grow_router(plan: GrowthPlan, target_layer: int, source_router_EH: torch.Tensor) -> torch.Tensor:
-    """Router weight ``[E_src, H] -> [E_tgt, H]``: rows follow ``plan.expert_source``, then each
+    """Router weight ``[E_src, H] -> [E_tgt, H]``: rows follow ``plan.expert_source[target_layer]``, then each
     operator's ``router`` transform (width: noise on the copy rows).
 
     Args:
@@ -126,7 +126,7 @@ def grow_router(plan: GrowthPlan, target_layer: int, source_router_EH: torch.Ten
 
 
 def grow_expert_bias(plan: GrowthPlan, target_layer: int, source_bias_E: torch.Tensor) -> torch.Tensor:
-    """Router ``expert_bias`` ``[E_src] -> [E_tgt]``: entries follow ``plan.expert_source``, then each
+    """Router ``expert_bias`` ``[E_src] -> [E_tgt]``: entries follow ``plan.expert_source[target_layer]``, then each
     operator's ``expert_bias`` transform (width: zero_expert_bias, random new experts, noise).
 
     Args:
@@ -141,9 +141,9 @@ def grow_expert_bias(plan: GrowthPlan, target_layer: int, source_bias_E: torch.T
 
 
 def _per_expert_rows(plan: GrowthPlan, target_layer: int, source: torch.Tensor, transform: str) -> torch.Tensor:
-    """Rows of ``source`` (one per source expert) gathered through ``plan.expert_source``, then each
+    """Rows of ``source`` (one per source expert) gathered through ``plan.expert_source[target_layer]``, then each
     operator's ``transform`` hook (``router`` or ``expert_bias``) in the plan's order."""
-    index = torch.tensor(plan.expert_source, dtype=torch.long, device=source.device)
+    index = torch.tensor(plan.expert_source[target_layer], dtype=torch.long, device=source.device)
     out = source.index_select(0, index).clone()
     for op in plan.operators:
         out = getattr(op, transform)(plan, target_layer, out, source)

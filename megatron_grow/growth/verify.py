@@ -130,18 +130,27 @@ def _logit_metrics(src_logits: torch.Tensor, grown_logits: torch.Tensor, vocab: 
 
 def _routing_metrics(loads: torch.Tensor, plan: GrowthPlan) -> dict:
     share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1)
-    original = torch.tensor([c == 0 for c in plan.expert_copy_index])
+    original = torch.tensor([[c == 0 for c in row] for row in plan.expert_copy_index])  # [L_tgt, E_tgt]
     pair_gap = 0.0
-    for e, c in enumerate(plan.expert_copy_index):
-        if c > 0:
-            pair_gap = max(pair_gap, float((share[:, e] - share[:, _original_of(plan, e)]).abs().max()))
+    for j, row in enumerate(plan.expert_copy_index):
+        for e, c in enumerate(row):
+            if c > 0:
+                pair_gap = max(pair_gap, float((share[j, e] - share[j, _original_of(plan, j, e)]).abs()))
     return {
-        "routing_share_original": float(share[:, original].sum(1).mean()),
-        "routing_share_copies": float(share[:, ~original].sum(1).mean()),
+        "routing_share_original": float((share * original).sum(1).mean()),
+        "routing_share_copies": float((share * ~original).sum(1).mean()),
         "max_copy_vs_original_share_gap": pair_gap,
-        "per_layer_share_original": [round(float(x), 4) for x in share[:, original].sum(1)],
+        "per_layer_share_original": [round(float(x), 4) for x in (share * original).sum(1)],
         "has_copies": bool((~original).any()),
     }
+
+
+def _to_source(plan: GrowthPlan, target_layer: int) -> torch.Tensor:
+    """``[E_tgt, E_src]``: 1 where a target expert of ``target_layer`` copies a source expert."""
+    sources = plan.expert_source[target_layer]
+    out = torch.zeros(len(sources), plan.source.num_moe_experts, dtype=torch.float64)
+    out[torch.arange(len(sources)), torch.tensor(sources)] = 1
+    return out
 
 
 def _routing_change(src_loads: torch.Tensor, loads: torch.Tensor, src_maps: dict, grown_maps: dict,
@@ -150,10 +159,8 @@ def _routing_change(src_loads: torch.Tensor, loads: torch.Tensor, src_maps: dict
     copies): the mean share of each, the mass moved between them (total variation, mean over layers),
     and the share of (token, layer) pairs whose selected set of source experts changed (collective;
     over the layers a rank holds in both models, all of them without PP)."""
-    to_source = torch.zeros(len(plan.expert_source), plan.source.num_moe_experts, dtype=torch.float64)
-    to_source[torch.arange(len(plan.expert_source)), torch.tensor(plan.expert_source)] = 1
     before = src_loads[list(plan.layer_source)]
-    after = loads @ to_source
+    after = torch.stack([loads[j].to(torch.float64) @ _to_source(plan, j) for j in range(len(plan.layer_source))])
     before = before / before.sum(1, keepdim=True).clamp_min(1)
     after = after / after.sum(1, keepdim=True).clamp_min(1)
     changed_and_seen = torch.zeros(2, dtype=torch.float64)
@@ -161,7 +168,7 @@ def _routing_change(src_loads: torch.Tensor, loads: torch.Tensor, src_maps: dict
         if plan.layer_source[j] not in src_maps:
             continue
         for grown_map, src_map in zip(maps, src_maps[plan.layer_source[j]]):
-            projected = (grown_map.to(torch.float64) @ to_source) > 0
+            projected = (grown_map.to(torch.float64) @ _to_source(plan, j)) > 0
             changed_and_seen += torch.tensor([float((projected != src_map).any(1).sum()), float(len(src_map))])
     if torch.distributed.is_initialized():
         all_reduce_host(changed_and_seen)
@@ -208,10 +215,10 @@ def check_thresholds(metrics: dict, max_kl: float | None = None, min_routing_sha
         raise VerificationError("verify failed: " + "; ".join(failures))
 
 
-def _original_of(plan, target_expert: int) -> int:
-    """The target index of the original (copy_index 0) expert that ``target_expert`` copies."""
-    src = plan.expert_source[target_expert]
-    for e, (s, c) in enumerate(zip(plan.expert_source, plan.expert_copy_index)):
+def _original_of(plan, target_layer: int, target_expert: int) -> int:
+    """The target index of the original (copy_index 0) expert that ``target_expert`` of ``target_layer`` copies."""
+    src = plan.expert_source[target_layer][target_expert]
+    for e, (s, c) in enumerate(zip(plan.expert_source[target_layer], plan.expert_copy_index[target_layer])):
         if s == src and c == 0:
             return e
     raise ValueError(f"no original for expert {target_expert}")

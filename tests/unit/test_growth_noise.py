@@ -84,7 +84,7 @@ def test_gaussian_copies_have_alpha_std_noise(key):
     std = canonical_std(src.double().std().item())
     orig = grow_expert_tensor(p, key, 0, 1, src, std)
     copy = grow_expert_tensor(p, key, 0, 5, src, std)  # target 5 = copy of expert 1 (append)
-    assert p.expert_source[5] == 1 and p.expert_copy_index[5] == 1
+    assert p.expert_source[0][5] == 1 and p.expert_copy_index[0][5] == 1
     assert torch.equal(orig, src)
     diff = (copy.double() - src.double())
     assert diff.abs().max() > 0
@@ -116,7 +116,7 @@ def test_antithetic_pair_sums_to_twice_source(layout):
     p = plan(noise="antithetic", alpha=0.01, expert_layout=layout)
     src = src_tensor((128, 64))
     std = canonical_std(src.double().std().item())
-    members = [e for e in range(8) if p.expert_source[e] == 2]
+    members = [e for e in range(8) if p.expert_source[0][e] == 2]
     assert len(members) == 2
     fc2 = [grow_expert_tensor(p, FC2_KEY, 1, e, src, std) for e in members]
     assert not torch.equal(fc2[0], src) and not torch.equal(fc2[1], src)  # original perturbed too
@@ -129,7 +129,7 @@ def test_antithetic_pair_sums_to_twice_source(layout):
 def test_antithetic_group_of_three_is_zero_sum():
     p = plan(noise="antithetic", factor=3, alpha=0.1)
     src = src_tensor((64, 32))
-    members = [e for e in range(12) if p.expert_source[e] == 1]
+    members = [e for e in range(12) if p.expert_source[0][e] == 1]
     outs = [grow_expert_tensor(p, FC2_KEY, 0, e, src, 0.05) for e in members]
     torch.testing.assert_close(sum(outs), 3 * src, rtol=0, atol=1e-6)
     assert not torch.equal(outs[0], outs[1])

@@ -23,7 +23,7 @@ def test_depth_only_counts():
     p = make_growth_plan(SRC, grow(depth=DepthGrowthConfig(factor=2)))
     assert (p.target.num_layers, p.target.num_moe_experts, p.target.moe_router_topk) == (8, 4, 2)
     assert p.layer_source == (0, 0, 1, 1, 2, 2, 3, 3)
-    assert p.expert_source == (0, 1, 2, 3) and p.expert_copy_index == (0, 0, 0, 0)
+    assert p.expert_source == ((0, 1, 2, 3),) * 8 and p.expert_copy_index == ((0, 0, 0, 0),) * 8
     assert p.counts()["num_layers"] == (4, 8)
     # the rest of the model config is carried over unchanged
     assert p.target.hidden_size == SRC.hidden_size and p.source is SRC
@@ -32,8 +32,8 @@ def test_depth_only_counts():
 def test_width_only_counts():
     p = make_growth_plan(SRC, grow(width=WidthGrowthConfig(factor=2)))
     assert (p.target.num_layers, p.target.num_moe_experts, p.target.moe_router_topk) == (4, 8, 4)
-    assert p.expert_source == (0, 1, 2, 3, 0, 1, 2, 3)
-    assert p.expert_copy_index == (0, 0, 0, 0, 1, 1, 1, 1)
+    assert p.expert_source == ((0, 1, 2, 3, 0, 1, 2, 3),) * 4  # the same map in every layer
+    assert p.expert_copy_index == ((0, 0, 0, 0, 1, 1, 1, 1),) * 4
     assert p.layer_is_new_copy == (False,) * 4
     assert p.counts()["experts_total"] == (16, 32)
 

@@ -12,7 +12,13 @@ import torch
 
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.route_stats import FORMAT, file_sha256
-from megatron_grow.config.schema import GrowthConfig, ModelConfig, UpcycleGrowthConfig
+from megatron_grow.config.schema import (
+    DepthGrowthConfig,
+    GrowthConfig,
+    InsertGrowthConfig,
+    ModelConfig,
+    UpcycleGrowthConfig,
+)
 from megatron_grow.errors import ConfigError
 from megatron_grow.growth.operators.upcycle import UpcycleOperator, allocate_copies, upcycle_map
 from megatron_grow.growth.plan import make_growth_plan
@@ -54,13 +60,62 @@ def test_plan_keeps_topk_and_follows_the_utility():
     plan = make_growth_plan(SRC, _growth(num_experts=7, utility_shares=(0.1, 0.6, 0.2, 0.1)))
     # q = 3 * (.1, .6, .2, .1) = .3, 1.8, .6, .3 -> floors 0,1,0,0; +1 to e1 (.8), e2 (.6)
     assert plan.target.num_moe_experts == 7 and plan.target.moe_router_topk == 2
-    assert plan.expert_source == (0, 1, 2, 3, 1, 1, 2)
-    assert plan.expert_copy_index == (0, 0, 0, 0, 1, 2, 1)
+    # one row of shares stands for every layer
+    assert plan.expert_source == ((0, 1, 2, 3, 1, 1, 2),) * 2
+    assert plan.expert_copy_index == ((0, 0, 0, 0, 1, 2, 1),) * 2
 
 
 def test_uniform_ignores_shares():
     plan = make_growth_plan(SRC, _growth(num_experts=6, allocation="uniform"))
-    assert plan.expert_source == (0, 1, 2, 3, 0, 1)
+    assert plan.expert_source == ((0, 1, 2, 3, 0, 1),) * 2
+
+
+# Layer 0: q = 3 * (.1, .6, .2, .1) = .3, 1.8, .6, .3 -> floors 0,1,0,0; +1 to e1 (.8), e2 (.6): copies 0,2,1,0.
+# Layer 1: q = 3 * (.3, .4, .2, .1) = .9, 1.2, .6, .3 -> floors 0,1,0,0; +1 to e0 (.9), e2 (.6): copies 1,1,1,0.
+# (Averaged over the layers, u = .2, .5, .2, .1 would give copies 1,1,1,0 in both layers.)
+PER_LAYER = ((0.1, 0.6, 0.2, 0.1), (0.3, 0.4, 0.2, 0.1))
+PER_LAYER_SOURCE = ((0, 1, 2, 3, 1, 1, 2), (0, 1, 2, 3, 0, 1, 2))
+PER_LAYER_COPY = ((0, 0, 0, 0, 1, 2, 1), (0, 0, 0, 0, 1, 1, 1))
+
+
+def test_each_layer_is_allocated_by_its_own_shares():
+    plan = make_growth_plan(SRC, _growth(num_experts=7, utility_shares=PER_LAYER))
+    assert plan.expert_source == PER_LAYER_SOURCE
+    assert plan.expert_copy_index == PER_LAYER_COPY
+
+
+def test_each_layer_is_allocated_by_its_own_shares_interleaved():
+    plan = make_growth_plan(SRC, _growth(num_experts=7, utility_shares=PER_LAYER, expert_layout="interleave"))
+    # layer 0 copies 0,2,1,0: e0, e1 e1' e1'', e2 e2', e3; layer 1 copies 1,1,1,0: e0 e0', e1 e1', e2 e2', e3
+    assert plan.expert_source == ((0, 1, 1, 1, 2, 2, 3), (0, 0, 1, 1, 2, 2, 3))
+    assert plan.expert_copy_index == ((0, 0, 1, 2, 0, 1, 0), (0, 1, 0, 1, 0, 1, 0))
+
+
+def test_depth_before_or_after_carries_each_layer_its_map():
+    # stack x2: target layers 0..3 read source layers 0, 1, 0, 1 (both orders), each with its source layer's map.
+    depth = dict(factor=2, mode="stack")
+    for order in (("depth", "upcycle"), ("upcycle", "depth")):
+        growth = GrowthConfig(order=order, depth=DepthGrowthConfig(**depth),
+                              upcycle=UpcycleGrowthConfig(num_experts=7, utility_shares=PER_LAYER))
+        plan = make_growth_plan(SRC, growth)
+        assert plan.layer_source == (0, 1, 0, 1), order
+        assert plan.expert_source == PER_LAYER_SOURCE * 2, order
+        assert plan.expert_copy_index == PER_LAYER_COPY * 2, order
+
+
+def test_insert_before_upcycle_gives_the_new_block_its_source_layers_map():
+    # insert after layer 0: target layers 0, 1 (new, reads 0), 2 (reads 1)
+    growth = GrowthConfig(order=("insert", "upcycle"), insert=InsertGrowthConfig(after=(0,)),
+                          upcycle=UpcycleGrowthConfig(num_experts=7, utility_shares=PER_LAYER))
+    plan = make_growth_plan(SRC, growth)
+    assert plan.layer_source == (0, 0, 1)
+    assert plan.expert_source == (PER_LAYER_SOURCE[0], PER_LAYER_SOURCE[0], PER_LAYER_SOURCE[1])
+
+
+def test_layer_rows_must_match_the_source_layers():
+    with pytest.raises(ConfigError) as err:
+        make_growth_plan(SRC, _growth(num_experts=7, utility_shares=PER_LAYER * 2))
+    assert "growth.upcycle.utility_shares: 4 layer rows for the source's 2 layers" in str(err.value)
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -90,16 +145,15 @@ def _stats_file(tmp_path, shares):
 
 
 def test_stats_file_is_read_into_the_plan(tmp_path):
-    # layer means: (.1+.3)/2=.2, (.6+.4)/2=.5, (.2+.2)/2=.2, (.1+.1)/2=.1 -> q = 3u = .6, 1.5, .6, .3
-    # -> floors 0,1,0,0; left 2: remainders .6 (e0), .5 (e1), .6 (e2), .3 -> e0, e2
-    path = _stats_file(tmp_path, [[0.1, 0.6, 0.2, 0.1], [0.3, 0.4, 0.2, 0.1]])
+    # each layer by its own row (PER_LAYER's hand-worked allocation)
+    path = _stats_file(tmp_path, [list(row) for row in PER_LAYER])
     recipe = load_recipe(raw={"model": dataclasses.asdict(SRC),
                               "growth": {"upcycle": {"num_experts": 7, "utility_stats": path}}})
     plan = make_growth_plan(recipe.model, recipe.growth)
     section = plan.growth.upcycle
-    assert section.utility_shares == pytest.approx((0.2, 0.5, 0.2, 0.1))
+    assert section.utility_shares == PER_LAYER
     assert section.utility_stats_sha256 == file_sha256(path)
-    assert plan.expert_source == (0, 1, 2, 3, 0, 1, 2)
+    assert plan.expert_source == PER_LAYER_SOURCE
     # the record's section (dataclasses.asdict) rebuilds the same plan without the file
     rebuilt = UpcycleGrowthConfig(**json.loads(json.dumps(dataclasses.asdict(section))))
     (tmp_path / "stats.json").unlink()
@@ -122,7 +176,7 @@ def test_bad_stats_file_is_one_line_naming_the_key(tmp_path, content, needle):
 def test_bias_noise_only_on_copies():
     plan = make_growth_plan(SRC, _growth(num_experts=6, allocation="uniform", bias_noise=0.5))
     source = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    grown = plan.operators[0].expert_bias(plan, 1, source[list(plan.expert_source)].clone(), source)
+    grown = plan.operators[0].expert_bias(plan, 1, source[list(plan.expert_source[1])].clone(), source)
     assert torch.equal(grown[:4], source)
     assert not torch.equal(grown[4:], source[:2])
 
@@ -138,5 +192,5 @@ def test_unselected_copies_sit_below_every_original():
     plan = make_growth_plan(SRC, _growth(num_experts=6, allocation="uniform", bias_noise=0.5,
                                          unselected_copies=True))
     source = torch.tensor([0.1, -0.2, 0.3, 0.4])
-    grown = plan.operators[0].expert_bias(plan, 0, source[list(plan.expert_source)].clone(), source)
+    grown = plan.operators[0].expert_bias(plan, 0, source[list(plan.expert_source[0])].clone(), source)
     assert torch.equal(grown[:4], source) and (grown[4:] <= -2.2).all()

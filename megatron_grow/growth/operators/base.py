@@ -5,7 +5,7 @@ A growth operator (depth, width, ...) is one class, registered in ``growth.opera
 
 - its recipe section: ``config_type``, a ``GrowthSection`` dataclass of ``config.schema`` whose
   methods are the pure rules (the grown model, the section's problems against a model);
-- its index maps: ``layer_map`` / ``expert_map``, output index -> input index per axis;
+- its index maps: ``layer_map`` / ``expert_map`` (per layer), output index -> input index per axis;
 - its per-tensor transforms: what it does to a tensor after the engine has gathered it through
   the composed maps (``expert_tensor``, ``router``, ``expert_bias``; noise included) and which
   tensors it zeroes (``zeroes``, applied after every transform, in every order);
@@ -52,14 +52,17 @@ class GrowthOperator:
         """
         return identity_map(model.num_layers)
 
-    def expert_map(self, model: ModelConfig) -> IndexMap:
-        """Output expert -> input expert when this operator is applied to ``model``.
+    def expert_map(self, model: ModelConfig, layer: int, source_layer: int) -> IndexMap:
+        """Output expert -> input expert of one layer when this operator is applied to ``model``.
 
         Args:
             model: the model the operator is applied to.
+            layer: the layer in ``model`` (this operator's input) whose experts are mapped.
+            source_layer: the layer of the growth's source model that ``layer`` descends from (a
+                depth copy of layer ``s`` has ``s``; what calibration statistics are keyed by).
 
         Returns:
-            A map with one entry per expert of ``self.config.grown_model(model)`` (the same for every layer).
+            A map with one entry per expert of ``self.config.grown_model(model)``.
         """
         return identity_map(model.num_moe_experts)
 
@@ -182,10 +185,13 @@ class GrowthPlan:
 
     ``operators``: the bound operators in the order applied (``order`` holds their names).
     ``layer_source[j]``: source layer of target layer ``j``; ``layer_is_new_copy[j]``: the target
-    layer is a copy (not the first occurrence of its source layer). ``expert_source[e]``: source
-    expert of target expert ``e``; ``expert_copy_index[e]``: 0 for the original, 1..m-1 for copies.
-    Identity maps when no operator changes that axis. ``layers_after[k][j]``: the index of target
-    layer ``j`` in the output of operator ``k`` (what keys per-layer noise).
+    layer is a copy (not the first occurrence of its source layer). ``expert_source[j][e]``: source
+    expert (of source layer ``layer_source[j]``) of target expert ``e`` in target layer ``j``;
+    ``expert_copy_index[j][e]``: 0 for the original, 1, 2, ... for copies. Per target layer because
+    an operator may map each layer's experts differently (upcycling by each layer's utility); a
+    depth copy of a layer carries that layer's map. Identity maps when no operator changes that
+    axis. ``layers_after[k][j]``: the index of target layer ``j`` in the output of operator ``k``
+    (what keys per-layer noise).
     """
 
     source: ModelConfig
@@ -195,8 +201,8 @@ class GrowthPlan:
     operators: tuple[GrowthOperator, ...]
     layer_source: tuple[int, ...]
     layer_is_new_copy: tuple[bool, ...]
-    expert_source: tuple[int, ...]
-    expert_copy_index: tuple[int, ...]
+    expert_source: tuple[tuple[int, ...], ...]
+    expert_copy_index: tuple[tuple[int, ...], ...]
     layers_after: tuple[tuple[int, ...], ...]
 
     def layer_index_after(self, operator: str, target_layer: int) -> int:
@@ -217,16 +223,17 @@ class GrowthPlan:
             raise IndexError(f"target layer {target_layer} out of range [0, {len(self.layer_source)})")
         return self.layers_after[self.order.index(operator)][target_layer]
 
-    def is_original_expert(self, target_expert: int) -> bool:
-        """True for a target expert that is the first occurrence of its source expert.
+    def is_original_expert(self, target_layer: int, target_expert: int) -> bool:
+        """True for a target expert that is the first occurrence of its source expert in its layer.
 
         Args:
+            target_layer: a layer index in the grown model.
             target_expert: an expert index in the grown model.
 
         Returns:
             Whether its copy index is 0.
         """
-        return self.expert_copy_index[target_expert] == 0
+        return self.expert_copy_index[target_layer][target_expert] == 0
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """Before/after sizes (parameters are counted in ``models.params``).

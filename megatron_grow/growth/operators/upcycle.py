@@ -1,8 +1,9 @@
 """Expert upcycling: E -> E' experts for any E' > E, top-k fixed (Expert Upcycling, arXiv 2604.19835).
 
-Which source experts are copied, and how many times, is an allocation of the ``E' - E`` new
-experts: in proportion to each expert's utility (its routing share measured on calibration
-tokens, ``megatron-grow route-stats``) by the largest-remainder rule, or uniformly. Copies are
+Which source experts are copied, and how many times, is an allocation of each layer's ``E' - E``
+new experts: in proportion to each expert's utility in that layer (its routing share in that
+layer measured on calibration tokens, ``megatron-grow route-stats``) by the largest-remainder
+rule, or uniformly (the same for every layer). Copies are
 exact (routed-expert weights and router rows); the only perturbation is optional noise on the
 copies' router ``expert_bias`` (``bias_noise``), drawn from ``noise.noise_generator`` keyed by
 ``(growth.seed, "router.expert_bias", layer, target expert)``, so it does not depend on the
@@ -19,7 +20,7 @@ from fractions import Fraction
 
 import torch
 
-from megatron_grow.config.schema import ExpertAllocation, ExpertLayout, ModelConfig, UpcycleGrowthConfig
+from megatron_grow.config.schema import ExpertLayout, ModelConfig, UpcycleGrowthConfig
 from megatron_grow.growth.mapping import IndexMap
 from megatron_grow.growth.noise import EXPERT_BIAS_KEY, noise_generator
 from megatron_grow.growth.operators.base import GrowthOperator, GrowthPlan
@@ -84,14 +85,15 @@ class UpcycleOperator(GrowthOperator):
     config_type = UpcycleGrowthConfig
     config: UpcycleGrowthConfig
 
-    def copies(self, model: ModelConfig) -> tuple[int, ...]:
-        """Copies per source expert of ``model`` (the allocation this section names)."""
-        c = self.config
-        utility = c.utility_shares if c.allocation == ExpertAllocation.UTILITY else None
-        return allocate_copies(utility or [1.0] * model.num_moe_experts, c.num_experts - model.num_moe_experts)
+    def copies(self, model: ModelConfig, source_layer: int) -> tuple[int, ...]:
+        """Copies per expert of one layer of ``model``: by the utility row of ``source_layer`` (the
+        source layer it descends from; a single row serves every layer), or uniform."""
+        rows = self.config.layer_rows()
+        utility = rows[source_layer if len(rows) > 1 else 0] if rows else [1.0] * model.num_moe_experts
+        return allocate_copies(utility, self.config.num_experts - model.num_moe_experts)
 
-    def expert_map(self, model: ModelConfig) -> IndexMap:
-        return upcycle_map(self.copies(model), self.config.expert_layout)
+    def expert_map(self, model: ModelConfig, layer: int, source_layer: int) -> IndexMap:
+        return upcycle_map(self.copies(model, source_layer), self.config.expert_layout)
 
     def expert_bias(self, plan: GrowthPlan, target_layer: int, grown_E: torch.Tensor,
                     source_E: torch.Tensor) -> torch.Tensor:
@@ -104,7 +106,7 @@ class UpcycleOperator(GrowthOperator):
             return grown_E
         layer = plan.layer_index_after(self.name, target_layer)
         floor = source_E.to(torch.float32).min() - 2.0
-        for e, c in enumerate(plan.expert_copy_index):
+        for e, c in enumerate(plan.expert_copy_index[target_layer]):
             if c > 0:
                 g = noise_generator(plan.growth.seed, EXPERT_BIAS_KEY, layer, e)
                 eps = (torch.randn((), generator=g, dtype=torch.float32) * std).to(grown_E.device)

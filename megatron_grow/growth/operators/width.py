@@ -87,7 +87,7 @@ class WidthOperator(GrowthOperator):
     config_type = WidthGrowthConfig
     config: WidthGrowthConfig
 
-    def expert_map(self, model: ModelConfig) -> IndexMap:
+    def expert_map(self, model: ModelConfig, layer: int, source_layer: int) -> IndexMap:
         m = build_width_map(model.num_moe_experts, self.config.factor, self.config.expert_layout)
         return IndexMap(m.source_expert, m.copy_index)
 
@@ -114,7 +114,7 @@ class WidthOperator(GrowthOperator):
         group); ``new_experts: random`` replaces copies with N(0, init_method_std^2). Noise is added in
         fp32, then cast."""
         if self.config.new_experts == NewExperts.RANDOM:
-            if plan.expert_copy_index[target_expert] == 0:
+            if plan.expert_copy_index[target_layer][target_expert] == 0:
                 return value  # the ablation keeps the originals exact, whatever `noise` says
             g = noise_generator(plan.growth.seed, logical_key, self.noise_layer(plan, target_layer), target_expert)
             fresh = torch.randn(full_shape, generator=g, dtype=torch.float32) * plan.source.init_method_std
@@ -132,7 +132,7 @@ class WidthOperator(GrowthOperator):
                            full_shape: tuple[int, ...], std: float) -> torch.Tensor | None:
         """Full-shape fp32 noise *added* to the source for this target expert, or None for none."""
         w = self.config
-        copy_idx = plan.expert_copy_index[target_expert]
+        copy_idx = plan.expert_copy_index[target_layer][target_expert]
         scale = w.alpha * std
         if w.noise == NoiseKind.NONE or scale == 0.0:
             return None
@@ -147,7 +147,7 @@ class WidthOperator(GrowthOperator):
         # hidden activation equal to the source's, so the group's (equal-weight) output is exact.
         if logical_key != FC2_KEY:
             return None
-        src_expert = plan.expert_source[target_expert]
+        src_expert = plan.expert_source[target_layer][target_expert]
 
         def eps(c: int) -> torch.Tensor:
             g = noise_generator(seed, logical_key, layer, src_expert, stream=c)
@@ -182,7 +182,7 @@ class WidthOperator(GrowthOperator):
                 return grown_EH
         else:
             return grown_EH
-        for e, c in enumerate(plan.expert_copy_index):
+        for e, c in enumerate(plan.expert_copy_index[target_layer]):
             if c == 0:
                 continue
             row = self._row_noise_fp32(plan, ROUTER_KEY, target_layer, e, row_shape, scale).to(grown_EH.device)
@@ -198,7 +198,7 @@ class WidthOperator(GrowthOperator):
         if w.zero_expert_bias:
             return torch.zeros_like(grown_E)
         if w.new_experts == NewExperts.RANDOM:
-            for e, c in enumerate(plan.expert_copy_index):
+            for e, c in enumerate(plan.expert_copy_index[target_layer]):
                 if c > 0:
                     grown_E[e] = 0
             return grown_E
@@ -207,7 +207,7 @@ class WidthOperator(GrowthOperator):
         scale = w.alpha * tensor_std(source_E)
         if scale == 0.0:
             return grown_E
-        for e, c in enumerate(plan.expert_copy_index):
+        for e, c in enumerate(plan.expert_copy_index[target_layer]):
             if c > 0:
                 eps = self._row_noise_fp32(plan, EXPERT_BIAS_KEY, target_layer, e, (), scale).to(grown_E.device)
                 grown_E[e] = (grown_E[e].to(torch.float32) + eps).to(grown_E.dtype)
