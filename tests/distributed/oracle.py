@@ -75,18 +75,25 @@ def width_sources(E: int, m: int, layout: str) -> tuple[list[int], list[int]]:
     return [e // m for e in range(n)], [e % m for e in range(n)]
 
 
-def upcycle_sources(E: int, u) -> tuple[list[int], list[int]]:
-    """(source expert, copy index) of every target expert of expert upcycling (docs/growth.md).
+def upcycle_sources(E: int, u, layer: int) -> tuple[list[int], list[int]]:
+    """(source expert, copy index) of every target expert of expert upcycling in a target layer that
+    reads source layer ``layer`` (docs/growth.md, "Upcycle allocation (per layer)").
 
-    Copies per expert by largest remainder: n = E' - E; utility u_e (the recorded shares, or all 1
-    for uniform; all 0 counts as uniform); quota q_e = n u_e / sum(u) in exact rationals; each gets
+    Copies per expert by largest remainder within the layer: n = E' - E; utility u_e = the recorded
+    shares of source layer ``layer`` (a single flat row stands for every layer), or all 1 for
+    uniform; all 0 counts as uniform; quota q_e = n u_e / sum(u) in exact rationals; each gets
     floor(q_e), the rest one each by descending q_e - floor(q_e), lower index first. append: the E
     originals, then expert 0's copies, expert 1's, ...; interleave: each expert then its copies.
     """
     from fractions import Fraction
 
     n = u.num_experts - E
-    util = [Fraction(x) for x in u.utility_shares] if u.allocation == "utility" else [Fraction(1)] * E
+    shares = u.utility_shares
+    if u.allocation == "utility":
+        row = shares[layer] if isinstance(shares[0], (list, tuple)) else shares
+        util = [Fraction(x) for x in row]
+    else:
+        util = [Fraction(1)] * E
     if sum(util) == 0:
         util = [Fraction(1)] * E
     q = [n * x / sum(util) for x in util]
@@ -145,8 +152,6 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
     ins = growth.insert
     assert not (w and u), "the oracle composes the layer operators with one expert operator"
     esrc, copy = width_sources(E, w.factor, w.expert_layout) if w else (list(range(E)), [0] * E)
-    if u:
-        esrc, copy = upcycle_sources(E, u)
     order = list(growth.order) or [op for op, on in (("depth", d), ("width", w), ("upcycle", u), ("insert", ins))
                                    if on]
     # Each layer operator's map (output -> input) and the layers its definition zeroes, in order.
@@ -180,7 +185,7 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
         rows = []
         for j, ls in enumerate(lsrc):
             if u is not None:
-                t = _upcycled(key, s[ls], esrc, copy, u, growth.seed, noise_layer(j))
+                t = _upcycled(key, s[ls], *upcycle_sources(E, u, ls), u, growth.seed, noise_layer(j))
             elif w is None:
                 t = s[ls].clone()
             elif key.endswith("mlp.router.weight"):

@@ -135,6 +135,13 @@ def _growth(order, depth=None, width=None, seed=1234, upcycle=None, insert=None)
 # E' = 10 is (.08, .8, .16, .04, .48, .16, .16, .12) -> floors 0; the 2 copies go to e1 (.8) and e4 (.48).
 UTILITY = (0.04, 0.4, 0.08, 0.02, 0.24, 0.08, 0.08, 0.06)
 
+# Per-layer utility of the 4 source layers (each layer allocated on its own, docs/growth.md), E' = 10 (n = 2):
+# layer 0: UTILITY -> copies of e1, e4; layer 1: q = 2u/9 = 10/9, 0.., 2/9, 6/9 -> e0 (floor 1), then e7 (6/9);
+# layer 2: all zero counts as uniform -> e0, e1; layer 3: q = 1 for e6 and e7 -> e6, e7.
+# (Averaged over the layers every layer would copy the same two experts.)
+PER_LAYER_UTILITY = (UTILITY, (5, 0, 0, 0, 0, 0, 1, 3), (0,) * 8, (0, 0, 0, 0, 0, 0, 2, 2))
+PER_LAYER_COPIED = ([1, 4], [0, 7], [0, 1], [6, 7])  # append: targets 8, 9 of a layer reading source layer l
+
 
 CASES = {
     # width then depth (noise keyed by the source layer, so depth copies carry identical noise),
@@ -180,6 +187,18 @@ CASES = {
         growth=_growth(("upcycle", "depth"), depth=dict(mode="interposition", factor=2),
                        upcycle=dict(num_experts=11, allocation="uniform", expert_layout="interleave",
                                     bias_noise=0.1, unselected_copies=True))),
+    # upcycling by per-layer utility (each layer its own copies), then stack x2 (each copy carries its source
+    # layer's map and bias noise); TP=2 source into EP=2.
+    "upcycle_per_layer_then_depth": dict(
+        source="tp2", world=2, parallel=ParallelConfig(expert_model_parallel_size=2),
+        growth=_growth(("upcycle", "depth"), depth=dict(mode="stack", factor=2),
+                       upcycle=dict(num_experts=10, utility_shares=PER_LAYER_UTILITY, bias_noise=0.05), seed=5)),
+    # interposition x2, then upcycling by per-layer utility (a depth copy of layer l is allocated by l's
+    # shares; bias noise keyed by the target layer); EP=2 source into TP=2.
+    "depth_then_upcycle_per_layer": dict(
+        source="ep2", world=2, parallel=ParallelConfig(tensor_model_parallel_size=2),
+        growth=_growth(("depth", "upcycle"), depth=dict(mode="interposition", factor=2),
+                       upcycle=dict(num_experts=10, utility_shares=PER_LAYER_UTILITY, bias_noise=0.05), seed=5)),
     # depth by insertion (LLaMA Pro), 3 blocks (after layers 0, 2, 2: 4 -> 7), then width with gaussian
     # noise (keyed by the layer after insertion; the inserted blocks' fc2 zeroed after the noise); TP=2
     # source into EP=2.
@@ -384,6 +403,24 @@ def test_upcycle_uniform_then_depth_properties(checkpoints):
     for j in range(8):
         assert torch.equal(grown[bias][j, [0, 2, 4, 6, 7, 8, 9, 10]], src[bias][j // 2]), j
         assert (grown[bias][j, [1, 3, 5]] <= src[bias][j // 2].min() - 2).all(), j
+
+
+@pytest.mark.parametrize("case, source, layer_source", [
+    ("upcycle_per_layer_then_depth", "tp2", [0, 1, 2, 3, 0, 1, 2, 3]),
+    ("depth_then_upcycle_per_layer", "ep2", [0, 0, 1, 1, 2, 2, 3, 3]),
+])
+def test_upcycle_per_layer_properties(checkpoints, case, source, layer_source):
+    src, grown = checkpoints[source], checkpoints[case]
+    fc1, router = _expert_key(grown, "linear_fc1.weight"), _key(grown, "mlp.router.weight")
+    bias = _key(grown, "mlp.router.expert_bias")
+    assert grown[fc1].shape[:2] == (8, 10)
+    for j, ls in enumerate(layer_source):
+        copied = PER_LAYER_COPIED[ls]  # hand-worked from each source layer's own shares
+        assert torch.equal(grown[fc1][j], src[fc1][ls][list(range(8)) + copied]), j
+        assert torch.equal(grown[router][j], src[router][ls][list(range(8)) + copied]), j
+        assert torch.equal(grown[bias][j, :8], src[bias][ls]), j
+    # upcycling first: the stack copies of a layer carry the same bias noise; depth first: each its own
+    assert torch.equal(grown[bias][0], grown[bias][4]) == (case == "upcycle_per_layer_then_depth")
 
 
 def test_insert_properties(checkpoints):

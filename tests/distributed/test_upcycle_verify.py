@@ -30,7 +30,9 @@ EP2 = ParallelConfig(expert_model_parallel_size=2)
 def _grow_and_verify(root: str, grown: str, unselected: bool) -> dict:
     from megatron_grow.growth.verify import verify_growth
 
-    growth = GrowthConfig(upcycle=UpcycleGrowthConfig(num_experts=6, utility_shares=(0.1, 0.5, 0.3, 0.1),
+    # each of the 4 layers its own copies (e1 e2 / e0 e3 / e2 e3 / e0 e1): verify must read each layer's map
+    shares = ((0.1, 0.5, 0.3, 0.1), (0.5, 0.1, 0.1, 0.3), (0.1, 0.1, 0.4, 0.4), (0.4, 0.4, 0.1, 0.1))
+    growth = GrowthConfig(upcycle=UpcycleGrowthConfig(num_experts=6, utility_shares=shares,
                                                       unselected_copies=unselected))
     run_in_processes(grow_body, 2, (root, grown, growth, EP2))
     return run_in_processes(verify_growth, 2, (root, grown, EP2))[0]

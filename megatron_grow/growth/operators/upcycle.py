@@ -118,6 +118,9 @@ class UpcycleOperator(GrowthOperator):
     def describe(cls, section: dict) -> str:
         sha = section.get("utility_stats_sha256")
         source = f", stats {section.get('utility_stats')} sha256 {sha[:12]}" if sha else ""
+        shares = section.get("utility_shares")
+        if section.get("allocation") == "utility" and shares and isinstance(shares[0], (list, tuple)):
+            source += f", each of {len(shares)} layers by its own shares"
         return (f"upcycle -> {section.get('num_experts')} experts (top-k fixed, {section.get('allocation')}"
                 f"{source}, {section.get('expert_layout')}, bias noise {section.get('bias_noise')}"
                 f"{', copies unselected' if section.get('unselected_copies') else ''})")
