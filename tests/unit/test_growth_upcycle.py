@@ -20,6 +20,7 @@ from megatron_grow.config.schema import (
     UpcycleGrowthConfig,
 )
 from megatron_grow.errors import ConfigError
+from megatron_grow.growth import verify
 from megatron_grow.growth.operators.upcycle import UpcycleOperator, allocate_copies, upcycle_map
 from megatron_grow.growth.plan import make_growth_plan
 
@@ -194,3 +195,18 @@ def test_unselected_copies_sit_below_every_original():
     source = torch.tensor([0.1, -0.2, 0.3, 0.4])
     grown = plan.operators[0].expert_bias(plan, 0, source[list(plan.expert_source[0])].clone(), source)
     assert torch.equal(grown[:4], source) and (grown[4:] <= -2.2).all()
+
+
+def test_verify_projects_each_layer_through_its_own_map():
+    # PER_LAYER append: target expert 4 copies source expert 1 in layer 0 and source expert 0 in layer 1.
+    # All of each layer's tokens on target 4 -> by source expert: layer 0 all on e1, layer 1 all on e0.
+    plan = make_growth_plan(SRC, _growth(num_experts=7, utility_shares=PER_LAYER))
+    loads = torch.zeros(2, 7, dtype=torch.float64)
+    loads[:, 4] = 10
+    src_loads = torch.ones(2, 4, dtype=torch.float64)
+    change = verify._routing_change(src_loads, loads, {}, {}, plan)
+    assert change["routing_share_by_source_expert_after"] == [0.5, 0.5, 0.0, 0.0]
+    assert change["routing_share_by_source_expert_before"] == [0.25] * 4
+    assert change["routing_mass_moved"] == pytest.approx(0.75)  # per layer 0.5 * (0.75 + 3 * 0.25)
+    metrics = verify._routing_metrics(loads, plan)
+    assert metrics["routing_share_copies"] == 1.0 and metrics["per_layer_share_original"] == [0.0, 0.0]
