@@ -20,7 +20,7 @@ from megatron_grow.config.schema import (
     UpcycleGrowthConfig,
 )
 from megatron_grow.errors import ConfigError
-from megatron_grow.growth import verify
+from megatron_grow.growth import optimizer_state, retarget, verify
 from megatron_grow.growth.operators.upcycle import UpcycleOperator, allocate_copies, upcycle_map
 from megatron_grow.growth.plan import make_growth_plan
 
@@ -210,3 +210,16 @@ def test_verify_projects_each_layer_through_its_own_map():
     assert change["routing_mass_moved"] == pytest.approx(0.75)  # per layer 0.5 * (0.75 + 3 * 0.25)
     metrics = verify._routing_metrics(loads, plan)
     assert metrics["routing_share_copies"] == 1.0 and metrics["per_layer_share_original"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_carried_router_moments_follow_each_layers_map(layer):
+    # carry: a router moment's rows are read through the layer's own map (PER_LAYER_SOURCE[layer]);
+    # carry_zero_new: the copies' rows (targets 4..6 in every layer, append) start at 0.
+    plan = make_growth_plan(SRC, _growth(num_experts=7, utility_shares=PER_LAYER))
+    moment = torch.arange(4, dtype=torch.float32).unsqueeze(1).repeat(1, 3)  # row e holds e
+    task = retarget.SliceTask(None, retarget.ROUTER, (), target_layer=layer, source_layer=layer)
+    carried = optimizer_state.grown_moment(task, moment, plan, zero_new=False)
+    assert carried[:, 0].tolist() == [float(e) for e in PER_LAYER_SOURCE[layer]]
+    zeroed = optimizer_state.grown_moment(task, moment, plan, zero_new=True)
+    assert zeroed[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0]
