@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> int:
         summary = grow_checkpoint(args.load, args.save, recipe.growth, parallel, source_model=source_model,
                                   recipe_dict=recipe_to_dict(recipe), overwrite=args.overwrite,
                                   seed=recipe.training.seed, progress=not args.quiet,
-                                  target_spec=args.target_spec,
+                                  target_spec=args.target_spec, dtype=args.dtype,
                                   check_staged=_verifier(args, parallel, source_model) if args.verify else None)
         if is_rank0():
             print_summary(summary)
