@@ -10,7 +10,8 @@
   layer equals the source's bf16 bytes, and the stored dtypes are the source's (bf16 weights, fp32
   expert bias) for ``auto``, fp32 everywhere for ``fp32``.
 * Megatron-Core's own ``dist_checkpointing.load`` with ``StrictHandling.RAISE_ALL`` loads the bf16 result
-  into a grown model built in bf16.
+  into a grown model built in bf16, and the trainer resumes from it (EP=2), loading the bf16 weights
+  into its own params dtype (fp32 on CPU), and trains two steps with finite losses.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/distributed/test_grow_bf16.py
 """
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -26,12 +28,13 @@ from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed import oracle
-from tests.distributed.bodies import plain_tensors_of_many
+from tests.distributed.bodies import plain_tensors_of_many, train_body
+from tests.distributed.conftest import write_recipe
 
-pytestmark = pytest.mark.slow  # ~30-60 s on 2 shared cores: one save, two growths, one read, one strict load
+pytestmark = pytest.mark.slow  # ~20-60 s on 2 shared cores: one save, two growths, one read, a strict load, 2 steps
 
 RECIPE = load_recipe("configs/growth/tiny_depth_width.yaml")  # depth x2 then width x2, gaussian alpha 0.01
-SOURCE_MODEL = dataclasses.replace(RECIPE.model, seq_length=32)
+SOURCE_MODEL = dataclasses.replace(RECIPE.model, seq_length=32, vocab_size=512)  # the kjv tokenizer's vocabulary
 GROWTH = dataclasses.replace(RECIPE.growth, width=dataclasses.replace(RECIPE.growth.width,
                                                                       noise_granularity="per_layer"))
 EP2 = ParallelConfig(expert_model_parallel_size=2)
@@ -137,3 +140,16 @@ def test_stock_megatron_core_loads_the_bf16_checkpoint_strictly(grown):
         assert rank_result and not bad, bad
         fc1 = [dtype for n, (dtype, _) in rank_result.items() if "experts" in n and "linear_fc1.weight" in n]
         assert fc1 and set(fc1) == {"torch.bfloat16"}
+
+
+def test_training_resumes_from_the_bf16_grown_checkpoint(grown, kjv_dataset, tmp_path):
+    """The trainer loads the bf16 weights into its own params dtype (fp32 on CPU) and trains on."""
+    roots, _ = grown
+    target = {"num_layers": 8, "num_moe_experts": 16, "moe_router_topk": 4}
+    recipe = write_recipe(tmp_path / "train.yaml", kjv_dataset, tmp_path / "run", model=target,
+                          training={"train_iters": 3, "lr_warmup_iters": 1},
+                          checkpoint={"load": roots["auto"], "save_interval": 100},
+                          parallel={"expert_model_parallel_size": 2})
+    out = run_in_processes(train_body, 2, (recipe, []))[0]
+    assert [i for i, _ in out["train_losses"]] == [2, 3]  # continues from the grown checkpoint's iteration 1
+    assert all(math.isfinite(loss) for _, loss in out["train_losses"])
