@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 
-
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 

@@ -35,7 +35,6 @@ from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.parallel.collectives import rank
 from megatron_grow.parallel.init import initialize_distributed
 
-
 # ``import-hf --dtype``: the checkpoint's weights dtype (``auto``: bf16 for bf16 files, else fp32).
 IMPORT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
