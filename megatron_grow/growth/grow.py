@@ -381,7 +381,9 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     final = _save_grown(state, grown, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
                         built_spec=built_spec, target_spec=target_spec or built_spec, carried_optimizer=carried,
                         check_staged=check_staged)
-    return _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
+    summary = _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
+    summary["dtype"] = str(params_dtype).replace("torch.", "")
+    return summary
 
 
 def output_dtype(dtype: str, storage) -> torch.dtype:
@@ -503,7 +505,7 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
         ("parameters", f"{summary['params_before']:,} -> {summary['params_after']:,} "
                        f"({summary['params_after'] / max(summary['params_before'], 1):.2f}x)"),
         ("bytes read (all ranks)", f"{summary['bytes_read'] / 2**20:,.1f} MiB"),
-        ("bytes written", f"{summary['bytes_written'] / 2**20:,.1f} MiB"),
+        ("bytes written", f"{summary['bytes_written'] / 2**20:,.1f} MiB ({summary.get('dtype', '?')} weights)"),
         ("ranks", summary["world_size"]),
         ("time", f"{summary['seconds']:.2f}s (stats {summary['stats_seconds']:.2f}s, load "
                  f"{summary['load_seconds']:.2f}s, save {summary['save_seconds']:.2f}s; the save reads and "
