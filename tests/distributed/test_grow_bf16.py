@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -153,3 +154,21 @@ def test_training_resumes_from_the_bf16_grown_checkpoint(grown, kjv_dataset, tmp
     out = run_in_processes(train_body, 2, (recipe, []))[0]
     assert [i for i, _ in out["train_losses"]] == [2, 3]  # continues from the grown checkpoint's iteration 1
     assert all(math.isfinite(loss) for _, loss in out["train_losses"])
+
+
+def test_capacity_check_counts_the_output_dtype(grown, monkeypatch, tmp_path):
+    """The free-disk check before a grow counts 2 bytes per grown parameter for ``--dtype auto`` of a bf16
+    source and 4 for ``--dtype fp32`` (the disk is set, in our own helper, to 3 bytes per parameter)."""
+    from megatron_grow.errors import GrowthError
+    from megatron_grow.growth import capacity
+    from megatron_grow.growth.plan import make_growth_plan
+    from megatron_grow.models.params import count_params
+
+    roots, _ = grown
+    params = count_params(make_growth_plan(SOURCE_MODEL, GROWTH).target).total
+    monkeypatch.setattr(capacity, "machine_free_bytes", lambda save: (3 * params, None))
+    ckpt_dir = os.path.join(roots["source"], "iter_0000001")
+    capacity.check_capacity(SOURCE_MODEL, GROWTH, ckpt_dir, str(tmp_path / "dst"), with_verify=False)
+    with pytest.raises(GrowthError, match="4 bytes per parameter"):
+        capacity.check_capacity(SOURCE_MODEL, GROWTH, ckpt_dir, str(tmp_path / "dst"), with_verify=False,
+                                dtype="fp32")
