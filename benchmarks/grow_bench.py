@@ -10,7 +10,7 @@
    ~256) with a small vocabulary (8192), so that routed experts dominate. The number of
    layers and then the expert FFN width are chosen so that the *grown* checkpoint is about
    ``--target-gib`` in fp32. One source per ``--source-dtypes`` entry: ``bf16`` stores the
-   parameters in bf16, as real training checkpoints do (the grown model is fp32 either way).
+   parameters in bf16, as real training checkpoints do (``grow --dtype auto`` grows it into bf16).
 2. Grows each source with ``torchrun --standalone --nproc-per-node N -m megatron_grow grow ...
    --no-verify --quiet`` for each N in ``--ranks``, target layout EP=N when N divides the grown
    expert count (DP=N otherwise), polling every worker's RSS (psutil, every 50 ms) and parsing
@@ -384,7 +384,7 @@ def parse_args(argv):
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--growth", choices=("depth", "width", "depth_width"), default="depth")
     ap.add_argument("--source-dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
-                    help="source checkpoints to grow, one after the other (the grown model is fp32 either way)")
+                    help="source checkpoints to grow, one after the other (each grown in its own dtype)")
     ap.add_argument("--workdir", default="/tmp/megatron_grow_bench")
     ap.add_argument("--skip-naive", action="store_true", help="do not run the naive baseline")
     ap.add_argument("--keep", action="store_true", help="keep the grown checkpoints (default: delete)")

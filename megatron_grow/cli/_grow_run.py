@@ -27,7 +27,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> int:
     ckpt_dir = paths.resolve_checkpoint_dir(args.load)[0]
     source_model, _ = resolve_architecture(ckpt_dir, args.source_config)
     # Before any index map or module is built: a grown model this machine cannot hold is refused.
-    check_capacity(source_model, recipe.growth, ckpt_dir, args.save, with_verify=args.verify)
+    check_capacity(source_model, recipe.growth, ckpt_dir, args.save, with_verify=args.verify, dtype=args.dtype)
     parallel = checked_layout(args, dataclasses.replace(recipe, model=source_model))
     prepare_destination(args.save, args.overwrite, args.load)  # before the lock file goes beside --save
     lock = _lock_destination(args.save)
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> int:
         summary = grow_checkpoint(args.load, args.save, recipe.growth, parallel, source_model=source_model,
                                   recipe_dict=recipe_to_dict(recipe), overwrite=args.overwrite,
                                   seed=recipe.training.seed, progress=not args.quiet,
-                                  target_spec=args.target_spec,
+                                  target_spec=args.target_spec, dtype=args.dtype,
                                   check_staged=_verifier(args, parallel, source_model) if args.verify else None)
         if is_rank0():
             print_summary(summary)

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-spec", choices=keys.SPECS, default=None,
                         help="layer-spec names to store the grown checkpoint under (default: the spec this "
                              "machine trains with: te with Transformer Engine on a GPU, else local)")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the grown weights' stored dtype (default auto: SRC's, so a bf16 SRC grows into a "
+                             "bf16 DST); noise is added in fp32 and rounded once")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the probe-batch comparison of grown vs source")

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save", required=True, help="destination checkpoint root")
     parser.add_argument("--seq-length", type=int, default=None,
                         help="model.seq_length to record (default: max_position_embeddings, at most 4096)")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the checkpoint's weights dtype (default auto: bf16 for bf16 safetensors, else fp32; "
+                             "so import -> export-hf returns the same bytes)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --save directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_layout_arguments(parser)
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     parallel = layout_from_args(args, ParallelConfig())
     try:
         summary = import_hf(args.hf_dir, args.save, parallel, seq_length=args.seq_length,
-                            overwrite=args.overwrite, progress=not args.quiet)
+                            overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             m = summary["model"]
             print("import-hf summary")

@@ -65,13 +65,15 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / GB:,.1f} GB" if nbytes >= GB else f"{nbytes / 2**20:,.1f} MiB"
 
 
-def check_capacity(source: ModelConfig, growth: GrowthConfig, ckpt_dir: str, save: str, with_verify: bool) -> None:
+def check_capacity(source: ModelConfig, growth: GrowthConfig, ckpt_dir: str, save: str, with_verify: bool,
+                   dtype: str = "auto") -> None:
     """A GrowthError with :func:`capacity_problem` of this machine; bytes per parameter are those
-    of SRC's largest stored tensor (the grown tensors keep their source's dtype)."""
+    of SRC's largest stored tensor (``grow --dtype auto`` keeps the source's dtype), else ``dtype``'s."""
     md = io.read_storage_metadata(ckpt_dir)
     tensors = [m for m in md.state_dict_metadata.values() if isinstance(m, TensorStorageMetadata)]
     largest = max(tensors, key=lambda m: math.prod(m.size)) if tensors else None
     bytes_per_param = torch.empty((), dtype=largest.properties.dtype).element_size() if largest else 2
+    bytes_per_param = {"fp32": 4, "bf16": 2}.get(dtype, bytes_per_param)
     free_disk, free_memory = machine_free_bytes(save)
     on_cpu = not torch.cuda.is_available()  # on a GPU, verify holds the models in GPU memory instead
     problem = capacity_problem(source, growth, bytes_per_param, save, free_disk,

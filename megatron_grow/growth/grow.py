@@ -62,6 +62,9 @@ from megatron_grow.parallel.init import initialize_distributed
 
 log = component_log("grow")
 
+# ``grow --dtype``: the grown weights' stored dtype (``auto``: SRC's, see ``output_dtype``).
+OUTPUT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 @dataclass
 class LoadStats:
@@ -336,7 +339,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
                     source_model: ModelConfig | None = None, recipe_dict: dict | None = None,
                     overwrite: bool = False, seed: int = 1234, progress: bool = True,
                     target_spec: str | None = None, expert_backend: str | None = None,
-                    check_staged: Callable[[str], None] | None = None) -> dict:
+                    check_staged: Callable[[str], None] | None = None, dtype: str = "auto") -> dict:
     """Offline growth (collective): grow SRC into DST in the layout ``parallel`` (module docstring).
 
     The target is built on the meta device and saved atomically, each grown tensor computed from
@@ -352,6 +355,7 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
         expert_backend: the target's ``model.moe_expert_backend`` (how it runs, not what it stores).
         check_staged: collective (the CLI's verify); runs on the complete grown run directory before
             it replaces ``save``: if it raises, ``save`` is left as it was.
+        dtype: the grown weights' dtype (``OUTPUT_DTYPES``): ``auto`` = what SRC stores its weights in.
 
     Returns:
         A summary dict (rank 0's numbers), for ``print_summary``.
@@ -365,7 +369,9 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     built = (dataclasses.replace(source.plan.target, moe_expert_backend=expert_backend) if expert_backend
              else source.plan.target)
     stats = LoadStats()
-    state, targets, grown, built_spec = streaming_target(source, built, parallel, stats, progress)
+    params_dtype = output_dtype(dtype, source.storage)
+    state, targets, grown, built_spec = streaming_target(source, built, parallel, stats, progress,
+                                                         params_dtype=params_dtype)
     # growth.optimizer: carry: Adam state grown through the same maps (growth/optimizer_state.py).
     carried = (optimizer_state.grown_optimizer_checkpoint_state(targets, source, progress)
                if optimizer_state.carries(growth) else {})
@@ -375,16 +381,35 @@ def grow_checkpoint(load: str, save: str, growth: GrowthConfig, parallel: Parall
     final = _save_grown(state, grown, source, record, save, parallel, ctx, recipe_dict=recipe_dict,
                         built_spec=built_spec, target_spec=target_spec or built_spec, carried_optimizer=carried,
                         check_staged=check_staged)
-    return _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
+    summary = _summary(source, final, grown, stats, ctx, t0, time.perf_counter() - ts)
+    summary["dtype"] = str(params_dtype).replace("torch.", "")
+    return summary
+
+
+def output_dtype(dtype: str, storage) -> torch.dtype:
+    """The grown weights' dtype for ``grow --dtype``: ``fp32``, ``bf16``, or ``auto``: the dtype SRC stores
+    its routed experts' fc1 in (its weights' dtype; a Megatron-LM bf16 run stores bf16 weights and keeps
+    the fp32 main copy in the optimizer state). Buffers MCore keeps in fp32 (the router's expert bias)
+    stay fp32 whatever the choice, as in a training run with that params dtype."""
+    if dtype not in OUTPUT_DTYPES:
+        raise GrowthError(f"--dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    if dtype != "auto":
+        return OUTPUT_DTYPES[dtype]
+    stored = storage.state_dict_metadata.get(keys.EXPERT_FC1)
+    if isinstance(stored, TensorStorageMetadata) and stored.properties.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
 
 
 def streaming_target(source: GrowthSource, built: ModelConfig, parallel: ParallelConfig, stats: LoadStats,
-                     progress: bool = True, compute=retarget.grown_slice) -> tuple[dict, list, GrownTensors, str]:
+                     progress: bool = True, compute=retarget.grown_slice,
+                     params_dtype: torch.dtype = torch.float32) -> tuple[dict, list, GrownTensors, str]:
     """This rank's grown model on the meta device, as the streaming save sees it: its sharded state dict,
     its sharded tensors (lazy), the producer of their values and the spec whose names the built chunks
     hold (``keys.built_spec``: local for ``grouped_mm`` experts even with TE installed). Also the growth
     rehearsal's entry (``growth.rehearsal``: ``source.reader`` reads no data there, ``compute`` computes none)."""
-    chunks = build_model_chunks(built, parallel, meta=True)  # every weight comes from SRC, streamed
+    # every weight comes from SRC, streamed; ``params_dtype`` is the dtype DST stores them in
+    chunks = build_model_chunks(built, parallel, meta=True, params_dtype=params_dtype)
     state = io.model_sharded_state_dict(chunks)
     apply_factories(state)  # the sharded tensors the tasks fill are the ones the writer saves
     targets = list(io.iter_sharded_tensors(state))
@@ -480,7 +505,7 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
         ("parameters", f"{summary['params_before']:,} -> {summary['params_after']:,} "
                        f"({summary['params_after'] / max(summary['params_before'], 1):.2f}x)"),
         ("bytes read (all ranks)", f"{summary['bytes_read'] / 2**20:,.1f} MiB"),
-        ("bytes written", f"{summary['bytes_written'] / 2**20:,.1f} MiB"),
+        ("bytes written", f"{summary['bytes_written'] / 2**20:,.1f} MiB ({summary.get('dtype', '?')} weights)"),
         ("ranks", summary["world_size"]),
         ("time", f"{summary['seconds']:.2f}s (stats {summary['stats_seconds']:.2f}s, load "
                  f"{summary['load_seconds']:.2f}s, save {summary['save_seconds']:.2f}s; the save reads and "

@@ -49,7 +49,7 @@ from megatron_grow.checkpoint.reader import CheckpointReader, StoredTensor
 from megatron_grow.checkpoint.streaming import DEFAULT_WRITER_THREADS, local_problem, streaming_save_plan
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
 from megatron_grow.errors import GrowthError
-from megatron_grow.growth.grow import GrowthSource, LoadStats, check_target_layout, streaming_target
+from megatron_grow.growth.grow import GrowthSource, LoadStats, check_target_layout, output_dtype, streaming_target
 from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.specs import te_available
@@ -268,7 +268,7 @@ def rehearse_growth(source_model: ModelConfig, growth: GrowthConfig, source_para
                     source_dtype: torch.dtype = torch.float32) -> Rehearsal:
     """Every rank of ``megatron-grow grow`` from ``source_model`` saved under ``source_parallel`` on
     ``source_world`` ranks into ``target_parallel`` on ``target_world`` ranks, with no data (module doc).
-    ``source_dtype``: the source weights' stored dtype (the grow writes what its meta model holds: fp32).
+    ``source_dtype``: the source weights' stored dtype (``grow --dtype auto`` writes the grown weights in it).
     Raises on a layout that does not fit, a read outside the source's chunks, or a target tensor not
     tiled exactly once."""
     t0 = time.perf_counter()
@@ -311,7 +311,8 @@ def _plan_rank(plan, metadata: Metadata, parallel: ParallelConfig, rank: int, no
     source_spec = keys.storage_spec(metadata.state_dict_metadata.keys()) or keys.LOCAL_SPEC
     source = GrowthSource(LABEL, info, plan, source_spec, metadata, _reader=reader)
     state, targets, grown, _ = streaming_target(source, plan.target, parallel, LoadStats(), progress=False,
-                                             compute=_meta_slice)
+                                                compute=_meta_slice,
+                                                params_dtype=output_dtype("auto", metadata))
     rank_io = RankIO(rank, node, local_numel=sum(math.prod(st.local_shape) for st in targets),
                      requested_numel=sum(math.prod(req.local_shape) for req in grown.requests.values()))
     keys.rename_for_spec(state, keys.built_spec(te_available()), target_spec)

@@ -118,8 +118,11 @@ def _request(st, offset: tuple, global_shape: tuple, local_shape: tuple, key: st
     prepend = st.prepend_axis_num
     fragments = tuple(g // (1 if i < prepend else n)
                       for i, (g, n) in enumerate(zip(global_shape, (1,) * prepend + tuple(local_shape))))
-    buf = torch.empty(local_shape, dtype=st.dtype, device="cpu")
-    return dataclasses.replace(st, key=key or st.key, data=buf, local_shape=tuple(local_shape),
+    # Growth computes in fp32 (noise added to the fp32 value) and rounds once to the target's dtype
+    # when the slice is written: a bf16 target's request is read as fp32.
+    compute_dtype = torch.float32 if st.dtype in (torch.bfloat16, torch.float16) else st.dtype
+    buf = torch.empty(local_shape, dtype=compute_dtype, device="cpu")
+    return dataclasses.replace(st, key=key or st.key, data=buf, dtype=compute_dtype, local_shape=tuple(local_shape),
                                global_shape=tuple(global_shape),
                                global_offset=tuple(offset), axis_fragmentations=fragments, replica_id=0,
                                flattened_range=None)

@@ -72,3 +72,12 @@ def rehearse_with_a_lost_chunk(model: ModelConfig, growth: GrowthConfig, source_
         except (CheckpointError, GrowthError) as e:
             return str(e)
     return None
+
+
+def rehearsed_target_bytes(model: ModelConfig, growth: GrowthConfig, parallel: ParallelConfig, world: int,
+                           source_dtypes: list) -> list:
+    """The grown checkpoint's tensor bytes the rehearsal predicts, per source dtype (1-rank source)."""
+    from megatron_grow.growth.rehearsal import rehearse_growth
+
+    return [rehearse_growth(model, growth, ParallelConfig(), 1, parallel, world, source_dtype=d).target_bytes
+            for d in source_dtypes]

@@ -28,11 +28,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
+from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.parallel.spawn import run_in_processes
-from tests.distributed.rehearsal_bodies import grow_counted, rehearse, rehearse_with_a_lost_chunk, save_source
+from tests.distributed.rehearsal_bodies import (
+    grow_counted,
+    rehearse,
+    rehearse_with_a_lost_chunk,
+    rehearsed_target_bytes,
+    save_source,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,3 +114,15 @@ def test_plan_prints_the_rehearsal_of_a_growth_recipe():
     assert rehearsal["coverage"]["target_tensors_tiled_exactly_once"] == 13
     assert rehearsal["bytes_written"] == sum(r["bytes_written"] for r in rehearsal["ranks"])
     assert rehearsal["target_bytes"] <= rehearsal["bytes_written"]  # tensors plus pickled extra state
+
+
+def test_rehearsal_predicts_the_source_dtype_for_the_grown_checkpoint():
+    """``grow --dtype auto`` writes a bf16 source's grown weights in bf16 (the router's expert bias stays
+    fp32): the rehearsal's grown bytes follow. From the fp32 prediction ``4 (P + B)`` (P weight elements,
+    B = layers x experts bias elements of the grown model), the bf16 one must be ``2 P + 4 B``."""
+    fp32, bf16 = run_in_processes(rehearsed_target_bytes, 1, (MODEL, GROWTH, ParallelConfig(), 1,
+                                                               [torch.float32, torch.bfloat16]))[0]
+    target = make_growth_plan(MODEL, GROWTH).target
+    bias = target.num_layers * target.num_moe_experts
+    weights = fp32 // 4 - bias
+    assert bf16 == 2 * weights + 4 * bias, (fp32, bf16)

@@ -35,6 +35,9 @@ from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.parallel.collectives import rank
 from megatron_grow.parallel.init import initialize_distributed
 
+# ``import-hf --dtype``: the checkpoint's weights dtype (``auto``: bf16 for bf16 files, else fp32).
+IMPORT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def model_from_hf_config(hf: dict, family: Family, where: str, seq_length: int | None = None) -> ModelConfig:
     """Our ``ModelConfig`` for an HF ``config.json``, read by its family and checked like a recipe.
@@ -141,7 +144,7 @@ def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: Safeten
         progress: show a progress bar.
 
     Returns:
-        The bytes read by this rank.
+        The bytes this rank read from the files (in their stored dtype).
     """
     items = tensor_map.all_items(model, family, padded_vocab_size(model, tp))
     index = {(it.key, it.layer, it.expert): it for it in items}
@@ -149,16 +152,24 @@ def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: Safeten
     apply_factories(sd)
     tensors = list(io.iter_sharded_tensors(sd))
     poison_parameters(model_chunks)
-    nbytes = 0
+    read_before = ckpt.bytes_read
     bar = tqdm(tensors, desc="import-hf", unit="tensor", file=sys.stderr, disable=not progress or rank() != 0)
     for st in bar:
         item = _item_of(st, index)
         offsets = tuple(st.global_offset[st.prepend_axis_num:])
         value = read_region(item, offsets, tuple(st.local_shape), ckpt, st.data.dtype)
         st.data.copy_(value)
-        nbytes += value.numel() * value.element_size()
     verify_all_sourced(model_chunks)
-    return nbytes
+    return ckpt.bytes_read - read_before  # as stored in the files, not as converted
+
+
+def import_dtype(dtype: str, ckpt: SafetensorsCheckpoint) -> torch.dtype:
+    """The imported weights' dtype for ``import-hf --dtype`` (``IMPORT_DTYPES``)."""
+    if dtype not in IMPORT_DTYPES:
+        raise InteropError(f"--dtype {dtype!r} is not one of {', '.join(IMPORT_DTYPES)}")
+    if dtype != "auto":
+        return IMPORT_DTYPES[dtype]
+    return torch.bfloat16 if ckpt.weights_dtype() == torch.bfloat16 else torch.float32
 
 
 def _check_destination(save: str, overwrite: bool) -> None:
@@ -169,7 +180,7 @@ def _check_destination(save: str, overwrite: bool) -> None:
 
 
 def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: int | None = None,
-              overwrite: bool = False, progress: bool = True, seed: int = 1234) -> dict:
+              overwrite: bool = False, progress: bool = True, seed: int = 1234, dtype: str = "auto") -> dict:
     """Convert ``hf_dir`` into a checkpoint under ``save`` laid out as ``parallel`` (collective).
 
     Args:
@@ -180,6 +191,8 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
         overwrite: write into a non-empty ``save``.
         progress: show a progress bar.
         seed: the seed of the model's (poisoned, then filled) initialisation.
+        dtype: the checkpoint's weights dtype (``IMPORT_DTYPES``); ``auto``: bf16 when the HF weights are
+            stored in bf16, else fp32 (so a bf16 model imports and exports back byte for byte).
 
     Returns:
         A summary: ``hf_dir``, ``architecture``, ``checkpoint``, ``model``, ``world_size``, ``layout``,
@@ -196,7 +209,9 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
         raise InteropError("target layout does not fit the model: " + "; ".join(problems))
     _check_destination(save, overwrite)
     ctx = initialize_distributed(parallel, seed=seed)
-    chunks = build_model_chunks(model, parallel, initialize=False)  # every weight comes from the HF files
+    params_dtype = import_dtype(dtype, ckpt)
+    # every weight comes from the HF files
+    chunks = build_model_chunks(model, parallel, initialize=False, params_dtype=params_dtype)
     nbytes = fill_from_hf(chunks, model, family, ckpt, tp, progress)
     counters = empty_counters()
     manifest = build_manifest(model=model, layout=ctx.layout.as_record(),

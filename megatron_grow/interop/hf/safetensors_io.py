@@ -52,6 +52,10 @@ def read_hf_config(hf_dir: str) -> dict:
         raise InteropError(f"{path} is unreadable: {e}") from None
 
 
+# safetensors' dtype names (the header's ``dtype`` field) -> torch.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 class SafetensorsCheckpoint:
     """Lazy, sliced access to the tensors of one HF model directory."""
 
@@ -74,6 +78,7 @@ class SafetensorsCheckpoint:
             if not os.path.isfile(os.path.join(hf_dir, rel)):
                 raise InteropError(f"safetensors shard missing: {os.path.join(hf_dir, rel)} (named in {INDEX_NAME})")
         self._handles: dict[str, object] = {}
+        self.bytes_read = 0  # the stored bytes ``read`` returned (before any dtype conversion)
 
     def _open(self, rel: str):
         from safetensors import safe_open  # lazy: optional dependency (the hf extra)
@@ -117,11 +122,26 @@ class SafetensorsCheckpoint:
             InteropError: the read fails.
         """
         try:
-            return self._handle(name).get_slice(name)[tuple(region)]
+            value = self._handle(name).get_slice(name)[tuple(region)]
+            self.bytes_read += value.numel() * value.element_size()
+            return value
         except InteropError:
             raise
         except Exception as e:
             raise InteropError(f"reading {name} from {self.hf_dir} failed ({type(e).__name__}: {e})") from None
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype of HF tensor ``name`` (from the file header), None for one torch has no name for."""
+        return SAFETENSORS_DTYPES.get(self._handle(name).get_slice(name).get_dtype())
+
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype most of the stored tensors have (the model's weights dtype; a few, such as DeepSeek's
+        ``e_score_correction_bias``, may be stored in fp32 beside bf16 weights)."""
+        counts: dict = {}
+        for name in self.weight_map:
+            dtype = self.dtype(name)
+            counts[dtype] = counts.get(dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else None
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Every tensor the model needs must be present with the shape config.json implies.
