@@ -29,6 +29,7 @@ sys.path.insert(0, REPO)
 import yaml  # noqa: E402
 
 from benchmarks.optimizer_carry import GROWTH, base_body, grow_and_train_body, prepare_data, write_recipe  # noqa: E402
+from benchmarks.optimizer_carry import format_table as carry_table  # noqa: E402
 from megatron_grow.parallel.spawn import run_in_processes  # noqa: E402
 
 SPARKLING = {"originals": {"exp_avg": "copy", "exp_avg_sq": "copy"},
@@ -92,17 +93,7 @@ def main(argv=None) -> int:
 
 
 def format_table(base_out: dict, results: dict, base_iters: int) -> str:
-    lines = [f"base validation loss at step {base_iters}: {base_out['valid_losses'][-1][1]:.4f}", "",
-             "| arm | " + " | ".join("after growth" if s == 0 else f"+{s} steps" for s in REPORT_STEPS) + " |",
-             "|---|" + "---:|" * len(REPORT_STEPS)]
-    for arm, r in results.items():
-        by_step = {it - base_iters: loss for it, loss, _ in r["valid_losses"]}
-        by_step[0] = r["start"]
-        cells = [f"{by_step[s]:.4f}" if s in by_step else "-" for s in REPORT_STEPS]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    first = {arm: r["train_losses"][0][1] for arm, r in results.items()}
-    lines += ["", "first training loss after growth: " + ", ".join(f"{a} {v:.4f}" for a, v in first.items())]
-    return "\n".join(lines)
+    return carry_table(base_out, results, base_iters, steps=REPORT_STEPS, arm_header="arm")
 
 
 if __name__ == "__main__":

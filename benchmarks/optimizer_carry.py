@@ -139,14 +139,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def format_table(base_out: dict, results: dict, base_iters: int) -> str:
+def format_table(base_out: dict, results: dict, base_iters: int, steps: tuple = REPORT_STEPS,
+                 arm_header: str = "optimizer") -> str:
     lines = [f"base validation loss at step {base_iters}: {base_out['valid_losses'][-1][1]:.4f}", "",
-             "| optimizer | " + " | ".join("after growth" if s == 0 else f"+{s} steps" for s in REPORT_STEPS) + " |",
-             "|---|" + "---:|" * len(REPORT_STEPS)]
+             f"| {arm_header} | " + " | ".join("after growth" if s == 0 else f"+{s} steps" for s in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
     for arm, r in results.items():
         by_step = {it - base_iters: loss for it, loss, _ in r["valid_losses"]}
         by_step[0] = r["start"]
-        cells = [f"{by_step[s]:.4f}" if s in by_step else "-" for s in REPORT_STEPS]
+        cells = [f"{by_step[s]:.4f}" if s in by_step else "-" for s in steps]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     first = {arm: r["train_losses"][0][1] for arm, r in results.items()}
     lines += ["", "first training loss after growth: " + ", ".join(f"{a} {v:.4f}" for a, v in first.items())]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.interop.hf.exporter import export_hf
 from megatron_grow.interop.hf.importer import import_hf
@@ -53,3 +56,19 @@ def grow_and_forward(source_root: str, grown_root: str, growth, parallel: Parall
     model = read_checkpoint_info(ckpt, it).model
     result = load_forward(model, parallel, grown_root)
     return None if result is None else {"logits": result["logits"], "vocab": model.vocab_size}
+
+
+def safetensors_dir(hf_dir: str) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for name in sorted(os.listdir(hf_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(hf_dir, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def checkpoint_tensors(root: str) -> dict:
+    reader = CheckpointReader(root)
+    return {k: reader.read(k) for k in reader.tensors}

@@ -12,15 +12,14 @@ size), and ``export-hf --dtype auto`` writes every tensor back bitwise equal, dt
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.interop.hf.tiny import make_tiny_model
 from megatron_grow.parallel.spawn import run_in_processes
+from tests.distributed.hf_bodies import checkpoint_tensors, safetensors_dir
 
 pytestmark = pytest.mark.slow  # one process: two imports and one export of a tiny model (~15 s)
 
@@ -36,22 +35,6 @@ def import_twice_and_export(hf_dir: str, work: str) -> dict:
     fp32 = import_hf(hf_dir, f"{work}/fp32", ParallelConfig(), seq_length=16, progress=False, dtype="fp32")
     export_hf(f"{work}/auto", f"{work}/exported", max_shard_bytes=64 * 1024, progress=False)
     return {"auto_bytes_read": auto["bytes_read"], "fp32_bytes_read": fp32["bytes_read"]}
-
-
-def safetensors_dir(hf_dir: str) -> dict:
-    from safetensors import safe_open
-
-    out = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(hf_dir, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def checkpoint_tensors(root: str) -> dict:
-    reader = CheckpointReader(root)
-    return {k: reader.read(k) for k in reader.tensors}
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,19 @@ import os
 import pytest
 import torch
 
-from megatron_grow.checkpoint.reader import CheckpointReader
 from megatron_grow.config.schema import DepthGrowthConfig, GrowthConfig, ParallelConfig, WidthGrowthConfig
 from megatron_grow.interop.hf.exporter import export_hf
 from megatron_grow.interop.hf.tiny import ARCHITECTURES, save_tiny_model
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed.bodies import first_result, probe_batches
-from tests.distributed.hf_bodies import SEQ, grow_and_forward, import_export_reimport, import_in_layouts
+from tests.distributed.hf_bodies import (
+    SEQ,
+    checkpoint_tensors,
+    grow_and_forward,
+    import_export_reimport,
+    import_in_layouts,
+    safetensors_dir,
+)
 
 TOLERANCE = 1e-4
 PARTIAL_ROPE = "Glm4MoeForCausalLM-partial-rope"
@@ -39,22 +45,6 @@ def hf_logits(hf_dir: str, vocab: int) -> torch.Tensor:
     tokens = torch.cat(probe_batches(ModelConfig(vocab_size=vocab, seq_length=SEQ)))
     with torch.no_grad():
         return model(tokens).logits
-
-
-def safetensors_dir(hf_dir: str) -> dict:
-    from safetensors import safe_open
-
-    out = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(hf_dir, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def checkpoint_tensors(root: str) -> dict:
-    reader = CheckpointReader(root)
-    return {k: reader.read(k) for k in reader.tensors}
 
 
 def max_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
