@@ -50,6 +50,25 @@ def initialize_model_parallel(layout: Layout, **options) -> None:
     )
 
 
+def _init_process_group(backend: str, timeout: timedelta, use_cuda: bool) -> None:
+    """The default process group: torchrun's rendezvous (``MASTER_ADDR``/``MASTER_PORT``), or, for a
+    process started alone, a one-process world on an in-process store. The lone world binds no port:
+    a port picked free and bound a moment later can be taken in between (``EADDRINUSE``)."""
+    alone = "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if alone:
+        torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
+                                             world_size=1, timeout=timeout)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    torch.distributed.init_process_group(backend=backend, timeout=timeout)
+
+
 def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
                            timeout_minutes: int = 30) -> DistributedContext:
     """Start torch.distributed (if needed) and MCore model-parallel groups for ``parallel``."""
@@ -58,15 +77,7 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
         raise RuntimeError("no CUDA device and CPU mode is not installed: call "
                            "megatron_grow.platform.cpu.apply_cpu_adaptations() at the entry point first")
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        _init_process_group("nccl" if use_cuda else "gloo", timedelta(minutes=timeout_minutes), use_cuda)
     world = torch.distributed.get_world_size()
     problems = world_layout_problems(parallel, world)
     if problems:

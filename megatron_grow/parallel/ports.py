@@ -1,5 +1,5 @@
-"""A free local TCP port for a rendezvous (``MASTER_PORT``): for the one-process world of
-``parallel.init`` and the local process groups of ``parallel.spawn``."""
+"""A free local TCP port for a rendezvous (``MASTER_PORT``): for the local process groups of
+``parallel.spawn`` and a ``parallel.init`` given ``WORLD_SIZE`` > 1 without a port."""
 
 from __future__ import annotations
 

@@ -1,0 +1,36 @@
+"""``parallel.init``: a process started alone (no torchrun) must not race other processes for a port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The race, made certain: the port picked as free is already taken when the store would bind it.
+LONE_PROCESS = """
+import socket
+from megatron_grow.platform import cpu
+cpu.apply_cpu_adaptations()
+import megatron_grow.parallel.init as init
+from megatron_grow.config.schema import ParallelConfig
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+init.free_port = lambda: held.getsockname()[1]
+ctx = init.initialize_distributed(ParallelConfig())
+print("world", ctx.world_size, "rank", ctx.rank)
+"""
+
+
+@pytest.mark.slow
+def test_a_lone_process_binds_no_rendezvous_port():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", LONE_PROCESS], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "world 1 rank 0" in run.stdout
