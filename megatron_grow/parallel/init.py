@@ -55,6 +55,9 @@ def _init_process_group(backend: str, timeout: timedelta, use_cuda: bool) -> Non
     process started alone, a one-process world on an in-process store. The lone world binds no port:
     a port picked free and bound a moment later can be taken in between (``EADDRINUSE``)."""
     alone = "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
+    # The usual variables either way: libraries run later in this process (lm-eval's accelerate) read them.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -63,10 +66,8 @@ def _init_process_group(backend: str, timeout: timedelta, use_cuda: bool) -> Non
     if alone:
         torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
                                              world_size=1, timeout=timeout)
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    else:
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
 
 
 def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,

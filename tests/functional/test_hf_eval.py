@@ -18,7 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # A one-process command: no rendezvous variables an earlier in-process test may have left behind
+    # (an inherited MASTER_PORT can name a port this pytest process still holds).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "megatron_grow", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=600)
 
