@@ -188,3 +188,25 @@ def train_straight_then_preempted(straight: str, split: str, split_dir: str):
     part1 = train_body(split, [])
     part2 = train_body(split, [])
     return first, part1, part2
+
+
+def strict_load_into_nan_model(model_cfg, ckpt_root: str, parallel, params_dtype=torch.float32) -> dict:
+    """Megatron-Core's own strict load (``RAISE_ALL``) of a checkpoint into a NaN-filled model of
+    ``model_cfg``: its parameters and expert biases by name, so a caller sees anything left unfilled."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    initialize_distributed(parallel)
+    (model,) = build_model_chunks(model_cfg, parallel, initialize=False, params_dtype=params_dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    ckpt, _ = paths.resolve_checkpoint_dir(ckpt_root)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), ckpt, strict=StrictHandling.RAISE_ALL)
+    # ``loaded`` also holds the common state (``args``, ``iteration``...): the tensors by name.
+    tensors = dict(model.named_parameters())
+    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("expert_bias")})
+    with torch.no_grad():
+        for name, t in tensors.items():
+            t.copy_(loaded[name])
+    return tensors

@@ -29,7 +29,7 @@ from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed import oracle
-from tests.distributed.bodies import plain_tensors_of_many, train_body
+from tests.distributed.bodies import plain_tensors_of_many, strict_load_into_nan_model, train_body
 from tests.distributed.conftest import write_recipe
 
 pytestmark = pytest.mark.slow  # ~20-60 s on 2 shared cores: one save, two growths, one read, a strict load, 2 steps
@@ -70,28 +70,12 @@ def grow_with_dtype(source_root: str, grown_root: str, parallel: ParallelConfig,
 
 def strict_load_bf16(ckpt_root: str, parallel: ParallelConfig) -> dict:
     """Megatron-Core's own strict load of the grown checkpoint into a NaN-filled grown model built in bf16."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from megatron_grow.checkpoint import paths
     from megatron_grow.growth.plan import make_growth_plan
-    from megatron_grow.models.builder import build_model_chunks
-    from megatron_grow.parallel.init import initialize_distributed
 
-    initialize_distributed(parallel)
-    (model,) = build_model_chunks(make_growth_plan(SOURCE_MODEL, GROWTH).target, parallel, initialize=False,
-                                  params_dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-    ckpt, _ = paths.resolve_checkpoint_dir(ckpt_root)
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), ckpt, strict=StrictHandling.RAISE_ALL)
-    tensors = dict(model.named_parameters())
-    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("expert_bias")})
-    with torch.no_grad():
-        for name, t in tensors.items():
-            t.copy_(loaded[name])
+    target = make_growth_plan(SOURCE_MODEL, GROWTH).target
+    tensors = strict_load_into_nan_model(target, ckpt_root, parallel, torch.bfloat16)
     return {name: (str(t.dtype), bool(torch.isfinite(t).all())) for name, t in tensors.items()}
+
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import torch
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
-from tests.distributed.bodies import grow_body, plain_tensors_of_many
+from tests.distributed.bodies import grow_body, plain_tensors_of_many, strict_load_into_nan_model
 
 pytestmark = pytest.mark.slow  # ~1-2 min on 2 shared cores: one save, three growths, one strict load
 
@@ -104,28 +104,11 @@ def tensor_hash(t: torch.Tensor) -> str:
 
 def strict_load_body(ckpt_root: str, parallel: ParallelConfig) -> dict:
     """Megatron-Core's own strict load of the grown checkpoint into a NaN-filled grown model."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from megatron_grow.checkpoint import paths
     from megatron_grow.growth.plan import make_growth_plan
-    from megatron_grow.models.builder import build_model_chunks
-    from megatron_grow.parallel.init import initialize_distributed
 
-    initialize_distributed(parallel)
-    (model,) = build_model_chunks(make_growth_plan(SOURCE_MODEL, GROWTH).target, parallel, initialize=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-    ckpt, _ = paths.resolve_checkpoint_dir(ckpt_root)
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), ckpt, strict=StrictHandling.RAISE_ALL)
-    # ``loaded`` also holds the common state (``args``, ``iteration``...): the tensors by name.
-    tensors = dict(model.named_parameters())
-    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("expert_bias")})
-    with torch.no_grad():
-        for name, t in tensors.items():
-            t.copy_(loaded[name])
+    tensors = strict_load_into_nan_model(make_growth_plan(SOURCE_MODEL, GROWTH).target, ckpt_root, parallel)
     return {name: bool(torch.isfinite(t).all()) for name, t in tensors.items()}
+
 
 
 @pytest.fixture(scope="module")
