@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+from torch.distributed import distributed_c10d as c10d
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
@@ -85,12 +86,24 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234,
         raise LayoutError("; ".join(problems))
     layout = resolve_layout(parallel, world)
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+        destroy_model_parallel_groups()
     initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return DistributedContext(torch.distributed.get_rank(), world, local_rank, layout, device)
+
+
+def destroy_model_parallel_groups() -> None:
+    """Megatron-Core's parallel state and the process groups behind it, so that a process that initialises
+    again (repro's workers, in-process tests) does not keep every earlier run's gloo groups: each holds
+    threads that stay alive and polling (1,100 threads in one repro worker before this)."""
+    world = torch.distributed.group.WORLD
+    # torch has no public list of groups; its c10d registry is the one place every subgroup is held.
+    for group in list(c10d._world.pg_map):
+        if group is not world:
+            torch.distributed.destroy_process_group(group)
+    ps.destroy_model_parallel()
 
 
 def destroy_distributed() -> None:
