@@ -156,6 +156,10 @@ def moe_layer_problems(model: ModelConfig) -> list[str]:
     return []
 
 
+def _freq_words(freq) -> str:
+    return repr(list(freq)) if isinstance(freq, tuple) else repr(freq)
+
+
 def with_layer_sources(model: ModelConfig, source_layers) -> ModelConfig:
     """``model`` with ``len(source_layers)`` layers, layer ``j`` a copy of layer ``source_layers[j]``: the
     dense/MoE pattern follows the copies (an all-MoE stack stays ``moe_layer_freq: 1``)."""
@@ -421,6 +425,10 @@ class DepthGrowthConfig(GrowthSection):
         False, "new copies start with attention linear_proj and (shared-)expert linear_fc2 at zero (LLaMA-Pro)")
 
     def grown_model(self, model: ModelConfig) -> ModelConfig:
+        if self.mode not in values(DepthMode) or self.problems(model, "growth.depth"):
+            # asked while the problems are being collected: the count alone
+            layers = grown_depth(model.num_layers, self.factor, self.ignore_first, self.ignore_last)
+            return dataclasses.replace(model, num_layers=layers)
         return with_layer_sources(model, depth_source_layers(model.num_layers, self.mode, self.factor,
                                                              self.ignore_first, self.ignore_last))
 
@@ -515,6 +523,9 @@ class UpcycleGrowthConfig(GrowthSection):
 
     def problems(self, model: ModelConfig, prefix: str) -> list[str]:
         E, out = model.num_moe_experts, []
+        if is_mixed_stack(model):
+            out.append(f"{prefix}: the source stores its layers one key per layer (model.moe_layer_freq "
+                       f"{_freq_words(model.moe_layer_freq)}); upcycle grows all-MoE stacks only: use growth.width")
         if self.num_experts <= E:
             out.append(f"{prefix}.num_experts ({self.num_experts}) must be > the experts it grows ({E})")
         if self.bias_noise > 0 and not model.moe_router_enable_expert_bias:

@@ -98,14 +98,7 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
     units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) if moe[ls] for es in range(E)]
     mine = units[rank()::world_size()]
     def expert_request(k: int, ls: int, es: int):
-        st = templates[keys[k]]
-        per_layer = ckpt_keys.split_per_layer_key(st.key)
-        if per_layer:  # a mixed dense/MoE stack: the source layer's own key, experts on axis 0
-            full = tuple(st.global_shape[1:])
-            key = ckpt_keys.per_layer_storage_key(ls, per_layer[1])
-            return retarget._request(st, (es,) + (0,) * len(full), (E,) + full, full, key)
-        full = tuple(st.global_shape[2:])
-        return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
+        return _whole_expert_request(templates[keys[k]], L, E, ls, es)
 
     error = None
     for k, ls, es in mine:
@@ -130,6 +123,17 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
             for es in range(E):
                 out[(key, ls, es)] = transforms.expert_noise_std(plan, per_expert, es)
     return out
+
+
+def _whole_expert_request(st, L: int, E: int, ls: int, es: int):
+    """A request for source expert ``es`` of source layer ``ls``, whole, shaped after target tensor ``st``."""
+    per_layer = ckpt_keys.split_per_layer_key(st.key)
+    if per_layer:  # a mixed dense/MoE stack: the source layer's own key, experts on axis 0
+        full = tuple(st.global_shape[1:])
+        key = ckpt_keys.per_layer_storage_key(ls, per_layer[1])
+        return retarget._request(st, (es,) + (0,) * len(full), (E,) + full, full, key)
+    full = tuple(st.global_shape[2:])
+    return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
 
 
 def _check_templates_everywhere(logical_keys: list) -> None:
