@@ -2,7 +2,9 @@
 
 The source is written by stock Megatron-Core calls (``GPTModel`` from a ``TransformerConfig`` with a
 ``moe_layer_freq`` pattern, MCore's ``get_gpt_decoder_block_spec`` through the project's local spec,
-saved with ``dist_checkpointing.save`` on 2 gloo processes, no ``megatron_grow.json``): layer 0 dense (a
+saved with ``dist_checkpointing.save`` on 2 gloo processes with Megatron-LM's ``args``, whose
+``--moe-layer-freq "([0]*1+[1]*3)"``, ``--ffn-hidden-size`` and ``--moe-shared-expert-gate`` give the
+architecture; no ``megatron_grow.json``): layer 0 dense (a
 GLM-4.5 / DeepSeek ``first_k_dense_replace``), layers 1-3 MoE with a gated shared expert. MCore stores
 such a stack one key per layer. The real sharded growth runs on 2 gloo processes into a different layout
 and every stored tensor must equal ``oracle.expected_grown_per_layer`` bit for bit: depth copies a dense
@@ -13,6 +15,7 @@ layer as a dense layer, width duplicates routed experts only (shared experts and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import zlib
@@ -85,17 +88,38 @@ def save_stock_mixed_source(tp: int, ep: int, root: str) -> None:
     if torch.distributed.get_rank() == 0:
         os.makedirs(ckpt)
     torch.distributed.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    state = {"model": model.sharded_state_dict(), "args": megatron_lm_args(tp, ep), "checkpoint_version": 3.0,
+             "iteration": 1, "num_floating_point_operations_so_far": 0}
+    dist_checkpointing.save(state, ckpt)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write("1")
 
 
+def megatron_lm_args(tp: int, ep: int) -> argparse.Namespace:
+    """What Megatron-LM's pretrain_gpt.py stores for this model, --moe-layer-freq in its command-line form."""
+    m = SOURCE_MODEL
+    return argparse.Namespace(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, group_query_attention=True, num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels, num_experts=m.num_moe_experts, moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size, moe_layer_freq="([0]*1+[1]*3)",
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size, moe_shared_expert_gate=True,
+        moe_shared_expert_overlap=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type=["aux_loss"], moe_aux_loss_coeff=[1e-3], moe_router_dtype="fp32",
+        swiglu=True, normalization="RMSNorm", norm_epsilon=1e-6, qk_layernorm=True, add_bias_linear=False,
+        add_qkv_bias=False, untie_embeddings_and_output_weights=True, position_embedding_type="rope",
+        rotary_base=10000, rotary_percent=1.0, max_position_embeddings=m.seq_length, seq_length=m.seq_length,
+        padded_vocab_size=256, vocab_size=None, init_method_std=m.init_method_std, multi_latent_attention=False,
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, iteration=1)
+
+
 def grow_mixed(source_root: str, grown_root: str, growth: GrowthConfig, parallel: ParallelConfig):
+    """The real offline growth (collective); the architecture is read from the source's Megatron-LM args."""
     from megatron_grow.growth.grow import grow_checkpoint
 
-    return grow_checkpoint(source_root, grown_root, growth, parallel, source_model=SOURCE_MODEL, progress=False)
+    return grow_checkpoint(source_root, grown_root, growth, parallel, progress=False)
 
 
 CASES = {
