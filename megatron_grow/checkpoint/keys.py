@@ -35,6 +35,12 @@ FC1_NAME = "linear_fc1.weight"
 FC2_NAME = "linear_fc2.weight"
 ROUTED_EXPERTS_MARKER = ".mlp.experts."
 
+EXPERT_FC1_SUFFIX = "mlp.experts.experts." + FC1_NAME
+EXPERT_FC2_SUFFIX = "mlp.experts.experts." + FC2_NAME
+# The dense MLP of a non-MoE layer (``model.moe_layer_freq``).
+DENSE_FC1_SUFFIX = "mlp." + FC1_NAME
+DENSE_FC2_SUFFIX = "mlp." + FC2_NAME
+
 # Stacked storage keys.
 QKV = LAYER_PREFIX + QKV_SUFFIX
 PROJ = LAYER_PREFIX + PROJ_SUFFIX
@@ -53,7 +59,9 @@ SHARED_FC1 = LAYER_PREFIX + "mlp.shared_experts." + FC1_NAME
 SHARED_FC2 = LAYER_PREFIX + "mlp.shared_experts." + FC2_NAME
 SHARED_GATE = LAYER_PREFIX + "mlp.shared_experts.gate_weight"
 
-# Module keys.
+# Module keys; also the storage keys of a mixed dense/MoE stack: for any ``moe_layer_freq`` but the int 1,
+# MCore's ``TransformerBlock.sharded_state_dict`` stores each layer under ``decoder.layers.<global layer>.``
+# with no stacked layer axis (routed experts keep their prepended expert axis).
 MODULE_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 MODULE_LOCAL_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
@@ -69,6 +77,33 @@ def module_layer_key(layer_idx: int, suffix: str) -> str:
         ``decoder.layers.<layer_idx>.<suffix>``.
     """
     return f"{LAYER_PREFIX}{layer_idx}.{suffix}"
+
+
+def per_layer_storage_key(layer_idx: int, suffix: str) -> str:
+    """The storage key of one layer's tensor in a mixed dense/MoE stack (the module key's form).
+
+    Args:
+        layer_idx: the 0-based global layer index.
+        suffix: the tensor's name under the layer, as stacked storage names it (e.g. :data:`EXPERT_FC1_SUFFIX`).
+
+    Returns:
+        ``decoder.layers.<layer_idx>.<suffix>``.
+    """
+    return module_layer_key(layer_idx, suffix)
+
+
+def split_per_layer_key(key: str) -> tuple[int, str] | None:
+    """``(layer_idx, suffix)`` of a per-layer storage key (:func:`per_layer_storage_key`); None for a
+    stacked or non-layer key.
+
+    Args:
+        key: a storage key.
+
+    Returns:
+        The layer index and the suffix, or None.
+    """
+    m = MODULE_LAYER_RE.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def module_expert_key(layer_idx: int, expert_idx: int, name: str) -> str:

@@ -18,11 +18,15 @@ Megatron-LM argument                    ``ModelConfig`` field
 ``moe_ffn_hidden_size`` (None: ffn)     ``moe_ffn_hidden_size``
 ``padded_vocab_size``, ``vocab_size``   ``vocab_size`` + ``make_vocab_size_divisible_by``
 ``seq_length`` (None: max positions)    ``seq_length``
+``moe_layer_freq`` (int, list, or the   ``moe_layer_freq`` (1, an int N, or the 0/1 tuple)
+list expression ``([0]*1+[1]*3)``)
+``ffn_hidden_size``                     ``ffn_hidden_size`` of the dense layers (when any)
+``moe_shared_expert_intermediate_size``  ``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``
+and ``moe_shared_expert_gate``          (``moe_shared_expert_overlap`` is a schedule choice: not carried)
 ======================================  =========================================================
 
-What the model cannot represent (multi-latent attention, dense layers mixed in through
-``moe_layer_freq``, multi-token prediction, positions other than RoPE, biases, ...) is refused
-with one line naming the argument and its value, never replaced by a default.
+What the model cannot represent (multi-latent attention, multi-token prediction, positions
+other than RoPE, biases, ...) is refused with one line naming the argument and its value, never replaced by a default.
 Implementation choices that do not change the weights (``moe_grouped_gemm``, the token
 dispatcher, fusions) are not carried: this run picks its own.
 """
@@ -30,6 +34,7 @@ dispatcher, fusions) are not carried: this run picks its own.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 from typing import Any
 
@@ -55,15 +60,41 @@ def _off(value: Any) -> bool:
     return value is None or value is False or value == 0
 
 
-def _all_moe(value: Any) -> bool:
-    return value == 1 or (isinstance(value, (list, tuple)) and len(value) > 0 and all(v == 1 for v in value))
+def moe_layer_freq_of(value: Any, where: str) -> int | tuple:
+    """Megatron-LM's ``--moe-layer-freq`` as ``model.moe_layer_freq``: an int, a list of 0/1, or the list
+    expression the command line takes (``"([0]*1+[1]*3)"``, which its ``moe_freq_type`` evaluates; here only
+    lists of integers, ``+`` and ``*`` are read, nothing is executed)."""
+    if isinstance(value, str):
+        try:
+            value = _list_expression(ast.parse(value.strip(), mode="eval").body)
+        except (SyntaxError, ValueError) as e:
+            raise CheckpointError(f"{where}: args.moe_layer_freq={value!r} is not an int or a list expression "
+                                  f"like ([0]*1+[1]*3): {e}") from None
+    if isinstance(value, (list, tuple)):
+        value = tuple(value)
+    if not (isinstance(value, int) and value >= 1) and not (isinstance(value, tuple) and value
+                                                             and all(v in (0, 1) for v in value)):
+        shown = list(value) if isinstance(value, tuple) else value
+        raise CheckpointError(f"{where}: args.moe_layer_freq={shown!r} is not an int >= 1 or a list of 0 "
+                              "(dense) and 1 (MoE)")
+    return value
+
+
+def _list_expression(node: ast.AST) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.List):
+        return [_list_expression(e) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _list_expression(node.left), _list_expression(node.right)
+        return left + right if isinstance(node.op, ast.Add) else left * right
+    raise ValueError(f"{ast.dump(node)[:40]} is not allowed")
 
 
 # (argument, accepted(value), what a refused value means). Missing arguments count as accepted
 # unless ``required`` below says otherwise.
 UNSUPPORTED = (
     ("num_experts", lambda v: isinstance(v, int) and v > 0, "a dense model; megatron-grow grows MoE models"),
-    ("moe_layer_freq", _all_moe, "dense layers mixed in between MoE layers (every layer must be MoE)"),
     ("multi_latent_attention", _off, "multi-latent attention (MLA)"),
     ("mtp_num_layers", _off, "multi-token prediction layers"),
     ("position_embedding_type", lambda v: v == "rope", "position embeddings other than RoPE"),
@@ -88,7 +119,6 @@ UNSUPPORTED = (
     ("heterogeneous_layers_config_path", _off, "heterogeneous layers"),
     ("heterogeneous_layers_config_encoded_json", _off, "heterogeneous layers"),
     ("moe_router_num_groups", _off, "group-limited routing"),
-    ("moe_shared_expert_gate", _off, "a gated shared expert"),
     ("moe_latent_size", _off, "latent MoE projections"),
     ("moe_apply_probs_on_input", _off, "routing probabilities applied to the expert input"),
     ("glu_linear_offset", _off, "an offset inside the GLU"),
@@ -156,6 +186,14 @@ def _picked_fields(values: dict, where: str) -> dict:
     picked["num_query_groups"] = values.get("num_query_groups") if values.get("group_query_attention") else heads
     picked["kv_channels"] = values.get("kv_channels") or (values["hidden_size"] // heads)
     picked["moe_ffn_hidden_size"] = values.get("moe_ffn_hidden_size") or values.get("ffn_hidden_size")
+    freq = moe_layer_freq_of(values.get("moe_layer_freq", 1), where)
+    if isinstance(freq, tuple) and len(freq) != values.get("num_layers"):
+        raise CheckpointError(f"{where}: args.moe_layer_freq={list(freq)!r} has {len(freq)} entries for "
+                              f"args.num_layers={values.get('num_layers')}")
+    if freq != 1:  # dense layers: their MLP is --ffn-hidden-size wide
+        picked["moe_layer_freq"] = freq
+        picked["ffn_hidden_size"] = values.get("ffn_hidden_size")
+    picked["moe_shared_expert_gate"] = bool(values.get("moe_shared_expert_gate"))
     picked["seq_length"] = values.get("seq_length") or values.get("max_position_embeddings")
     for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):
         if values.get(name) is not None:
@@ -223,10 +261,13 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
     arch = {name: getattr(model, name) for name in SAME_NAME_ARGS}
+    freq = model.moe_layer_freq
     arch.update(
-        ffn_hidden_size=model.moe_ffn_hidden_size, group_query_attention=model.num_query_groups
+        ffn_hidden_size=model.ffn_hidden_size or model.moe_ffn_hidden_size, group_query_attention=model.num_query_groups
         != model.num_attention_heads, num_query_groups=model.num_query_groups, kv_channels=model.kv_channels,
-        num_experts=model.num_moe_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size, moe_layer_freq=1,
+        num_experts=model.num_moe_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_layer_freq=list(freq) if isinstance(freq, tuple) else freq,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
         swiglu=model.gated_linear_unit, add_bias_linear=model.add_bias_linear, add_qkv_bias=model.add_bias_linear,
         multi_latent_attention=False, mtp_num_layers=None, norm_epsilon=model.layernorm_epsilon,
         max_position_embeddings=model.seq_length, add_position_embedding=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from megatron_grow.config.growth_rules import grown_model, growth_problems
 from megatron_grow.config.layout_rules import expert_tensor_parallel_size, model_layout_problems
-from megatron_grow.config.schema import ModelConfig, ParallelConfig, Recipe
+from megatron_grow.config.schema import ModelConfig, ParallelConfig, Recipe, moe_layer_problems
 
 
 def built_model(recipe: Recipe) -> ModelConfig:
@@ -35,7 +35,7 @@ def _model_problems(m: ModelConfig) -> list[str]:
                    f"({m.num_moe_experts})")
     if m.kv_channels % 2:
         out.append(f"model.kv_channels ({m.kv_channels}) must be even for RoPE")
-    return out
+    return out + moe_layer_problems(m)
 
 
 # grouped_mm needs 16-byte aligned strides: 8 bf16 (or 4 fp32) elements; 8 covers both.

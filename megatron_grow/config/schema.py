@@ -68,7 +68,7 @@ def field_problem(value: Any, meta: Mapping, path: str) -> str | None:
 class ModelConfig:
     """The decoder-only MoE of arXiv 2510.08008 (docs/paper.md §4)."""
 
-    num_layers: int = spec(2, "decoder layers; every layer is an MoE layer", ge=1)
+    num_layers: int = spec(2, "decoder layers; which are MoE layers is model.moe_layer_freq", ge=1)
     hidden_size: int = spec(64, "model width H", ge=1)
     num_attention_heads: int = spec(4, "query heads", ge=1)
     num_query_groups: int = spec(2, "key/value heads (GQA groups); must divide num_attention_heads", ge=1)
@@ -76,6 +76,12 @@ class ModelConfig:
     num_moe_experts: int = spec(4, "routed experts per layer E", ge=1)
     moe_router_topk: int = spec(2, "experts activated per token k", ge=1)
     moe_ffn_hidden_size: int = spec(32, "FFN width F of one SwiGLU expert", ge=1)
+    moe_layer_freq: int | tuple = spec(
+        1, "which layers are MoE (Megatron-LM semantics): an int N makes layers 0, N, 2N, ... MoE and the rest "
+        "dense; a list of 0/1, one per layer, names each (1 = MoE). 1 (the paper): every layer MoE. Anything "
+        "but the int 1 stores layers one key per layer (MCore's non-homogeneous layout)")
+    ffn_hidden_size: int | None = spec(
+        None, "FFN width of the dense (SwiGLU) MLP of the non-MoE layers; null: moe_ffn_hidden_size", ge=1)
     moe_shared_expert_intermediate_size: int | None = spec(
         None, "FFN width of an always-on shared expert; null for none (the paper has none)", ge=1)
     moe_shared_expert_gate: bool = spec(
@@ -122,6 +128,44 @@ class ModelConfig:
     rotary_base: int = spec(10000, "RoPE base", ge=1)
     rotary_percent: float = spec(1.0, "fraction of the head dimension rotated", gt=0.0, le=1.0)
     untie_embeddings_and_output_weights: bool = spec(True, "separate input embedding and output layer")
+
+
+def moe_layer_pattern(model: ModelConfig) -> tuple[int, ...]:
+    """Per layer, 1 for an MoE layer and 0 for a dense one (MCore's reading of ``moe_layer_freq``:
+    ``megatron/core/models/gpt/gpt_layer_specs.py: get_gpt_decoder_layer_specs``)."""
+    freq = model.moe_layer_freq
+    if isinstance(freq, int):
+        return tuple(1 if i % freq == 0 else 0 for i in range(model.num_layers))
+    return tuple(int(v) for v in freq)
+
+
+def is_mixed_stack(model: ModelConfig) -> bool:
+    """Whether layers are stored one key per layer: MCore does so for any ``moe_layer_freq`` but the int 1
+    (``TransformerBlock.sharded_state_dict``), even a list of all ones."""
+    return model.moe_layer_freq != 1
+
+
+def moe_layer_problems(model: ModelConfig) -> list[str]:
+    """What is wrong with ``model.moe_layer_freq`` (one line each)."""
+    freq = model.moe_layer_freq
+    if isinstance(freq, int):
+        return [] if freq >= 1 else [f"model.moe_layer_freq: {freq!r} is not allowed; an int must be >= 1"]
+    if len(freq) != model.num_layers or any(isinstance(v, bool) or v not in (0, 1) for v in freq):
+        return [f"model.moe_layer_freq: {list(freq)!r} must be {model.num_layers} entries (model.num_layers), "
+                "each 0 (dense) or 1 (MoE)"]
+    return []
+
+
+def _freq_words(freq) -> str:
+    return repr(list(freq)) if isinstance(freq, tuple) else repr(freq)
+
+
+def with_layer_sources(model: ModelConfig, source_layers) -> ModelConfig:
+    """``model`` with ``len(source_layers)`` layers, layer ``j`` a copy of layer ``source_layers[j]``: the
+    dense/MoE pattern follows the copies (an all-MoE stack stays ``moe_layer_freq: 1``)."""
+    pattern = moe_layer_pattern(model)
+    freq = 1 if model.moe_layer_freq == 1 else tuple(pattern[s] for s in source_layers)
+    return dataclasses.replace(model, num_layers=len(source_layers), moe_layer_freq=freq)
 
 
 @dataclass(frozen=True)
@@ -342,6 +386,31 @@ def grown_depth(num_layers: int, factor: int, ignore_first: int = 0, ignore_last
     return factor * num_layers - (factor - 1) * (ignore_first + ignore_last)
 
 
+def _interposition(num_layers: int, factor: int, first: int, last: int) -> list[int]:
+    src: list[int] = []
+    for i in range(num_layers):
+        repeats = factor if first <= i < num_layers - last else 1
+        src.extend([i] * repeats)
+    return src
+
+
+def _stack(num_layers: int, factor: int, first: int, last: int) -> list[int]:
+    src = list(range(0, num_layers - last))
+    for _ in range(factor - 2):
+        src.extend(range(first, num_layers - last))
+    if factor >= 2:
+        src.extend(range(first, num_layers))
+    else:  # factor 1: identity
+        src.extend(range(num_layers - last, num_layers))
+    return src
+
+
+def depth_source_layers(num_layers: int, mode: str, factor: int, first: int = 0, last: int = 0) -> tuple[int, ...]:
+    """Target layer -> source layer of depth growth (``growth.operators.depth.build_depth_map`` documents it)."""
+    return tuple({DepthMode.INTERPOSITION: _interposition, DepthMode.STACK: _stack}[DepthMode(mode)](
+        num_layers, factor, first, last))
+
+
 @dataclass(frozen=True)
 class DepthGrowthConfig(GrowthSection):
     """Depth growth: copy decoder layers (docs/paper.md §1). Copies are exact; no noise."""
@@ -356,8 +425,12 @@ class DepthGrowthConfig(GrowthSection):
         False, "new copies start with attention linear_proj and (shared-)expert linear_fc2 at zero (LLaMA-Pro)")
 
     def grown_model(self, model: ModelConfig) -> ModelConfig:
-        layers = grown_depth(model.num_layers, self.factor, self.ignore_first, self.ignore_last)
-        return dataclasses.replace(model, num_layers=layers)
+        if self.mode not in values(DepthMode) or self.problems(model, "growth.depth"):
+            # asked while the problems are being collected: the count alone
+            layers = grown_depth(model.num_layers, self.factor, self.ignore_first, self.ignore_last)
+            return dataclasses.replace(model, num_layers=layers)
+        return with_layer_sources(model, depth_source_layers(model.num_layers, self.mode, self.factor,
+                                                             self.ignore_first, self.ignore_last))
 
     def problems(self, model: ModelConfig, prefix: str) -> list[str]:
         if self.ignore_first + self.ignore_last >= model.num_layers:
@@ -450,6 +523,9 @@ class UpcycleGrowthConfig(GrowthSection):
 
     def problems(self, model: ModelConfig, prefix: str) -> list[str]:
         E, out = model.num_moe_experts, []
+        if is_mixed_stack(model):
+            out.append(f"{prefix}: the source stores its layers one key per layer (model.moe_layer_freq "
+                       f"{_freq_words(model.moe_layer_freq)}); upcycle grows all-MoE stacks only: use growth.width")
         if self.num_experts <= E:
             out.append(f"{prefix}.num_experts ({self.num_experts}) must be > the experts it grows ({E})")
         if self.bias_noise > 0 and not model.moe_router_enable_expert_bias:
@@ -507,6 +583,23 @@ def insertion_points(num_layers: int, every: int | None, after: tuple) -> tuple[
     return tuple(sorted(after))
 
 
+def insertion_sources(num_layers: int, points: tuple[int, ...]) -> tuple[int, ...]:
+    """Target layer -> source layer: each source layer, then one copy of it per time it is in ``points``.
+
+    Args:
+        num_layers: source layers L.
+        points: source layers to insert after (:func:`insertion_points`).
+
+    Returns:
+        ``L + len(points)`` source indices; a new block is every non-first occurrence.
+    """
+    src: list[int] = []
+    for layer in range(num_layers):
+        src.append(layer)
+        src.extend([layer] * points.count(layer))
+    return tuple(src)
+
+
 @dataclass(frozen=True)
 class InsertGrowthConfig(GrowthSection):
     """Depth by insertion (LLaMA Pro): L -> L + n layers, each new block a copy of the source layer
@@ -520,7 +613,7 @@ class InsertGrowthConfig(GrowthSection):
 
     def grown_model(self, model: ModelConfig) -> ModelConfig:
         points = insertion_points(model.num_layers, self.every, self.after)
-        return dataclasses.replace(model, num_layers=model.num_layers + len(points))
+        return with_layer_sources(model, insertion_sources(model.num_layers, points))
 
     def problems(self, model: ModelConfig, prefix: str) -> list[str]:
         if (self.every is None) == (not self.after):

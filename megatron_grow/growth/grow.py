@@ -45,7 +45,7 @@ from megatron_grow.checkpoint.grown_start import GrownStart
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import common_state, megatron_args
 from megatron_grow.config.layout_rules import model_layout_problems
-from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig
+from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig, is_mixed_stack, moe_layer_pattern
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import optimizer_state, retarget
 from megatron_grow.growth.plan import make_growth_plan
@@ -116,20 +116,29 @@ def _source_spec(storage, ckpt_dir: str) -> str:
     return keys.storage_spec(stored) or keys.LOCAL_SPEC
 
 
-def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
-    """The source architecture must agree with the stored tensors: name the tensor and both shapes."""
-    L, E, H, F = model.num_layers, model.num_moe_experts, model.hidden_size, model.moe_ffn_hidden_size
+def _expected_layer_shapes(model: ModelConfig) -> dict[str, tuple]:
+    """Storage key -> global shape of the main per-layer tensors: stacked over layers for an all-MoE
+    stack, one key per layer for a mixed one (``keys.per_layer_storage_key``)."""
+    E, H, F = model.num_moe_experts, model.hidden_size, model.moe_ffn_hidden_size
     q = model.num_attention_heads * model.kv_channels
     kv = model.num_query_groups * model.kv_channels
-    expected = {
-        keys.QKV: (L, q + 2 * kv, H),
-        keys.PROJ: (L, H, q),
-        keys.ROUTER: (L, E, H),
-        keys.EXPERT_FC1: (L, E, 2 * F if model.gated_linear_unit else F, H),
-        keys.EXPERT_FC2: (L, E, H, F),
-    }
+    glu = 2 if model.gated_linear_unit else 1
+    Fd = model.ffn_hidden_size or F
+    moe = {keys.ROUTER_SUFFIX: (E, H), keys.EXPERT_FC1_SUFFIX: (E, glu * F, H), keys.EXPERT_FC2_SUFFIX: (E, H, F)}
     if model.moe_router_enable_expert_bias:
-        expected[keys.EXPERT_BIAS] = (L, E)
+        moe[keys.EXPERT_BIAS_SUFFIX] = (E,)
+    attention = {keys.QKV_SUFFIX: (q + 2 * kv, H), keys.PROJ_SUFFIX: (H, q)}
+    if not is_mixed_stack(model):
+        return {keys.LAYER_PREFIX + k: (model.num_layers,) + v for k, v in (attention | moe).items()}
+    dense = {keys.DENSE_FC1_SUFFIX: (glu * Fd, H), keys.DENSE_FC2_SUFFIX: (H, Fd)}
+    return {keys.per_layer_storage_key(i, k): v for i, is_moe in enumerate(moe_layer_pattern(model))
+            for k, v in (attention | (moe if is_moe else dense)).items()}
+
+
+def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
+    """The source architecture must agree with the stored tensors: name the tensor and both shapes."""
+    H = model.hidden_size
+    expected = _expected_layer_shapes(model)
     stored = {k: tuple(v.size) for k, v in storage.state_dict_metadata.items()
               if isinstance(v, TensorStorageMetadata)}
     emb = stored.get(keys.EMBEDDING)

@@ -104,12 +104,19 @@ def classify(st) -> str:
         return ROUTER
     if st.key.endswith(keys.EXPERT_BIAS_SUFFIX):
         return EXPERT_BIAS
-    if st.prepend_axis_num == 2 and keys.ROUTED_EXPERTS_MARKER in st.key:
+    layer_axes = _layer_axes(st)
+    if st.prepend_axis_num == layer_axes + 1 and keys.ROUTED_EXPERTS_MARKER in st.key:
         return EXPERT
-    if st.prepend_axis_num == 1:
+    if st.prepend_axis_num == layer_axes:
         return LAYER
     raise GrowthError(f"cannot grow tensor {st.key}: layer-indexed with {st.prepend_axis_num} prepended axes "
                       "(only the local and TE per-expert layouts are supported, not legacy GroupedMLP weight1/2)")
+
+
+def _layer_axes(st) -> int:
+    """1 when ``st`` is stacked over layers (an all-MoE stack), 0 when its key names its layer (a mixed
+    dense/MoE stack, ``keys.per_layer_storage_key``)."""
+    return 0 if keys.split_per_layer_key(st.key) else 1
 
 
 def _request(st, offset: tuple, global_shape: tuple, local_shape: tuple, key: str | None = None):
@@ -155,28 +162,36 @@ def build_tasks(target_sharded: Iterable, plan: GrowthPlan,
 
 
 def _task_and_request(st, plan: GrowthPlan, key: str) -> tuple[SliceTask, Any]:
-    """One target slice's task and the source region it reads (layer/expert axes mapped back)."""
+    """One target slice's task and the source region it reads (layer/expert axes mapped back).
+
+    A stacked key carries the layer as axis 0 (the source layer goes there, out of ``L_src``); a per-layer
+    key names it (the source layer's key is read, with no layer axis)."""
     L_src, E_src = plan.source.num_layers, plan.source.num_moe_experts
     kind = classify(st)
     if kind == UNCHANGED:
         return SliceTask(st, kind, ()), _request(st, st.global_offset, st.global_shape, st.local_shape, key)
-    j = st.global_offset[0]
+    per_layer = keys.split_per_layer_key(key)
+    j = keys.split_per_layer_key(st.key)[0] if per_layer else st.global_offset[0]
     ls = plan.layer_source[j]
+    if per_layer:
+        key, lead, lead_shape, rest = keys.per_layer_storage_key(ls, per_layer[1]), (), (), 0
+    else:
+        lead, lead_shape, rest = (ls,), (L_src,), 1
     if kind == LAYER:
-        req = _request(st, (ls,) + st.global_offset[1:], (L_src,) + st.global_shape[1:], st.local_shape, key)
+        req = _request(st, lead + st.global_offset[rest:], lead_shape + st.global_shape[rest:], st.local_shape, key)
         return SliceTask(st, kind, (), target_layer=j, source_layer=ls), req
     if kind == ROUTER:
         # One shard per layer: read the whole source [E_src, H] and grow it here.
-        shape = (E_src,) + tuple(st.global_shape[2:])
-        req = _request(st, (ls, 0) + tuple(0 for _ in shape[1:]), (L_src,) + shape, shape, key)
+        shape = (E_src,) + tuple(st.global_shape[rest + 1:])
+        req = _request(st, lead + tuple(0 for _ in shape), lead_shape + shape, shape, key)
         return SliceTask(st, kind, (), target_layer=j, source_layer=ls), req
     if kind == EXPERT_BIAS:
-        req = _request(st, (ls, 0), (L_src, E_src), (E_src,), key)
+        req = _request(st, lead + (0,), lead_shape + (E_src,), (E_src,), key)
         return SliceTask(st, kind, (), target_layer=j, source_layer=ls), req
-    e = st.global_offset[1]  # EXPERT
+    e = st.global_offset[rest]  # EXPERT
     es = plan.expert_source[j][e]
-    req = _request(st, (ls, es) + st.global_offset[2:], (L_src, E_src) + tuple(st.global_shape[2:]),
-                   st.local_shape, key)
+    req = _request(st, lead + (es,) + st.global_offset[rest + 1:],
+                   lead_shape + (E_src,) + tuple(st.global_shape[rest + 1:]), st.local_shape, key)
     return SliceTask(st, kind, (), target_layer=j, target_expert=e, source_layer=ls, source_expert=es,
                      logical_key=expert_logical_key(st.key)), req
 

@@ -14,9 +14,11 @@ import torch
 from megatron.core.dist_checkpointing.mapping import apply_factories
 
 from megatron_grow.checkpoint import io
+from megatron_grow.checkpoint import keys as ckpt_keys
 from megatron_grow.checkpoint.integrity import check_finite
 from megatron_grow.checkpoint.reader import CheckpointReader
-from megatron_grow.errors import CheckpointError
+from megatron_grow.config.schema import moe_layer_pattern
+from megatron_grow.errors import CheckpointError, GrowthError
 from megatron_grow.growth import noise, retarget, transforms
 from megatron_grow.growth.plan import GrowthPlan
 from megatron_grow.parallel.collectives import all_reduce_host, rank, world_size
@@ -88,14 +90,15 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
         if t.kind == retarget.EXPERT and t.logical_key is not None:
             templates.setdefault(t.logical_key, t.target)
     keys = sorted(templates)
-    # Every rank must agree on the key list (all ranks hold expert layers, since every layer is MoE).
+    # Every rank must agree on the key list: every rank must hold an MoE layer (always so when every
+    # layer is MoE; a pipeline stage of dense layers only has no template to read with).
+    _check_templates_everywhere(keys)
     moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
-    units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) for es in range(E)]
+    moe = moe_layer_pattern(plan.source)
+    units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) if moe[ls] for es in range(E)]
     mine = units[rank()::world_size()]
     def expert_request(k: int, ls: int, es: int):
-        st = templates[keys[k]]
-        full = tuple(st.global_shape[2:])
-        return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
+        return _whole_expert_request(templates[keys[k]], L, E, ls, es)
 
     error = None
     for k, ls, es in mine:
@@ -120,6 +123,29 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
             for es in range(E):
                 out[(key, ls, es)] = transforms.expert_noise_std(plan, per_expert, es)
     return out
+
+
+def _whole_expert_request(st, L: int, E: int, ls: int, es: int):
+    """A request for source expert ``es`` of source layer ``ls``, whole, shaped after target tensor ``st``."""
+    per_layer = ckpt_keys.split_per_layer_key(st.key)
+    if per_layer:  # a mixed dense/MoE stack: the source layer's own key, experts on axis 0
+        full = tuple(st.global_shape[1:])
+        key = ckpt_keys.per_layer_storage_key(ls, per_layer[1])
+        return retarget._request(st, (es,) + (0,) * len(full), (E,) + full, full, key)
+    full = tuple(st.global_shape[2:])
+    return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
+
+
+def _check_templates_everywhere(logical_keys: list) -> None:
+    """Raise on every rank when some rank holds no routed-expert tensor to read the statistics with."""
+    counts = [len(logical_keys)]
+    if torch.distributed.is_initialized() and world_size() > 1:
+        counts = [None] * world_size()
+        torch.distributed.all_gather_object(counts, len(logical_keys))
+    if len(set(counts)) > 1:
+        raise GrowthError("width noise statistics need an MoE layer on every rank; a pipeline stage of dense "
+                          "layers only holds none: grow with parallel.pipeline_model_parallel_size 1 (then "
+                          "re-shard by loading) or growth.width.noise: none")
 
 
 def _raise_on_every_rank(error: str | None) -> None:

@@ -23,7 +23,14 @@ from megatron_grow.checkpoint.architecture import (
 )
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.config.layout_rules import model_layout_problems
-from megatron_grow.config.schema import GrowthConfig, ModelConfig, OptimizerCarry, OptimizerPolicyConfig, ParallelConfig
+from megatron_grow.config.schema import (
+    GrowthConfig,
+    ModelConfig,
+    OptimizerCarry,
+    OptimizerPolicyConfig,
+    ParallelConfig,
+    moe_layer_pattern,
+)
 from megatron_grow.errors import CheckpointError, LayoutError, VerificationError
 from megatron_grow.growth.operators import operator_class
 from megatron_grow.growth.plan import GrowthPlan, make_growth_plan
@@ -128,14 +135,20 @@ def _logit_metrics(src_logits: torch.Tensor, grown_logits: torch.Tensor, vocab: 
     )
 
 
+def _moe_layers(plan: GrowthPlan) -> list[int]:
+    """The grown model's MoE layers: the routing metrics average over these (a dense layer routes nothing)."""
+    return [j for j, moe in enumerate(moe_layer_pattern(plan.target)) if moe]
+
+
 def _routing_metrics(loads: torch.Tensor, plan: GrowthPlan) -> dict:
-    share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1)
-    original = torch.tensor([[c == 0 for c in row] for row in plan.expert_copy_index])  # [L_tgt, E_tgt]
+    moe = _moe_layers(plan)
+    share = (loads / loads.sum(dim=1, keepdim=True).clamp_min(1))[moe]
+    original = torch.tensor([[c == 0 for c in row] for row in plan.expert_copy_index])[moe]  # [L_moe, E_tgt]
     pair_gap = 0.0
-    for j, row in enumerate(plan.expert_copy_index):
-        for e, c in enumerate(row):
+    for i, j in enumerate(moe):
+        for e, c in enumerate(plan.expert_copy_index[j]):
             if c > 0:
-                pair_gap = max(pair_gap, float((share[j, e] - share[j, _original_of(plan, j, e)]).abs()))
+                pair_gap = max(pair_gap, float((share[i, e] - share[i, _original_of(plan, j, e)]).abs()))
     return {
         "routing_share_original": float((share * original).sum(1).mean()),
         "routing_share_copies": float((share * ~original).sum(1).mean()),
@@ -159,8 +172,9 @@ def _routing_change(src_loads: torch.Tensor, loads: torch.Tensor, src_maps: dict
     copies): the mean share of each, the mass moved between them (total variation, mean over layers),
     and the share of (token, layer) pairs whose selected set of source experts changed (collective;
     over the layers a rank holds in both models, all of them without PP)."""
-    before = src_loads[list(plan.layer_source)]
-    after = torch.stack([loads[j].to(torch.float64) @ _to_source(plan, j) for j in range(len(plan.layer_source))])
+    moe = _moe_layers(plan)
+    before = src_loads[[plan.layer_source[j] for j in moe]]
+    after = torch.stack([loads[j].to(torch.float64) @ _to_source(plan, j) for j in moe])
     before = before / before.sum(1, keepdim=True).clamp_min(1)
     after = after / after.sum(1, keepdim=True).clamp_min(1)
     changed_and_seen = torch.zeros(2, dtype=torch.float64)

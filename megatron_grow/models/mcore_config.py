@@ -1,7 +1,7 @@
 """The one translation point from our ``model:``/``parallel:`` sections to Megatron-Core.
 
 ``ModelConfig`` field names are ``TransformerConfig`` names, so this is a pass-through
-plus the settings the paper's architecture fixes (SwiGLU, every layer MoE, fp32 router)
+plus the settings the paper's architecture fixes (SwiGLU, fp32 router)
 and the ones the platform forces (no fused kernels, fp32 on CPU).
 """
 
@@ -21,6 +21,7 @@ NON_TRANSFORMER_FIELDS = {
     "vocab_size", "make_vocab_size_divisible_by", "seq_length", "position_embedding_type",
     "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights", "moe_expert_backend",
     "qk_layernorm_across_heads",  # a choice of norm module (models.specs), not a TransformerConfig field
+    "moe_layer_freq", "ffn_hidden_size",  # passed below: list form, and the dense width's default
 }
 
 
@@ -51,8 +52,9 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig | None = 
     bf16 = params_dtype == torch.bfloat16
     return TransformerConfig(
         **passthrough,
-        ffn_hidden_size=model.moe_ffn_hidden_size,
-        moe_layer_freq=1,  # every layer is an MoE layer
+        ffn_hidden_size=model.ffn_hidden_size or model.moe_ffn_hidden_size,
+        # MCore reads a pattern only as a list (get_gpt_decoder_layer_specs); 1: every layer MoE.
+        moe_layer_freq=list(model.moe_layer_freq) if isinstance(model.moe_layer_freq, tuple) else model.moe_layer_freq,
         activation_func=F.silu,  # SwiGLU with gated_linear_unit=True
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

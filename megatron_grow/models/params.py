@@ -15,6 +15,8 @@ d = kv_channels, E = experts, F = expert FFN, S = shared-expert FFN, V = padded 
     router                                E x H                 (+ E bias; expert_bias is a buffer: not counted)
     routed experts                        E x (H x 2F + F x H)  (SwiGLU: fc1 = gate+up; 1F without GLU)
     shared expert                         H x 2S + S x H        (none in the paper)
+  a dense layer (``model.moe_layer_freq``) has, instead of router and experts:
+    dense MLP                             H x 2D + D x H        (D = ffn_hidden_size)
   plus final_layernorm H, input embedding V x H and an untied output layer V x H.
 
 Activated parameters follow the paper (docs/paper.md §4, Switch-Transformer convention):
@@ -39,7 +41,7 @@ import torch
 
 from megatron_grow.config.layout_rules import Layout
 from megatron_grow.config.loader import load_recipe
-from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig
+from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig, moe_layer_pattern
 from megatron_grow.models.builder import build_gpt_model
 from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.parallel.init import initialize_distributed
@@ -57,10 +59,11 @@ class LayerParams:
     experts: int          # all routed experts (sharded over EP x ETP)
     expert_single: int    # one routed expert
     shared_expert: int    # shared expert (sharded over TP)
+    dense_mlp: int = 0    # the MLP of a dense layer (model.moe_layer_freq; sharded over TP)
 
     @property
     def non_expert(self) -> int:
-        return self.norms + self.qk_norms + self.attention + self.router + self.shared_expert
+        return self.norms + self.qk_norms + self.attention + self.router + self.shared_expert + self.dense_mlp
 
     @property
     def total(self) -> int:
@@ -85,8 +88,9 @@ class ParamCounts:
         return dataclasses.asdict(self)
 
 
-def layer_params(model: ModelConfig) -> LayerParams:
-    """Closed-form parameter count of one decoder layer (see the module docstring)."""
+def layer_params(model: ModelConfig, moe: bool = True) -> LayerParams:
+    """Closed-form parameter count of one decoder layer (see the module docstring); ``moe=False``: a
+    dense layer of a mixed stack (its MLP ``ffn_hidden_size`` wide, no router and no experts)."""
     h, d = model.hidden_size, model.kv_channels
     q, kv = model.num_attention_heads * d, 2 * model.num_query_groups * d
     norm = 2 if model.normalization == "LayerNorm" else 1  # LayerNorm has a bias
@@ -103,6 +107,10 @@ def layer_params(model: ModelConfig) -> LayerParams:
     # OLMoE-style QK-norm spans all query (key) heads; the per-head one is one head wide.
     qk_norm_width = (q + kv // 2) if model.qk_layernorm_across_heads else 2 * d
     expert = mlp(model.moe_ffn_hidden_size)
+    if not moe:
+        return LayerParams(norms=2 * norm * h, qk_norms=norm * qk_norm_width if model.qk_layernorm else 0,
+                           attention=attention, router=0, experts=0, expert_single=0, shared_expert=0,
+                           dense_mlp=mlp(model.ffn_hidden_size or model.moe_ffn_hidden_size))
     return LayerParams(
         norms=2 * norm * h,
         qk_norms=norm * qk_norm_width if model.qk_layernorm else 0,
@@ -116,13 +124,14 @@ def layer_params(model: ModelConfig) -> LayerParams:
 
 def count_params(model: ModelConfig, tp: int = 1) -> ParamCounts:
     """Analytic counts of the full (unsharded) model; ``tp`` only affects vocabulary padding."""
-    lp = layer_params(model)
-    h, n = model.hidden_size, model.num_layers
+    lp, dense = layer_params(model), layer_params(model, moe=False)
+    h = model.hidden_size
+    n = sum(moe_layer_pattern(model))  # MoE layers; the rest are dense
     vocab = padded_vocab_size(model, tp)
     embedding = vocab * h
     output = vocab * h if model.untie_embeddings_and_output_weights else 0
     final_norm = h * (2 if model.normalization == "LayerNorm" else 1)
-    layers = n * lp.total
+    layers = n * lp.total + (model.num_layers - n) * dense.total
     expert = n * lp.experts
     total = embedding + output + final_norm + layers
     non_expert = total - expert

@@ -28,8 +28,11 @@ class RoutingCounter:
         self.handles = []
         for chunk in model_chunks:
             for layer in unwrap(chunk).decoder.layers:
+                router = getattr(layer.mlp, "router", None)
+                if router is None:
+                    continue  # a dense layer of a mixed stack (model.moe_layer_freq): no routing, a zero row
                 idx = layer.layer_number - 1  # MCore layer_number is 1-based and global
-                self.handles.append(layer.mlp.router.register_forward_hook(self._hook(idx)))
+                self.handles.append(router.register_forward_hook(self._hook(idx)))
 
     def _hook(self, layer_idx):
         def hook(module, inputs, output):

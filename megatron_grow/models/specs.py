@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -146,13 +148,19 @@ def local_layer_spec(config: TransformerConfig, expert_backend: str = "sequentia
         qk_layernorm=config.qk_layernorm,
         normalization=config.normalization,
     )
+    return _with_our_modules(spec, config, expert_backend, qk_norm_across_heads)
+
+
+def _with_our_modules(spec: ModuleSpec, config: TransformerConfig, expert_backend: str,
+                      qk_norm_across_heads: bool) -> ModuleSpec:
+    """A local layer spec (dense or MoE) with our norms and, in an MoE layer, the chosen expert backend."""
     spec.submodules.input_layernorm = SequenceParallelNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
     attn = spec.submodules.self_attention.submodules
     if config.qk_layernorm:
         attn.q_layernorm = AllHeadsQueryNorm if qk_norm_across_heads else SequenceParallelNorm
         attn.k_layernorm = AllHeadsKeyNorm if qk_norm_across_heads else SequenceParallelNorm
-    if expert_backend == "grouped_mm":
+    if expert_backend == "grouped_mm" and spec.submodules.mlp.module is MoELayer:
         _use_grouped_mm_experts(spec)
     return spec
 
@@ -175,6 +183,8 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool | None = None,
     """
     use_te = te_available() if use_te is None else use_te
     use_te = use_te and not (qk_norm_across_heads and config.qk_layernorm)
+    if config.moe_layer_freq != 1:
+        return _mixed_block_spec(config, vp_stage, expert_backend, qk_norm_across_heads)
     if use_te and expert_backend == "sequential":
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
@@ -186,3 +196,20 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool | None = None,
         final_norm = SequenceParallelNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=final_norm)
+
+
+def _mixed_block_spec(config: TransformerConfig, vp_stage: int | None, expert_backend: str,
+                      qk_norm_across_heads: bool) -> TransformerBlockSubmodules:
+    """Dense and MoE layers as ``config.moe_layer_freq`` says, from MCore's own block spec (its layer
+    pattern and its per-stage slicing), with our norms and expert backend.
+
+    Always the local spec: under TE a dense layer fuses its pre-MLP norm into ``mlp.linear_fc1`` while an
+    MoE layer stores ``pre_mlp_layernorm``, so the two specs' names would differ per layer kind, and the
+    checkpoint code renames only the all-MoE stacked names (``checkpoint.keys.spec_storage_key``).
+    """
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
+                                       vp_stage=vp_stage)
+    # MCore's list holds one dense and one MoE spec object, each repeated: change each once.
+    for layer in {id(spec): spec for spec in block.layer_specs}.values():
+        _with_our_modules(layer, config, expert_backend, qk_norm_across_heads)
+    return TransformerBlockSubmodules(layer_specs=block.layer_specs, layer_norm=SequenceParallelNorm)

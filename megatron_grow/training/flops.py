@@ -11,17 +11,19 @@ E = experts, k = top-k, F = expert FFN, S = shared-expert FFN, V = padded vocabu
     router                  2 H E
     routed experts          k x 3 x 2 H F                    (SwiGLU: gate, up, down; 2 matmuls without GLU)
     shared expert           3 x 2 H S
+  in a dense layer of a mixed stack (``model.moe_layer_freq``), instead of router and experts:
+    dense MLP               3 x 2 H D                        (D = ffn_hidden_size)
   once per token:
     LM head                 2 H V
 
-    training FLOPs/token  = 3 x (num_layers x per-layer + LM head)
+    training FLOPs/token  = 3 x (sum over layers of per-layer + LM head)
     training FLOPs/step   = FLOPs/token x global_batch_size x s
 
 Attention scores are counted over the full s x s matrix, as Megatron-LM's
 ``num_floating_point_operations`` does (the counter stored in checkpoints and used for the
 paper's FLOPs axes, docs/paper.md §7); a causal kernel does about half of that work, pass
 ``causal=True`` for it. Megatron-LM's counter has no router term: with ``include_router=False``
-this module reproduces it exactly (for models without MTP and dense layers).
+this module reproduces it exactly (for models without MTP).
 
 Chinchilla reference (docs/paper.md §1.3, §7): ``F_c = 6 N_a (20 N_a) = 120 N_a^2`` with
 ``N_a`` the activated parameters (the paper's count, both embeddings included).
@@ -32,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_grow.config.schema import ModelConfig
+from megatron_grow.config.schema import ModelConfig, moe_layer_pattern
 from megatron_grow.models.mcore_config import padded_vocab_size
 
 # fwd + bwd (data grad + weight grad) = 3 x forward.
@@ -49,6 +51,7 @@ class FlopsBreakdown:
     experts: float
     shared_expert: float
     lm_head: float
+    dense_mlp: float = 0.0   # the MLPs of the dense layers of a mixed stack (model.moe_layer_freq)
 
     @property
     def total(self) -> float:
@@ -66,6 +69,7 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int | None = None, *
     """Forward-pass matmul FLOPs per token; ``tp`` only sets the vocabulary padding of the head."""
     s = model.seq_length if seq_length is None else seq_length
     h, n = model.hidden_size, model.num_layers
+    n_moe = sum(moe_layer_pattern(model))  # router and experts only in the MoE layers
     q = model.num_attention_heads * model.kv_channels
     g = model.num_query_groups * model.kv_channels
     matmuls = 3 if model.gated_linear_unit else 2
@@ -75,10 +79,11 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int | None = None, *
     return FlopsBreakdown(
         attention_projections=n * (2 * h * (q + 2 * g) + 2 * q * h),
         attention_scores=n * 2 * (2 * keys * q),
-        router=n * 2 * h * model.num_moe_experts if include_router else 0,
-        experts=n * model.moe_router_topk * matmuls * 2 * h * model.moe_ffn_hidden_size,
-        shared_expert=n * matmuls * 2 * h * shared,
+        router=n_moe * 2 * h * model.num_moe_experts if include_router else 0,
+        experts=n_moe * model.moe_router_topk * matmuls * 2 * h * model.moe_ffn_hidden_size,
+        shared_expert=n_moe * matmuls * 2 * h * shared,
         lm_head=2 * h * padded_vocab_size(model, tp),
+        dense_mlp=(n - n_moe) * matmuls * 2 * h * (model.ffn_hidden_size or model.moe_ffn_hidden_size),
     )
 
 

@@ -40,7 +40,7 @@ from megatron.core.transformer.moe import moe_utils
 from megatron_grow.checkpoint.grown_start import GrownStart
 from megatron_grow.checkpoint.manifest import empty_counters
 from megatron_grow.config.layout_rules import world_layout_problems
-from megatron_grow.config.schema import ModelConfig, Recipe
+from megatron_grow.config.schema import ModelConfig, Recipe, moe_layer_pattern
 from megatron_grow.data.datasets import (
     SplitDatasets,
     build_datasets,
@@ -150,7 +150,8 @@ class _IntervalMetrics:
     def _write(self, step: StepResult) -> None:
         tr, m, c = self.trainer, self.trainer.model_cfg, self.trainer.counters
         elapsed = time.perf_counter() - self.started
-        loads = self.routing.snapshot(m.num_layers, m.num_moe_experts)
+        moe_layers = [i for i, moe in enumerate(moe_layer_pattern(m)) if moe]  # dense layers route nothing
+        loads = self.routing.snapshot(m.num_layers, m.num_moe_experts)[moe_layers]
         share = loads / loads.sum(1, keepdim=True).clamp_min(1) * m.num_moe_experts
         metrics = {
             "loss": step.loss, "lr": tr.optimizer.param_groups[0]["lr"],
@@ -159,7 +160,7 @@ class _IntervalMetrics:
             "expert_load_max": float(share.max()), "expert_load_min": float(share.min()),
             "flops_so_far": c["flops_so_far"], "sunk_flops": c["sunk_flops"],
             "new_flops": c["flops_so_far"] - c["sunk_flops"],
-            "aux_loss": _aux_loss() / (m.num_layers * tr.num_micro * self.steps),
+            "aux_loss": _aux_loss() / (len(moe_layers) * tr.num_micro * self.steps),
         }
         if tr.ctx.device.type == "cuda" or self.peak.flops is not None:
             achieved = tr.flops_per_step * self.steps / elapsed / tr.ctx.world_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 import torch
 
@@ -138,20 +139,16 @@ def _is_routed_expert(key: str, name: str) -> bool:
 
 
 def _zeroed_by_identity_init(key: str) -> bool:
+    # the output projection of each residual branch: attention, routed and shared experts, a dense MLP
     return (key.endswith(("self_attention.linear_proj.weight", "self_attention.linear_proj.bias"))
             or _is_routed_expert(key, "linear_fc2.weight") or _is_routed_expert(key, "linear_fc2.bias")
-            or key.endswith(("shared_experts.linear_fc2.weight", "shared_experts.linear_fc2.bias")))
+            or key.endswith(("shared_experts.linear_fc2.weight", "shared_experts.linear_fc2.bias"))
+            or key.endswith((".mlp.linear_fc2.weight", ".mlp.linear_fc2.bias")))
 
 
-def expected_grown(src: dict, growth, init_method_std: float) -> dict:
-    """Every tensor of the grown checkpoint, from the source's plain tensors and the growth config."""
-    layer_keys = [k for k in src if k.startswith("decoder.layers.")]
-    L = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[0]
-    E = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))].shape[1]
-    d, w, u = growth.depth, growth.width, growth.upcycle
-    ins = growth.insert
-    assert not (w and u), "the oracle composes the layer operators with one expert operator"
-    esrc, copy = width_sources(E, w.factor, w.expert_layout) if w else (list(range(E)), [0] * E)
+def _layer_plan(L: int, growth):
+    """(source layer, zeroed by identity init, layer that keys the noise) of every final layer."""
+    d, w, u, ins = growth.depth, growth.width, growth.upcycle, growth.insert
     order = list(growth.order) or [op for op, on in (("depth", d), ("width", w), ("upcycle", u), ("insert", ins))
                                    if on]
     # Each layer operator's map (output -> input) and the layers its definition zeroes, in order.
@@ -170,39 +167,72 @@ def expected_grown(src: dict, growth, init_method_std: float) -> dict:
     for op in reversed(order):
         at[op] = idx
         idx = [maps[op][i] for i in idx]
-    lsrc = idx
     zero_layer = [any(zeroed[op][at[op][j]] for op in order) for j in range(n)]
+    # Width noise is keyed by the layer's index in width's output: width before depth widens each
+    # source layer once and depth copies it; depth first widens every target layer on its own.
     expert_op = "upcycle" if u else "width"
+    noise_layer = at[expert_op] if expert_op in at else list(range(n))
+    return idx, zero_layer, noise_layer
 
-    def noise_layer(j: int) -> int:
-        # Width noise is keyed by the layer's index in width's output: width before depth widens each
-        # source layer once and depth copies it; depth first widens every target layer on its own.
-        return at[expert_op][j]
 
+def _grown_layer_tensor(key: str, x: torch.Tensor, E: int, ls: int, noise_layer: int, growth, init_std: float):
+    """One layer's tensor ``x`` (of source layer ``ls``) in a target layer; ``key`` names it (either form)."""
+    w, u = growth.width, growth.upcycle
+    esrc, copy = width_sources(E, w.factor, w.expert_layout) if w else (list(range(E)), [0] * E)
+    if u is not None:
+        return _upcycled(key, x, *upcycle_sources(E, u, ls), u, growth.seed, noise_layer)
+    if w is None:
+        return x.clone()
+    if key.endswith("mlp.router.weight"):
+        return _router(x, esrc, copy, w, growth.seed, noise_layer, init_std)
+    if key.endswith("mlp.router.expert_bias"):
+        return _bias(x, esrc, copy, w, growth.seed, noise_layer)
+    if _is_routed_expert(key, "linear_fc1.weight") or _is_routed_expert(key, "linear_fc2.weight"):
+        name = FC1 if key.endswith("linear_fc1.weight") else FC2
+        return _experts(x, name, esrc, copy, w, growth.seed, noise_layer, init_std)
+    if ".mlp.experts.experts." in key:
+        return x[esrc].clone()  # expert biases: exact copies
+    return x.clone()  # norms, attention, shared experts, dense MLPs: exact copies
+
+
+def expected_grown(src: dict, growth, init_method_std: float) -> dict:
+    """Every tensor of the grown checkpoint, from the source's plain tensors and the growth config
+    (an all-MoE stack: per-layer tensors stacked ``[L, ...]``)."""
+    assert not (growth.width and growth.upcycle), "the oracle composes the layer operators with one expert operator"
+    layer_keys = [k for k in src if k.startswith("decoder.layers.")]
+    router = src[next(k for k in layer_keys if k.endswith("mlp.router.weight"))]
+    L, E = router.shape[0], router.shape[1]
+    lsrc, zero_layer, noise_layer = _layer_plan(L, growth)
     out = {k: v.clone() for k, v in src.items() if not k.startswith("decoder.layers.")}
     for key in layer_keys:
-        s = src[key]
         rows = []
         for j, ls in enumerate(lsrc):
-            if u is not None:
-                t = _upcycled(key, s[ls], *upcycle_sources(E, u, ls), u, growth.seed, noise_layer(j))
-            elif w is None:
-                t = s[ls].clone()
-            elif key.endswith("mlp.router.weight"):
-                t = _router(s[ls], esrc, copy, w, growth.seed, noise_layer(j), init_method_std)
-            elif key.endswith("mlp.router.expert_bias"):
-                t = _bias(s[ls], esrc, copy, w, growth.seed, noise_layer(j))
-            elif _is_routed_expert(key, "linear_fc1.weight") or _is_routed_expert(key, "linear_fc2.weight"):
-                name = FC1 if key.endswith("linear_fc1.weight") else FC2
-                t = _experts(s[ls], name, esrc, copy, w, growth.seed, noise_layer(j), init_method_std)
-            elif ".mlp.experts.experts." in key:
-                t = s[ls][esrc].clone()  # expert biases: exact copies
-            else:
-                t = s[ls].clone()
+            t = _grown_layer_tensor(key, src[key][ls], E, ls, noise_layer[j], growth, init_method_std)
             if zero_layer[j] and _zeroed_by_identity_init(key):
                 t = torch.zeros_like(t)  # applied last, after any width noise
             rows.append(t)
         out[key] = torch.stack(rows)
+    return out
+
+
+def expected_grown_per_layer(src: dict, growth, init_method_std: float) -> dict:
+    """The same for a mixed dense/MoE stack, which Megatron-Core stores one key per layer
+    (``decoder.layers.<i>.<name>``, routed experts ``[E, ...]``): target layer j holds every tensor of its
+    source layer under ``decoder.layers.<j>.``; a dense layer stays dense, its MLP copied exactly."""
+    assert not (growth.width and growth.upcycle), "the oracle composes the layer operators with one expert operator"
+    by_layer: dict[int, dict] = {}
+    for key, value in src.items():
+        m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", key)
+        if m:
+            by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    E = next(v.shape[0] for layer in by_layer.values() for k, v in layer.items() if k == "mlp.router.weight")
+    lsrc, zero_layer, noise_layer = _layer_plan(len(by_layer), growth)
+    out = {k: v.clone() for k, v in src.items() if not k.startswith("decoder.layers.")}
+    for j, ls in enumerate(lsrc):
+        for name, x in by_layer[ls].items():
+            key = f"decoder.layers.{j}.{name}"
+            t = _grown_layer_tensor(key, x, E, ls, noise_layer[j], growth, init_method_std)
+            out[key] = torch.zeros_like(t) if zero_layer[j] and _zeroed_by_identity_init(key) else t
     return out
 
 

@@ -3,6 +3,7 @@ crash-safe saves, growth at start-up, and clear errors for bad inputs."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -225,3 +226,29 @@ def test_preempted_resume_is_bitwise_with_warmup_cosine_and_dropout(kjv_dataset,
     resumed = [loss for _, loss in part1["train_losses"] + part2["train_losses"]]
     assert resumed == losses, f"{name}: stopped at {stopped}; straight {losses} vs resumed {resumed}"
     assert part2["counters"] == first["counters"]
+
+
+@pytest.mark.slow  # ~1 min: 3 process starts
+def test_a_mixed_stack_trains_grows_and_verifies(kjv_dataset, tmp_path):
+    """Dense first layer + shared expert (GLM-4.5 / DeepSeek style): train, grow on load (depth x2, width x2)
+    into EP=2 and train on, verify: the trainer, growth on load and verify handle dense layers."""
+    from megatron_grow.growth.verify import verify_growth
+
+    mixed = {"moe_layer_freq": [0, 1, 1, 1], "ffn_hidden_size": 96, "moe_shared_expert_intermediate_size": 32}
+    base_recipe = write_recipe(tmp_path / "base.yaml", kjv_dataset, tmp_path / "base", training={"train_iters": 3},
+                               model=mixed)
+    run_in_processes(train_body, 1, (base_recipe, []))
+    grow_recipe = write_recipe(tmp_path / "grow.yaml", kjv_dataset, tmp_path / "grown", model=mixed,
+                               training={"train_iters": 5, "lr_warmup_iters": 1},
+                               parallel={"expert_model_parallel_size": 2})
+    with open(grow_recipe, "a") as f:
+        f.write("growth:\n  order: [depth, width]\n  depth: {mode: interposition, factor: 2}\n"
+                "  width: {factor: 2, noise: gaussian, alpha: 0.01}\n")
+    out = run_in_processes(train_body, 2, (grow_recipe, [], str(tmp_path / "base")))[0]
+    assert [i for i, _ in out["train_losses"]] == [4, 5]
+    assert all(math.isfinite(loss) for _, loss in out["train_losses"])
+    manifest = io.read_manifest(paths.iteration_dir(str(tmp_path / "grown"), 5))
+    assert manifest["model"]["moe_layer_freq"] == [0, 0, 1, 1, 1, 1, 1, 1]   # the dense layer's copy is dense
+    metrics = run_in_processes(verify_growth, 2, (str(tmp_path / "base"), str(tmp_path / "grown"),
+                                                  ParallelConfig(expert_model_parallel_size=2)))[0]
+    assert metrics["kl_mean"] < 0.5

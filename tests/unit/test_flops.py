@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,21 @@ def test_tiny_by_hand():
     train = training_flops_per_token(_model("tiny"))
     assert train.total == 3 * 299_008
     assert training_flops_per_step(_model("tiny"), global_batch_size=8) == 3 * 299_008 * 8 * 64
+
+
+def test_mixed_stack_by_hand():
+    # tiny with layers [dense, MoE, dense, MoE] (moe_layer_freq 2): router, routed and shared experts (S 48) in 2
+    # layers; a SwiGLU MLP of width D 80 in the other 2; attention in all 4.
+    m = dataclasses.replace(_model("tiny"), moe_layer_freq=2, ffn_hidden_size=80,
+                            moe_shared_expert_intermediate_size=48)
+    fwd = forward_flops_per_token(m)
+    assert fwd.attention_projections == 4 * (2 * 64 * (64 + 32 + 32) + 2 * 64 * 64)
+    assert fwd.router == 2 * 2 * 64 * 8
+    assert fwd.experts == 2 * 2 * (3 * 2 * 64 * 32)
+    assert fwd.shared_expert == 2 * 3 * 2 * 64 * 48
+    assert fwd.dense_mlp == 2 * 3 * 2 * 64 * 80
+    assert fwd.total == fwd.attention_projections + fwd.attention_scores + fwd.router + fwd.experts + \
+        fwd.shared_expert + fwd.dense_mlp + 2 * 64 * 256
 
 
 def megatron_classic_flops_per_token(m, s: int) -> float:

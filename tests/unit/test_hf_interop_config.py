@@ -5,6 +5,7 @@ The configs come from ``transformers``' own config classes (``to_dict()``), not 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -59,10 +60,10 @@ def test_router_semantics_map_to_mcore_fields():
 
 @pytest.mark.parametrize("arch, overrides, needle", [
     ("Glm4MoeForCausalLM", {"norm_topk_prob": False}, "renormalises exactly when k > 1"),
-    ("Glm4MoeForCausalLM", {"first_k_dense_replace": 1}, "first_k_dense_replace"),
+    ("Glm4MoeForCausalLM", {"first_k_dense_replace": 2}, "every layer is dense"),
     ("Glm4MoeForCausalLM", {"n_group": 2, "topk_group": 1}, "n_group"),
-    ("Glm4MoeForCausalLM", {"n_shared_experts": 1}, "n_shared_experts"),
-    ("Qwen3MoeForCausalLM", {"mlp_only_layers": [0]}, "mlp_only_layers"),
+    ("Qwen3MoeForCausalLM", {"mlp_only_layers": [0, 1]}, "every layer is dense"),
+    ("MixtralForCausalLM", {"mlp_only_layers": [0]}, "mlp_only_layers"),
     ("Qwen3MoeForCausalLM", {"num_experts_per_tok": 1, "norm_topk_prob": True}, "top-1"),
     ("Qwen3MoeForCausalLM", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                                                  "original_max_position_embeddings": 64}}, "yarn"),
@@ -72,6 +73,39 @@ def test_router_semantics_map_to_mcore_fields():
 def test_import_refuses_what_does_not_map(arch, overrides, needle):
     with pytest.raises(InteropError, match=needle):
         to_model(arch, **overrides)
+
+
+def test_dense_layers_and_shared_experts_map_to_mcore_fields():
+    # GLM-4.5: the first k layers dense (MLP intermediate_size wide), n shared experts = one MLP n x F wide.
+    glm = to_model("Glm4MoeForCausalLM", num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=2)
+    assert (glm.moe_layer_freq, glm.ffn_hidden_size) == ((0, 1, 1), 96)
+    assert (glm.moe_shared_expert_intermediate_size, glm.moe_shared_expert_gate) == (2 * 32, False)
+    # Qwen: layer i is MoE iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+    qwen = to_model("Qwen3MoeForCausalLM", num_hidden_layers=6, mlp_only_layers=[5], decoder_sparse_step=2)
+    assert qwen.moe_layer_freq == (0, 1, 0, 1, 0, 0)
+    assert to_model("Qwen3MoeForCausalLM").moe_layer_freq == 1   # no dense layer: the all-MoE stack as before
+    # and back
+    family, fields = family_for_model(glm, "Glm4MoeForCausalLM")
+    assert (fields["first_k_dense_replace"], fields["n_shared_experts"], fields["intermediate_size"]) == (1, 2, 96)
+    family, fields = family_for_model(qwen, "Qwen3MoeForCausalLM")
+    assert (fields["mlp_only_layers"], fields["decoder_sparse_step"]) == ([0, 2, 4, 5], 1)
+
+
+def test_export_refuses_dense_layers_a_class_cannot_place():
+    glm = dataclasses.replace(to_model("Glm4MoeForCausalLM", num_hidden_layers=3), moe_layer_freq=(1, 0, 1),
+                              ffn_hidden_size=96)
+    with pytest.raises(InteropError, match="not the first layers"):
+        FAMILIES["Glm4MoeForCausalLM"].write_config(glm)
+    with pytest.raises(InteropError, match="this class has none"):
+        FAMILIES["MixtralForCausalLM"].write_config(dataclasses.replace(
+            to_model("MixtralForCausalLM", num_hidden_layers=3), moe_layer_freq=(0, 1, 1)))
+
+
+def test_qwen2_moe_with_its_own_head_dim_exports_as_it_imports():
+    # head_dim 24 != hidden 64 / 4 heads: transformers' Qwen2-MoE attention reads head_dim, so export writes it.
+    model = to_model("Qwen2MoeForCausalLM", head_dim=24)
+    assert model.kv_channels == 24
+    assert FAMILIES["Qwen2MoeForCausalLM"].write_config(model)["head_dim"] == 24
 
 
 def test_export_refuses_a_class_that_cannot_hold_the_model():

@@ -17,7 +17,7 @@ from megatron_grow.checkpoint import keys
 from megatron_grow.checkpoint.megatron_args import megatron_args, model_config_from_args
 from megatron_grow.config.check import layout_problems
 from megatron_grow.config.loader import load_recipe
-from megatron_grow.config.schema import ModelConfig, ParallelConfig
+from megatron_grow.config.schema import ModelConfig, ParallelConfig, moe_layer_pattern
 from megatron_grow.errors import CheckpointError, LayoutError
 from megatron_grow.growth.verify import threshold_failures
 
@@ -68,10 +68,10 @@ def test_vocab_size_and_padding():
 
 
 @pytest.mark.parametrize("name,value", [
-    ("multi_latent_attention", True), ("moe_layer_freq", [0, 1, 1, 1]), ("moe_layer_freq", 2),
+    ("multi_latent_attention", True), ("moe_layer_freq", [0, 1, 2, 1]), ("moe_layer_freq", "__import__('os')"),
     ("mtp_num_layers", 1), ("position_embedding_type", "learned_absolute"), ("add_bias_linear", True),
     ("add_qkv_bias", True), ("swiglu", False), ("num_experts", None), ("num_experts", 0),
-    ("moe_router_num_groups", 4), ("moe_shared_expert_gate", True), ("qk_l2_norm", True),
+    ("moe_router_num_groups", 4), ("qk_l2_norm", True),
     ("window_size", (128, 0)), ("apply_layernorm_1p", True), ("rotary_interleaved", True),
     ("moe_router_load_balancing_type", ["aux_loss", "seq_aux_loss"]), ("normalization", "L2Norm"),
     ("moe_router_score_function", "sqrtsoftplus"),
@@ -90,6 +90,24 @@ def test_missing_argument_means_megatron_default(name, shown):
     del args[name]
     with pytest.raises(CheckpointError, match=rf"args.{name}={shown} \(missing, so Megatron-LM's default\)"):
         model_config_from_args(args)
+
+
+@pytest.mark.parametrize("freq, pattern", [
+    (2, (1, 0, 1, 0)),                      # an int N: layers 0, N, 2N, ... are MoE
+    ([0, 1, 1, 1], (0, 1, 1, 1)),           # a list: one 0/1 per layer
+    ("([0]*1+[1]*3)", (0, 1, 1, 1)),        # the command line's list expression
+    ("[1]*2+[0]*2", (1, 1, 0, 0)),
+])
+def test_moe_layer_freq_and_dense_width(freq, pattern):
+    m = model_config_from_args(pretrain_gpt_args(moe_layer_freq=freq, moe_shared_expert_intermediate_size=96,
+                                                 moe_shared_expert_gate=True, moe_shared_expert_overlap=True))
+    assert moe_layer_pattern(m) == pattern
+    assert (m.ffn_hidden_size, m.moe_ffn_hidden_size) == (256, 64)    # dense layers --ffn-hidden-size wide
+    assert (m.moe_shared_expert_intermediate_size, m.moe_shared_expert_gate) == (96, True)
+    again = megatron_args(m, ParallelConfig(), counters={"iteration": 1}, world_size=1)
+    assert (again.ffn_hidden_size, again.moe_shared_expert_gate) == (256, True)
+    assert model_config_from_args(again) == m
+    assert model_config_from_args(pretrain_gpt_args()).ffn_hidden_size is None   # all MoE: no dense width
 
 
 def test_missing_num_experts_is_a_dense_model():

@@ -6,6 +6,7 @@ The meta-device builds run in subprocesses (``python -m megatron_grow.models.par
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,6 +37,9 @@ VARIANTS = {
     "hf_features": {"moe_shared_expert_intermediate_size": 48, "moe_shared_expert_gate": True, "add_qkv_bias": True,
                     "qk_layernorm_across_heads": True, "moe_router_score_function": "softmax",
                     "moe_router_enable_expert_bias": False, "moe_router_pre_softmax": True},
+    # A mixed stack (GLM-4.5 / DeepSeek first dense layers): layer 0 dense with its own MLP width, shared expert.
+    "mixed_dense_first": {"moe_layer_freq": [0, 1, 1, 1], "ffn_hidden_size": 80,
+                          "moe_shared_expert_intermediate_size": 48},
 }
 
 
@@ -55,7 +59,7 @@ def meta_counts(tmp_path_factory) -> dict:
     paths.update({name: _variant_path(tmp, name) for name in VARIANTS})
     # Two balanced groups (70b is ~40% of the build time), one per core.
     groups = [["70b", "3b", "tiny", "3b_depth", "shared_layernorm_tied"],
-              ["35b", "17b", "6b_width", "no_glu_grouped", "biases", "hf_features"]]
+              ["35b", "17b", "6b_width", "no_glu_grouped", "biases", "hf_features", "mixed_dense_first"]]
     assert sorted(sum(groups, [])) == sorted(paths)
     # Another test may have started a gloo group in this process and exported its rendezvous
     # variables; a child inheriting MASTER_PORT would try to listen on the same port.
@@ -93,6 +97,21 @@ def test_tiny_by_hand():
     assert c.total == 4 * per_layer + 2 * 256 * 64 + 64
     assert c.activated == c.total - 4 * 6 * (64 * 2 * 32 + 32 * 64)  # 6 of 8 experts idle per layer
     assert c.activated_without_embedding == c.activated - 256 * 64
+
+
+def test_mixed_stack_by_hand():
+    # tiny with layers [dense, MoE, MoE, MoE]: the dense layer has a SwiGLU MLP of width D = 80 and no router or
+    # experts; MoE layers have 8 experts of F 32, a shared expert of S 48 (no gate).
+    m = dataclasses.replace(load_recipe(str(MODELS / "tiny.yaml")).model, moe_layer_freq=(0, 1, 1, 1),
+                            ffn_hidden_size=80, moe_shared_expert_intermediate_size=48)
+    attention_and_norms = 64 * (64 + 2 * 32) + 64 * 64 + 2 * 64 + 2 * 16
+    dense_layer = attention_and_norms + 64 * 2 * 80 + 80 * 64
+    expert = 64 * 2 * 32 + 32 * 64
+    moe_layer = attention_and_norms + 8 * 64 + 8 * expert + (64 * 2 * 48 + 48 * 64)
+    c = count_params(m)
+    assert c.total == dense_layer + 3 * moe_layer + 2 * 256 * 64 + 64
+    assert c.expert == 3 * 8 * expert
+    assert c.activated == c.total - 3 * 6 * expert   # top-2 of 8 in each of the 3 MoE layers
 
 
 # Paper numbers (docs/paper.md §4), in billions, all +-0.1B; None where the paper gives none.

@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megatron_grow.config.schema import DepthGrowthConfig, DepthMode, ModelConfig, grown_depth, values
+from megatron_grow.config.schema import (
+    DepthGrowthConfig,
+    DepthMode,
+    ModelConfig,
+    depth_source_layers,
+    grown_depth,
+    values,
+)
 from megatron_grow.growth.mapping import IndexMap, first_occurrence_copies
 from megatron_grow.growth.noise import FC2_KEY
 from megatron_grow.growth.operators.base import GrowthOperator, GrowthPlan
@@ -29,28 +36,6 @@ class DepthMap:
     @property
     def num_layers(self) -> int:
         return len(self.source_layer)
-
-
-def _interposition(num_layers: int, factor: int, first: int, last: int) -> list[int]:
-    src: list[int] = []
-    for i in range(num_layers):
-        repeats = factor if first <= i < num_layers - last else 1
-        src.extend([i] * repeats)
-    return src
-
-
-def _stack(num_layers: int, factor: int, first: int, last: int) -> list[int]:
-    src = list(range(0, num_layers - last))
-    for _ in range(factor - 2):
-        src.extend(range(first, num_layers - last))
-    if factor >= 2:
-        src.extend(range(first, num_layers))
-    else:  # factor 1: identity
-        src.extend(range(num_layers - last, num_layers))
-    return src
-
-
-_LAYOUTS = {DepthMode.INTERPOSITION: _interposition, DepthMode.STACK: _stack}
 
 
 def build_depth_map(num_layers: int, mode: str, factor: int, ignore_first: int = 0,
@@ -80,7 +65,7 @@ def build_depth_map(num_layers: int, mode: str, factor: int, ignore_first: int =
     if ignore_first < 0 or ignore_last < 0 or ignore_first + ignore_last >= num_layers:
         raise ValueError(f"ignore_first + ignore_last ({ignore_first} + {ignore_last}) must be >= 0 and "
                          f"< num_layers ({num_layers})")
-    src = _LAYOUTS[DepthMode(mode)](num_layers, factor, ignore_first, ignore_last)
+    src = depth_source_layers(num_layers, mode, factor, ignore_first, ignore_last)
     assert len(src) == grown_depth(num_layers, factor, ignore_first, ignore_last)
     return DepthMap(tuple(src), tuple(c > 0 for c in first_occurrence_copies(src)))
 
@@ -91,6 +76,8 @@ _IDENTITY_ZEROED = (
     # dist-ckpt storage: experts.experts.linear_fc2
     re.compile(r"(^|\.)experts\.(local_experts\.\d+\.|experts\.)?linear_fc2\.(weight|bias)\d*$"),
     re.compile(r"(^|\.)shared_experts\.linear_fc2\.(weight|bias)$"),
+    # the dense MLP of a non-MoE layer (model.moe_layer_freq)
+    re.compile(r"(^|\.)mlp\.linear_fc2\.(weight|bias)$"),
 )
 
 
@@ -98,7 +85,7 @@ def zeroed_by_identity_init(name: str) -> bool:
     """True for the tensors a new depth copy starts at zero with ``identity_init``.
 
     ``name`` is a state-dict key (full or relative to the layer) or a logical key. Zeroed:
-    attention ``linear_proj``, routed-expert ``linear_fc2`` and shared-expert ``linear_fc2``
+    attention ``linear_proj``, routed-expert, shared-expert and dense-MLP ``linear_fc2``
     (weights and biases), so each new block starts as the identity on the residual stream.
     """
     if name == FC2_KEY:

@@ -9,27 +9,10 @@ original layers keep their order and values. Index map over layers only; no nois
 
 from __future__ import annotations
 
-from megatron_grow.config.schema import InsertGrowthConfig, ModelConfig, insertion_points
+from megatron_grow.config.schema import InsertGrowthConfig, ModelConfig, insertion_points, insertion_sources
 from megatron_grow.growth.mapping import IndexMap, first_occurrence_copies
 from megatron_grow.growth.operators.base import GrowthOperator, GrowthPlan
 from megatron_grow.growth.operators.depth import zeroed_by_identity_init
-
-
-def insertion_sources(num_layers: int, points: tuple[int, ...]) -> tuple[int, ...]:
-    """Target layer -> source layer: each source layer, then one copy of it per time it is in ``points``.
-
-    Args:
-        num_layers: source layers L.
-        points: source layers to insert after (``config.schema.insertion_points``).
-
-    Returns:
-        ``L + len(points)`` source indices; a new block is every non-first occurrence.
-    """
-    src: list[int] = []
-    for layer in range(num_layers):
-        src.append(layer)
-        src.extend([layer] * points.count(layer))
-    return tuple(src)
 
 
 class InsertOperator(GrowthOperator):

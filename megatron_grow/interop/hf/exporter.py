@@ -20,7 +20,7 @@ from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.integrity import describe_non_finite, non_finite_counts
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
 from megatron_grow.checkpoint.reader import CheckpointReader
-from megatron_grow.config.schema import ModelConfig
+from megatron_grow.config.schema import ModelConfig, moe_layer_pattern
 from megatron_grow.errors import InteropError
 from megatron_grow.interop.hf import tensor_map
 from megatron_grow.interop.hf.families import family_by_name, family_for_model
@@ -61,16 +61,16 @@ def hf_origin(ckpt_dir: str, depth: int = 8) -> dict | None:
 
 
 def _check_stored(reader: CheckpointReader, item: tensor_map.Item) -> None:
-    lead = tuple(d for d in (item.layer, item.expert) if d is not None)
+    lead = item.lead
     st = reader.stored(item.key)
     if len(st.shape) != len(lead) + len(item.shape) or st.shape[len(lead):] != item.shape:
-        unit = "expert" if item.expert is not None else "layer" if lead else "tensor"
+        unit = "expert" if item.expert is not None else "layer" if item.layer is not None else "tensor"
         raise InteropError(f"shape mismatch: {item.key} is {st.shape} in {reader.ckpt_dir}; the recorded "
                            f"architecture implies {item.shape} per {unit}")
 
 
 def _read_item(reader: CheckpointReader, item: tensor_map.Item) -> torch.Tensor:
-    lead = tuple(d for d in (item.layer, item.expert) if d is not None)
+    lead = item.lead
     offsets = lead + (0,) * len(item.shape)
     sizes = (1,) * len(lead) + item.shape
     return reader.read(item.key, offsets, sizes).reshape(item.shape)
@@ -80,8 +80,10 @@ def _constant_tensors(model: ModelConfig, family: Family) -> dict[tuple, dict[st
     """Per group, HF tensors with no MCore counterpart that are exactly zero (see glm4_moe)."""
     n, H, E = family.naming, model.hidden_size, model.num_moe_experts
     out: dict[tuple, dict] = {}
-    for layer in range(model.num_layers):
+    for layer, is_moe in enumerate(moe_layer_pattern(model)):
         p, extra = f"model.layers.{layer}.", {}
+        if not is_moe:
+            continue  # a dense layer has neither router nor shared expert
         if n.router_bias and not model.moe_router_enable_expert_bias:
             extra[p + n.router_bias] = torch.zeros(E)  # no bias = a zero bias
         if n.always_write_shared_expert and not model.moe_shared_expert_intermediate_size:

@@ -17,7 +17,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import apply_factories
 from tqdm import tqdm
 
-from megatron_grow.checkpoint import io, paths
+from megatron_grow.checkpoint import io, keys, paths
 from megatron_grow.checkpoint.architecture import model_config_from_dict
 from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_sourced
 from megatron_grow.checkpoint.integrity import describe_non_finite, non_finite_counts
@@ -121,8 +121,10 @@ def _check_finite(hf_name: str, value: torch.Tensor, ckpt: SafetensorsCheckpoint
 
 
 def _item_of(st, index: dict) -> tensor_map.Item:
-    layer = st.global_offset[0] if st.prepend_axis_num >= 1 else None
-    expert = st.global_offset[1] if st.prepend_axis_num >= 2 else None
+    per_layer = keys.split_per_layer_key(st.key)  # a mixed stack: the key names the layer, experts on axis 0
+    lead = ((per_layer[0],) if per_layer else ()) + tuple(st.global_offset[:st.prepend_axis_num])
+    layer = lead[0] if lead else None
+    expert = lead[1] if len(lead) >= 2 else None
     item = index.get((st.key, layer, expert))
     if item is None:
         raise InteropError(f"the model has tensor {st.key} (layer {layer}, expert {expert}) that the "

@@ -6,6 +6,10 @@ layer's (or one layer-and-expert's) slice of a stored tensor, e.g. layer 3 of
 ``decoder.layers.self_attention.linear_qkv.weight``. Every item is a concatenation along its
 first dim of row blocks (:class:`Piece`) of HF tensors (or zero rows: MCore's vocabulary padding):
 
+A mixed dense/MoE stack (``model.moe_layer_freq``) is stored one key per layer instead
+(``decoder.layers.<i>.<name>``, experts still stacked): its items say so (``stacked=False``), and a
+dense layer's items are its MLP, ``linear_fc1`` = ``[gate_proj; up_proj]`` and ``linear_fc2`` = ``down_proj``.
+
 * ``linear_qkv`` (weight and bias): per query group ``g``, the ``heads/groups`` query heads of
   ``g`` (``q_proj`` rows), then key head ``g`` (``k_proj``), then value head ``g`` (``v_proj``);
 * routed and shared expert ``linear_fc1``: ``[gate_proj; up_proj]`` (SwiGLU, gate first);
@@ -21,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_grow.checkpoint import keys
-from megatron_grow.config.schema import ModelConfig
+from megatron_grow.config.schema import ModelConfig, is_mixed_stack, moe_layer_pattern
 from megatron_grow.interop.hf.families.base import Family
 
 
@@ -43,6 +47,12 @@ class Item:
     expert: int | None
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    stacked: bool = True    # False: ``key`` names its layer (a mixed dense/MoE stack), no layer axis
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The item's indices on the stored tensor's prepended axes (layer if stacked, then expert)."""
+        return tuple(d for d in (self.layer if self.stacked else None, self.expert) if d is not None)
 
     @property
     def group(self) -> tuple:
@@ -64,8 +74,16 @@ def _qkv_pieces(prefix: str, suffix: str, model: ModelConfig) -> tuple[Piece, ..
     return tuple(out)
 
 
+def _layer_item(model: ModelConfig, key: str, layer: int, expert: int | None, shape: tuple, pieces: tuple) -> Item:
+    """An item of stacked storage key ``key``; a mixed stack stores it one key per layer instead
+    (``checkpoint.keys.per_layer_storage_key``)."""
+    if not is_mixed_stack(model):
+        return Item(key, layer, expert, shape, pieces)
+    return Item(keys.per_layer_storage_key(layer, key[len(keys.LAYER_PREFIX):]), layer, expert, shape, pieces, False)
+
+
 def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
-    """One layer's items: attention and norms, router, shared expert, then each routed expert.
+    """One layer's items: attention and norms, then a dense MLP, or router, shared expert and each routed expert.
 
     Args:
         model: the architecture.
@@ -75,40 +93,57 @@ def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
     Returns:
         The items, in that order.
     """
-    n = family.naming
     H, d = model.hidden_size, model.kv_channels
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
     p = f"model.layers.{layer}."
     att = p + "self_attn."
-    items = [Item(keys.INPUT_NORM, layer, None, (H,), _whole(p + "input_layernorm.weight", H)),
-             Item(keys.QKV, layer, None, (q + 2 * kv, H), _qkv_pieces(att, "weight", model))]
+
+    def item(key: str, shape: tuple, pieces: tuple) -> Item:
+        return _layer_item(model, key, layer, None, shape, pieces)
+
+    items = [item(keys.INPUT_NORM, (H,), _whole(p + "input_layernorm.weight", H)),
+             item(keys.QKV, (q + 2 * kv, H), _qkv_pieces(att, "weight", model))]
     if model.add_qkv_bias:
-        items.append(Item(keys.QKV_BIAS, layer, None, (q + 2 * kv,), _qkv_pieces(att, "bias", model)))
-    items.append(Item(keys.PROJ, layer, None, (H, q), _whole(att + "o_proj.weight", H)))
+        items.append(item(keys.QKV_BIAS, (q + 2 * kv,), _qkv_pieces(att, "bias", model)))
+    items.append(item(keys.PROJ, (H, q), _whole(att + "o_proj.weight", H)))
     if model.qk_layernorm:
         qn, kn = (q, kv) if model.qk_layernorm_across_heads else (d, d)  # OLMoE: one norm over all heads
-        items += [Item(keys.Q_NORM, layer, None, (qn,), _whole(att + "q_norm.weight", qn)),
-                  Item(keys.K_NORM, layer, None, (kn,), _whole(att + "k_norm.weight", kn))]
+        items += [item(keys.Q_NORM, (qn,), _whole(att + "q_norm.weight", qn)),
+                  item(keys.K_NORM, (kn,), _whole(att + "k_norm.weight", kn))]
+    items.append(item(keys.LOCAL_PRE_MLP_NORM, (H,), _whole(p + "post_attention_layernorm.weight", H)))
+    if not moe_layer_pattern(model)[layer]:
+        D, mp = model.ffn_hidden_size or model.moe_ffn_hidden_size, f"{p}{family.naming.dense_mlp}."
+        return items + [item(keys.LAYER_PREFIX + keys.DENSE_FC1_SUFFIX, (2 * D, H),
+                             (Piece(mp + "gate_proj.weight", 0, D), Piece(mp + "up_proj.weight", 0, D))),
+                        item(keys.LAYER_PREFIX + keys.DENSE_FC2_SUFFIX, (H, D), _whole(mp + "down_proj.weight", H))]
+    return items + _moe_items(model, family, layer)
+
+
+def _moe_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
+    """An MoE layer's router (and expert bias), shared expert and routed experts."""
+    n, H, p = family.naming, model.hidden_size, f"model.layers.{layer}."
     E, F = model.num_moe_experts, model.moe_ffn_hidden_size
-    items += [Item(keys.LOCAL_PRE_MLP_NORM, layer, None, (H,), _whole(p + "post_attention_layernorm.weight", H)),
-              Item(keys.ROUTER, layer, None, (E, H), _whole(f"{p}{n.moe_block}.gate.weight", E))]
+
+    def item(key: str, shape: tuple, pieces: tuple, expert: int | None = None) -> Item:
+        return _layer_item(model, key, layer, expert, shape, pieces)
+
+    items = [item(keys.ROUTER, (E, H), _whole(f"{p}{n.moe_block}.gate.weight", E))]
     if model.moe_router_enable_expert_bias:
-        items.append(Item(keys.EXPERT_BIAS, layer, None, (E,), _whole(p + n.router_bias, E) if n.router_bias
-                          else ()))
+        items.append(item(keys.EXPERT_BIAS, (E,), _whole(p + n.router_bias, E) if n.router_bias else ()))
     S = model.moe_shared_expert_intermediate_size
     if S:
         sp = f"{p}{n.shared_expert}."
-        items += [Item(keys.SHARED_FC1, layer, None, (2 * S, H),
-                       (Piece(sp + "gate_proj.weight", 0, S), Piece(sp + "up_proj.weight", 0, S))),
-                  Item(keys.SHARED_FC2, layer, None, (H, S), _whole(sp + "down_proj.weight", H))]
+        items += [item(keys.SHARED_FC1, (2 * S, H), (Piece(sp + "gate_proj.weight", 0, S),
+                                                     Piece(sp + "up_proj.weight", 0, S))),
+                  item(keys.SHARED_FC2, (H, S), _whole(sp + "down_proj.weight", H))]
         if model.moe_shared_expert_gate:
-            items.append(Item(keys.SHARED_GATE, layer, None, (1, H), _whole(p + n.shared_expert_gate, 1)))
+            items.append(item(keys.SHARED_GATE, (1, H), _whole(p + n.shared_expert_gate, 1)))
     gate, up, down = n.expert_proj
     for e in range(E):
         ep = f"{p}{n.moe_block}.experts.{e}."
-        items += [Item(keys.EXPERT_FC1, layer, e, (2 * F, H), (Piece(ep + f"{gate}.weight", 0, F),
-                                                   Piece(ep + f"{up}.weight", 0, F))),
-                  Item(keys.EXPERT_FC2, layer, e, (H, F), _whole(ep + f"{down}.weight", H))]
+        items += [item(keys.EXPERT_FC1, (2 * F, H), (Piece(ep + f"{gate}.weight", 0, F),
+                                                     Piece(ep + f"{up}.weight", 0, F)), e),
+                  item(keys.EXPERT_FC2, (H, F), _whole(ep + f"{down}.weight", H), e)]
     return items
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from megatron_grow.config.schema import ModelConfig
+from megatron_grow.config.schema import ModelConfig, moe_layer_pattern
 from megatron_grow.errors import InteropError
 
 # Our default training sequence length for an imported model (HF configs give only the maximum).
@@ -27,6 +27,7 @@ class Naming:
     shared_expert_gate: str | None = None                # e.g. ``mlp.shared_expert_gate.weight``
     router_bias: str | None = None                       # e.g. ``mlp.gate.e_score_correction_bias``
     always_write_shared_expert: bool = False             # GLM-4.5 builds a zero-width one when n_shared_experts=0
+    dense_mlp: str = "mlp"                               # a dense layer's MLP (gate_proj, up_proj, down_proj)
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,6 @@ def common_read(hf: dict, where: str) -> dict:
                                         and hf.get("model_type") == "mixtral"):
         raise refuse(where, f"sliding-window attention (sliding_window={hf.get('sliding_window')}) is not "
                             "supported: Megatron-Core's local attention here is full causal attention")
-    if hf.get("mlp_only_layers"):
-        raise refuse(where, f"mlp_only_layers={hf['mlp_only_layers']}: dense layers are not supported; "
-                            "every layer must be an MoE layer")
-    if int(hf.get("decoder_sparse_step", 1) or 1) != 1:
-        raise refuse(where, f"decoder_sparse_step={hf['decoder_sparse_step']}: every layer must be an MoE layer")
     if hf.get("attention_dropout"):
         raise refuse(where, "attention_dropout must be 0 for an exact conversion")
     heads = int(get(hf, "num_attention_heads", where, required=True))
@@ -276,3 +272,110 @@ def require_absent(model: ModelConfig, where: str, *, shared: bool = False, qkv_
         raise refuse(where, "model.add_qkv_bias=true: this class has no attention biases")
     if rotary_full and model.rotary_percent != 1.0:
         raise refuse(where, f"model.rotary_percent={model.rotary_percent}: this class rotates the whole head")
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense layers and shared experts, as the families that have them spell them (GLM-4.5 and DeepSeek-V2/V3:
+# ``first_k_dense_replace`` and ``n_shared_experts``; Qwen2/3-MoE: ``mlp_only_layers`` and
+# ``decoder_sparse_step``). A dense layer's MLP is ``intermediate_size`` wide (``model.ffn_hidden_size``).
+
+
+def with_dense_layers(dense: list[int], num_layers: int, intermediate_size: int | None, where: str) -> dict:
+    """``ModelConfig`` fields of a stack whose layers ``dense`` are dense and the rest MoE.
+
+    Args:
+        dense: the dense layers' indices.
+        num_layers: the layers.
+        intermediate_size: the dense MLP width (``intermediate_size``); required when any layer is dense.
+        where: named in the refusal.
+
+    Returns:
+        ``moe_layer_freq`` (1 when every layer is MoE, else the 0/1 list) and ``ffn_hidden_size``.
+    """
+    if not dense:
+        return {"moe_layer_freq": 1, "ffn_hidden_size": None}
+    if len(dense) >= num_layers:
+        raise refuse(where, f"every layer is dense (dense layers {sorted(dense)}): not an MoE model")
+    if not intermediate_size:
+        raise refuse(where, "config.json lacks 'intermediate_size', the dense layers' MLP width")
+    return {"moe_layer_freq": tuple(0 if i in dense else 1 for i in range(num_layers)),
+            "ffn_hidden_size": int(intermediate_size)}
+
+
+def dense_layers(model: ModelConfig) -> list[int]:
+    """The dense layers of ``model`` (``model.moe_layer_freq``)."""
+    return [i for i, moe in enumerate(moe_layer_pattern(model)) if not moe]
+
+
+def dense_width(model: ModelConfig) -> int:
+    """HF ``intermediate_size``: the dense layers' MLP width (the expert width when there are none)."""
+    return model.ffn_hidden_size or model.moe_ffn_hidden_size
+
+
+def first_k_dense_read(hf: dict, where: str) -> dict:
+    """``first_k_dense_replace`` (GLM-4.5, DeepSeek-V2/V3): the first k layers dense, the rest MoE.
+
+    Args:
+        hf: the ``config.json`` dict.
+        where: named in the refusal.
+
+    Returns:
+        ``moe_layer_freq`` and ``ffn_hidden_size`` (:func:`with_dense_layers`).
+    """
+    k = int(hf.get("first_k_dense_replace") or 0)
+    layers = int(get(hf, "num_hidden_layers", where, required=True))
+    if int(hf.get("moe_layer_freq", 1) or 1) != 1:  # DeepSeek-V2/V3: MoE every moe_layer_freq layers after k
+        raise refuse(where, f"moe_layer_freq={hf['moe_layer_freq']}: only 1 (every layer after the first "
+                            "first_k_dense_replace an MoE layer) is supported")
+    return with_dense_layers(list(range(k)), layers, hf.get("intermediate_size"), where)
+
+
+def first_k_dense_write(model: ModelConfig, where: str) -> dict:
+    """The inverse of :func:`first_k_dense_read`: refuses a pattern that is not k dense layers, then MoE."""
+    dense = dense_layers(model)
+    if dense != list(range(len(dense))):
+        raise refuse(where, f"model.moe_layer_freq: dense layers {dense} are not the first layers; this class "
+                            "has only first_k_dense_replace")
+    return {"first_k_dense_replace": len(dense), "intermediate_size": dense_width(model)}
+
+
+def n_shared_experts_read(hf: dict, where: str, expert_width: int) -> dict:
+    """``n_shared_experts`` (GLM-4.5, DeepSeek): one ungated shared MLP ``n x moe_intermediate_size`` wide."""
+    n = int(hf.get("n_shared_experts") or 0)
+    return {"moe_shared_expert_intermediate_size": n * expert_width or None, "moe_shared_expert_gate": False}
+
+
+def n_shared_experts_write(model: ModelConfig, where: str) -> dict:
+    """The inverse of :func:`n_shared_experts_read`: the width must be a whole number of experts, ungated."""
+    S, F = model.moe_shared_expert_intermediate_size or 0, model.moe_ffn_hidden_size
+    if S % F:
+        raise refuse(where, f"model.moe_shared_expert_intermediate_size={S} is not a multiple of "
+                            f"model.moe_ffn_hidden_size={F} (this class has n_shared_experts of that width)")
+    if model.moe_shared_expert_gate:
+        raise refuse(where, "model.moe_shared_expert_gate=true: this class's shared experts have no gate")
+    return {"n_shared_experts": S // F}
+
+
+def sparse_step_read(hf: dict, where: str) -> dict:
+    """Qwen2/3-MoE: layer i is MoE unless in ``mlp_only_layers``, and only if ``(i + 1) % decoder_sparse_step == 0``."""
+    layers = int(get(hf, "num_hidden_layers", where, required=True))
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    only = {int(i) for i in hf.get("mlp_only_layers") or []}
+    dense = [i for i in range(layers) if i in only or (i + 1) % step]
+    return with_dense_layers(dense, layers, hf.get("intermediate_size"), where)
+
+
+def sparse_step_write(model: ModelConfig) -> dict:
+    """The inverse of :func:`sparse_step_read` (``decoder_sparse_step`` 1, the dense layers listed)."""
+    return {"decoder_sparse_step": 1, "mlp_only_layers": dense_layers(model), "intermediate_size": dense_width(model)}
+
+
+def refuse_dense_layers(hf: dict, model: ModelConfig | None, where: str) -> None:
+    """For a class with no dense layers: refuse the HF fields that would make some (read) or a model with some
+    (write), naming the field."""
+    if hf.get("mlp_only_layers"):
+        raise refuse(where, f"mlp_only_layers={hf['mlp_only_layers']}: this class has no dense layers")
+    if int(hf.get("decoder_sparse_step", 1) or 1) != 1:
+        raise refuse(where, f"decoder_sparse_step={hf['decoder_sparse_step']}: this class has no dense layers")
+    if model is not None and dense_layers(model):
+        raise refuse(where, f"model.moe_layer_freq: dense layers {dense_layers(model)}; this class has none")

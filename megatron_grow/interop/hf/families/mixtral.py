@@ -15,6 +15,7 @@ def read_config(hf: dict, where: str) -> dict:
     if hf.get("router_jitter_noise"):
         raise base.refuse(where, "router_jitter_noise > 0 is a training-time perturbation with no Megatron-Core "
                                  "equivalent; set it to 0")
+    base.refuse_dense_layers(hf, None, where)
     fields = base.common_read(hf, where)
     fields.update(base.softmax_router_read(hf, where, norm_topk_prob=True))
     fields.update(num_moe_experts=int(base.get(hf, "num_local_experts", where, required=True)),
@@ -29,6 +30,7 @@ def write_config(model: ModelConfig) -> dict:
     if model.qk_layernorm:
         raise base.refuse(where, "model.qk_layernorm=true: Mixtral has no QK-norm")
     base.require_absent(model, where)
+    base.refuse_dense_layers({}, model, where)
     out = base.common_write(model, where)
     router = base.softmax_router_write(model, where)
     if not router.pop("norm_topk_prob"):

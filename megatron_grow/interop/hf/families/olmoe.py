@@ -17,6 +17,7 @@ def read_config(hf: dict, where: str) -> dict:
         raise base.refuse(where, f"clip_qkv={hf['clip_qkv']}: clamping q/k/v has no Megatron-Core equivalent")
     if hf.get("attention_bias"):
         raise base.refuse(where, "attention_bias=true is not supported for OLMoE")
+    base.refuse_dense_layers(hf, None, where)
     fields = base.common_read(hf, where)
     if fields["kv_channels"] * fields["num_attention_heads"] != fields["hidden_size"]:
         raise base.refuse(where, "OLMoE's head_dim must be hidden_size / num_attention_heads")
@@ -36,6 +37,7 @@ def write_config(model: ModelConfig) -> dict:
     if model.kv_channels * model.num_attention_heads != model.hidden_size:
         raise base.refuse(where, "OLMoE requires kv_channels x num_attention_heads == hidden_size")
     base.require_absent(model, where)
+    base.refuse_dense_layers({}, model, where)
     out = base.common_write(model, where)
     del out["head_dim"]
     out.update(base.softmax_router_write(model, where))

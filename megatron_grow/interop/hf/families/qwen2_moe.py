@@ -1,5 +1,6 @@
 """Qwen2-MoE (``Qwen2MoeForCausalLM``): GQA with q/k/v biases, no QK-norm, softmax router, and one
-shared expert whose output is scaled by a sigmoid gate (MCore ``moe_shared_expert_gate``)."""
+shared expert whose output is scaled by a sigmoid gate (MCore ``moe_shared_expert_gate``); dense layers
+(``mlp_only_layers``, ``decoder_sparse_step``) of width ``intermediate_size``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def read_config(hf: dict, where: str) -> dict:
                   moe_ffn_hidden_size=int(base.get(hf, "moe_intermediate_size", where, required=True)),
                   qk_layernorm=False, add_qkv_bias=True,
                   moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=bool(shared))
+    fields.update(base.sparse_step_read(hf, where))  # mlp_only_layers / decoder_sparse_step: dense layers
     if not shared:
         raise base.refuse(where, "shared_expert_intermediate_size=0: Qwen2-MoE always has a shared expert")
     return fields
@@ -39,15 +41,14 @@ def write_config(model: ModelConfig) -> dict:
         raise base.refuse(where, "Qwen2-MoE needs a shared expert with a gate (model.moe_shared_expert_"
                                  "intermediate_size and model.moe_shared_expert_gate)")
     base.require_absent(model, where, shared=True, qkv_bias=True)
+    # head_dim is written as is: transformers' Qwen2-MoE attention and RoPE read it (hidden / heads only
+    # when absent), so a head_dim != hidden/heads imports and exports alike.
     out = base.common_write(model, where)
-    del out["head_dim"]  # Qwen2-MoE derives it from hidden_size / num_attention_heads
-    if model.kv_channels * model.num_attention_heads != model.hidden_size:
-        raise base.refuse(where, "Qwen2-MoE requires kv_channels x num_attention_heads == hidden_size")
     out.update(base.softmax_router_write(model, where))
     out.update(num_experts=model.num_moe_experts, moe_intermediate_size=model.moe_ffn_hidden_size,
-               intermediate_size=model.moe_ffn_hidden_size,
                shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
-               decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, use_sliding_window=False)
+               qkv_bias=True, use_sliding_window=False)
+    out.update(base.sparse_step_write(model))
     return out
 
 
@@ -55,5 +56,5 @@ FAMILY = base.Family(ARCHITECTURE, "qwen2_moe",
                      base.Naming(shared_expert="mlp.shared_expert",
                                  shared_expert_gate="mlp.shared_expert_gate.weight"),
                      read_config, write_config,
-                     "GQA with q/k/v bias, softmax top-k, gated shared expert",
+                     "GQA with q/k/v bias, softmax top-k, gated shared expert, mlp_only_layers",
                      tiny_config=TINY_CONFIG)

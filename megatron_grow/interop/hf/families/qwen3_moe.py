@@ -1,4 +1,5 @@
-"""Qwen3-MoE (``Qwen3MoeForCausalLM``): GQA, per-head QK RMSNorm, softmax router, no shared expert.
+"""Qwen3-MoE (``Qwen3MoeForCausalLM``): GQA, per-head QK RMSNorm, softmax router, no shared expert; dense
+layers (``mlp_only_layers``, ``decoder_sparse_step``) of width ``intermediate_size``.
 
 The closest open architecture to the paper's (which routes with a sigmoid and an expert bias).
 """
@@ -25,6 +26,7 @@ def read_config(hf: dict, where: str) -> dict:
     fields.update(num_moe_experts=base.num_experts(hf, where),
                   moe_ffn_hidden_size=int(base.get(hf, "moe_intermediate_size", where, required=True)),
                   qk_layernorm=True)
+    fields.update(base.sparse_step_read(hf, where))  # mlp_only_layers / decoder_sparse_step: dense layers
     return fields
 
 
@@ -37,11 +39,12 @@ def write_config(model: ModelConfig) -> dict:
     out = base.common_write(model, where)
     out.update(base.softmax_router_write(model, where))
     out.update(num_experts=model.num_moe_experts, moe_intermediate_size=model.moe_ffn_hidden_size,
-               intermediate_size=model.moe_ffn_hidden_size, decoder_sparse_step=1, mlp_only_layers=[],
                attention_bias=False, use_sliding_window=False)
+    out.update(base.sparse_step_write(model))
     return out
 
 
 FAMILY = base.Family(ARCHITECTURE, "qwen3_moe", base.Naming(), read_config, write_config,
-                     "GQA, per-head QK-norm, softmax top-k (norm_topk_prob either way), no shared expert",
+                     "GQA, per-head QK-norm, softmax top-k (norm_topk_prob either way), no shared expert, "
+                     "mlp_only_layers",
                      tiny_config=TINY_CONFIG)
