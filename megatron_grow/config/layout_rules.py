@@ -66,7 +66,7 @@ def model_layout_problems(model: ModelConfig, parallel: ParallelConfig) -> list[
     if model.num_attention_heads % tp:
         out.append(f"parallel.tensor_model_parallel_size ({tp}) must divide model.num_attention_heads "
                    f"({model.num_attention_heads})")
-    if model.num_query_groups % tp:
+    if model.num_query_groups % tp and not model.multi_latent_attention:
         out.append(f"parallel.tensor_model_parallel_size ({tp}) must divide model.num_query_groups "
                    f"({model.num_query_groups})")
     if model.num_moe_experts % ep:

@@ -122,6 +122,25 @@ class ModelConfig:
     rotary_base: int = spec(10000, "RoPE base", ge=1)
     rotary_percent: float = spec(1.0, "fraction of the head dimension rotated", gt=0.0, le=1.0)
     untie_embeddings_and_output_weights: bool = spec(True, "separate input embedding and output layer")
+    # Grouped routing (DeepSeek-V3's n_group/topk_group; MCore names).
+    moe_router_num_groups: int | None = spec(
+        None, "grouped routing: experts split into this many equal contiguous groups (DeepSeek-V3 n_group); null for "
+        "none", ge=1)
+    moe_router_group_topk: int | None = spec(
+        None, "grouped routing: groups a token may route into, ranked by the sum of their top "
+        "(moe_router_topk / moe_router_group_topk) scores (DeepSeek-V3 topk_group); null without groups", ge=1)
+    # Multi-latent attention (MCore MLATransformerConfig; DeepSeek-V2/V3). With it, num_query_groups and
+    # kv_channels are unused: the head sizes below replace them.
+    multi_latent_attention: bool = spec(
+        False, "multi-latent attention (MCore MLATransformerConfig, DeepSeek-V2/V3): low-rank query and joint "
+        "key/value projections; the fields q_lora_rank .. v_head_dim replace num_query_groups and kv_channels")
+    q_lora_rank: int | None = spec(None, "MLA: rank of the query down-projection; null projects queries directly "
+                                   "(DeepSeek-V2-Lite)", ge=1)
+    kv_lora_rank: int = spec(32, "MLA: rank of the joint key/value latent", ge=1)
+    qk_head_dim: int = spec(16, "MLA: per-head query/key width without position embedding", ge=1)
+    qk_pos_emb_head_dim: int = spec(8, "MLA: per-head query/key width that is rotated (RoPE); its key part is one "
+                                    "projection shared by all heads", ge=2)
+    v_head_dim: int = spec(16, "MLA: per-head value width", ge=1)
 
 
 @dataclass(frozen=True)

@@ -116,14 +116,25 @@ def _source_spec(storage, ckpt_dir: str) -> str:
     return keys.storage_spec(stored) or keys.LOCAL_SPEC
 
 
+def _attention_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The stored attention projections' shapes (``checkpoint.keys``), GQA or multi-latent."""
+    L, H, n = model.num_layers, model.hidden_size, model.num_attention_heads
+    if not model.multi_latent_attention:
+        q, kv = n * model.kv_channels, model.num_query_groups * model.kv_channels
+        return {keys.QKV: (L, q + 2 * kv, H), keys.PROJ: (L, H, q)}
+    qk = n * (model.qk_head_dim + model.qk_pos_emb_head_dim)
+    r_q, r_kv = model.q_lora_rank, model.kv_lora_rank
+    query = {keys.MLA_Q_DOWN: (L, r_q, H), keys.MLA_Q_UP: (L, qk, r_q)} if r_q else {keys.MLA_Q_PROJ: (L, qk, H)}
+    return {**query, keys.MLA_KV_DOWN: (L, r_kv + model.qk_pos_emb_head_dim, H),
+            keys.MLA_KV_UP: (L, n * (model.qk_head_dim + model.v_head_dim), r_kv),
+            keys.PROJ: (L, H, n * model.v_head_dim)}
+
+
 def _check_source_shapes(model: ModelConfig, storage, ckpt_dir: str) -> None:
     """The source architecture must agree with the stored tensors: name the tensor and both shapes."""
     L, E, H, F = model.num_layers, model.num_moe_experts, model.hidden_size, model.moe_ffn_hidden_size
-    q = model.num_attention_heads * model.kv_channels
-    kv = model.num_query_groups * model.kv_channels
     expected = {
-        keys.QKV: (L, q + 2 * kv, H),
-        keys.PROJ: (L, H, q),
+        **_attention_shapes(model),
         keys.ROUTER: (L, E, H),
         keys.EXPERT_FC1: (L, E, 2 * F if model.gated_linear_unit else F, H),
         keys.EXPERT_FC2: (L, E, H, F),

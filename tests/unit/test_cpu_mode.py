@@ -21,7 +21,7 @@ def cpu_mode():
 
 
 def test_every_adaptation_is_registered():
-    assert set(cpu.ADAPTATIONS) == {"current_device", "synchronize", "rng_tracker", "te_general_gemm",
+    assert set(cpu.ADAPTATIONS) == {"current_device", "synchronize", "rng_tracker", "te_general_gemm", "mla_te_flag",
                                     "cuda_pinned_modules", "gloo_collectives", "tensor_methods",
                                     "writer_results_queue", "torch_compile"}
 
