@@ -412,14 +412,23 @@ class WidthGrowthConfig(GrowthSection):
         return self.topk_factor if self.topk_factor is not None else self.factor
 
     def grown_model(self, model: ModelConfig) -> ModelConfig:
-        return dataclasses.replace(model, num_moe_experts=model.num_moe_experts * self.factor,
-                                   moe_router_topk=model.moe_router_topk * self.resolved_topk_factor)
+        grown = dataclasses.replace(model, num_moe_experts=model.num_moe_experts * self.factor,
+                                    moe_router_topk=model.moe_router_topk * self.resolved_topk_factor)
+        if model.moe_router_num_groups is None or self.expert_layout != ExpertLayout.APPEND:
+            return grown  # interleave: each copy joins its source's group; the groups grow m-fold
+        # append: copy c of group g is the contiguous group c*G + g; a token may route into the m copies
+        # of each group it routed into (docs/growth.md, grouped routing).
+        return dataclasses.replace(grown, moe_router_num_groups=model.moe_router_num_groups * self.factor,
+                                   moe_router_group_topk=model.moe_router_group_topk * self.factor)
 
     def problems(self, model: ModelConfig, prefix: str) -> list[str]:
         tf = self.resolved_topk_factor
         if model.moe_router_topk * tf > model.num_moe_experts * self.factor:
             return [f"{prefix}.topk_factor ({tf}): grown top-k {model.moe_router_topk * tf} "
                     f"exceeds grown experts {model.num_moe_experts * self.factor}"]
+        if model.moe_router_num_groups is not None and tf != self.factor:
+            return [f"{prefix}.topk_factor ({tf}) must equal {prefix}.factor ({self.factor}) with grouped routing "
+                    "(model.moe_router_num_groups): only then does every group keep its ranking"]
         return []
 
 
@@ -471,6 +480,9 @@ class UpcycleGrowthConfig(GrowthSection):
         E, out = model.num_moe_experts, []
         if self.num_experts <= E:
             out.append(f"{prefix}.num_experts ({self.num_experts}) must be > the experts it grows ({E})")
+        if model.moe_router_num_groups is not None:
+            out.append(f"{prefix}: expert upcycling of a grouped router (model.moe_router_num_groups="
+                       f"{model.moe_router_num_groups}) is not defined: uneven copies break the equal groups")
         if self.bias_noise > 0 and not model.moe_router_enable_expert_bias:
             out.append(f"{prefix}.bias_noise ({self.bias_noise}) needs model.moe_router_enable_expert_bias: true")
         if self.unselected_copies and not (model.moe_router_enable_expert_bias
