@@ -18,9 +18,13 @@ Megatron-LM argument                    ``ModelConfig`` field
 ``moe_ffn_hidden_size`` (None: ffn)     ``moe_ffn_hidden_size``
 ``padded_vocab_size``, ``vocab_size``   ``vocab_size`` + ``make_vocab_size_divisible_by``
 ``seq_length`` (None: max positions)    ``seq_length``
+``multi_latent_attention`` + ``q_lora_  the MLA fields of the same names; ``rope_type`` must be
+rank`` .. ``v_head_dim``                ``rope`` (YaRN is refused, as is a missing ``rope_type``)
+``moe_router_num_groups``/``_group_     the same names (grouped routing)
+topk``
 ======================================  =========================================================
 
-What the model cannot represent (multi-latent attention, dense layers mixed in through
+What the model cannot represent (dense layers mixed in through
 ``moe_layer_freq``, multi-token prediction, positions other than RoPE, biases, ...) is refused
 with one line naming the argument and its value, never replaced by a default.
 Implementation choices that do not change the weights (``moe_grouped_gemm``, the token
@@ -64,7 +68,6 @@ def _all_moe(value: Any) -> bool:
 UNSUPPORTED = (
     ("num_experts", lambda v: isinstance(v, int) and v > 0, "a dense model; megatron-grow grows MoE models"),
     ("moe_layer_freq", _all_moe, "dense layers mixed in between MoE layers (every layer must be MoE)"),
-    ("multi_latent_attention", _off, "multi-latent attention (MLA)"),
     ("mtp_num_layers", _off, "multi-token prediction layers"),
     ("position_embedding_type", lambda v: v == "rope", "position embeddings other than RoPE"),
     ("swiglu", lambda v: v is True, "non-gated (GeLU) experts; only SwiGLU experts are supported"),
@@ -87,7 +90,6 @@ UNSUPPORTED = (
     ("hybrid_layer_pattern", _off, "a hybrid (Mamba) layer pattern"),
     ("heterogeneous_layers_config_path", _off, "heterogeneous layers"),
     ("heterogeneous_layers_config_encoded_json", _off, "heterogeneous layers"),
-    ("moe_router_num_groups", _off, "group-limited routing"),
     ("moe_shared_expert_gate", _off, "a gated shared expert"),
     ("moe_latent_size", _off, "latent MoE projections"),
     ("moe_apply_probs_on_input", _off, "routing probabilities applied to the expert input"),
@@ -101,8 +103,26 @@ UNSUPPORTED = (
 MEGATRON_DEFAULTS = {"swiglu": False, "position_embedding_type": "learned_absolute"}
 
 
+MLA_ARGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+GROUPED_ROUTING_ARGS = ("moe_router_num_groups", "moe_router_group_topk")
+
+
+def _mla_refusals(values: dict, where: str) -> list[str]:
+    """MLA maps with plain RoPE only; Megatron-LM's MLA default (``rope_type`` unset) is MCore's YaRN."""
+    if not values.get("multi_latent_attention"):
+        return []
+    if values.get("rope_type") != "rope":
+        return [f"{where}: args.rope_type={values.get('rope_type')!r} with multi-latent attention is not supported; "
+                "only rope_type='rope' (plain RoPE) is"]
+    if values.get("mscale_all_dim") and (values.get("rotary_scaling_factor") or 1) > 1:
+        # MCore scales MLA's softmax by its YaRN mscale even with rope_type='rope'.
+        return [f"{where}: args.mscale_all_dim={values['mscale_all_dim']!r} with args.rotary_scaling_factor="
+                f"{values['rotary_scaling_factor']!r} (a scaled MLA softmax) is not supported"]
+    return []
+
+
 def _refusals(values: dict, where: str) -> list[str]:
-    out = []
+    out = _mla_refusals(values, where)
     for name, accepted, meaning in UNSUPPORTED:
         if name not in values and name not in MEGATRON_DEFAULTS:
             continue
@@ -161,7 +181,11 @@ def _picked_fields(values: dict, where: str) -> dict:
         if values.get(name) is not None:
             picked[name] = _single(values, name, where)
     picked.update(_vocabulary(values, where))
-    return {k: v for k, v in picked.items() if v is not None}
+    picked.update({name: values.get(name) for name in GROUPED_ROUTING_ARGS})
+    if values.get("multi_latent_attention"):
+        picked.update({name: values.get(name) for name in MLA_ARGS}, multi_latent_attention=True)
+        picked["num_query_groups"], picked["kv_channels"] = heads, values.get("v_head_dim")
+    return {k: v for k, v in picked.items() if v is not None or k == "q_lora_rank"}
 
 
 # ModelConfig field -> the Megatron-LM argument it came from (for error lines).
@@ -228,10 +252,13 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
         != model.num_attention_heads, num_query_groups=model.num_query_groups, kv_channels=model.kv_channels,
         num_experts=model.num_moe_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size, moe_layer_freq=1,
         swiglu=model.gated_linear_unit, add_bias_linear=model.add_bias_linear, add_qkv_bias=model.add_bias_linear,
-        multi_latent_attention=False, mtp_num_layers=None, norm_epsilon=model.layernorm_epsilon,
+        multi_latent_attention=model.multi_latent_attention, mtp_num_layers=None, norm_epsilon=model.layernorm_epsilon,
         max_position_embeddings=model.seq_length, add_position_embedding=True,
         vocab_size=model.vocab_size, padded_vocab_size=padded_vocab_size(model, tp),
     )
+    arch.update({name: getattr(model, name) for name in GROUPED_ROUTING_ARGS})
+    if model.multi_latent_attention:
+        arch.update({name: getattr(model, name) for name in MLA_ARGS}, rope_type="rope")
     arch.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff,
                 moe_router_load_balancing_type=model.moe_router_load_balancing_type,
                 make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, seq_length=model.seq_length,
