@@ -73,6 +73,13 @@ def test_model_parallel_seed_runs_on_cpu():
     assert set(states) >= {"model-parallel-rng", "expert-parallel-rng", "data-parallel-rng"}
 
 
+def test_mla_builds_without_te():
+    """Item 12: MCore's MLA module must not take the TE stand-ins for real TE classes."""
+    from megatron.core.transformer import multi_latent_attention
+
+    assert multi_latent_attention.HAVE_TE is False
+
+
 def test_te_general_gemm_defined_without_te():
     from megatron.core.transformer.moe import moe_utils
 
