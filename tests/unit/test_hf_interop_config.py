@@ -74,13 +74,8 @@ def test_deepseek_v3_maps_onto_mla_and_grouped_routing():
 def test_mla_and_grouped_models_export_only_where_they_map():
     ds = to_model("DeepseekV3ForCausalLM")
     assert family_for_model(ds)[0].architecture == "DeepseekV3ForCausalLM"
-    v2 = to_model("DeepseekV2ForCausalLM")  # softmax over all experts, top-k not renormalised, x 1.5
-    assert (v2.multi_latent_attention, v2.moe_router_score_function, v2.moe_router_pre_softmax,
-            v2.moe_router_topk_scaling_factor, v2.moe_router_num_groups, v2.moe_router_group_topk) == \
-        (True, "softmax", True, 1.5, 4, 2)
-    assert family_for_model(v2)[0].architecture == "DeepseekV2ForCausalLM"
     for arch in FAMILIES:  # a model each other class holds, plus MLA or groups: refused, not dropped
-        if arch not in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"):
+        if arch != "DeepseekV3ForCausalLM":
             own = to_model(arch)
             with pytest.raises(InteropError, match="multi_latent_attention"):
                 FAMILIES[arch].write_config(dataclasses.replace(own, multi_latent_attention=True))
@@ -114,10 +109,6 @@ def test_mla_and_grouped_models_export_only_where_they_map():
     ("DeepseekV3ForCausalLM", {"n_group": 4, "topk_group": 1}, "topk_group=1 with num_experts_per_tok=4"),
     ("DeepseekV3ForCausalLM", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                                    "original_max_position_embeddings": 64}}, "yarn"),
-    # transformers' V2 ranks groups by their best expert; MCore by its top k/topk_group = 2 here
-    ("DeepseekV2ForCausalLM", {"num_experts_per_tok": 4}, "topk_group=2 with num_experts_per_tok=4"),
-    ("DeepseekV2ForCausalLM", {"norm_topk_prob": True}, "norm_topk_prob=true"),
-    ("DeepseekV2ForCausalLM", {"first_k_dense_replace": 2}, "first_k_dense_replace=2"),
 ])
 def test_import_refuses_what_does_not_map(arch, overrides, needle):
     with pytest.raises(InteropError, match=needle):

@@ -18,7 +18,8 @@ How each part maps onto Megatron-Core (0.16.1):
 * not represented, refused in one line: multi-token-prediction layers (``num_nextn_predict_layers > 0``),
   dense first layers (``first_k_dense_replace > 0``, see :data:`DENSE_FIRST_LAYERS_REFUSAL`), attention biases.
 
-DeepSeek-V2 (``families/deepseek_v2.py``) shares :func:`mla_read`/:func:`mla_write`.
+DeepSeek-V2 (``DeepseekV2ForCausalLM``) is a different class (softmax router, ``topk_method`` greedy or
+group-limited by the group maximum) and is not covered here.
 """
 
 from __future__ import annotations
@@ -70,14 +71,17 @@ def _groups_read(hf: dict, topk: int, where: str) -> dict:
     return dict(moe_router_num_groups=groups, moe_router_group_topk=group_topk)
 
 
-def mla_read(hf: dict, where: str) -> dict:
-    """What DeepSeek-V2 and V3 share: the common fields, multi-latent attention, routed and shared experts,
-    ``routed_scaling_factor`` (as ``ModelConfig`` fields)."""
+def read_config(hf: dict, where: str) -> dict:
+    """DeepSeek-V3's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
+    _refuse_unmapped(hf, where)
+    topk = int(base.get(hf, "num_experts_per_tok", where, required=True))
+    if bool(hf.get("norm_topk_prob", True)) != (topk > 1):
+        raise base.refuse(where, f"norm_topk_prob={hf.get('norm_topk_prob')} with num_experts_per_tok={topk}: "
+                                 "Megatron-Core's sigmoid router renormalises exactly when k > 1")
     fields = base.common_read({**hf, "head_dim": None}, where)
     heads, moe_ffn = fields["num_attention_heads"], int(base.get(hf, "moe_intermediate_size", where, required=True))
     shared = int(hf.get("n_shared_experts") or 0) * moe_ffn
     q_lora = hf.get("q_lora_rank")
-    scaling = float(hf.get("routed_scaling_factor", 1.0) or 1.0)
     fields.update(
         multi_latent_attention=True, q_lora_rank=int(q_lora) if q_lora else None,
         kv_lora_rank=int(base.get(hf, "kv_lora_rank", where, required=True)),
@@ -87,20 +91,11 @@ def mla_read(hf: dict, where: str) -> dict:
         num_query_groups=heads, kv_channels=int(hf["v_head_dim"]), qk_layernorm=True,
         num_moe_experts=int(base.get(hf, "n_routed_experts", where, required=True)), moe_ffn_hidden_size=moe_ffn,
         moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=False,
-        moe_router_topk=int(base.get(hf, "num_experts_per_tok", where, required=True)),
-        moe_router_topk_scaling_factor=None if scaling == 1.0 else scaling)
-    return fields
-
-
-def read_config(hf: dict, where: str) -> dict:
-    """DeepSeek-V3's ``config.json`` as ``ModelConfig`` fields (``base.Family.read_config``: arguments, refusals)."""
-    _refuse_unmapped(hf, where)
-    topk = int(base.get(hf, "num_experts_per_tok", where, required=True))
-    if bool(hf.get("norm_topk_prob", True)) != (topk > 1):
-        raise base.refuse(where, f"norm_topk_prob={hf.get('norm_topk_prob')} with num_experts_per_tok={topk}: "
-                                 "Megatron-Core's sigmoid router renormalises exactly when k > 1")
-    fields = mla_read(hf, where)
-    fields.update(moe_router_score_function="sigmoid", moe_router_pre_softmax=False, moe_router_enable_expert_bias=True)
+        moe_router_topk=topk, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0) or 1.0))
+    if fields["moe_router_topk_scaling_factor"] == 1.0:
+        fields["moe_router_topk_scaling_factor"] = None
     fields.update(_groups_read(hf, topk, where))
     return fields
 
@@ -108,7 +103,7 @@ def read_config(hf: dict, where: str) -> dict:
 def _shared_experts_write(model: ModelConfig, where: str) -> int:
     shared = model.moe_shared_expert_intermediate_size or 0
     if shared % model.moe_ffn_hidden_size or model.moe_shared_expert_gate:
-        raise base.refuse(where, f"{where}'s shared experts are n_shared_experts ungated experts of "
+        raise base.refuse(where, "DeepseekV3's shared experts are n_shared_experts ungated experts of "
                                  "moe_intermediate_size: model.moe_shared_expert_intermediate_size must be a multiple "
                                  "of model.moe_ffn_hidden_size and model.moe_shared_expert_gate false")
     return shared // model.moe_ffn_hidden_size
@@ -125,34 +120,28 @@ def _groups_write(model: ModelConfig, where: str) -> dict:
     return dict(n_group=groups, topk_group=group_topk)
 
 
-def mla_write(model: ModelConfig, where: str) -> dict:
-    """The inverse of :func:`mla_read` (``where``: the class, named in refusals)."""
-    if not model.multi_latent_attention:
-        raise base.refuse(where, f"{where} has multi-latent attention; model.multi_latent_attention is false")
-    if not model.qk_layernorm:
-        raise base.refuse(where, f"model.qk_layernorm=false: {where} always normalises its latents")
-    base.require_absent(model, where, shared=True, mla=True, grouped=True)
-    out = base.common_write(model, where)
-    del out["head_dim"]  # transformers sets it to qk_rope_head_dim itself
-    out.update(num_key_value_heads=model.num_attention_heads, q_lora_rank=model.q_lora_rank,
-               kv_lora_rank=model.kv_lora_rank, qk_nope_head_dim=model.qk_head_dim,
-               qk_rope_head_dim=model.qk_pos_emb_head_dim, v_head_dim=model.v_head_dim,
-               n_routed_experts=model.num_moe_experts, num_experts_per_tok=model.moe_router_topk,
-               moe_intermediate_size=model.moe_ffn_hidden_size, intermediate_size=model.moe_ffn_hidden_size,
-               n_shared_experts=_shared_experts_write(model, where), first_k_dense_replace=0,
-               routed_scaling_factor=float(model.moe_router_topk_scaling_factor or 1.0), attention_bias=False)
-    return out
-
-
 def write_config(model: ModelConfig) -> dict:
     """``model`` as DeepSeek-V3 config fields (``base.Family.write_config``: arguments, refusals)."""
     where = ARCHITECTURE
+    if not model.multi_latent_attention:
+        raise base.refuse(where, "DeepseekV3 has multi-latent attention; model.multi_latent_attention is false")
     if model.moe_router_score_function != "sigmoid" or not model.moe_router_enable_expert_bias:
         raise base.refuse(where, "DeepseekV3's router is a sigmoid router with an expert bias "
                                  "(model.moe_router_score_function, model.moe_router_enable_expert_bias)")
-    out = mla_write(model, where)
-    out.update(rope_interleave=True, norm_topk_prob=model.moe_router_topk > 1, num_nextn_predict_layers=0,
-               **_groups_write(model, where))
+    if not model.qk_layernorm:
+        raise base.refuse(where, "model.qk_layernorm=false: DeepseekV3 always normalises its latents")
+    base.require_absent(model, where, shared=True, mla=True, grouped=True)
+    out = base.common_write(model, where)
+    del out["head_dim"]  # transformers sets it to qk_rope_head_dim itself
+    n_shared = _shared_experts_write(model, where)
+    out.update(num_key_value_heads=model.num_attention_heads, q_lora_rank=model.q_lora_rank,
+               kv_lora_rank=model.kv_lora_rank, qk_nope_head_dim=model.qk_head_dim,
+               qk_rope_head_dim=model.qk_pos_emb_head_dim, v_head_dim=model.v_head_dim, rope_interleave=True,
+               n_routed_experts=model.num_moe_experts, num_experts_per_tok=model.moe_router_topk,
+               moe_intermediate_size=model.moe_ffn_hidden_size, intermediate_size=model.moe_ffn_hidden_size,
+               n_shared_experts=n_shared, first_k_dense_replace=0, norm_topk_prob=model.moe_router_topk > 1,
+               routed_scaling_factor=float(model.moe_router_topk_scaling_factor or 1.0), attention_bias=False,
+               num_nextn_predict_layers=0, **_groups_write(model, where))
     return out
 
 
