@@ -59,6 +59,21 @@ SHARED_FC1 = LAYER_PREFIX + "mlp.shared_experts." + FC1_NAME
 SHARED_FC2 = LAYER_PREFIX + "mlp.shared_experts." + FC2_NAME
 SHARED_GATE = LAYER_PREFIX + "mlp.shared_experts.gate_weight"
 
+# Multi-latent attention (``model.multi_latent_attention``; MCore's local MLA spec, ``MLASelfAttention``)
+# replaces QKV, QKV_BIAS, Q_NORM, K_NORM and INPUT_NORM. Shapes (n heads, r_q/r_kv latent ranks,
+# d_n/d_r/d_v head widths): Q_DOWN ``[L, r_q, H]``, Q_UP ``[L, n (d_n + d_r), r_q]`` (Q_PROJ ``[L, n (d_n + d_r),
+# H]`` without r_q), KV_DOWN ``[L, r_kv + d_r, H]`` (latent rows, then the shared RoPE key rows), KV_UP
+# ``[L, n (d_n + d_v), r_kv]`` (per head: key rows, then value rows), PROJ ``[L, H, n d_v]``, Q_LATENT_NORM
+# ``[L, r_q]``, KV_LATENT_NORM ``[L, r_kv]``. The MLA spec keeps its input norm under its module name.
+MLA_Q_DOWN = LAYER_PREFIX + "self_attention.linear_q_down_proj.weight"
+MLA_Q_UP = LAYER_PREFIX + "self_attention.linear_q_up_proj.weight"
+MLA_Q_PROJ = LAYER_PREFIX + "self_attention.linear_q_proj.weight"
+MLA_KV_DOWN = LAYER_PREFIX + "self_attention.linear_kv_down_proj.weight"
+MLA_KV_UP = LAYER_PREFIX + "self_attention.linear_kv_up_proj.weight"
+MLA_Q_LATENT_NORM = LAYER_PREFIX + "self_attention.q_layernorm.weight"
+MLA_KV_LATENT_NORM = LAYER_PREFIX + "self_attention.kv_layernorm.weight"
+MLA_INPUT_NORM = LAYER_PREFIX + "input_layernorm.weight"
+
 # Module keys; also the storage keys of a mixed dense/MoE stack: for any ``moe_layer_freq`` but the int 1,
 # MCore's ``TransformerBlock.sharded_state_dict`` stores each layer under ``decoder.layers.<global layer>.``
 # with no stacked layer axis (routed experts keep their prepended expert axis).

@@ -23,10 +23,14 @@ list expression ``([0]*1+[1]*3)``)
 ``ffn_hidden_size``                     ``ffn_hidden_size`` of the dense layers (when any)
 ``moe_shared_expert_intermediate_size``  ``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``
 and ``moe_shared_expert_gate``          (``moe_shared_expert_overlap`` is a schedule choice: not carried)
+``multi_latent_attention`` + ``q_lora_  the MLA fields of the same names; ``rope_type`` must be
+rank`` .. ``v_head_dim``                ``rope`` (YaRN is refused, as is a missing ``rope_type``)
+``moe_router_num_groups``/``_group_     the same names (grouped routing)
+topk``
 ======================================  =========================================================
 
-What the model cannot represent (multi-latent attention, multi-token prediction, positions
-other than RoPE, biases, ...) is refused with one line naming the argument and its value, never replaced by a default.
+What the model cannot represent (multi-token prediction, positions other than RoPE, biases, ...)
+is refused with one line naming the argument and its value, never replaced by a default.
 Implementation choices that do not change the weights (``moe_grouped_gemm``, the token
 dispatcher, fusions) are not carried: this run picks its own.
 """
@@ -95,7 +99,6 @@ def _list_expression(node: ast.AST) -> Any:
 # unless ``required`` below says otherwise.
 UNSUPPORTED = (
     ("num_experts", lambda v: isinstance(v, int) and v > 0, "a dense model; megatron-grow grows MoE models"),
-    ("multi_latent_attention", _off, "multi-latent attention (MLA)"),
     ("mtp_num_layers", _off, "multi-token prediction layers"),
     ("position_embedding_type", lambda v: v == "rope", "position embeddings other than RoPE"),
     ("swiglu", lambda v: v is True, "non-gated (GeLU) experts; only SwiGLU experts are supported"),
@@ -118,7 +121,6 @@ UNSUPPORTED = (
     ("hybrid_layer_pattern", _off, "a hybrid (Mamba) layer pattern"),
     ("heterogeneous_layers_config_path", _off, "heterogeneous layers"),
     ("heterogeneous_layers_config_encoded_json", _off, "heterogeneous layers"),
-    ("moe_router_num_groups", _off, "group-limited routing"),
     ("moe_latent_size", _off, "latent MoE projections"),
     ("moe_apply_probs_on_input", _off, "routing probabilities applied to the expert input"),
     ("glu_linear_offset", _off, "an offset inside the GLU"),
@@ -131,8 +133,26 @@ UNSUPPORTED = (
 MEGATRON_DEFAULTS = {"swiglu": False, "position_embedding_type": "learned_absolute"}
 
 
+MLA_ARGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+GROUPED_ROUTING_ARGS = ("moe_router_num_groups", "moe_router_group_topk")
+
+
+def _mla_refusals(values: dict, where: str) -> list[str]:
+    """MLA maps with plain RoPE only; Megatron-LM's MLA default (``rope_type`` unset) is MCore's YaRN."""
+    if not values.get("multi_latent_attention"):
+        return []
+    if values.get("rope_type") != "rope":
+        return [f"{where}: args.rope_type={values.get('rope_type')!r} with multi-latent attention is not supported; "
+                "only rope_type='rope' (plain RoPE) is"]
+    if values.get("mscale_all_dim") and (values.get("rotary_scaling_factor") or 1) > 1:
+        # MCore scales MLA's softmax by its YaRN mscale even with rope_type='rope'.
+        return [f"{where}: args.mscale_all_dim={values['mscale_all_dim']!r} with args.rotary_scaling_factor="
+                f"{values['rotary_scaling_factor']!r} (a scaled MLA softmax) is not supported"]
+    return []
+
+
 def _refusals(values: dict, where: str) -> list[str]:
-    out = []
+    out = _mla_refusals(values, where)
     for name, accepted, meaning in UNSUPPORTED:
         if name not in values and name not in MEGATRON_DEFAULTS:
             continue
@@ -199,7 +219,11 @@ def _picked_fields(values: dict, where: str) -> dict:
         if values.get(name) is not None:
             picked[name] = _single(values, name, where)
     picked.update(_vocabulary(values, where))
-    return {k: v for k, v in picked.items() if v is not None}
+    picked.update({name: values.get(name) for name in GROUPED_ROUTING_ARGS})
+    if values.get("multi_latent_attention"):
+        picked.update({name: values.get(name) for name in MLA_ARGS}, multi_latent_attention=True)
+        picked["num_query_groups"], picked["kv_channels"] = heads, values.get("v_head_dim")
+    return {k: v for k, v in picked.items() if v is not None or k == "q_lora_rank"}
 
 
 # ModelConfig field -> the Megatron-LM argument it came from (for error lines).
@@ -269,10 +293,13 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
         moe_layer_freq=list(freq) if isinstance(freq, tuple) else freq,
         moe_shared_expert_gate=model.moe_shared_expert_gate,
         swiglu=model.gated_linear_unit, add_bias_linear=model.add_bias_linear, add_qkv_bias=model.add_bias_linear,
-        multi_latent_attention=False, mtp_num_layers=None, norm_epsilon=model.layernorm_epsilon,
+        multi_latent_attention=model.multi_latent_attention, mtp_num_layers=None, norm_epsilon=model.layernorm_epsilon,
         max_position_embeddings=model.seq_length, add_position_embedding=True,
         vocab_size=model.vocab_size, padded_vocab_size=padded_vocab_size(model, tp),
     )
+    arch.update({name: getattr(model, name) for name in GROUPED_ROUTING_ARGS})
+    if model.multi_latent_attention:
+        arch.update({name: getattr(model, name) for name in MLA_ARGS}, rope_type="rope")
     arch.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff,
                 moe_router_load_balancing_type=model.moe_router_load_balancing_type,
                 make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, seq_length=model.seq_length,

@@ -27,15 +27,51 @@ def layout_problems(recipe: Recipe, parallel: ParallelConfig | None = None) -> l
 
 def _model_problems(m: ModelConfig) -> list[str]:
     out = []
-    if m.num_attention_heads % m.num_query_groups:
+    if not m.multi_latent_attention and m.num_attention_heads % m.num_query_groups:
         out.append(f"model.num_query_groups ({m.num_query_groups}) must divide model.num_attention_heads "
                    f"({m.num_attention_heads})")
     if m.moe_router_topk > m.num_moe_experts:
         out.append(f"model.moe_router_topk ({m.moe_router_topk}) must be <= model.num_moe_experts "
                    f"({m.num_moe_experts})")
-    if m.kv_channels % 2:
+    if not m.multi_latent_attention and m.kv_channels % 2:
         out.append(f"model.kv_channels ({m.kv_channels}) must be even for RoPE")
-    return out + moe_layer_problems(m)
+    return out + moe_layer_problems(m) + _mla_problems(m) + grouped_routing_problems(m)
+
+
+def _mla_problems(m: ModelConfig) -> list[str]:
+    if not m.multi_latent_attention:
+        return []
+    out = []
+    if m.qk_pos_emb_head_dim % 2:
+        out.append(f"model.qk_pos_emb_head_dim ({m.qk_pos_emb_head_dim}) must be even for RoPE")
+    for name in ("add_qkv_bias", "qk_layernorm_across_heads"):
+        if getattr(m, name):
+            out.append(f"model.{name}=true has no multi-latent-attention counterpart (model.multi_latent_attention)")
+    if m.rotary_percent != 1.0:
+        out.append(f"model.rotary_percent ({m.rotary_percent}) must be 1 with model.multi_latent_attention: "
+                   "qk_pos_emb_head_dim is the rotated part")
+    return out
+
+
+def grouped_routing_problems(m: ModelConfig) -> list[str]:
+    """What Megatron-Core's group-limited top-k (``moe_utils.group_limited_topk``) needs of the model."""
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        return ["model.moe_router_num_groups and model.moe_router_group_topk must be set together (or both null)"]
+    if groups is None:
+        return []
+    if m.num_moe_experts % groups:
+        return [f"model.moe_router_num_groups ({groups}) must divide model.num_moe_experts ({m.num_moe_experts})"]
+    out = []
+    if group_topk > groups:
+        out.append(f"model.moe_router_group_topk ({group_topk}) must be <= model.moe_router_num_groups ({groups})")
+    if m.moe_router_topk % group_topk:
+        out.append(f"model.moe_router_group_topk ({group_topk}) must divide model.moe_router_topk "
+                   f"({m.moe_router_topk}): each group is scored by its top topk/group_topk experts")
+    elif m.moe_router_topk // group_topk > m.num_moe_experts // groups:
+        out.append(f"model.moe_router_topk / model.moe_router_group_topk ({m.moe_router_topk // group_topk}) must "
+                   f"be <= the experts per group ({m.num_moe_experts // groups})")
+    return out
 
 
 # grouped_mm needs 16-byte aligned strides: 8 bf16 (or 4 fp32) elements; 8 covers both.

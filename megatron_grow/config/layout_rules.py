@@ -55,6 +55,18 @@ def sequence_parallel_enabled(parallel: ParallelConfig) -> bool:
     return parallel.sequence_parallel
 
 
+def _mla_layout_problems(model: ModelConfig, tp: int) -> list[str]:
+    """MCore's local MLA shards the outputs of its latent down-projections over TP (column-parallel)."""
+    out = []
+    widths = (("model.q_lora_rank", model.q_lora_rank),
+              ("model.kv_lora_rank + model.qk_pos_emb_head_dim", model.kv_lora_rank + model.qk_pos_emb_head_dim))
+    for name, width in widths:
+        if width and width % tp:
+            out.append(f"parallel.tensor_model_parallel_size ({tp}) must divide {name} ({width}) with "
+                       "multi-latent attention")
+    return out
+
+
 def model_layout_problems(model: ModelConfig, parallel: ParallelConfig) -> list[str]:
     """Problems that do not depend on the world size."""
     tp = parallel.tensor_model_parallel_size
@@ -66,9 +78,11 @@ def model_layout_problems(model: ModelConfig, parallel: ParallelConfig) -> list[
     if model.num_attention_heads % tp:
         out.append(f"parallel.tensor_model_parallel_size ({tp}) must divide model.num_attention_heads "
                    f"({model.num_attention_heads})")
-    if model.num_query_groups % tp:
+    if model.num_query_groups % tp and not model.multi_latent_attention:
         out.append(f"parallel.tensor_model_parallel_size ({tp}) must divide model.num_query_groups "
                    f"({model.num_query_groups})")
+    if model.multi_latent_attention:
+        out.extend(_mla_layout_problems(model, tp))
     if model.num_moe_experts % ep:
         out.append(f"parallel.expert_model_parallel_size ({ep}) must divide model.num_moe_experts "
                    f"({model.num_moe_experts})")

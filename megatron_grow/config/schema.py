@@ -128,6 +128,25 @@ class ModelConfig:
     rotary_base: int = spec(10000, "RoPE base", ge=1)
     rotary_percent: float = spec(1.0, "fraction of the head dimension rotated", gt=0.0, le=1.0)
     untie_embeddings_and_output_weights: bool = spec(True, "separate input embedding and output layer")
+    # Grouped routing (DeepSeek-V3's n_group/topk_group; MCore names).
+    moe_router_num_groups: int | None = spec(
+        None, "grouped routing: experts split into this many equal contiguous groups (DeepSeek-V3 n_group); null for "
+        "none", ge=1)
+    moe_router_group_topk: int | None = spec(
+        None, "grouped routing: groups a token may route into, ranked by the sum of their top "
+        "(moe_router_topk / moe_router_group_topk) scores (DeepSeek-V3 topk_group); null without groups", ge=1)
+    # Multi-latent attention (MCore MLATransformerConfig; DeepSeek-V2/V3). With it, num_query_groups and
+    # kv_channels are unused: the head sizes below replace them.
+    multi_latent_attention: bool = spec(
+        False, "multi-latent attention (MCore MLATransformerConfig, DeepSeek-V2/V3): low-rank query and joint "
+        "key/value projections; the fields q_lora_rank .. v_head_dim replace num_query_groups and kv_channels")
+    q_lora_rank: int | None = spec(None, "MLA: rank of the query down-projection; null projects queries directly "
+                                   "(DeepSeek-V2-Lite)", ge=1)
+    kv_lora_rank: int = spec(32, "MLA: rank of the joint key/value latent", ge=1)
+    qk_head_dim: int = spec(16, "MLA: per-head query/key width without position embedding", ge=1)
+    qk_pos_emb_head_dim: int = spec(8, "MLA: per-head query/key width that is rotated (RoPE); its key part is one "
+                                    "projection shared by all heads", ge=2)
+    v_head_dim: int = spec(16, "MLA: per-head value width", ge=1)
 
 
 def moe_layer_pattern(model: ModelConfig) -> tuple[int, ...]:
@@ -466,14 +485,23 @@ class WidthGrowthConfig(GrowthSection):
         return self.topk_factor if self.topk_factor is not None else self.factor
 
     def grown_model(self, model: ModelConfig) -> ModelConfig:
-        return dataclasses.replace(model, num_moe_experts=model.num_moe_experts * self.factor,
-                                   moe_router_topk=model.moe_router_topk * self.resolved_topk_factor)
+        grown = dataclasses.replace(model, num_moe_experts=model.num_moe_experts * self.factor,
+                                    moe_router_topk=model.moe_router_topk * self.resolved_topk_factor)
+        if model.moe_router_num_groups is None or self.expert_layout != ExpertLayout.APPEND:
+            return grown  # interleave: each copy joins its source's group; the groups grow m-fold
+        # append: copy c of group g is the contiguous group c*G + g; a token may route into the m copies
+        # of each group it routed into (docs/growth.md, grouped routing).
+        return dataclasses.replace(grown, moe_router_num_groups=model.moe_router_num_groups * self.factor,
+                                   moe_router_group_topk=model.moe_router_group_topk * self.factor)
 
     def problems(self, model: ModelConfig, prefix: str) -> list[str]:
         tf = self.resolved_topk_factor
         if model.moe_router_topk * tf > model.num_moe_experts * self.factor:
             return [f"{prefix}.topk_factor ({tf}): grown top-k {model.moe_router_topk * tf} "
                     f"exceeds grown experts {model.num_moe_experts * self.factor}"]
+        if model.moe_router_num_groups is not None and tf != self.factor:
+            return [f"{prefix}.topk_factor ({tf}) must equal {prefix}.factor ({self.factor}) with grouped routing "
+                    "(model.moe_router_num_groups): only then does every group keep its ranking"]
         return []
 
 
@@ -528,6 +556,9 @@ class UpcycleGrowthConfig(GrowthSection):
                        f"{_freq_words(model.moe_layer_freq)}); upcycle grows all-MoE stacks only: use growth.width")
         if self.num_experts <= E:
             out.append(f"{prefix}.num_experts ({self.num_experts}) must be > the experts it grows ({E})")
+        if model.moe_router_num_groups is not None:
+            out.append(f"{prefix}: expert upcycling of a grouped router (model.moe_router_num_groups="
+                       f"{model.moe_router_num_groups}) is not defined: uneven copies break the equal groups")
         if self.bias_noise > 0 and not model.moe_router_enable_expert_bias:
             out.append(f"{prefix}.bias_noise ({self.bias_noise}) needs model.moe_router_enable_expert_bias: true")
         if self.unselected_copies and not (model.moe_router_enable_expert_bias

@@ -116,18 +116,35 @@ def _source_spec(storage, ckpt_dir: str) -> str:
     return keys.storage_spec(stored) or keys.LOCAL_SPEC
 
 
+def _attention_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """One layer's stored attention projections' shapes (``checkpoint.keys`` suffixes), GQA or multi-latent."""
+    H, n = model.hidden_size, model.num_attention_heads
+    if not model.multi_latent_attention:
+        q, kv = n * model.kv_channels, model.num_query_groups * model.kv_channels
+        return {keys.QKV_SUFFIX: (q + 2 * kv, H), keys.PROJ_SUFFIX: (H, q)}
+    qk = n * (model.qk_head_dim + model.qk_pos_emb_head_dim)
+    r_q, r_kv = model.q_lora_rank, model.kv_lora_rank
+
+    def suffix(key: str) -> str:
+        return key[len(keys.LAYER_PREFIX):]
+
+    query = ({suffix(keys.MLA_Q_DOWN): (r_q, H), suffix(keys.MLA_Q_UP): (qk, r_q)} if r_q
+             else {suffix(keys.MLA_Q_PROJ): (qk, H)})
+    return {**query, suffix(keys.MLA_KV_DOWN): (r_kv + model.qk_pos_emb_head_dim, H),
+            suffix(keys.MLA_KV_UP): (n * (model.qk_head_dim + model.v_head_dim), r_kv),
+            keys.PROJ_SUFFIX: (H, n * model.v_head_dim)}
+
+
 def _expected_layer_shapes(model: ModelConfig) -> dict[str, tuple]:
     """Storage key -> global shape of the main per-layer tensors: stacked over layers for an all-MoE
     stack, one key per layer for a mixed one (``keys.per_layer_storage_key``)."""
     E, H, F = model.num_moe_experts, model.hidden_size, model.moe_ffn_hidden_size
-    q = model.num_attention_heads * model.kv_channels
-    kv = model.num_query_groups * model.kv_channels
     glu = 2 if model.gated_linear_unit else 1
     Fd = model.ffn_hidden_size or F
     moe = {keys.ROUTER_SUFFIX: (E, H), keys.EXPERT_FC1_SUFFIX: (E, glu * F, H), keys.EXPERT_FC2_SUFFIX: (E, H, F)}
     if model.moe_router_enable_expert_bias:
         moe[keys.EXPERT_BIAS_SUFFIX] = (E,)
-    attention = {keys.QKV_SUFFIX: (q + 2 * kv, H), keys.PROJ_SUFFIX: (H, q)}
+    attention = _attention_shapes(model)
     if not is_mixed_stack(model):
         return {keys.LAYER_PREFIX + k: (model.num_layers,) + v for k, v in (attention | moe).items()}
     dense = {keys.DENSE_FC1_SUFFIX: (glu * Fd, H), keys.DENSE_FC2_SUFFIX: (H, Fd)}

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_grow.config.layout_rules import expert_tensor_parallel_size, sequence_parallel_enabled
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
@@ -23,6 +23,24 @@ NON_TRANSFORMER_FIELDS = {
     "qk_layernorm_across_heads",  # a choice of norm module (models.specs), not a TransformerConfig field
     "moe_layer_freq", "ffn_hidden_size",  # passed below: list form, and the dense width's default
 }
+# MLATransformerConfig fields: passed only when model.multi_latent_attention is on.
+MLA_FIELDS = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"}
+
+
+def _attention_config(model: ModelConfig) -> tuple[type, dict]:
+    """The config class and the attention fields: MLA's own RoPE lives in its config (MLA does not use
+    GPTModel's rotary embedding), plain RoPE only (``rope_type="rope"``; YaRN is not offered). The scaling
+    factor 1 keeps MLA's softmax scale at 1/sqrt(qk_head_dim + qk_pos_emb_head_dim). The recipe's
+    num_query_groups and kv_channels do not apply to MLA and are replaced."""
+    if not model.multi_latent_attention:
+        return TransformerConfig, {}
+    fields = {name: getattr(model, name) for name in MLA_FIELDS}
+    fields.update(rope_type="rope", rotary_base=model.rotary_base, rotary_percent=model.rotary_percent,
+                  rotary_scaling_factor=1.0,
+                  # Every head has its own keys and values; the local core attention sizes its output by
+                  # kv_channels heads (models.specs.LatentDotProductAttention).
+                  num_query_groups=model.num_attention_heads, kv_channels=model.v_head_dim)
+    return MLATransformerConfig, fields
 
 
 def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
@@ -45,12 +63,14 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig | None = 
     """Map the recipe's model and parallel sections onto MCore's ``TransformerConfig``."""
     parallel = parallel or ParallelConfig()
     passthrough = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                   if f.name not in NON_TRANSFORMER_FIELDS}
+                   if f.name not in NON_TRANSFORMER_FIELDS | MLA_FIELDS}
+    config_class, attention = _attention_config(model)
+    passthrough.update(attention)
     if passthrough["moe_router_load_balancing_type"] == "none":
         passthrough["moe_router_load_balancing_type"] = "none"
         passthrough["moe_aux_loss_coeff"] = 0.0
     bf16 = params_dtype == torch.bfloat16
-    return TransformerConfig(
+    return config_class(
         **passthrough,
         ffn_hidden_size=model.ffn_hidden_size or model.moe_ffn_hidden_size,
         # MCore reads a pattern only as a list (get_gpt_decoder_layer_specs); 1: every layer MoE.

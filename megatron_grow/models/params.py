@@ -19,6 +19,15 @@ d = kv_channels, E = experts, F = expert FFN, S = shared-expert FFN, V = padded 
     dense MLP                             H x 2D + D x H        (D = ffn_hidden_size)
   plus final_layernorm H, input embedding V x H and an untied output layer V x H.
 
+With multi-latent attention (n heads, r_q = q_lora_rank, r_kv = kv_lora_rank, d_n = qk_head_dim,
+d_r = qk_pos_emb_head_dim, d_v = v_head_dim), linear_qkv and the q/k norms are replaced by::
+
+    linear_q_down_proj, linear_q_up_proj  H x r_q + r_q x n (d_n + d_r)   (H x n (d_n + d_r) without r_q)
+    linear_kv_down_proj                   H x (r_kv + d_r)
+    linear_kv_up_proj                     r_kv x n (d_n + d_v)
+    linear_proj                           n d_v x H
+    q_layernorm, kv_layernorm             r_q + r_kv (only with qk_layernorm; no q norm without r_q)
+
 Activated parameters follow the paper (docs/paper.md §4, Switch-Transformer convention):
 every non-expert parameter plus the top-k routed experts of each layer. The paper's
 headline numbers (17B -> "2.1B activated") **include both the input embedding and the
@@ -88,6 +97,16 @@ class ParamCounts:
         return dataclasses.asdict(self)
 
 
+def mla_attention_params(model: ModelConfig) -> tuple[int, int]:
+    """(projection weights, latent norm weights) of one multi-latent attention block (module docstring)."""
+    h, n, r_q, r_kv = model.hidden_size, model.num_attention_heads, model.q_lora_rank, model.kv_lora_rank
+    qk = n * (model.qk_head_dim + model.qk_pos_emb_head_dim)
+    query = h * r_q + r_q * qk if r_q else h * qk
+    key_value = h * (r_kv + model.qk_pos_emb_head_dim) + r_kv * n * (model.qk_head_dim + model.v_head_dim)
+    norms = (r_q or 0) + r_kv if model.qk_layernorm else 0
+    return query + key_value + n * model.v_head_dim * h, norms
+
+
 def layer_params(model: ModelConfig, moe: bool = True) -> LayerParams:
     """Closed-form parameter count of one decoder layer (see the module docstring); ``moe=False``: a
     dense layer of a mixed stack (its MLP ``ffn_hidden_size`` wide, no router and no experts)."""
@@ -107,13 +126,17 @@ def layer_params(model: ModelConfig, moe: bool = True) -> LayerParams:
     # OLMoE-style QK-norm spans all query (key) heads; the per-head one is one head wide.
     qk_norm_width = (q + kv // 2) if model.qk_layernorm_across_heads else 2 * d
     expert = mlp(model.moe_ffn_hidden_size)
+    qk_norms = norm * qk_norm_width if model.qk_layernorm else 0
+    if model.multi_latent_attention:
+        attention, qk_norms = mla_attention_params(model)
+        qk_norms *= norm
     if not moe:
-        return LayerParams(norms=2 * norm * h, qk_norms=norm * qk_norm_width if model.qk_layernorm else 0,
-                           attention=attention, router=0, experts=0, expert_single=0, shared_expert=0,
+        return LayerParams(norms=2 * norm * h, qk_norms=qk_norms, attention=attention, router=0, experts=0,
+                           expert_single=0, shared_expert=0,
                            dense_mlp=mlp(model.ffn_hidden_size or model.moe_ffn_hidden_size))
     return LayerParams(
         norms=2 * norm * h,
-        qk_norms=norm * qk_norm_width if model.qk_layernorm else 0,
+        qk_norms=qk_norms,
         attention=attention,
         router=model.num_moe_experts * (h + bias),
         experts=model.num_moe_experts * expert,
@@ -230,10 +253,21 @@ def activation_elements_per_token(model: ModelConfig) -> float:
     f, k = model.moe_ffn_hidden_size, model.moe_router_topk
     glu = 2 if model.gated_linear_unit else 1
     attention = 2 * h + (q + 2 * g) + (q + g) + q
+    if model.multi_latent_attention:
+        attention = 2 * h + _mla_activation_elements(model)
     moe = 2 * h + 4 * model.num_moe_experts + k * (2 * h + (glu + 1) * f)
     s = model.moe_shared_expert_intermediate_size or 0
     shared = (glu + 1) * s + h if s else 0
     return attention + moe + shared
+
+
+def _mla_activation_elements(model: ModelConfig) -> int:
+    """Multi-latent attention keeps its latents (r_q, r_kv + d_r, before and after their norms), the
+    up-projected queries and keys/values (n (d_n + d_r), n (d_n + d_v)), the assembled keys
+    (n (d_n + d_r)) and the attention output (n d_v)."""
+    n, dn, dr, dv = model.num_attention_heads, model.qk_head_dim, model.qk_pos_emb_head_dim, model.v_head_dim
+    latents = 2 * ((model.q_lora_rank or 0) + model.kv_lora_rank) + dr
+    return latents + n * (dn + dr) + n * (dn + dv) + n * (dn + dr) + n * dv
 
 
 def memory_per_gpu(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig,
@@ -339,4 +373,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["LayerParams", "ParamCounts", "MemoryEstimate", "layer_params", "count_params",
-           "count_params_meta", "activation_elements_per_token", "memory_per_gpu", "GIB"]
+           "count_params_meta", "activation_elements_per_token", "memory_per_gpu", "GIB", "mla_attention_params"]

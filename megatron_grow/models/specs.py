@@ -19,6 +19,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -146,6 +148,7 @@ def local_layer_spec(config: TransformerConfig, expert_backend: str = "sequentia
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm,
+        multi_latent_attention=config.multi_latent_attention,
         normalization=config.normalization,
     )
     return _with_our_modules(spec, config, expert_backend, qk_norm_across_heads)
@@ -157,12 +160,45 @@ def _with_our_modules(spec: ModuleSpec, config: TransformerConfig, expert_backen
     spec.submodules.input_layernorm = SequenceParallelNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
     attn = spec.submodules.self_attention.submodules
-    if config.qk_layernorm:
+    if config.multi_latent_attention:
+        _use_local_mla_modules(spec)
+    elif config.qk_layernorm:
         attn.q_layernorm = AllHeadsQueryNorm if qk_norm_across_heads else SequenceParallelNorm
         attn.k_layernorm = AllHeadsKeyNorm if qk_norm_across_heads else SequenceParallelNorm
     if expert_backend == "grouped_mm" and spec.submodules.mlp.module is MoELayer:
         _use_grouped_mm_experts(spec)
     return spec
+
+
+class LatentDotProductAttention(DotProductAttention):
+    """MCore's local core attention, for multi-latent attention.
+
+    MCore 0.16.1's MLA builds its core attention with ``k_channels``/``v_channels`` (query/key heads
+    ``qk_head_dim + qk_pos_emb_head_dim`` wide, value heads ``v_head_dim``), which only TE's attention
+    accepts. The local attention already takes the query/key width from its inputs and sizes its output
+    by ``kv_channels`` heads, which ``models.mcore_config`` sets to ``v_head_dim`` for MLA.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+        if v_channels is not None and v_channels != config.kv_channels:
+            raise ValueError(f"MLA value heads ({v_channels}) must equal config.kv_channels ({config.kv_channels})")
+        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=attention_dropout,
+                         softmax_scale=softmax_scale, **kwargs)
+
+
+def _use_local_mla_modules(layer_spec: ModuleSpec) -> None:
+    """MCore's local MLA layer with its core attention (above) and norms that work under sequence parallelism,
+    storing the pre-MLP norm
+    under the name the non-MLA local spec gives it (the MLA spec has no keys map; ``checkpoint.keys``)."""
+    attn = layer_spec.submodules.self_attention.submodules
+    attn.core_attention = LatentDotProductAttention
+    if attn.q_layernorm is not IdentityOp:
+        # The latents are whole on every TP rank (sequence-split under SP): a replicated norm.
+        attn.q_layernorm = SequenceParallelNorm
+        attn.kv_layernorm = SequenceParallelNorm
+    layer_spec.submodules.sharded_state_dict_keys_map = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
 def _use_grouped_mm_experts(layer_spec: ModuleSpec) -> None:
@@ -178,11 +214,12 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool | None = None,
                        qk_norm_across_heads: bool = False) -> TransformerBlockSubmodules:
     """The block spec for ``GPTModel``: TE when it imports on a GPU (or when asked), else local.
 
-    The grouped_mm expert backend is a local-spec module, and ``qk_norm_across_heads`` (OLMoE) has
-    no TE module: asking for either selects the local spec.
+    The grouped_mm expert backend is a local-spec module, ``qk_norm_across_heads`` (OLMoE) has
+    no TE module, and multi-latent attention is built with MCore's local MLA spec only (the TE one fuses its
+    latent norms into other names): asking for any of them selects the local spec.
     """
     use_te = te_available() if use_te is None else use_te
-    use_te = use_te and not (qk_norm_across_heads and config.qk_layernorm)
+    use_te = use_te and not (qk_norm_across_heads and config.qk_layernorm) and not config.multi_latent_attention
     if config.moe_layer_freq != 1:
         return _mixed_block_spec(config, vp_stage, expert_backend, qk_norm_across_heads)
     if use_te and expert_backend == "sequential":

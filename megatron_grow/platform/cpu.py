@@ -26,10 +26,13 @@ item  where MCore assumes CUDA                          what CPU mode does
       Manager                                           per process on 2 cores otherwise)
 11    ``torch.compile`` (MCore's ``jit_fuser``: MoE    off: those functions run eagerly
       activations, router expert bias, dispatcher)      (``torch._dynamo.config.disable``)
+12    MLA's ``HAVE_TE`` is True without TE (the        set to the TE extension's own ``HAVE_TE``
+      extension imports with stand-in classes), so      (False); also on CUDA
+      its ``isinstance(linear_proj, TELinear)`` raises
 ====  ===============================================  =========================================
 
 ``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available,
-except item 4: that one depends on what is installed, not on the device (a plain pip
+except items 4 and 12: they depend on what is installed, not on the device (a plain pip
 environment on a GPU has no Transformer Engine either), so it is applied whenever TE is
 absent, with or without CUDA (:func:`apply_install_workarounds`).
 It is called explicitly by the entry points only (the CLI's ``main``, ranks started by
@@ -155,9 +158,22 @@ def _patch_te_general_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _patch_mla_te_flag() -> None:
+    """Item 12: MCore 0.16.1's ``multi_latent_attention`` sets ``HAVE_TE = True`` whenever
+    ``megatron.core.extensions.transformer_engine`` imports, which it does without TE (its TE classes
+    are then stand-ins), and building an MLA layer evaluates ``isinstance(self.linear_proj, TELinear)``
+    with a stand-in: TypeError. The extension module's own ``HAVE_TE`` says whether TE is there."""
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.transformer import multi_latent_attention
+
+    if not te_extension.HAVE_TE:
+        multi_latent_attention.HAVE_TE = False
+
+
 def apply_install_workarounds() -> None:
-    """The workarounds that depend on what is installed rather than on the device (item 4)."""
+    """The workarounds that depend on what is installed rather than on the device (items 4 and 12)."""
     _patch_te_general_gemm()
+    _patch_mla_te_flag()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,6 +438,7 @@ ADAPTATIONS: dict[str, Callable[[], None]] = {
     "synchronize": _patch_synchronize,
     "rng_tracker": _patch_rng_tracker,
     "te_general_gemm": _patch_te_general_gemm,
+    "mla_te_flag": _patch_mla_te_flag,
     "cuda_pinned_modules": _patch_cuda_pinned_modules,
     "gloo_collectives": _patch_gloo_collectives,
     "tensor_methods": _patch_tensor_methods,

@@ -19,6 +19,13 @@ E = experts, k = top-k, F = expert FFN, S = shared-expert FFN, V = padded vocabu
     training FLOPs/token  = 3 x (sum over layers of per-layer + LM head)
     training FLOPs/step   = FLOPs/token x global_batch_size x s
 
+With multi-latent attention (n heads, r_q, r_kv latent ranks, d_n, d_r, d_v head widths as in
+``models.params``) the attention rows are::
+
+    attention projections   2 (H r_q + r_q n (d_n + d_r) + H (r_kv + d_r) + r_kv n (d_n + d_v) + n d_v H)
+                            (2 H n (d_n + d_r) for the query without r_q)
+    attention scores        2 s n (d_n + d_r)  +  2 s n d_v   (Q K^T over query/key heads, A V over value heads)
+
 Attention scores are counted over the full s x s matrix, as Megatron-LM's
 ``num_floating_point_operations`` does (the counter stored in checkpoints and used for the
 paper's FLOPs axes, docs/paper.md §7); a causal kernel does about half of that work, pass
@@ -76,15 +83,27 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int | None = None, *
     shared = model.moe_shared_expert_intermediate_size or 0
     # Causal attention touches s/2 keys per query on average.
     keys = s / 2 if causal else s
+    projections, scores = 2 * h * (q + 2 * g) + 2 * q * h, 2 * (2 * keys * q)
+    if model.multi_latent_attention:
+        projections, scores = _mla_attention_flops(model, keys)
     return FlopsBreakdown(
-        attention_projections=n * (2 * h * (q + 2 * g) + 2 * q * h),
-        attention_scores=n * 2 * (2 * keys * q),
+        attention_projections=n * projections,
+        attention_scores=n * scores,
         router=n_moe * 2 * h * model.num_moe_experts if include_router else 0,
         experts=n_moe * model.moe_router_topk * matmuls * 2 * h * model.moe_ffn_hidden_size,
         shared_expert=n_moe * matmuls * 2 * h * shared,
         lm_head=2 * h * padded_vocab_size(model, tp),
         dense_mlp=(n - n_moe) * matmuls * 2 * h * (model.ffn_hidden_size or model.moe_ffn_hidden_size),
     )
+
+
+def _mla_attention_flops(model: ModelConfig, keys: float) -> tuple[float, float]:
+    """(projection, score) forward FLOPs per token of one multi-latent attention layer (module docstring)."""
+    h, n, r_q, r_kv = model.hidden_size, model.num_attention_heads, model.q_lora_rank, model.kv_lora_rank
+    qk, v = n * (model.qk_head_dim + model.qk_pos_emb_head_dim), n * model.v_head_dim
+    query = h * r_q + r_q * qk if r_q else h * qk
+    key_value = h * (r_kv + model.qk_pos_emb_head_dim) + r_kv * n * (model.qk_head_dim + model.v_head_dim)
+    return 2 * (query + key_value + v * h), 2 * keys * qk + 2 * keys * v
 
 
 def training_flops_per_token(model: ModelConfig, seq_length: int | None = None, *, causal: bool = False,

@@ -29,6 +29,8 @@ ARCHITECTURE_FIELDS = (
     "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "qk_layernorm", "normalization",
     "layernorm_epsilon", "gated_linear_unit", "add_bias_linear", "vocab_size", "position_embedding_type",
     "rotary_base", "rotary_percent", "untie_embeddings_and_output_weights",
+    "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+    "moe_router_num_groups", "moe_router_group_topk",
 )
 
 

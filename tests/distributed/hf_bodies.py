@@ -58,6 +58,11 @@ def grow_and_forward(source_root: str, grown_root: str, growth, parallel: Parall
     return None if result is None else {"logits": result["logits"], "vocab": model.vocab_size}
 
 
+def grow_many_and_forward(source_root: str, cases: dict, parallel: ParallelConfig) -> dict:
+    """``grow_and_forward`` for each ``{name: (grown_root, growth)}`` in one set of processes."""
+    return {name: grow_and_forward(source_root, root, growth, parallel) for name, (root, growth) in cases.items()}
+
+
 def safetensors_dir(hf_dir: str) -> dict:
     from safetensors import safe_open
 

@@ -44,15 +44,21 @@ pytestmark = pytest.mark.slow  # ~4-10 min on 2 shared cores: 2 stock saves, 5 g
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE_MODEL = dataclasses.replace(load_recipe(os.path.join(REPO, "configs/models/tiny.yaml")).model,
                                    seq_length=32)   # 4 layers, 8 experts, H 64, F 32, sigmoid + expert bias
+# The same MoE with multi-latent attention (query latent 24, key/value latent 16, heads 8 + 8 RoPE wide, values
+# 12) and grouped routing (4 groups of 2 experts, top-2 experts within the best 1 group), DeepSeek-V3 style.
+MLA_FIELDS = dict(multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8,
+                  v_head_dim=12, moe_router_num_groups=4, moe_router_group_topk=1)
+MLA_SOURCE_MODEL = dataclasses.replace(SOURCE_MODEL, **MLA_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------------
 # A source written by stock Megatron-Core (runs in gloo processes)
 
 
-def save_stock_source(tp: int, ep: int, root: str) -> None:
+def save_stock_source(tp: int, ep: int, root: str, mla: bool = False) -> None:
     """Build the tiny MoE as a Megatron-Core GPTModel under TP=``tp``/EP=``ep`` and save it with
     ``dist_checkpointing.save`` into ``root/iter_0000001`` plus Megatron-LM's tracker file.
+    ``mla``: with multi-latent attention and grouped routing (``MLATransformerConfig``, MCore's local MLA spec).
 
     After MCore's init, expert e's weights are scaled by (1 + e/2) (so per-expert and per-layer
     stds differ), and the norms and the expert bias get distinct values per layer (so a layer
@@ -62,7 +68,7 @@ def save_stock_source(tp: int, ep: int, root: str) -> None:
     from megatron.core import dist_checkpointing, tensor_parallel
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     from megatron_grow.models.specs import decoder_block_spec
     from megatron_grow.platform import cpu
@@ -71,10 +77,13 @@ def save_stock_source(tp: int, ep: int, root: str) -> None:
     torch.distributed.init_process_group("gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(4321)
-    m = SOURCE_MODEL
-    config = TransformerConfig(
+    m = MLA_SOURCE_MODEL if mla else SOURCE_MODEL
+    # MCore's local core attention sizes its output by kv_channels heads: the value heads under MLA.
+    heads = dict(kv_channels=m.v_head_dim, num_query_groups=m.num_attention_heads) if mla else \
+        dict(kv_channels=m.kv_channels, num_query_groups=m.num_query_groups)
+    config = (MLATransformerConfig if mla else TransformerConfig)(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups, kv_channels=m.kv_channels, ffn_hidden_size=m.moe_ffn_hidden_size,
+        **heads, ffn_hidden_size=m.moe_ffn_hidden_size,
         num_moe_experts=m.num_moe_experts, moe_router_topk=m.moe_router_topk,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size, moe_layer_freq=1, moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-3,
@@ -83,7 +92,8 @@ def save_stock_source(tp: int, ep: int, root: str) -> None:
         init_method_std=m.init_method_std, tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
         sequence_parallel=tp > 1, use_cpu_initialization=True, bias_activation_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False, moe_permute_fusion=False, moe_router_fusion=False)
+        gradient_accumulation_fusion=False, moe_permute_fusion=False, moe_router_fusion=False,
+        **(dict(MLA_FIELDS, rope_type="rope") if mla else {}))
     # MCore's local spec; its WrappedTorchNorm refuses sequence parallelism (needed for MoE with TP>1),
     # so the norms are the project's plain RMSNorm module (same parameter names and shapes).
     model = GPTModel(config=config, transformer_layer_spec=decoder_block_spec(config, use_te=False),
@@ -113,11 +123,12 @@ def save_stock_source(tp: int, ep: int, root: str) -> None:
             f.write("1")
 
 
-def grow_stock_source(source_root: str, grown_root: str, growth: GrowthConfig, parallel: ParallelConfig):
+def grow_stock_source(source_root: str, grown_root: str, growth: GrowthConfig, parallel: ParallelConfig,
+                      source_model=SOURCE_MODEL):
     """The real offline growth (collective); the stock source records no architecture, so it is given."""
     from megatron_grow.growth.grow import grow_checkpoint
 
-    return grow_checkpoint(source_root, grown_root, growth, parallel, source_model=SOURCE_MODEL, progress=False)
+    return grow_checkpoint(source_root, grown_root, growth, parallel, source_model=source_model, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,9 +226,16 @@ CASES = {
     "insert_only": dict(
         source="ep2", world=2, parallel=ParallelConfig(tensor_model_parallel_size=2),
         growth=_growth(("insert",), insert=dict(after=(3, 0, 0)))),
+    # multi-latent attention and grouped routing: interposition, then width with copy groups (append);
+    # TP=2 source into TP=2 with ETP=1 (the latent projections TP-sharded on both sides).
+    "mla_grouped_depth_then_width": dict(
+        source="mla_tp2", world=2, model=MLA_SOURCE_MODEL,
+        parallel=ParallelConfig(tensor_model_parallel_size=2, expert_tensor_parallel_size=1),
+        growth=_growth(("depth", "width"), depth=dict(mode="interposition", factor=2, identity_init=True),
+                       width=dict(factor=2, expert_layout="append", noise="gaussian", alpha=0.05))),
 }
 
-SOURCES = {"tp2": (2, 1), "ep2": (1, 2)}
+SOURCES = {"tp2": (2, 1, False), "ep2": (1, 2, False), "mla_tp2": (2, 1, True)}
 
 
 @pytest.fixture(scope="module")
@@ -225,16 +243,17 @@ def checkpoints(tmp_path_factory):
     """Plain tensors by name: the two stock sources at once, each grown case on first use (so one
     selected test grows only its own case). Reads run in a fresh 1-process group."""
     roots = {}
-    for name, (tp, ep) in SOURCES.items():
+    for name, (tp, ep, mla) in SOURCES.items():
         roots[name] = str(tmp_path_factory.mktemp(f"stock_{name}") / "ckpt")
-        run_in_processes(save_stock_source, tp * ep, (tp, ep, roots[name]))
+        run_in_processes(save_stock_source, tp * ep, (tp, ep, roots[name], mla))
     loaded = dict(zip(SOURCES, run_in_processes(plain_tensors_of_many, 1, ([roots[n] for n in SOURCES],))[0]))
 
     class Lazy(dict):
         def __missing__(self, case):
             c = CASES[case]
             root = str(tmp_path_factory.mktemp(case) / "grown")
-            run_in_processes(grow_stock_source, c["world"], (roots[c["source"]], root, c["growth"], c["parallel"]))
+            run_in_processes(grow_stock_source, c["world"], (roots[c["source"]], root, c["growth"], c["parallel"],
+                                                             c.get("model", SOURCE_MODEL)))
             self.roots[case] = root
             self[case] = run_in_processes(plain_tensors_of_many, 1, ([root],))[0][0]
             return self[case]

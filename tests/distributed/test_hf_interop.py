@@ -6,7 +6,8 @@ downloads), saved with ``save_pretrained`` as sharded safetensors, imported into
 * export writes exactly the tensors ``save_pretrained`` wrote (bit-exact, also from the TP=2
   checkpoint), ``from_pretrained`` loads it, and re-importing the export is bit-exact;
 * a grown checkpoint (the real growth: depth x2 interposition, width x2 with noise) exported
-  loads with ``from_pretrained`` and gives our logits.
+  loads with ``from_pretrained`` and gives our logits; DeepSeek-V3 (multi-latent attention, grouped
+  routing, shared expert) grown by depth, width and both, and with alpha 0 width growth the source's logits.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.distributed.hf_bodies import (
     SEQ,
     checkpoint_tensors,
     grow_and_forward,
+    grow_many_and_forward,
     import_export_reimport,
     import_in_layouts,
     safetensors_dir,
@@ -136,6 +138,38 @@ def test_grown_checkpoint_exports_and_matches(arch, hf_models, single, tmp_path)
     diff = max_diff(ours["logits"], hf_logits(str(tmp_path / "hf"), ours["vocab"]))
     print(f"{arch} grown (4 layers, 16 experts, top-4): max|diff| = {diff:.2e}")
     assert diff <= TOLERANCE
+
+
+DEEPSEEK = "DeepseekV3ForCausalLM"
+
+
+def test_deepseek_v3_grown_by_depth_width_and_both_exports_and_loads(hf_models, single, tmp_path):
+    """MLA + grouped routing + shared expert grown three ways on EP=2, exported, loaded by transformers:
+    its logits are ours; width with alpha 0 (copy groups, top-k 4 -> 8, topk_group 2 -> 4) is the source's."""
+    import json
+
+    cases = {"depth": GrowthConfig(depth=DepthGrowthConfig(factor=2)),
+             "width_alpha0": GrowthConfig(width=WidthGrowthConfig(factor=2, alpha=0.0)),
+             "both": GrowthConfig(order=("depth", "width"), depth=DepthGrowthConfig(factor=2),
+                                  width=WidthGrowthConfig(factor=2, alpha=0.01))}
+    roots = {name: (str(tmp_path / name), growth) for name, growth in cases.items()}
+    ours = first_result(run_in_processes(grow_many_and_forward, 2, (f"{hf_models[DEEPSEEK]['work']}/ckpt", roots,
+                                                                     ParallelConfig(expert_model_parallel_size=2))))
+    for name in cases:
+        export_hf(str(tmp_path / name), str(tmp_path / f"{name}_hf"), progress=False)
+        cfg = json.load(open(tmp_path / f"{name}_hf" / "config.json"))
+        theirs = hf_logits(str(tmp_path / f"{name}_hf"), 300)
+        diff = max_diff(ours[name]["logits"], theirs)
+        print(f"{DEEPSEEK} grown {name} ({cfg['num_hidden_layers']} layers, {cfg['n_routed_experts']} experts in "
+              f"{cfg['n_group']} groups, top-{cfg['num_experts_per_tok']} of top-{cfg['topk_group']} groups): "
+              f"max|diff| ours vs transformers = {diff:.2e}")
+        assert diff <= TOLERANCE
+        if name == "width_alpha0":
+            assert (cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["n_group"], cfg["topk_group"]) == \
+                (16, 8, 8, 4)
+            to_source = max_diff(theirs, hf_models[DEEPSEEK]["ref"])
+            print(f"{DEEPSEEK} width alpha 0 vs the source: max|diff| = {to_source:.2e}")
+            assert to_source <= TOLERANCE
 
 
 def test_export_to_a_class_that_cannot_hold_the_model_is_refused(hf_models, single, tmp_path, capsys):

@@ -3,10 +3,11 @@
 
 * GLM-4.5 with ``first_k_dense_replace`` 1 and ``n_shared_experts`` 1 (4 layers: 1 dense, 3 MoE);
 * Qwen3-MoE with ``mlp_only_layers`` [1] (3 layers);
-* Qwen2-MoE with ``mlp_only_layers`` [0] and ``head_dim`` 24 != hidden/heads (which export refused before).
+* Qwen2-MoE with ``mlp_only_layers`` [0] and ``head_dim`` 24 != hidden/heads (which export refused before);
+* DeepSeek-V3 (multi-latent attention, grouped routing, a shared expert) with ``first_k_dense_replace`` 1.
 
 For each: our logits equal ``transformers``' (fp32, max |diff| <= 1e-4) after an import into 1 process,
-TP=2 and EP=2 (GLM also PP=2, whose stages hold a dense+MoE and an MoE+MoE pair); export writes exactly the
+TP=2 and EP=2 (GLM and DeepSeek also PP=2, whose stages hold a dense+MoE and an MoE+MoE pair); export writes exactly the
 tensors ``save_pretrained`` wrote and re-importing it is bit-exact; grown checkpoints (depth x2, width x2,
 both) export, load with ``from_pretrained`` and give our logits; width with alpha 0 gives the source's logits.
 
@@ -34,9 +35,12 @@ MODELS = {
                                                           n_shared_experts=1)),
     "qwen3_mlp_only": ("Qwen3MoeForCausalLM", dict(num_hidden_layers=3, mlp_only_layers=[1])),
     "qwen2_mlp_only_head_dim": ("Qwen2MoeForCausalLM", dict(num_hidden_layers=2, mlp_only_layers=[0], head_dim=24)),
+    "deepseek_v3_dense_first": ("DeepseekV3ForCausalLM", dict(num_hidden_layers=4, first_k_dense_replace=1,
+                                                              intermediate_size=80)),
 }
 LAYOUTS = {"tp2": ParallelConfig(tensor_model_parallel_size=2), "ep2": ParallelConfig(expert_model_parallel_size=2)}
 PP2 = ParallelConfig(pipeline_model_parallel_size=2)
+PP_CASES = ["glm_dense_first_shared", "deepseek_v3_dense_first"]  # stages of unequal dense/MoE mixes
 GROWTHS = {
     "depth": GrowthConfig(order=("depth",), depth=DepthGrowthConfig(factor=2)),
     "width": GrowthConfig(order=("width",), width=WidthGrowthConfig(factor=2, alpha=0.01)),
@@ -78,7 +82,7 @@ def models(tmp_path_factory):
                      "ref": hf_logits(hf_dir, 300)}
     cases = [(n, m["hf_dir"], m["work"]) for n, m in out.items()]
     single = run_in_processes(import_export_reimport, 1, (cases,), timeout=600)[0]
-    results = run_in_processes(layouts_and_growths, 2, (cases, LAYOUTS, ["glm_dense_first_shared"], GROWTHS),
+    results = run_in_processes(layouts_and_growths, 2, (cases, LAYOUTS, PP_CASES, GROWTHS),
                                timeout=600)
     merged = {}
     for r in results:
@@ -90,7 +94,7 @@ def models(tmp_path_factory):
 def test_import_matches_transformers_in_every_layout(name, models):
     ref = models["models"][name]["ref"]
     diffs = {"1 process": max_diff(models["single"][name]["logits"], ref)}
-    layouts = list(LAYOUTS) + (["pp2"] if name == "glm_dense_first_shared" else [])
+    layouts = list(LAYOUTS) + (["pp2"] if name in PP_CASES else [])
     diffs.update({lname: max_diff(models["merged"][(name, lname)]["logits"], ref) for lname in layouts})
     print(f"{name}: max|diff| " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert all(d <= TOLERANCE for d in diffs.values()), diffs
@@ -123,8 +127,8 @@ def test_grown_models_export_and_match(name, models):
         diff = max_diff(ours["logits"], hf_logits(hf_dir, ours["vocab"]))
         print(f"{name} grown {gname}: max|diff| = {diff:.2e}")
         assert diff <= TOLERANCE, gname
-    # depth x2 interposition copies each layer in place: GLM's dense first layer becomes the first two.
-    if name == "glm_dense_first_shared":
+    # depth x2 interposition copies each layer in place: the dense first layer becomes the first two.
+    if name in PP_CASES:
         with open(os.path.join(m["work"], "hf_depth", "config.json")) as f:
             assert json.load(f)["first_k_dense_replace"] == 2
     # width with alpha 0: the copies are exact and top-k doubles, so the function is the source's.

@@ -21,7 +21,7 @@ def cpu_mode():
 
 
 def test_every_adaptation_is_registered():
-    assert set(cpu.ADAPTATIONS) == {"current_device", "synchronize", "rng_tracker", "te_general_gemm",
+    assert set(cpu.ADAPTATIONS) == {"current_device", "synchronize", "rng_tracker", "te_general_gemm", "mla_te_flag",
                                     "cuda_pinned_modules", "gloo_collectives", "tensor_methods",
                                     "writer_results_queue", "torch_compile"}
 
@@ -71,6 +71,13 @@ def test_model_parallel_seed_runs_on_cpu():
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     states = tensor_parallel.get_cuda_rng_tracker().get_states()
     assert set(states) >= {"model-parallel-rng", "expert-parallel-rng", "data-parallel-rng"}
+
+
+def test_mla_builds_without_te():
+    """Item 12: MCore's MLA module must not take the TE stand-ins for real TE classes."""
+    from megatron.core.transformer import multi_latent_attention
+
+    assert multi_latent_attention.HAVE_TE is False
 
 
 def test_te_general_gemm_defined_without_te():

@@ -53,6 +53,19 @@ def test_mixed_stack_by_hand():
         fwd.shared_expert + fwd.dense_mlp + 2 * 64 * 256
 
 
+def test_mla_by_hand():
+    # H 64, 4 layers, 4 heads, s 64; latents r_q 24, r_kv 16; per head 8 + 8 (RoPE) query/key, 12 value.
+    m = dataclasses.replace(_model("tiny"), multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16,
+                            qk_head_dim=8, qk_pos_emb_head_dim=8, v_head_dim=12)
+    fwd = forward_flops_per_token(m)
+    weights = 64 * 24 + 24 * 64 + 64 * 24 + 16 * 80 + 48 * 64  # q down/up, kv down/up, output
+    assert fwd.attention_projections == 4 * 2 * weights
+    assert fwd.attention_scores == 4 * (2 * 64 * 4 * 16 + 2 * 64 * 4 * 12)  # QK^T over 16-wide, AV over 12-wide heads
+    assert forward_flops_per_token(m, causal=True).attention_scores == fwd.attention_scores / 2
+    plain = forward_flops_per_token(_model("tiny"))
+    assert (fwd.router, fwd.experts, fwd.lm_head) == (plain.router, plain.experts, plain.lm_head)
+
+
 def megatron_classic_flops_per_token(m, s: int) -> float:
     """Megatron-LM ``num_floating_point_operations`` / (batch x seq), MoE every layer, no MTP."""
     h, n = m.hidden_size, m.num_layers

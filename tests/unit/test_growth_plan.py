@@ -195,3 +195,64 @@ def test_optimizer_carry_with_random_new_experts_is_refused(tmp_path):
         prepare_growth(str(tmp_path / "never-read"), growth)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "never-read").exists()
+
+
+# ---- grouped routing (DeepSeek-V3 n_group/topk_group; docs/growth.md) ----------------------------------
+
+GROUPED = ModelConfig(num_layers=2, num_moe_experts=8, moe_router_topk=4, moe_router_num_groups=4,
+                      moe_router_group_topk=2)
+
+
+def _mcore_route(scores_bias, model):
+    """MCore's own sigmoid top-k (group-limited when the model has groups), from router logits."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    logits, bias = scores_bias
+    probs, _ = topk_routing_with_score_function(
+        logits, model.moe_router_topk, num_groups=model.moe_router_num_groups,
+        group_topk=model.moe_router_group_topk, score_function="sigmoid", expert_bias=bias)
+    return probs
+
+
+@pytest.mark.parametrize("layout, groups, group_topk", [("append", 8, 4), ("interleave", 4, 2)])
+def test_width_growth_of_a_grouped_router_keeps_the_routing(layout, groups, group_topk):
+    import torch
+
+    plan = make_growth_plan(GROUPED, grow(width=WidthGrowthConfig(factor=2, expert_layout=layout)))
+    t = plan.target
+    assert (t.num_moe_experts, t.moe_router_topk, t.moe_router_num_groups, t.moe_router_group_topk) == \
+        (16, 8, groups, group_topk)
+    src_of = torch.tensor(plan.expert_source[0])
+    # every copy lands in a group holding only copies of its source expert's group
+    size, src_size = 16 // groups, 8 // 4
+    for j in range(16):
+        assert {int(src_of[i]) // src_size for i in range(j // size * size, (j // size + 1) * size)} == \
+            {int(src_of[j]) // src_size}
+    # exact copies route as the source: the grown probabilities summed over each expert's copies are the source's
+    g = torch.Generator().manual_seed(0)
+    logits, bias = torch.randn(64, 8, generator=g), 0.3 * torch.randn(8, generator=g)
+    source = _mcore_route((logits, bias), GROUPED)
+    grown = _mcore_route((logits[:, src_of], bias[src_of]), t)
+    folded = torch.zeros_like(source).index_add_(1, src_of, grown)
+    torch.testing.assert_close(folded, source, rtol=0, atol=1e-6)
+    if layout == "append":  # the same copies with the source's group settings route differently
+        kept = dataclasses.replace(t, moe_router_num_groups=4, moe_router_group_topk=2)
+        wrong = torch.zeros_like(source).index_add_(1, src_of, _mcore_route((logits[:, src_of], bias[src_of]), kept))
+        assert (wrong - source).abs().max() > 0.1
+
+
+def test_grouped_routing_problems_name_the_field():
+    from megatron_grow.config.check import grouped_routing_problems
+
+    assert grouped_routing_problems(GROUPED) == []
+    assert "set together" in grouped_routing_problems(dataclasses.replace(GROUPED, moe_router_group_topk=None))[0]
+    assert "must divide model.num_moe_experts" in \
+        grouped_routing_problems(dataclasses.replace(GROUPED, moe_router_num_groups=3))[0]
+    assert "must divide model.moe_router_topk" in \
+        grouped_routing_problems(dataclasses.replace(GROUPED, moe_router_group_topk=3, moe_router_num_groups=4))[0]
+    problems = growth_problems(grow(width=WidthGrowthConfig(factor=2, topk_factor=1)), GROUPED)
+    assert problems and "growth.width.topk_factor (1) must equal growth.width.factor (2)" in problems[0]
+    from megatron_grow.config.schema import UpcycleGrowthConfig
+
+    problems = growth_problems(grow(upcycle=UpcycleGrowthConfig(num_experts=10, allocation="uniform")), GROUPED)
+    assert any("growth.upcycle" in p and "moe_router_num_groups" in p for p in problems)

@@ -58,6 +58,36 @@ def test_router_semantics_map_to_mcore_fields():
     assert olmoe.qk_layernorm and olmoe.qk_layernorm_across_heads
 
 
+def test_deepseek_v3_maps_onto_mla_and_grouped_routing():
+    ds = to_model("DeepseekV3ForCausalLM", routed_scaling_factor=2.5, n_shared_experts=2)
+    assert (ds.multi_latent_attention, ds.q_lora_rank, ds.kv_lora_rank, ds.qk_head_dim, ds.qk_pos_emb_head_dim,
+            ds.v_head_dim) == (True, 24, 16, 8, 8, 12)
+    assert (ds.moe_router_score_function, ds.moe_router_enable_expert_bias, ds.moe_router_topk_scaling_factor,
+            ds.moe_router_num_groups, ds.moe_router_group_topk) == ("sigmoid", True, 2.5, 4, 2)
+    assert (ds.moe_shared_expert_intermediate_size, ds.moe_shared_expert_gate) == (2 * 32, False)
+    # no query latent (DeepSeek-V2-Lite style); every group selected is no grouping at all
+    plain = to_model("DeepseekV3ForCausalLM", q_lora_rank=None, n_group=4, topk_group=4, n_shared_experts=0)
+    assert (plain.q_lora_rank, plain.moe_router_num_groups, plain.moe_shared_expert_intermediate_size) == \
+        (None, None, None)
+
+
+def test_mla_and_grouped_models_export_only_where_they_map():
+    ds = to_model("DeepseekV3ForCausalLM")
+    assert family_for_model(ds)[0].architecture == "DeepseekV3ForCausalLM"
+    for arch in FAMILIES:  # a model each other class holds, plus MLA or groups: refused, not dropped
+        if arch != "DeepseekV3ForCausalLM":
+            own = to_model(arch)
+            with pytest.raises(InteropError, match="multi_latent_attention"):
+                FAMILIES[arch].write_config(dataclasses.replace(own, multi_latent_attention=True))
+            with pytest.raises(InteropError, match="moe_router_num_groups"):
+                FAMILIES[arch].write_config(dataclasses.replace(own, moe_router_num_groups=2, moe_router_group_topk=1))
+    # width growth with the interleave layout keeps 4 groups and raises top-k to 8: transformers' top-2 group
+    # score no longer equals MCore's top-4 one
+    interleaved = dataclasses.replace(ds, num_moe_experts=16, moe_router_topk=8)
+    with pytest.raises(InteropError, match="moe_router_group_topk=2 with model.moe_router_topk=8"):
+        FAMILIES["DeepseekV3ForCausalLM"].write_config(interleaved)
+
+
 @pytest.mark.parametrize("arch, overrides, needle", [
     ("Glm4MoeForCausalLM", {"norm_topk_prob": False}, "renormalises exactly when k > 1"),
     ("Glm4MoeForCausalLM", {"first_k_dense_replace": 2}, "every layer is dense"),
@@ -69,6 +99,16 @@ def test_router_semantics_map_to_mcore_fields():
                                                  "original_max_position_embeddings": 64}}, "yarn"),
     ("MixtralForCausalLM", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
     ("OlmoeForCausalLM", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("DeepseekV3ForCausalLM", {"num_nextn_predict_layers": 1}, "num_nextn_predict_layers=1"),
+    ("DeepseekV3ForCausalLM", {"first_k_dense_replace": 4}, "every layer is dense"),
+    ("DeepseekV3ForCausalLM", {"rope_interleave": False}, "rope_interleave=False"),
+    ("DeepseekV3ForCausalLM", {"attention_bias": True}, "attention_bias=True"),
+    ("DeepseekV3ForCausalLM", {"num_key_value_heads": 2}, "num_key_value_heads=2"),
+    ("DeepseekV3ForCausalLM", {"norm_topk_prob": False}, "renormalises exactly when k > 1"),
+    # transformers scores a group by its top-2 experts; MCore by its top topk/topk_group = 4 here
+    ("DeepseekV3ForCausalLM", {"n_group": 4, "topk_group": 1}, "topk_group=1 with num_experts_per_tok=4"),
+    ("DeepseekV3ForCausalLM", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                   "original_max_position_embeddings": 64}}, "yarn"),
 ])
 def test_import_refuses_what_does_not_map(arch, overrides, needle):
     with pytest.raises(InteropError, match=needle):
@@ -80,6 +120,10 @@ def test_dense_layers_and_shared_experts_map_to_mcore_fields():
     glm = to_model("Glm4MoeForCausalLM", num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=2)
     assert (glm.moe_layer_freq, glm.ffn_hidden_size) == ((0, 1, 1), 96)
     assert (glm.moe_shared_expert_intermediate_size, glm.moe_shared_expert_gate) == (2 * 32, False)
+    # DeepSeek-V3 shares the mapping: first_k_dense_replace dense layers, n_shared_experts ungated experts.
+    ds = to_model("DeepseekV3ForCausalLM", num_hidden_layers=3, first_k_dense_replace=2, intermediate_size=80)
+    assert (ds.moe_layer_freq, ds.ffn_hidden_size, ds.moe_shared_expert_intermediate_size) == ((0, 0, 1), 80, 32)
+    assert family_for_model(ds, "DeepseekV3ForCausalLM")[1]["first_k_dense_replace"] == 2
     # Qwen: layer i is MoE iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
     qwen = to_model("Qwen3MoeForCausalLM", num_hidden_layers=6, mlp_only_layers=[5], decoder_sparse_step=2)
     assert qwen.moe_layer_freq == (0, 1, 0, 1, 0, 0)

@@ -68,10 +68,10 @@ def test_vocab_size_and_padding():
 
 
 @pytest.mark.parametrize("name,value", [
-    ("multi_latent_attention", True), ("moe_layer_freq", [0, 1, 2, 1]), ("moe_layer_freq", "__import__('os')"),
+    ("moe_layer_freq", [0, 1, 2, 1]), ("moe_layer_freq", "__import__('os')"),
     ("mtp_num_layers", 1), ("position_embedding_type", "learned_absolute"), ("add_bias_linear", True),
     ("add_qkv_bias", True), ("swiglu", False), ("num_experts", None), ("num_experts", 0),
-    ("moe_router_num_groups", 4), ("qk_l2_norm", True),
+    ("qk_l2_norm", True),
     ("window_size", (128, 0)), ("apply_layernorm_1p", True), ("rotary_interleaved", True),
     ("moe_router_load_balancing_type", ["aux_loss", "seq_aux_loss"]), ("normalization", "L2Norm"),
     ("moe_router_score_function", "sqrtsoftplus"),
@@ -127,6 +127,21 @@ def test_args_we_write_read_back_to_the_same_model():
         assert args.padded_vocab_size == -(-1000 // (64 * tp)) * (64 * tp)
         assert (args.num_experts, args.swiglu, args.no_save_rng, args.no_save_optim) == (16, True, True, True)
         assert model_config_from_args(args) == model
+
+
+def test_mla_and_grouped_routing_args_round_trip_and_refuse_yarn():
+    model = ModelConfig(num_moe_experts=8, moe_router_topk=4, moe_router_num_groups=4, moe_router_group_topk=2,
+                        multi_latent_attention=True, q_lora_rank=None, kv_lora_rank=16, qk_head_dim=8,
+                        qk_pos_emb_head_dim=8, v_head_dim=12, num_query_groups=4, kv_channels=12)
+    args = megatron_args(model, ParallelConfig(), counters={"iteration": 1}, world_size=1)
+    assert (args.multi_latent_attention, args.rope_type, args.moe_router_num_groups) == (True, "rope", 4)
+    assert model_config_from_args(args) == model
+    for rope_type in (None, "yarn"):  # Megatron-LM's MLA without --rope-type is MCore's YaRN default
+        with pytest.raises(CheckpointError, match=rf"args.rope_type={rope_type!r} with multi-latent attention"):
+            model_config_from_args(argparse.Namespace(**{**vars(args), "rope_type": rope_type}))
+    with pytest.raises(CheckpointError, match="args.mscale_all_dim=1.0"):
+        model_config_from_args(argparse.Namespace(**{**vars(args), "mscale_all_dim": 1.0,
+                                                     "rotary_scaling_factor": 40}))
 
 
 def test_source_tokenizer_args_are_carried():

@@ -27,6 +27,8 @@ PAPER = ["tiny", "3b", "3b_depth", "6b_width", "17b", "35b", "70b"]
 # Architectures off the paper's path, to exercise every branch of the closed form:
 # shared expert + LayerNorm + tied embeddings + no qk-norm + padded vocab; no GLU + grouped GEMM
 # flag + head dim != hidden/heads; linear biases (router bias included).
+MLA = {"multi_latent_attention": True, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_head_dim": 8,
+       "qk_pos_emb_head_dim": 8, "v_head_dim": 12}
 VARIANTS = {
     "shared_layernorm_tied": {"moe_shared_expert_intermediate_size": 48, "normalization": "LayerNorm",
                               "untie_embeddings_and_output_weights": False, "qk_layernorm": False,
@@ -40,6 +42,11 @@ VARIANTS = {
     # A mixed stack (GLM-4.5 / DeepSeek first dense layers): layer 0 dense with its own MLP width, shared expert.
     "mixed_dense_first": {"moe_layer_freq": [0, 1, 1, 1], "ffn_hidden_size": 80,
                           "moe_shared_expert_intermediate_size": 48},
+    # DeepSeek-V3 style: multi-latent attention with a query latent, grouped routing, shared expert; and MLA
+    # without a query latent and without latent norms.
+    "mla_grouped": {**MLA, "moe_router_num_groups": 4, "moe_router_group_topk": 1,
+                    "moe_shared_expert_intermediate_size": 32},
+    "mla_no_q_latent": {**MLA, "q_lora_rank": None, "qk_layernorm": False},
 }
 
 
@@ -58,8 +65,9 @@ def meta_counts(tmp_path_factory) -> dict:
     paths = {name: MODELS / f"{name}.yaml" for name in PAPER}
     paths.update({name: _variant_path(tmp, name) for name in VARIANTS})
     # Two balanced groups (70b is ~40% of the build time), one per core.
-    groups = [["70b", "3b", "tiny", "3b_depth", "shared_layernorm_tied"],
-              ["35b", "17b", "6b_width", "no_glu_grouped", "biases", "hf_features", "mixed_dense_first"]]
+    groups = [["70b", "3b", "tiny", "3b_depth", "shared_layernorm_tied", "mla_grouped"],
+              ["35b", "17b", "6b_width", "no_glu_grouped", "biases", "hf_features", "mixed_dense_first",
+               "mla_no_q_latent"]]
     assert sorted(sum(groups, [])) == sorted(paths)
     # Another test may have started a gloo group in this process and exported its rendezvous
     # variables; a child inheriting MASTER_PORT would try to listen on the same port.
@@ -112,6 +120,21 @@ def test_mixed_stack_by_hand():
     assert c.total == dense_layer + 3 * moe_layer + 2 * 256 * 64 + 64
     assert c.expert == 3 * 8 * expert
     assert c.activated == c.total - 3 * 6 * expert   # top-2 of 8 in each of the 3 MoE layers
+
+
+def test_mla_by_hand():
+    # H 64, 4 heads; query latent 24, key/value latent 16, per head 8 (no RoPE) + 8 (RoPE) query/key, 12 value.
+    m = dataclasses.replace(load_recipe(str(MODELS / "tiny.yaml")).model, **MLA)
+    lp = layer_params(m)
+    q_down, q_up = 64 * 24, 24 * 4 * (8 + 8)
+    kv_down, kv_up = 64 * (16 + 8), 16 * 4 * (8 + 12)
+    out = 4 * 12 * 64
+    assert lp.attention == q_down + q_up + kv_down + kv_up + out == 8960
+    assert lp.qk_norms == 24 + 16  # the two latent norms replace the per-head q/k norms
+    no_latent = layer_params(dataclasses.replace(m, q_lora_rank=None))
+    assert no_latent.attention == 64 * 4 * (8 + 8) + kv_down + kv_up + out and no_latent.qk_norms == 16
+    assert count_params(m).total - count_params(load_recipe(str(MODELS / "tiny.yaml")).model).total == \
+        4 * ((8960 + 40) - (64 * (64 + 2 * 32) + 64 * 64 + 2 * 16))
 
 
 # Paper numbers (docs/paper.md §4), in billions, all +-0.1B; None where the paper gives none.

@@ -13,7 +13,7 @@ dense layer's items are its MLP, ``linear_fc1`` = ``[gate_proj; up_proj]`` and `
 * ``linear_qkv`` (weight and bias): per query group ``g``, the ``heads/groups`` query heads of
   ``g`` (``q_proj`` rows), then key head ``g`` (``k_proj``), then value head ``g`` (``v_proj``);
 * routed and shared expert ``linear_fc1``: ``[gate_proj; up_proj]`` (SwiGLU, gate first);
-* everything else: one HF tensor, whole.
+* everything else (multi-latent attention included): one HF tensor, whole.
 
 Import fills any rectangular region of an item from HF slices; export rebuilds each HF tensor
 from its rows in the items. No I/O here.
@@ -82,17 +82,8 @@ def _layer_item(model: ModelConfig, key: str, layer: int, expert: int | None, sh
     return Item(keys.per_layer_storage_key(layer, key[len(keys.LAYER_PREFIX):]), layer, expert, shape, pieces, False)
 
 
-def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
-    """One layer's items: attention and norms, then a dense MLP, or router, shared expert and each routed expert.
-
-    Args:
-        model: the architecture.
-        family: the HF class (its on-disk names).
-        layer: the 0-based layer index.
-
-    Returns:
-        The items, in that order.
-    """
+def _attention_items(model: ModelConfig, layer: int) -> list[Item]:
+    """Input norm and GQA attention (Llama-style ``q_proj``/``k_proj``/``v_proj``/``o_proj``, optional norms)."""
     H, d = model.hidden_size, model.kv_channels
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
     p = f"model.layers.{layer}."
@@ -110,6 +101,56 @@ def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
         qn, kn = (q, kv) if model.qk_layernorm_across_heads else (d, d)  # OLMoE: one norm over all heads
         items += [item(keys.Q_NORM, (qn,), _whole(att + "q_norm.weight", qn)),
                   item(keys.K_NORM, (kn,), _whole(att + "k_norm.weight", kn))]
+    return items
+
+
+def _mla_items(model: ModelConfig, layer: int) -> list[Item]:
+    """Input norm and multi-latent attention (DeepSeek names): one HF tensor per MCore tensor, same rows
+    (both keep the query's per-head [no-RoPE; RoPE] rows, and the key/value down projection's [latent;
+    RoPE key] rows; the RoPE rows are in DeepSeek's interleaved order, which MCore's MLA expects)."""
+    H, n, r_q, r_kv = model.hidden_size, model.num_attention_heads, model.q_lora_rank, model.kv_lora_rank
+    qk = n * (model.qk_head_dim + model.qk_pos_emb_head_dim)
+    p = f"model.layers.{layer}."
+    att = p + "self_attn."
+
+    def item(key: str, shape: tuple, pieces: tuple) -> Item:
+        return _layer_item(model, key, layer, None, shape, pieces)
+
+    items = [item(keys.MLA_INPUT_NORM, (H,), _whole(p + "input_layernorm.weight", H))]
+    if r_q:
+        items += [item(keys.MLA_Q_DOWN, (r_q, H), _whole(att + "q_a_proj.weight", r_q)),
+                  item(keys.MLA_Q_UP, (qk, r_q), _whole(att + "q_b_proj.weight", qk))]
+        if model.qk_layernorm:
+            items.append(item(keys.MLA_Q_LATENT_NORM, (r_q,), _whole(att + "q_a_layernorm.weight", r_q)))
+    else:
+        items.append(item(keys.MLA_Q_PROJ, (qk, H), _whole(att + "q_proj.weight", qk)))
+    kv_down, kv_up = r_kv + model.qk_pos_emb_head_dim, n * (model.qk_head_dim + model.v_head_dim)
+    items += [item(keys.MLA_KV_DOWN, (kv_down, H), _whole(att + "kv_a_proj_with_mqa.weight", kv_down)),
+              item(keys.MLA_KV_UP, (kv_up, r_kv), _whole(att + "kv_b_proj.weight", kv_up)),
+              item(keys.PROJ, (H, n * model.v_head_dim), _whole(att + "o_proj.weight", H))]
+    if model.qk_layernorm:
+        items.append(item(keys.MLA_KV_LATENT_NORM, (r_kv,), _whole(att + "kv_a_layernorm.weight", r_kv)))
+    return items
+
+
+def layer_items(model: ModelConfig, family: Family, layer: int) -> list[Item]:
+    """One layer's items: attention (GQA or multi-latent) and norms, then a dense MLP, or router, shared
+    expert and each routed expert.
+
+    Args:
+        model: the architecture.
+        family: the HF class (its on-disk names).
+        layer: the 0-based layer index.
+
+    Returns:
+        The items, in that order.
+    """
+    H, p = model.hidden_size, f"model.layers.{layer}."
+
+    def item(key: str, shape: tuple, pieces: tuple) -> Item:
+        return _layer_item(model, key, layer, None, shape, pieces)
+
+    items = _mla_items(model, layer) if model.multi_latent_attention else _attention_items(model, layer)
     items.append(item(keys.LOCAL_PRE_MLP_NORM, (H,), _whole(p + "post_attention_layernorm.weight", H)))
     if not moe_layer_pattern(model)[layer]:
         D, mp = model.ffn_hidden_size or model.moe_ffn_hidden_size, f"{p}{family.naming.dense_mlp}."

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from megatron_grow.config.schema import ModelConfig
 from megatron_grow.errors import InteropError
-from megatron_grow.interop.hf.families import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from megatron_grow.interop.hf.families import deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 from megatron_grow.interop.hf.families.base import Family
 
 # Export tries these in order when the checkpoint does not say which class it came from.
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
-    qwen3_moe.FAMILY, mixtral.FAMILY, olmoe.FAMILY, qwen2_moe.FAMILY, glm4_moe.FAMILY)}
+    qwen3_moe.FAMILY, mixtral.FAMILY, olmoe.FAMILY, qwen2_moe.FAMILY, glm4_moe.FAMILY, deepseek_v3.FAMILY)}
 
 
 def family_for_hf_config(hf: dict, where: str) -> Family:

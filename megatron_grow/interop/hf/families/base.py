@@ -253,7 +253,7 @@ def softmax_router_write(model: ModelConfig, where: str) -> dict:
 
 
 def require_absent(model: ModelConfig, where: str, *, shared: bool = False, qkv_bias: bool = False,
-                   rotary_full: bool = True) -> None:
+                   rotary_full: bool = True, mla: bool = False, grouped: bool = False) -> None:
     """Refuse ModelConfig features a class cannot hold.
 
     Args:
@@ -262,6 +262,8 @@ def require_absent(model: ModelConfig, where: str, *, shared: bool = False, qkv_
         shared: the class has a shared expert.
         qkv_bias: the class has q/k/v biases.
         rotary_full: the class rotates the whole head (no partial RoPE).
+        mla: the class has multi-latent attention (and no GQA attention).
+        grouped: the class has grouped routing.
 
     Raises:
         InteropError: naming the first feature the class cannot hold.
@@ -270,6 +272,11 @@ def require_absent(model: ModelConfig, where: str, *, shared: bool = False, qkv_
         raise refuse(where, "model.moe_shared_expert_intermediate_size is set: this class has no shared expert")
     if not qkv_bias and model.add_qkv_bias:
         raise refuse(where, "model.add_qkv_bias=true: this class has no attention biases")
+    if model.multi_latent_attention != mla:
+        raise refuse(where, f"model.multi_latent_attention={str(model.multi_latent_attention).lower()}: this class "
+                            f"{'has' if mla else 'has no'} multi-latent attention")
+    if not grouped and model.moe_router_num_groups is not None:
+        raise refuse(where, "model.moe_router_num_groups is set: this class has no grouped routing")
     if rotary_full and model.rotary_percent != 1.0:
         raise refuse(where, f"model.rotary_percent={model.rotary_percent}: this class rotates the whole head")
 
