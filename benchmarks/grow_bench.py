@@ -82,8 +82,8 @@ def recipe_dict(model: dict, kind: str) -> dict:
     return {"model": dict(model), "growth": growth_section(kind)}
 
 
-def size_model(kind: str, target_bytes: float) -> tuple[dict, object, object]:
-    """The source model dict whose grown fp32 size is closest to ``target_bytes``."""
+def size_model(kind: str, target_bytes: float, bytes_per_param: int = 4) -> tuple[dict, object, object]:
+    """The source model dict whose grown size (``bytes_per_param`` per parameter) is closest to ``target_bytes``."""
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.models.params import count_params
 
@@ -94,7 +94,7 @@ def size_model(kind: str, target_bytes: float) -> tuple[dict, object, object]:
         return recipe, make_growth_plan(recipe.model, recipe.growth)
 
     def grown_bytes(model: dict) -> int:
-        return 4 * count_params(plan_for(model)[1].target).total
+        return bytes_per_param * count_params(plan_for(model)[1].target).total
 
     # layers first (at the 1/4-scale FFN), then the expert FFN width in steps of 16 to land on target
     # at least 2 source layers (a 1-layer source once failed to grow with 1 rank; see docs/benchmarks.md)
@@ -375,12 +375,14 @@ def fmt_table(rows: list[dict]) -> str:
 TABLE_HEADERS = ("source", "method", "ranks", "layout", "wall s", "grow s", "read MiB", "written MiB",
                  "peak RSS/rank MiB", "share/rank MiB", "RSS / (1.5 share + 300 MB)", "peak PSS all procs MiB",
                  "grow s / cp s", "wall s / cp s")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 GOAL_GROW_X, GOAL_WALL_X, GOAL_RSS_SHARE, GOAL_RSS_MB = 1.5, 3.0, 1.5, 300e6
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target-gib", type=float, default=1.0, help="size of the grown fp32 checkpoint")
+    ap.add_argument("--target-gib", type=float, default=1.0,
+                    help="size of the grown checkpoint in the first --source-dtypes entry's dtype")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--growth", choices=("depth", "width", "depth_width"), default="depth")
     ap.add_argument("--source-dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
@@ -548,7 +550,7 @@ def main(argv=None) -> int:
 
     wd = os.path.abspath(args.workdir)
     os.makedirs(wd, exist_ok=True)
-    model, recipe, plan = size_model(args.growth, args.target_gib * GiB)
+    model, recipe, plan = size_model(args.growth, args.target_gib * GiB, DTYPE_BYTES[args.source_dtypes[0]])
     recipe_path = os.path.join(wd, f"recipe_{args.growth}.yaml")
     with open(recipe_path, "w") as f:
         f.write("# written by benchmarks/grow_bench.py: model = the synthetic source, growth = the paper's\n")

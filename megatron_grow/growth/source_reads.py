@@ -66,11 +66,8 @@ def read_requests(requests: dict, reader: CheckpointReader, require_finite: bool
 
 
 def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict:
-    """Per (logical key, source layer, source expert) noise stds, from the full source expert tensors.
-
-    Each full per-expert tensor is read by exactly one rank (round robin); moments are
-    summed across ranks (exact: every entry is non-zero on one rank only) and combined in
-    expert order, so every rank derives the same stds whatever the layout (collective).
+    """Per (logical key, source layer, source expert) noise stds (collective): :func:`expert_stats`
+    without keeping any region.
 
     Args:
         tasks: this rank's growth tasks (their routed-expert tensors name the keys).
@@ -80,35 +77,69 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
     Returns:
         The stds; empty when no operator needs them.
     """
+    return expert_stats(tasks, plan, reader)[0]
+
+
+def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
+                 wanted: dict | None = None) -> tuple[dict, dict]:
+    """Noise stds per (logical key, source layer, source expert), from the full source expert tensors,
+    and the full expert regions among ``wanted`` this rank read for them (collective).
+
+    Each full per-expert tensor ("unit") is measured by exactly one rank: the first rank that needs it
+    whole for writing (its request id is in that rank's ``wanted``), else round robin. A rank reads
+    the units it measures and the units it needs, each once, and returns the needed ones (stored
+    dtype) so that their copies are written from this read: width growth reads every source expert
+    once per rank that writes it, not once more for the statistics. Moments are summed across ranks
+    (exact: every entry is non-zero on one rank only) and combined in expert order, so every rank
+    derives the same stds whatever the layout.
+
+    Args:
+        tasks: this rank's growth tasks (their routed-expert tensors name the keys).
+        plan: the growth plan.
+        reader: SRC's region reader.
+        wanted: source requests by id that this rank will write from (None: keep nothing).
+
+    Returns:
+        (the stds, empty when no operator needs them; the kept regions by request id).
+    """
     if not transforms.needs_expert_stats(plan):
-        return {}
+        return {}, {}
     L, E = plan.source.num_layers, plan.source.num_moe_experts
     templates: dict[str, Any] = {}
     for t in tasks:
         if t.kind == retarget.EXPERT and t.logical_key is not None:
-            templates.setdefault(t.logical_key, t.target)
+            templates.setdefault(t.logical_key, (t.target, t.request_id[0]))
     keys = sorted(templates)
     # Every rank must agree on the key list (all ranks hold expert layers, since every layer is MoE).
-    moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
     units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) for es in range(E)]
-    mine = units[rank()::world_size()]
-    def expert_request(k: int, ls: int, es: int):
-        st = templates[keys[k]]
-        full = tuple(st.global_shape[2:])
-        return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
 
+    def expert_request(k: int, ls: int, es: int):
+        st, source_key = templates[keys[k]]
+        full = tuple(st.global_shape[2:])
+        return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full, source_key)
+
+    requests = [expert_request(*u) for u in units]
+    needed = [wanted is not None and (r.key, tuple(r.global_offset), tuple(r.local_shape)) in wanted
+              for r in requests]
+    owners = _unit_owners(needed)
+    moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
+    kept: dict = {}
     error = None
-    for k, ls, es in mine:
-        request = expert_request(k, ls, es)
-        try:
-            read_requests({0: request}, reader, require_finite=False)  # checked below, on every rank alike
+    for u, (k, ls, es) in enumerate(units):
+        if owners[u] != rank() and not needed[u]:
+            continue
+        request = requests[u]
+        try:  # non-finite values are checked below, from the moments, on every rank alike
+            sizes = (1,) * request.prepend_axis_num + tuple(request.local_shape)
+            data = reader.read(request.key, tuple(request.global_offset), sizes).reshape(request.local_shape)
         except CheckpointError as e:  # a damaged shard: every rank must leave this collective the same way
             error = str(e)
             break
-        # A rehearsal (growth.rehearsal) reads no data: its regions are meta tensors, their moments zero.
-        data = request.data
-        moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
-                                          dtype=torch.float64)
+        if owners[u] == rank():  # a rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero
+            moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
+                                              dtype=torch.float64)
+        if needed[u]:
+            kept[(request.key, tuple(request.global_offset), tuple(request.local_shape))] = data
     _raise_on_every_rank(error)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)
@@ -119,7 +150,24 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
             per_expert = [noise.Moments(int(n), float(mu), float(m2)) for n, mu, m2 in moments[k, ls].tolist()]
             for es in range(E):
                 out[(key, ls, es)] = transforms.expert_noise_std(plan, per_expert, es)
-    return out
+    return out, kept
+
+
+def _unit_owners(needed: list[bool]) -> list[int]:
+    """The rank that measures each unit: the first rank that needs it whole, else round robin (the
+    same list on every rank: the needs are all-gathered; under a fake process group, as in the
+    rehearsal, only this rank's are known and it measures what it needs)."""
+    mine = torch.tensor(needed, dtype=torch.int32)
+    world = world_size()
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    gathered[rank()] = mine.clone()
+    if world > 1 and any(needed):
+        torch.distributed.all_gather(gathered, mine)
+    owners = []
+    for u in range(len(needed)):
+        first = next((r for r in range(world) if gathered[r][u]), None)
+        owners.append(u % world if first is None else first)
+    return owners
 
 
 def _raise_on_every_rank(error: str | None) -> None:
