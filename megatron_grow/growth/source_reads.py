@@ -85,11 +85,11 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
     """Noise stds per (logical key, source layer, source expert), from the full source expert tensors,
     and the full expert regions among ``wanted`` this rank read for them (collective).
 
-    Each full per-expert tensor ("unit") is measured by exactly one rank: the first rank that needs it
-    whole for writing (its request id is in that rank's ``wanted``), else round robin. A rank reads
-    the units it measures and the units it needs, each once, and returns the needed ones (stored
-    dtype) so that their copies are written from this read: width growth reads every source expert
-    once per rank that writes it, not once more for the statistics. Moments are summed across ranks
+    Each full per-expert tensor ("unit") is measured by exactly one rank (:func:`_unit_owner`). A rank
+    reads the units it measures and the units it needs whole for writing (their request ids are in
+    ``wanted``), each once, and returns the needed ones (stored dtype) so that their copies are written
+    from this read: width growth reads a source expert once per rank that writes it, not once more for
+    the statistics (except where a rank measures an expert it does not write). Moments are summed across ranks
     (exact: every entry is non-zero on one rank only) and combined in expert order, so every rank
     derives the same stds whatever the layout.
 
@@ -121,7 +121,7 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
     requests = [expert_request(*u) for u in units]
     needed = [wanted is not None and (r.key, tuple(r.global_offset), tuple(r.local_shape)) in wanted
               for r in requests]
-    owners = _unit_owners(needed)
+    owners = [_unit_owner(ls, es, L, E) for _, ls, es in units]
     moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
     kept: dict = {}
     error = None
@@ -153,21 +153,12 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
     return out, kept
 
 
-def _unit_owners(needed: list[bool]) -> list[int]:
-    """The rank that measures each unit: the first rank that needs it whole, else round robin (the
-    same list on every rank: the needs are all-gathered; under a fake process group, as in the
-    rehearsal, only this rank's are known and it measures what it needs)."""
-    mine = torch.tensor(needed, dtype=torch.int32)
-    world = world_size()
-    gathered = [torch.zeros_like(mine) for _ in range(world)]
-    gathered[rank()] = mine.clone()
-    if world > 1 and any(needed):
-        torch.distributed.all_gather(gathered, mine)
-    owners = []
-    for u in range(len(needed)):
-        first = next((r for r in range(world) if gathered[r][u]), None)
-        owners.append(u % world if first is None else first)
-    return owners
+def _unit_owner(ls: int, es: int, num_layers: int, num_experts: int) -> int:
+    """The rank that measures source expert ``es`` of layer ``ls``: contiguous blocks of (layer, expert)
+    per rank, the same on every rank without communication (so the rehearsal, which simulates ranks one
+    at a time, predicts the same reads). Pipeline stages and expert-parallel ranks follow the same order,
+    so a rank mostly measures experts it writes anyway and reads them once for both."""
+    return (ls * num_experts + es) * world_size() // (num_layers * num_experts)
 
 
 def _raise_on_every_rank(error: str | None) -> None:
