@@ -122,24 +122,7 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
     needed = [wanted is not None and (r.key, tuple(r.global_offset), tuple(r.local_shape)) in wanted
               for r in requests]
     owners = [_unit_owner(ls, es, L, E) for _, ls, es in units]
-    moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
-    kept: dict = {}
-    error = None
-    for u, (k, ls, es) in enumerate(units):
-        if owners[u] != rank() and not needed[u]:
-            continue
-        request = requests[u]
-        try:  # non-finite values are checked below, from the moments, on every rank alike
-            sizes = (1,) * request.prepend_axis_num + tuple(request.local_shape)
-            data = reader.read(request.key, tuple(request.global_offset), sizes).reshape(request.local_shape)
-        except CheckpointError as e:  # a damaged shard: every rank must leave this collective the same way
-            error = str(e)
-            break
-        if owners[u] == rank():  # a rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero
-            moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
-                                              dtype=torch.float64)
-        if needed[u]:
-            kept[(request.key, tuple(request.global_offset), tuple(request.local_shape))] = data
+    moments, kept, error = _read_units(units, requests, owners, needed, reader, (len(keys), L, E))
     _raise_on_every_rank(error)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)
@@ -151,6 +134,29 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
             for es in range(E):
                 out[(key, ls, es)] = transforms.expert_noise_std(plan, per_expert, es)
     return out, kept
+
+
+def _read_units(units: list, requests: list, owners: list, needed: list, reader: CheckpointReader,
+                shape: tuple) -> tuple[torch.Tensor, dict, str | None]:
+    """Read the units this rank measures or needs, each once: (moments of the measured ones, zero
+    elsewhere; the needed regions by request id, stored dtype; the first read error or None)."""
+    moments = torch.zeros(*shape, 3, dtype=torch.float64)
+    kept: dict = {}
+    for u, (k, ls, es) in enumerate(units):
+        if owners[u] != rank() and not needed[u]:
+            continue
+        request = requests[u]
+        sizes = (1,) * request.prepend_axis_num + tuple(request.local_shape)
+        try:  # non-finite values are checked by the caller, from the moments, on every rank alike
+            data = reader.read(request.key, tuple(request.global_offset), sizes).reshape(request.local_shape)
+        except CheckpointError as e:  # a damaged shard: every rank must leave the collective the same way
+            return moments, kept, str(e)
+        if owners[u] == rank():  # a rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero
+            moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
+                                              dtype=torch.float64)
+        if needed[u]:
+            kept[(request.key, tuple(request.global_offset), tuple(request.local_shape))] = data
+    return moments, kept, None
 
 
 def _unit_owner(ls: int, es: int, num_layers: int, num_experts: int) -> int:
