@@ -20,6 +20,7 @@ tree and renames it into place, ``checkpoint.io``).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -39,7 +40,15 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.default_planner import _validate_global_plan, create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from megatron_grow.errors import CheckpointError
 
@@ -132,8 +141,81 @@ def streaming_save_plan(sharded_state_dict: dict, produce: Callable | None) -> t
     sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=False)
     flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
     lazy = {(st.key, tuple(st.global_offset)): st for sts in flat.values() for st in sts if is_lazy(st)}
-    pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
+    # Keys whose shards are all lazy skip Megatron-Core's conversion to torch ShardedTensors (whose
+    # pairwise shard-overlap check is quadratic in the shards per key: 15 s per rank at 4 GiB grown,
+    # 2,688 expert shards per key and rank) and describe their write items directly (LazyShards).
+    lazy_keys = {key for key, sts in flat.items() if all(is_lazy(st) for st in sts)}
+    pyt_state_dict = mcore_to_pyt_state_dict({k: v for k, v in flat.items() if k not in lazy_keys}, is_loading=False)
+    pyt_state_dict.update({key: LazyShards(flat[key]) for key in lazy_keys})
     return common, pyt_state_dict, _producing_planner(lazy, produce), len(lazy)
+
+
+class LazyShards:
+    """This rank's lazy shards of one stored tensor, as torch DCP's save planner sees them.
+
+    DCP asks a state-dict value with a ``__create_write_items__`` method for its write items
+    (``planner_helpers._create_write_items``). This one returns, for each Megatron-Core
+    ShardedTensor, exactly the item Megatron-Core's torch ShardedTensor would have produced
+    (``sharded_tensor_to_torch_sharded_tensor``: the chunk carries the prepended layer/expert axes as
+    size-1 dims; properties of the detached data) -- tested item for item in
+    ``tests/unit/test_streaming_plan.py`` -- without building that ShardedTensor.
+    """
+
+    def __init__(self, shards: list):
+        self.shards = shards
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [lazy_write_item(fqn, st) for st in self.shards]
+
+
+def lazy_write_item(fqn: str, st) -> WriteItem:
+    """DCP's write item for one lazy Megatron-Core ShardedTensor (non-flattened) stored under ``fqn``."""
+    offsets = torch.Size(st.global_offset)
+    properties = TensorProperties(dtype=st.data.dtype, layout=st.data.layout, requires_grad=False,
+                                  memory_format=torch.contiguous_format, pin_memory=False)
+    chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size((1,) * st.prepend_axis_num + tuple(st.local_shape)))
+    return WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
+                     tensor_data=TensorWriteData(chunk=chunk, properties=properties, size=torch.Size(st.global_shape)))
+
+
+def global_plan_errors(global_plan: list, metadata: Metadata) -> list[str]:
+    """What DCP's ``_validate_global_plan`` reports (chunks out of bounds, overlapping, not filling the
+    tensor), in O(n log n) for chunks on a grid.
+
+    DCP's own check sweeps the largest dim, along which Megatron-Core's per-layer/per-expert chunks
+    all overlap, so it compares every pair (12 s on rank 0 at 4 GiB grown). When, in every dim, the
+    chunks' distinct intervals are disjoint (a grid, which is how Megatron-Core shards), two chunks
+    overlap exactly when they are the same box, so duplicates are the only overlaps. A key whose chunks
+    are not on a grid is checked by DCP's own function.
+    """
+    errors: list[str] = []
+    for key, value in metadata.state_dict_metadata.items():
+        if isinstance(value, BytesStorageMetadata) or len(value.size) == 0:
+            continue
+        if not _on_grid(value.chunks):
+            errors += _validate_global_plan(global_plan, Metadata({key: value}))
+            continue
+        volume = 0
+        for chunk in value.chunks:
+            if any(o < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, value.size)):
+                errors.append(f"key:{key} has out of bounds chunk: tensor-size:{value.size} chunk: {chunk}")
+            volume += math.prod(chunk.sizes)
+        boxes = {(tuple(c.offsets), tuple(c.sizes)) for c in value.chunks}
+        if len(boxes) != len(value.chunks):
+            errors.append(f"key:{key} has overlapping chunks ({len(value.chunks) - len(boxes)} duplicated)")
+        if len(global_plan) > 1 and volume != math.prod(value.size):
+            errors.append(f"key:{key} invalid fill tensor-volume: {math.prod(value.size)} chunks-volume: {volume}")
+    return errors
+
+
+def _on_grid(chunks: list) -> bool:
+    """Whether, in every dim, the distinct intervals the chunks occupy are pairwise disjoint."""
+    for dim in range(len(chunks[0].offsets) if chunks else 0):
+        intervals = sorted({(c.offsets[dim], c.sizes[dim]) for c in chunks})
+        for (start_a, size_a), (start_b, _) in zip(intervals, intervals[1:]):
+            if start_a + size_a > start_b:
+                return False
+    return True
 
 
 def local_problem(planner, expected: int, produce: Callable, checkpoint_dir: str) -> BaseException | None:
@@ -180,6 +262,14 @@ def _producing_planner(lazy: dict, produce: Callable):
             self.stopped = False
             self.producer_errors: list[BaseException] = []  # one per writer thread that failed
             self._lock = threading.Lock()
+
+        def _create_global_plan(self, all_plans):
+            # DCP's, with its quadratic chunk-overlap check replaced by global_plan_errors.
+            global_plan, metadata = create_default_global_save_plan(self._dedup_save_plans(all_plans))
+            errors = global_plan_errors(global_plan, metadata)
+            if errors:
+                raise ValueError(f"Failed to validate global plan: {'; '.join(errors)[:500]}")
+            return global_plan, metadata
 
         def resolve_data(self, write_item):
             index = write_item.index

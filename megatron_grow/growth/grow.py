@@ -50,8 +50,8 @@ from megatron_grow.errors import GrowthError
 from megatron_grow.growth import optimizer_state, retarget
 from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.growth.source import GrowthSource
-from megatron_grow.growth.source_reads import expert_stds, layer_groups, read_requests, target_sharded_tensors
-from megatron_grow.growth.streamed import GrownTensors
+from megatron_grow.growth.source_reads import expert_stats, layer_groups, read_requests, target_sharded_tensors
+from megatron_grow.growth.streamed import GrownTensors, is_main_replica
 from megatron_grow.log import component_log
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.models.mcore_config import padded_vocab_size
@@ -208,7 +208,8 @@ def load_grown_weights(model_chunks: Sequence[torch.nn.Module], source: GrowthSo
     return stats
 
 
-def plan_reads(targets: list, model_chunks, source: GrowthSource, stats: LoadStats) -> tuple[list, dict, dict]:
+def plan_reads(targets: list, model_chunks, source: GrowthSource, stats: LoadStats,
+               keep_regions: bool = False) -> tuple:
     """Tasks and read requests for ``targets``, checked against SRC's metadata, and the noise
     statistics (collective: every rank calls it).
 
@@ -217,9 +218,11 @@ def plan_reads(targets: list, model_chunks, source: GrowthSource, stats: LoadSta
         model_chunks: the grown model's chunks (their config is checked against the plan's target).
         source: the prepared growth.
         stats: receives the statistics pass's time.
+        keep_regions: also return the source regions the statistics pass read that this rank writes from.
 
     Returns:
-        (tasks, deduplicated source requests by id, noise std per (logical key, source layer, source expert)).
+        (tasks, deduplicated source requests by id, noise std per (logical key, source layer, source
+        expert)[, kept regions by request id, in the stored dtype]).
     """
     plan = source.plan
     _check_target_model(model_chunks, plan.target)
@@ -229,8 +232,12 @@ def plan_reads(targets: list, model_chunks, source: GrowthSource, stats: LoadSta
     # The source must hold every tensor the target asks for, with the global shape we expect.
     io.check_against_checkpoint({"r": list(requests.values())}, source.ckpt_dir, source.storage)
     ts = time.perf_counter()
-    expert_std = expert_stds(tasks, plan, source.reader)
+    # Kept: the full source experts this rank writes from, read once for the statistics and the copies.
+    wanted = {t.request_id: requests[t.request_id] for t in tasks if is_main_replica(t.target.replica_id)}
+    expert_std, kept = expert_stats(tasks, plan, source.reader, wanted if keep_regions else None)
     stats.stats_seconds = time.perf_counter() - ts
+    if keep_regions:
+        return tasks, requests, expert_std, kept
     return tasks, requests, expert_std
 
 
@@ -441,8 +448,9 @@ def streaming_target(source: GrowthSource, built: ModelConfig, parallel: Paralle
     targets = list(io.iter_sharded_tensors(state))
     for st in targets:  # buffers MCore creates on an explicit device (expert_bias) are grown too
         st.data = st.data.to("meta")
-    tasks, requests, expert_std = plan_reads(targets, chunks, source, stats)
-    grown = GrownTensors(tasks, requests, source.plan, source.reader, expert_std, progress, compute=compute)
+    tasks, requests, expert_std, kept = plan_reads(targets, chunks, source, stats, keep_regions=True)
+    grown = GrownTensors(tasks, requests, source.plan, source.reader, expert_std, progress, compute=compute,
+                         preloaded=kept)
     return state, targets, grown, keys.built_spec(built_with_te(chunks))
 
 
@@ -451,7 +459,8 @@ def _summary(source: GrowthSource, final: str, grown: GrownTensors, stats: LoadS
     before, after = count_params(source.plan.source).total, count_params(source.plan.target).total
     total = time.perf_counter() - t0
     bytes_written = io.checkpoint_bytes(final) if rank() == 0 else 0
-    totals = torch.tensor([grown.bytes_read], dtype=torch.float64)
+    # Every read of SRC this rank made (statistics pass, regions written, optimizer state), in stored bytes.
+    totals = torch.tensor([source.reader.bytes_read], dtype=torch.float64)
     if torch.distributed.is_initialized():
         all_reduce_host(totals)
     return {

@@ -68,11 +68,8 @@ def read_requests(requests: dict, reader: CheckpointReader, require_finite: bool
 
 
 def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict:
-    """Per (logical key, source layer, source expert) noise stds, from the full source expert tensors.
-
-    Each full per-expert tensor is read by exactly one rank (round robin); moments are
-    summed across ranks (exact: every entry is non-zero on one rank only) and combined in
-    expert order, so every rank derives the same stds whatever the layout (collective).
+    """Per (logical key, source layer, source expert) noise stds (collective): :func:`expert_stats`
+    without keeping any region.
 
     Args:
         tasks: this rank's growth tasks (their routed-expert tensors name the keys).
@@ -82,36 +79,54 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
     Returns:
         The stds; empty when no operator needs them.
     """
+    return expert_stats(tasks, plan, reader)[0]
+
+
+def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
+                 wanted: dict | None = None) -> tuple[dict, dict]:
+    """Noise stds per (logical key, source layer, source expert), from the full source expert tensors,
+    and the full expert regions among ``wanted`` this rank read for them (collective).
+
+    Each full per-expert tensor ("unit") is measured by exactly one rank (:func:`_unit_owner`). A rank
+    reads the units it measures and the units it needs whole for writing (their request ids are in
+    ``wanted``), each once, and returns the needed ones (stored dtype) so that their copies are written
+    from this read: width growth reads a source expert once per rank that writes it, not once more for
+    the statistics (except where a rank measures an expert it does not write). Moments are summed across ranks
+    (exact: every entry is non-zero on one rank only) and combined in expert order, so every rank
+    derives the same stds whatever the layout.
+
+    Args:
+        tasks: this rank's growth tasks (their routed-expert tensors name the keys).
+        plan: the growth plan.
+        reader: SRC's region reader.
+        wanted: source requests by id that this rank will write from (None: keep nothing).
+
+    Returns:
+        (the stds, empty when no operator needs them; the kept regions by request id).
+    """
     if not transforms.needs_expert_stats(plan):
-        return {}
+        return {}, {}
     L, E = plan.source.num_layers, plan.source.num_moe_experts
     templates: dict[str, Any] = {}
     for t in tasks:
         if t.kind == retarget.EXPERT and t.logical_key is not None:
-            templates.setdefault(t.logical_key, t.target)
+            templates.setdefault(t.logical_key, (t.target, t.request_id[0]))
     keys = sorted(templates)
     # Every rank must agree on the key list: every rank must hold an MoE layer (always so when every
     # layer is MoE; a pipeline stage of dense layers only has no template to read with).
     _check_templates_everywhere(keys)
-    moments = torch.zeros(len(keys), L, E, 3, dtype=torch.float64)
     moe = moe_layer_pattern(plan.source)
     units = [(k, ls, es) for k in range(len(keys)) for ls in range(L) if moe[ls] for es in range(E)]
-    mine = units[rank()::world_size()]
-    def expert_request(k: int, ls: int, es: int):
-        return _whole_expert_request(templates[keys[k]], L, E, ls, es)
 
-    error = None
-    for k, ls, es in mine:
-        request = expert_request(k, ls, es)
-        try:
-            read_requests({0: request}, reader, require_finite=False)  # checked below, on every rank alike
-        except CheckpointError as e:  # a damaged shard: every rank must leave this collective the same way
-            error = str(e)
-            break
-        # A rehearsal (growth.rehearsal) reads no data: its regions are meta tensors, their moments zero.
-        data = request.data
-        moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
-                                          dtype=torch.float64)
+    def expert_request(k: int, ls: int, es: int):
+        st, source_key = templates[keys[k]]
+        return _whole_expert_request(st, source_key, L, E, ls, es)
+
+    requests = [expert_request(*u) for u in units]
+    needed = [wanted is not None and (r.key, tuple(r.global_offset), tuple(r.local_shape)) in wanted
+              for r in requests]
+    owners = [_unit_owner(ls, es, L, E) for _, ls, es in units]
+    moments, kept, error = _read_units(units, requests, owners, needed, reader, (len(keys), L, E))
     _raise_on_every_rank(error)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)
@@ -122,18 +137,50 @@ def expert_stds(tasks: list, plan: GrowthPlan, reader: CheckpointReader) -> dict
             per_expert = [noise.Moments(int(n), float(mu), float(m2)) for n, mu, m2 in moments[k, ls].tolist()]
             for es in range(E):
                 out[(key, ls, es)] = transforms.expert_noise_std(plan, per_expert, es)
-    return out
+    return out, kept
 
 
-def _whole_expert_request(st, L: int, E: int, ls: int, es: int):
-    """A request for source expert ``es`` of source layer ``ls``, whole, shaped after target tensor ``st``."""
+def _read_units(units: list, requests: list, owners: list, needed: list, reader: CheckpointReader,
+                shape: tuple) -> tuple[torch.Tensor, dict, str | None]:
+    """Read the units this rank measures or needs, each once: (moments of the measured ones, zero
+    elsewhere; the needed regions by request id, stored dtype; the first read error or None)."""
+    moments = torch.zeros(*shape, 3, dtype=torch.float64)
+    kept: dict = {}
+    for u, (k, ls, es) in enumerate(units):
+        if owners[u] != rank() and not needed[u]:
+            continue
+        request = requests[u]
+        sizes = (1,) * request.prepend_axis_num + tuple(request.local_shape)
+        try:  # non-finite values are checked by the caller, from the moments, on every rank alike
+            data = reader.read(request.key, tuple(request.global_offset), sizes).reshape(request.local_shape)
+        except CheckpointError as e:  # a damaged shard: every rank must leave the collective the same way
+            return moments, kept, str(e)
+        if owners[u] == rank():  # a rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero
+            moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
+                                              dtype=torch.float64)
+        if needed[u]:
+            kept[(request.key, tuple(request.global_offset), tuple(request.local_shape))] = data
+    return moments, kept, None
+
+
+def _unit_owner(ls: int, es: int, num_layers: int, num_experts: int) -> int:
+    """The rank that measures source expert ``es`` of layer ``ls``: contiguous blocks of (layer, expert)
+    per rank, the same on every rank without communication (so the rehearsal, which simulates ranks one
+    at a time, predicts the same reads). Pipeline stages and expert-parallel ranks follow the same order,
+    so a rank mostly measures experts it writes anyway and reads them once for both."""
+    return (ls * num_experts + es) * world_size() // (num_layers * num_experts)
+
+
+def _whole_expert_request(st, source_key: str, L: int, E: int, ls: int, es: int):
+    """A request for source expert ``es`` of source layer ``ls``, whole, shaped after target tensor ``st``
+    (stacked storage: under the source's name ``source_key``)."""
     per_layer = ckpt_keys.split_per_layer_key(st.key)
     if per_layer:  # a mixed dense/MoE stack: the source layer's own key, experts on axis 0
         full = tuple(st.global_shape[1:])
         key = ckpt_keys.per_layer_storage_key(ls, per_layer[1])
         return retarget._request(st, (es,) + (0,) * len(full), (E,) + full, full, key)
     full = tuple(st.global_shape[2:])
-    return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full)
+    return retarget._request(st, (ls, es) + (0,) * len(full), (L, E) + full, full, source_key)
 
 
 def _check_templates_everywhere(logical_keys: list) -> None:

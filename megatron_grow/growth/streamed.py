@@ -44,11 +44,12 @@ class GrownTensors:
     slice that is its region unchanged counts twice: an upper bound by one region);
     ``peak_held_bytes`` its maximum, ``bytes_produced`` the sum of the slices handed to the writer.
     ``compute`` grows one slice from its source region (the rehearsal, ``growth.rehearsal``, passes
-    one that returns an empty meta tensor of the slice's shape).
+    one that returns an empty meta tensor of the slice's shape). ``preloaded``: regions read already
+    (by request id, stored dtype), held until their last slice is produced like any other.
     """
 
     def __init__(self, tasks: list, requests: dict, plan: GrowthPlan, reader, expert_std: dict,
-                 progress: bool = True, compute: Callable = retarget.grown_slice):
+                 progress: bool = True, compute: Callable = retarget.grown_slice, preloaded: dict | None = None):
         self.plan, self.reader, self.expert_std, self.requests = plan, reader, expert_std, requests
         self.compute = compute
         self.held_bytes = self.peak_held_bytes = self.bytes_produced = 0
@@ -56,7 +57,9 @@ class GrownTensors:
         # Only main replicas are written; a region read only for other replicas is never needed.
         self.users = Counter(t.request_id for t in tasks if is_main_replica(t.target.replica_id))
         self.total = sum(self.users.values())
-        self.loaded: dict = {}
+        # Regions read already (the width statistics pass keeps what this rank writes from), in the stored
+        # dtype; cast to the request's dtype at each use. A region no main replica uses is not kept.
+        self.loaded: dict = {rid: v for rid, v in (preloaded or {}).items() if self.users[rid] > 0}
         self.read_locks: dict = {}
         self.lock = threading.Lock()
         self.bytes_read = 0
@@ -64,6 +67,7 @@ class GrownTensors:
         self.produced = 0
         self.progress = progress
         self.started = time.perf_counter()
+        self._hold(sum(v.numel() * v.element_size() for v in self.loaded.values()))
 
     def __call__(self, st) -> torch.Tensor:
         task = self.task_of.get(id(st))
@@ -98,7 +102,7 @@ class GrownTensors:
                     self.loaded[request_id] = value
                     self.bytes_read += nbytes
                 self._hold(value.numel() * value.element_size())
-        return value
+        return value.to(self.requests[request_id].dtype)  # a preloaded region is in the stored dtype
 
     def _hold(self, nbytes: int) -> None:
         with self.lock:

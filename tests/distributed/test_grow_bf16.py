@@ -12,6 +12,8 @@
 * Megatron-Core's own ``dist_checkpointing.load`` with ``StrictHandling.RAISE_ALL`` loads the bf16 result
   into a grown model built in bf16, and the trainer resumes from it (EP=2), loading the bf16 weights
   into its own params dtype (fp32 on CPU), and trains two steps with finite losses.
+* The bf16 result hashes (SHA-256 of dtype, shape and bytes per tensor) to ``FROZEN_BF16``, recorded from
+  the code before the faster streaming path (fdbe10f).
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/distributed/test_grow_bf16.py
 """
@@ -31,6 +33,7 @@ from megatron_grow.parallel.spawn import run_in_processes
 from tests.distributed import oracle
 from tests.distributed.bodies import plain_tensors_of_many, strict_load_into_nan_model, train_body
 from tests.distributed.conftest import write_recipe
+from tests.distributed.test_grow_streaming import tensor_hash
 
 pytestmark = pytest.mark.slow  # ~20-60 s on 2 shared cores: one save, two growths, one read, a strict load, 2 steps
 
@@ -40,6 +43,38 @@ GROWTH = dataclasses.replace(RECIPE.growth, width=dataclasses.replace(RECIPE.gro
                                                                       noise_granularity="per_layer"))
 EP2 = ParallelConfig(expert_model_parallel_size=2)
 FC1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+
+# SHA-256 of (dtype, shape, bytes) of every tensor the bf16 grow (EP=2, dtype auto) wrote for this source
+# and GROWTH with the code before the single-read statistics pass and the fast save planning (commit
+# fdbe10f), recorded once by running that code: the faster path writes the same bytes.
+FROZEN_BF16 = {
+    "decoder.final_layernorm.weight":
+        "d02836ef63ed339625ae0b51aa4c61809a9005fe7b0b0cb541645a467a485f1d",
+    "decoder.layers.mlp.experts.experts.linear_fc1.weight":
+        "941cc2718f9ce56cffab23c0314c2543fcbe1aa0f0b23e9ce629259d6b2f53e0",
+    "decoder.layers.mlp.experts.experts.linear_fc2.weight":
+        "de0a994a8173e58903368015701eb563b986747077998ecfafab28749e3c632e",
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight":
+        "efa29ffc341f8ee65099dea3a83b36dba610af3a23502a5512c8e3c5f018ac8d",
+    "decoder.layers.mlp.router.expert_bias":
+        "b49b6c5708d2451a615bb4e755ccf7d175283155ad1e9454cb5949f48522367b",
+    "decoder.layers.mlp.router.weight":
+        "579a675db5597974d48ce64d973fc5606e2dd78d79f34f6c69c78e2b36f602ca",
+    "decoder.layers.self_attention.k_layernorm.weight":
+        "e6bac20ff8cb4d51d650955e0da24fb6e9bd15769bc2533fb5d2777d6505253f",
+    "decoder.layers.self_attention.linear_proj.weight":
+        "856d66a989b5a607424b5b82062d75212252a8916e6a260702a3a94d0c5a7dfa",
+    "decoder.layers.self_attention.linear_qkv.layer_norm_weight":
+        "6e1785879c8d5033a654efca2188311061c7ef3482d99dafe92a712583d71d5a",
+    "decoder.layers.self_attention.linear_qkv.weight":
+        "baaa575a2b03e0dceb069088e26cb4e8cf8a1c67eb7980e43083aa2b2932ab2f",
+    "decoder.layers.self_attention.q_layernorm.weight":
+        "ab9389504a28c70bc2b789f2609d2436919f61064abbee6511d65c56196eebfa",
+    "embedding.word_embeddings.weight":
+        "4b5cc25507b4bce7cea0d55855ba8071615d146bb0d08173ff3076a3ca08b56a",
+    "output_layer.weight":
+        "86818b7f32ef6acdef90623b26aa601b8cbd6474280f0e083b0bd28ce1577809",
+}
 
 
 def bf16_source(root: str) -> None:
@@ -106,6 +141,14 @@ def test_bf16_source_grows_into_bf16_as_defined(grown):
     for j in range(2 * SOURCE_MODEL.num_layers):
         assert _bitwise_equal(out[FC1][j, :8], src[FC1][j // 2])
         assert not torch.equal(out[FC1][j, 8:], src[FC1][j // 2]), "the copies carry noise"
+
+
+def test_bf16_output_is_bit_identical_to_the_frozen_hashes(grown):
+    _, t = grown
+    hashes = {key: tensor_hash(v) for key, v in t["auto"].items()}
+    assert sorted(hashes) == sorted(FROZEN_BF16), "the grown checkpoint stores other tensors than before"
+    differ = [key for key in FROZEN_BF16 if hashes[key] != FROZEN_BF16[key]]
+    assert not differ, f"{len(differ)} tensors differ from the bf16 grow of commit fdbe10f: {differ}"
 
 
 def test_fp32_option_writes_fp32_of_the_same_definition(grown):

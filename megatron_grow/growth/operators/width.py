@@ -126,7 +126,8 @@ class WidthOperator(GrowthOperator):
         if noise.shape != value.shape:
             raise ValueError(f"{logical_key}: source slice shape {tuple(value.shape)} does not match region "
                              f"{region} of full shape {full_shape}")
-        return (value.to(torch.float32) + noise).to(value.dtype)
+        # fp32(value) + noise, summed into the noise's own buffer (addition commutes exactly; no new tensor)
+        return noise.add_(value.to(torch.float32)).to(value.dtype)
 
     def _expert_noise_fp32(self, plan: GrowthPlan, logical_key: str, target_layer: int, target_expert: int,
                            full_shape: tuple[int, ...], std: float) -> torch.Tensor | None:
@@ -142,7 +143,7 @@ class WidthOperator(GrowthOperator):
             if copy_idx == 0:
                 return None  # originals stay exact
             g = noise_generator(seed, logical_key, layer, target_expert)
-            return torch.randn(full_shape, generator=g, dtype=torch.float32) * scale
+            return torch.randn(full_shape, generator=g, dtype=torch.float32).mul_(scale)
         # antithetic: zero-sum fc2 noise within the copy group; fc1 exact keeps every member's
         # hidden activation equal to the source's, so the group's (equal-weight) output is exact.
         if logical_key != FC2_KEY:
