@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-from torch.distributed import distributed_c10d as c10d
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from torch.distributed import distributed_c10d as c10d
 
 from megatron_grow.config.layout_rules import Layout, resolve_layout, world_layout_problems
 from megatron_grow.config.schema import ParallelConfig

@@ -34,3 +34,30 @@ def test_a_lone_process_binds_no_rendezvous_port():
     run = subprocess.run([sys.executable, "-c", LONE_PROCESS], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "world 1 rank 0" in run.stdout
+
+
+# Initialising again in the same process (repro's workers run many runs each) must not keep the earlier
+# Megatron-Core groups: each gloo group holds threads, and 1,700 of them slowed a whole machine.
+REINIT = """
+import os
+from megatron_grow.platform import cpu
+cpu.apply_cpu_adaptations()
+from megatron_grow.parallel.init import initialize_distributed
+from megatron_grow.config.schema import ParallelConfig
+initialize_distributed(ParallelConfig())
+first = len(os.listdir(f"/proc/{os.getpid()}/task"))
+for _ in range(5):
+    initialize_distributed(ParallelConfig())
+print("threads", first, len(os.listdir(f"/proc/{os.getpid()}/task")))
+"""
+
+
+@pytest.mark.slow
+def test_initialising_again_keeps_no_earlier_groups():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", REINIT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first, after = (int(x) for x in run.stdout.split("threads")[1].split())
+    assert after == first, (first, after)   # before the fix: 65 -> 320
