@@ -263,6 +263,31 @@ def model_config_from_args(args: Any, where: str = "Megatron-LM args in common.p
     return ModelConfig(**picked)
 
 
+def _architecture_args(model: ModelConfig, tp: int) -> dict:
+    """The model's Megatron-LM architecture arguments (the inverse of :func:`model_config_from_args`)."""
+    arch = {name: getattr(model, name) for name in SAME_NAME_ARGS}
+    freq = model.moe_layer_freq
+    arch.update(
+        ffn_hidden_size=model.ffn_hidden_size or model.moe_ffn_hidden_size, group_query_attention=model.num_query_groups
+        != model.num_attention_heads, num_query_groups=model.num_query_groups, kv_channels=model.kv_channels,
+        num_experts=model.num_moe_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_layer_freq=list(freq) if isinstance(freq, tuple) else freq,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
+        swiglu=model.gated_linear_unit, add_bias_linear=model.add_bias_linear, add_qkv_bias=model.add_bias_linear,
+        multi_latent_attention=model.multi_latent_attention, mtp_num_layers=None, norm_epsilon=model.layernorm_epsilon,
+        max_position_embeddings=model.seq_length, add_position_embedding=True,
+        vocab_size=model.vocab_size, padded_vocab_size=padded_vocab_size(model, tp),
+    )
+    arch.update({name: getattr(model, name) for name in GROUPED_ROUTING_ARGS})
+    if model.multi_latent_attention:
+        arch.update({name: getattr(model, name) for name in MLA_ARGS}, rope_type="rope")
+    arch.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+                moe_router_load_balancing_type=model.moe_router_load_balancing_type,
+                make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, seq_length=model.seq_length,
+                moe_token_dispatcher_type=model.moe_token_dispatcher_type, moe_grouped_gemm=model.moe_grouped_gemm)
+    return arch
+
+
 def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dict, world_size: int,
                   training: TrainingConfig | None = None, optimizer_saved: bool = False,
                   base: Any = None) -> argparse.Namespace:
@@ -284,26 +309,7 @@ def megatron_args(model: ModelConfig, parallel: ParallelConfig, *, counters: dic
     """
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
-    arch = {name: getattr(model, name) for name in SAME_NAME_ARGS}
-    freq = model.moe_layer_freq
-    arch.update(
-        ffn_hidden_size=model.ffn_hidden_size or model.moe_ffn_hidden_size, group_query_attention=model.num_query_groups
-        != model.num_attention_heads, num_query_groups=model.num_query_groups, kv_channels=model.kv_channels,
-        num_experts=model.num_moe_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-        moe_layer_freq=list(freq) if isinstance(freq, tuple) else freq,
-        moe_shared_expert_gate=model.moe_shared_expert_gate,
-        swiglu=model.gated_linear_unit, add_bias_linear=model.add_bias_linear, add_qkv_bias=model.add_bias_linear,
-        multi_latent_attention=model.multi_latent_attention, mtp_num_layers=None, norm_epsilon=model.layernorm_epsilon,
-        max_position_embeddings=model.seq_length, add_position_embedding=True,
-        vocab_size=model.vocab_size, padded_vocab_size=padded_vocab_size(model, tp),
-    )
-    arch.update({name: getattr(model, name) for name in GROUPED_ROUTING_ARGS})
-    if model.multi_latent_attention:
-        arch.update({name: getattr(model, name) for name in MLA_ARGS}, rope_type="rope")
-    arch.update(moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-                moe_router_load_balancing_type=model.moe_router_load_balancing_type,
-                make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, seq_length=model.seq_length,
-                moe_token_dispatcher_type=model.moe_token_dispatcher_type, moe_grouped_gemm=model.moe_grouped_gemm)
+    arch = _architecture_args(model, tp)
     layout = dict(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,

@@ -36,6 +36,7 @@ from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.growth.plan import make_growth_plan
 from megatron_grow.models.builder import build_model_chunks
+from megatron_grow.parallel.init import destroy_distributed
 from megatron_grow.parallel.simulated import simulated_rank
 
 RECIPE = load_recipe("configs/growth/tiny_depth_width.yaml")
@@ -53,6 +54,7 @@ def meta_state(dtype: torch.dtype) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_write_items_equal_megatron_cores_conversion(dtype):
+    destroy_distributed()  # a simulated rank needs a process with no group; earlier in-process tests leave one
     with simulated_rank(ParallelConfig(expert_model_parallel_size=2), 1, 2):
         _, fast_dict, planner, lazy_count = streaming_save_plan(meta_state(dtype), None)
         planner.set_up_planner(fast_dict, storage_meta=None, is_coordinator=False)
