@@ -80,8 +80,12 @@ class NormProfile:
 def expert_keys(reader: CheckpointReader) -> tuple[str, str]:
     """The stacked routed-expert fc1/fc2 keys (4-D, under ``mlp.experts``, not shared experts)."""
     def pick(suffix: str) -> str:
+        # A training checkpoint also stores the optimizer's copies and moments of each weight under
+        # optimizer.state.*; the profile is of the weights themselves.
         found = [k for k in reader.find(lambda k: k.endswith(suffix) and keys.ROUTED_EXPERTS_MARKER in k
-                                        and "shared_experts" not in k) if len(reader.tensors[k].shape) == 4]
+                                        and "shared_experts" not in k
+                                        and not k.startswith(keys.OPTIMIZER_STATE_PREFIX))
+                 if len(reader.tensors[k].shape) == 4]
         if len(found) != 1:
             raise CheckpointError(f"{reader.ckpt_dir}: expected one stacked routed-expert tensor ending in "
                                   f"{suffix!r} with shape [layers, experts, ...], found {found or 'none'}")
