@@ -23,9 +23,8 @@ from megatron_grow.errors import UserInputError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/repro", help="where data, checkpoints and results go")
     parser.add_argument("--tiny", action="store_true", help="CI scale (every finding, a few steps each)")
-    parser.add_argument("--size", choices=("cpu", "cpu4", "gpu", "auto"), default="auto",
-                        help="model and step sizes (auto: gpu when CUDA is available; cpu4: finding (b) alone on a "
-                             "4-layer base); ignored with --tiny")
+    parser.add_argument("--size", choices=("cpu", "gpu", "auto"), default="auto",
+                        help="model and step sizes (auto: gpu when CUDA is available); ignored with --tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
                         help="seeds of init, data order and growth noise (default: the size's, 3 for cpu/gpu)")
     parser.add_argument("--ranks", type=int, default=None, metavar="N",
@@ -36,9 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="write and validate every recipe, print the plan, "
                         "train nothing")
     parser.add_argument("--report-only", action="store_true", help="rebuild results.md, results.json and the "
-                        "plots from WORKDIR/raw_results.json (e.g. after changing the report), train nothing")
+                        "plots from the raw records (--raw, default WORKDIR/raw), train nothing")
+    parser.add_argument("--raw", default=None, metavar="DIR",
+                        help="--report-only: the raw records (study.json, seed_<seed>.json), e.g. "
+                             "docs/results/repro_cpu")
+    parser.add_argument("--report-dir", default=None, metavar="DIR",
+                        help="where results.md and img/ go (default: WORKDIR), e.g. docs")
     parser.add_argument("--text", nargs="+", default=None, metavar="FILE",
-                        help="corpus (.txt[.gz]/.jsonl[.gz]); default: the shipped KJV Bible")
+                        help="corpus (.txt[.gz]/.jsonl[.gz]); default: the shipped KJV Bible without the books "
+                             "the held-out downstream task is drawn from")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--seeds has repeats: {args.seeds}")
     run_repro(workdir=args.workdir, size=args.size, tiny=args.tiny, ranks=args.ranks, texts=args.text,
               seeds=args.seeds, jobs=args.jobs, dry_run=args.dry_run, downstream=not args.no_downstream,
-              report_only=args.report_only)
+              report_only=args.report_only, raw_dir=args.raw, report_dir=args.report_dir)
     return 0
