@@ -513,7 +513,8 @@ def _study_record(rsize: ReproSize, ranks: int, jobs: int, texts, data: dict, se
 
 def dataset_tokens(prefix: str) -> int:
     """Tokens in the indexed dataset at ``prefix`` (all splits)."""
-    return int(IndexedDataset(prefix).sequence_lengths.sum())
+    dataset = IndexedDataset(prefix)  # held while summing: its lengths are a view of its memory map
+    return int(dataset.sequence_lengths.sum())
 
 
 def training_texts(workdir: str, texts: Sequence[str] | None) -> tuple[list[str], dict | None]:
