@@ -112,11 +112,11 @@ SIZES = {
                                      grown_iters=8, eval_interval=4, eval_iters=2, lr=3e-3, vocab_size=256),
                       first_save_fc=None, seeds=(1234, 1235), warmup_iters=2, rewarmup_iters=2, downstream="key",
                       downstream_limit=40, ranks=2),
-    # CPU: 4 layers, 8 experts of FFN 64, top-2, vocabulary 256: the routed experts are 87 % of the
-    # parameters and 57 % of the training FLOPs (embeddings 7 %, LM head 9 % of the FLOPs). Batch 64 x 64
-    # tokens, so F_c = 120 N_a^2 is ~390 steps; base to ~2 F_c; 160 steps after growth.
-    "cpu": ReproSize(ExperimentSize("cpu", num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                                    kv_channels=8, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=64,
+    # CPU: 4 layers, 8 experts of FFN 96, top-2, hidden 16, vocabulary 256: the routed experts are 92 % of the
+    # parameters and 70 % of the training FLOPs (LM head 8 %). Batch 64 x 64 tokens, so F_c = 120 N_a^2 is ~220
+    # steps; the base to ~2 F_c (about one pass over the training text); 160 steps after growth.
+    "cpu": ReproSize(ExperimentSize("cpu", num_layers=4, hidden_size=16, num_attention_heads=2, num_query_groups=1,
+                                    kv_channels=8, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=96,
                                     seq_length=64, micro_batch_size=64, global_batch_size=64, base_iters=0,
                                     grown_iters=160, eval_interval=20, eval_iters=4, lr=3e-3, vocab_size=256),
                      first_save_fc=0.25, seeds=(1234, 1235, 1236, 1237, 1238), warmup_iters=20, rewarmup_iters=16,
