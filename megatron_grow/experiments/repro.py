@@ -113,23 +113,30 @@ SIZES = {
                       first_save_fc=None, seeds=(1234, 1235), warmup_iters=2, rewarmup_iters=2, downstream="key",
                       downstream_limit=40, ranks=2),
     # CPU: 4 layers, 8 experts of FFN 96, top-2, hidden 16, vocabulary 256: the routed experts are 92 % of the
-    # parameters and 70 % of the training FLOPs (LM head 8 %). Batch 64 x 64 tokens, so F_c = 120 N_a^2 is ~220
-    # steps; the base to ~2 F_c (about one pass over the training text); 160 steps after growth.
+    # parameters and 61 % of the training FLOPs (LM head 7 %). Sequences of 128 tokens, so that the held-out
+    # questions (context + answer up to ~140 tokens at this vocabulary) are seldom cut; batch 32 x 128 tokens,
+    # F_c = 120 N_a^2 is ~190 steps; the base to ~2 F_c (about one pass over the training text).
     "cpu": ReproSize(ExperimentSize("cpu", num_layers=4, hidden_size=16, num_attention_heads=2, num_query_groups=1,
                                     kv_channels=8, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=96,
-                                    seq_length=64, micro_batch_size=64, global_batch_size=64, base_iters=0,
-                                    grown_iters=160, eval_interval=20, eval_iters=4, lr=3e-3, vocab_size=256),
+                                    seq_length=128, micro_batch_size=32, global_batch_size=32, base_iters=0,
+                                    grown_iters=160, eval_interval=20, eval_iters=8, lr=3e-3, vocab_size=256),
                      first_save_fc=0.25, seeds=(1234, 1235, 1236, 1237, 1238), warmup_iters=20, rewarmup_iters=16,
                      downstream="key", downstream_limit=None, ranks=1),
-    # One GPU: 8 layers, 32 experts of FFN 512, top-2 (vocabulary 4096). Defined and dry-run tested; not run here.
-    "gpu": ReproSize(ExperimentSize("gpu", num_layers=8, hidden_size=256, num_attention_heads=8, num_query_groups=4,
-                                    kv_channels=32, num_moe_experts=32, moe_router_topk=2, moe_ffn_hidden_size=512,
-                                    seq_length=256, micro_batch_size=64, global_batch_size=64, base_iters=0,
-                                    grown_iters=1000, eval_interval=100, eval_iters=8, lr=2e-3, vocab_size=4096),
-                     first_save_fc=0.25, seeds=(1234, 1235, 1236, 1237, 1238), warmup_iters=100, rewarmup_iters=100,
-                     downstream="all", downstream_limit=None, ranks=1),
+    # One GPU (H200): 4 layers, 16 experts of FFN 512, top-2, hidden 128, vocabulary 1024 (experts 96 % of the
+    # parameters, 72 % of the FLOPs); batch 256 x 256 tokens. Dry-run tested (the plan's time is an estimate under
+    # GPU_ASSUMPTIONS); never run in this repository.
+    "gpu": ReproSize(ExperimentSize("gpu", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                                    kv_channels=32, num_moe_experts=16, moe_router_topk=2, moe_ffn_hidden_size=512,
+                                    seq_length=256, micro_batch_size=256, global_batch_size=256, base_iters=0,
+                                    grown_iters=250, eval_interval=50, eval_iters=4, lr=2e-3, vocab_size=1024),
+                     first_save_fc=0.25, seeds=(1234, 1235, 1236), warmup_iters=50, rewarmup_iters=25,
+                     downstream="key", downstream_limit=None, ranks=1),
 }
 
+
+# What the GPU plan's time estimate assumes (not measured: no GPU in this project's sessions): H200 dense
+# bf16 peak, a model-FLOPs utilisation typical of small models, and a fixed cost per optimizer step.
+GPU_ASSUMPTIONS = {"peak_flops": 989e12, "mfu": 0.2, "step_overhead_s": 0.05, "downstream_s": 30.0}
 
 _say = component_log("repro")
 
@@ -498,6 +505,26 @@ def read_raw(raw_dir: str) -> tuple[dict, list[dict]]:
     return study, seeds
 
 
+def estimated_gpu_seconds(rsize: ReproSize, plans: list[SeedPlan]) -> dict:
+    """The plan's time on one GPU under GPU_ASSUMPTIONS: per optimizer step a fixed cost plus its FLOPs at
+    ``mfu`` x ``peak_flops``; per downstream score ``downstream_s``. Evaluations are not counted."""
+    size, a = resolved_size(rsize), GPU_ASSUMPTIONS
+    steps = flops = seconds = 0.0
+    scored = 0
+    for plan in plans:
+        for step in plan.steps:
+            if step["name"] not in plan.meta:
+                continue
+            m = plan.meta[step["name"]]
+            n = m["recipe"]["training"]["train_iters"] - (m["from_iteration"] or 0)
+            per_step = training_flops_per_step(m["model"], size.global_batch_size, size.seq_length)
+            steps, flops = steps + n, flops + n * per_step
+            seconds += n * (a["step_overhead_s"] + per_step / (a["mfu"] * a["peak_flops"]))
+            scored += step["downstream"]
+    return {"steps": int(steps), "flops": flops, "scored": scored,
+            "seconds": seconds + scored * a["downstream_s"]}
+
+
 def _study_record(rsize: ReproSize, ranks: int, jobs: int, texts, data: dict, seeds: list, heldout) -> dict:
     size = resolved_size(rsize)
     return {"format": RAW_FORMAT, "size": dataclasses.asdict(size), "repro_size": {
@@ -557,9 +584,12 @@ def run_repro(workdir: str = "runs/repro", size: str = "auto", tiny: bool = Fals
     plans = plan_all(workdir, rsize, ranks, data, seeds)
     _say_plan(rsize, plans[0])
     if dry_run:
+        estimate = estimated_gpu_seconds(rsize, plans)
         _say(f"dry run: {sum(len(p.steps) for p in plans)} steps written under {workdir}/seed_*/recipes; "
-             "nothing trained")
-        return {"dry_run": True, "plans": [dataclasses.asdict(p) for p in plans]}
+             f"nothing trained. On one GPU, under GPU_ASSUMPTIONS {GPU_ASSUMPTIONS}: about "
+             f"{estimate['seconds'] / 60:.0f} min ({estimate['steps']:,} optimizer steps, "
+             f"{estimate['flops']:.3e} training FLOPs, {estimate['scored']} downstream scores)")
+        return {"dry_run": True, "plans": [dataclasses.asdict(p) for p in plans], "gpu_estimate": estimate}
     study = _study_record(rsize, ranks, jobs, texts, data, seeds, heldout)
     _train_all(workdir, plans, ranks, jobs, data, rsize, study)
     study, seeds_raw = read_raw(os.path.join(workdir, "raw"))
