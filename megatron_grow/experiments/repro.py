@@ -115,11 +115,11 @@ SIZES = {
     # CPU: 4 layers, 8 experts of FFN 96, top-2, hidden 16, vocabulary 256: the routed experts are 92 % of the
     # parameters and 61 % of the training FLOPs (LM head 7 %). Sequences of 128 tokens, so that the held-out
     # questions (context + answer up to ~140 tokens at this vocabulary) are seldom cut; batch 32 x 128 tokens,
-    # F_c = 120 N_a^2 is ~190 steps; the base to ~2 F_c (about one pass over the training text).
+    # F_c = 120 N_a^2 is ~190 steps (saves at 50, 100, 200, 400); the base to ~2 F_c (one pass over the text).
     "cpu": ReproSize(ExperimentSize("cpu", num_layers=4, hidden_size=16, num_attention_heads=2, num_query_groups=1,
                                     kv_channels=8, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=96,
                                     seq_length=128, micro_batch_size=32, global_batch_size=32, base_iters=0,
-                                    grown_iters=160, eval_interval=20, eval_iters=8, lr=3e-3, vocab_size=256),
+                                    grown_iters=150, eval_interval=25, eval_iters=8, lr=3e-3, vocab_size=256),
                      first_save_fc=0.25, seeds=(1234, 1235, 1236, 1237, 1238), warmup_iters=20, rewarmup_iters=16,
                      downstream="key", downstream_limit=None, ranks=1),
     # One GPU (H200): 4 layers, 16 experts of FFN 512, top-2, hidden 128, vocabulary 1024 (experts 96 % of the
