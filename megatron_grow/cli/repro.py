@@ -1,16 +1,17 @@
-"""Reproduce the paper's four findings at small scale, over seeds (grown vs scratch, interposition vs
-stack below and above 1x F_c, the noise scale alpha, sunk cost).
+"""The paper's findings, their controls and the growth options, at small scale over seeds.
 
-    megatron-grow repro --size cpu                      # 3 seeds, about 30-45 minutes on 2 CPU cores
+    megatron-grow repro --size cpu --jobs 3             # 5 seeds on 2 CPU cores (docs/results.md)
     megatron-grow repro --tiny                          # CI: the machinery, not the science
-    megatron-grow repro --size gpu --dry-run            # write and check every recipe, train nothing
+    megatron-grow repro --size gpu --dry-run            # write and check every recipe, estimate, train nothing
+    megatron-grow repro --report-only --raw docs/results/repro_cpu --report-dir docs   # rebuild docs/results.md
     megatron-grow repro [--workdir runs/repro] [--tiny] [--size gpu|cpu|auto] [--seeds N ...] [--ranks N]
-                        [--jobs N] [--no-downstream] [--dry-run] [--text FILE ...]
+                        [--jobs N] [--no-downstream] [--dry-run] [--report-only] [--raw DIR] [--report-dir DIR]
+                        [--text FILE ...]
 
-Trains one base per seed (saved near 0.25, 0.5, 1 and 2 F_c), grows it in the ways the findings
-compare, trains every run on for the same additional FLOPs on the same validation tokens, scores
-the final checkpoints on the shipped cloze task, and writes WORKDIR/results.md (every finding as a
-mean difference ± standard error over seeds), WORKDIR/results.json and four plots.
+Trains one base per seed (saved near 0.25, 0.5, 1 and 2 F_c) on the corpus without the books the
+held-out task is drawn from, grows it in the ways the findings and options compare, trains every
+run on with the same batch on the same validation tokens, scores the key final checkpoints on the
+held-out task, writes the raw records (WORKDIR/raw/) and from them WORKDIR/results.md and its plots.
 """
 
 from __future__ import annotations

@@ -1,29 +1,36 @@
-"""The paper's four findings (arXiv 2510.08008; docs/results.md) at a scale we can run, over seeds.
+"""The paper's four findings (arXiv 2510.08008), their controls and the growth options, at a scale we
+can run, over seeds; docs/results.md is the measured study.
 
-    megatron-grow repro --size cpu             # ~30-45 minutes on 2 CPU cores, 3 seeds
-    megatron-grow repro --tiny                 # CI: the machinery, not the science (~2 minutes)
-    megatron-grow repro --size gpu [--dry-run] # one GPU
+    megatron-grow repro --size cpu --jobs 3    # 5 seeds, 3 side by side on 2 CPU cores
+    megatron-grow repro --tiny                 # CI: the machinery, not the science (~6 minutes)
+    megatron-grow repro --size gpu --dry-run   # one GPU: the plan and its estimated time
+    megatron-grow repro --report-only --raw docs/results/repro_cpu --report-dir docs
 
-For every seed (init, training data order and growth noise; the validation tokens stay fixed),
-one base MoE is trained at a constant LR and saved at four iterations i, 2i, 4i, 8i, where i is
-chosen so that the first save has spent about 0.25x the Chinchilla reference compute
-F_c = 120 N_a^2 (so the saves sit near 0.25, 0.5, 1 and 2 F_c). Every later run trains for the
-same number of steps with the same batch, so runs of one architecture spend the same
-*additional* FLOPs (checked from the trainer's counters):
+For every seed (init, training data order and growth noise; the validation tokens stay fixed), one
+base MoE (routed experts most of its parameters and FLOPs, top-2) trains with a linear warmup then a
+constant LR (the paper's base) and is saved at four iterations i, 2i, 4i, 8i, i the evaluation
+nearest 0.25 F_c (F_c = 120 N_a^2), so near 0.25, 0.5, 1 and 2 F_c. Every later run trains
+``grown_iters`` steps with the same batch; grown runs restart at the constant LR with no warmup,
+scratch runs have their own warmup:
 
-(a) grown vs scratch: depth interposition x2 of the last save vs the same architecture from
-    random init and (not in --tiny) the paper's full recipe (depth x2, then width x2, alpha 0.01)
-    vs its architecture from random init;
-(b) interposition vs stack (depth x2) from the first save (~0.25 F_c) and from the last (~2 F_c);
-(c) width growth (experts x2, top-k x2) of the last save with alpha in {0, 0.01, 0.1};
-(d) final loss vs sunk cost: depth interposition from every save, and sunk cost 0 (scratch).
+(a) depth interposition x2 of the last save vs the same architecture from scratch (equal additional
+    FLOPs), and vs the base trained on from that save ("continue_base", at least those FLOPs; compared
+    on its curve at the grown run's budget);
+(b) interposition vs stack (depth x2) from the first and the last save, with the base's weight-norm
+    profile at every save (``analysis.weight_norms``);
+(c) width growth (experts x2, top-k x2: function-preserving with top-2) with alpha 0 and 0.01;
+(d) final loss vs sunk cost: depth interposition from every save, and sunk cost 0 (scratch);
+ops: against width x2 alpha 0.01 from the last save: top-k fixed (uniform width; upcycle by each
+    layer's routing share, measured by route-stats on that save), Adam moments carried and the best
+    moment policy, and an LR re-warmup.
 
-Each seed's runs share one set of processes (``run_in_processes``); seeds run side by side
-(``jobs``). The final checkpoints are scored downstream (``megatron-grow eval``'s
-``evaluate_checkpoint``, the shipped ``kjv_cloze`` task) in the same processes. Numbers per seed:
-:mod:`~megatron_grow.experiments.repro_summary`; means and standard errors over seeds:
-:mod:`~megatron_grow.experiments.repro_stats`; tables and plots:
-:mod:`~megatron_grow.experiments.repro_report`.
+Each seed's runs share one set of processes (``run_in_processes``); seeds run side by side (``jobs``),
+and each seed's raw record (every evaluation point, counters, validation digest, recipes, seed,
+per-question downstream outcomes, norm profiles) is written to WORKDIR/raw/seed_<seed>.json when it
+ends, next to WORKDIR/raw/study.json. The report is built from those records alone
+(:func:`summarize_study`), so ``--report-only`` rebuilds it byte for byte. Numbers per seed:
+:mod:`~megatron_grow.experiments.repro_summary`; statistics over seeds:
+:mod:`~megatron_grow.experiments.repro_stats`; page and plots: :mod:`~megatron_grow.experiments.repro_report`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The reproduction's numbers for one seed: every run's curve and the four findings, each checked
-to compare runs that spent equal additional FLOPs (from the trainer's counters)."""
+"""The study's numbers for one seed: every run's curve, the four findings and the growth options, each
+checked to compare runs that spent equal additional FLOPs (from the trainer's counters; the continued
+base, which cannot match them exactly, is read on its curve at the grown run's budget)."""
 
 from __future__ import annotations
 
