@@ -122,8 +122,16 @@ def _md_design(r: dict) -> list:
         "seed SE (runs differ with the seed) and the question-sampling SE (the task is a sample of questions; "
         "of the per-question outcomes, or paired differences, averaged over seeds).",
         f"* **Seeds:** {', '.join(str(s) for s in r['seeds'])}: each changes the initialisation, the data order "
-        "and the growth noise; the validation tokens and the questions stay fixed.",
+        "and the growth noise; the validation tokens and the questions stay fixed." + _missing_seeds(r),
     ]
+
+
+def _missing_seeds(r: dict) -> str:
+    missing = [s for s in r["study"]["seeds"] if s not in r["seeds"]]
+    if not missing:
+        return ""
+    return (f" The study planned {len(r['study']['seeds'])} seeds; seed(s) {', '.join(map(str, missing))} did not "
+            "finish in the time available and are not reported (no partial seed enters any number).")
 
 
 def _downstream_scope(ds: dict) -> str:
