@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_grow.analysis.advice import advise_run, decay_start, lr_phase
-from megatron_grow.analysis.weight_norms import depth_grown_profile, largest_drop, rms
+from megatron_grow.analysis.weight_norms import largest_drop, rms
 from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import build_manifest
 from megatron_grow.checkpoint.reader import CheckpointReader, checkpoint_name
@@ -98,20 +98,6 @@ def test_largest_drop():
     assert largest_drop([1, 2, 3, 4])["layer"] is None
     j = largest_drop([1.0, 1.1, 1.2, 1.3, 1.0, 1.1, 1.2, 1.3])
     assert j["layer"] == 3 and j["drop"] == pytest.approx(0.3) and j["ratio"] == pytest.approx(3.0)
-
-
-def test_depth_grown_profiles_and_their_drops_by_hand():
-    rising = [1.0, 2.0, 3.0, 4.0]
-    stack = depth_grown_profile(rising, "stack")
-    assert stack == [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]
-    # Neighbour changes 1, 1, 1, -3, 1, 1, 1: the seam drop 3 between layers 3 and 4, median |change| 1.
-    assert largest_drop(stack) == {"layer": 3, "drop": 3.0, "ratio": 3.0}
-    interposed = depth_grown_profile(rising, "interposition")
-    assert interposed == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]
-    assert largest_drop(interposed) == {"layer": None, "drop": 0.0, "ratio": 0.0}
-    assert depth_grown_profile([2.0, 1.0], "stack", factor=3) == [2.0, 1.0] * 3
-    with pytest.raises(ValueError, match="unknown depth mode 'stacked'"):
-        depth_grown_profile(rising, "stacked")
 
 
 WSD = {"lr_decay_style": "WSD", "train_iters": 1000, "lr_wsd_decay_iters": 250, "lr_warmup_iters": 10}
