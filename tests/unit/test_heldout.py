@@ -98,6 +98,7 @@ def test_enough_questions_for_a_standard_error_of_0_02():
     assert "kjv_heldout_cloze" in shipped_tasks()
 
 
+@pytest.mark.slow  # ~4 s of CPU (every 8-word run of the training text), more on a loaded machine
 def test_shipped_task_file_is_the_generators_output():
     spec = importlib.util.spec_from_file_location("make_heldout", TASK_DIR / "make_kjv_heldout_cloze.py")
     generator = importlib.util.module_from_spec(spec)
