@@ -185,14 +185,16 @@ def _acc_cell(st: dict | None, qse: float | None) -> str:
 def _md_runs(r: dict) -> list:
     runs, s0 = r["aggregate"]["runs"], r["per_seed"][0]["runs"]
     lines = ["", "## Every run (mean ± seed SE; accuracy's question-sampling SE as q)", "",
-             "| run | starts from | architecture | additional FLOPs | loss right after growth | final loss | "
-             "held-out accuracy |", "|---|---|---|---:|---|---|---|"]
+             "| run | starts from | architecture | steps | additional FLOPs | loss right after growth | final loss | "
+             "held-out accuracy |", "|---|---|---|---:|---:|---|---|---|"]
     for name, st in runs.items():
         run = s0[name]
         start = "random init" if not run["from_iteration"] else f"base it {run['from_iteration']}"
         after = _pm(st["start_loss"], sign="") if run["growth"] else "-"
-        lines.append(f"| `{name}` | {start} | {_arch(run['model'])} | {run['additional_flops']:.3e} | {after} | "
-                     f"{_pm(st['final_loss'], sign='')} | {_acc_cell(st['acc'], r['question_se'].get(name))} |")
+        steps = run["counters"]["iteration"] - (run["from_iteration"] or 0)
+        lines.append(f"| `{name}` | {start} | {_arch(run['model'])} | {steps} | {run['additional_flops']:.3e} | "
+                     f"{after} | {_pm(st['final_loss'], sign='')} | "
+                     f"{_acc_cell(st['acc'], r['question_se'].get(name))} |")
     return lines
 
 

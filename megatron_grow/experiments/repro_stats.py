@@ -299,8 +299,10 @@ def _rows_ops(per_seed: list) -> list:
     for k, arm in enumerate(per_seed[0]["findings"]["ops_comparisons"]["rows"]):
         rows.append(_row("ops", f"final loss, {arm['label']} - reference, equal steps", "none", "-",
                          _over_seeds(per_seed, lambda f, k=k: f["ops_comparisons"]["rows"][k]["minus_reference"])))
-        if abs(arm["flops_ratio"] - 1.0) > 1e-6:  # top-k fixed spends fewer FLOPs per step
-            rows.append(_row("ops", f"final loss, {arm['label']} - reference, equal additional FLOPs", "none", "-",
+        if abs(arm["flops_ratio"] - 1.0) > 1e-6:  # top-k fixed spends fewer FLOPs per step; an arm may be shorter
+            steps = f" ({arm['steps']} steps)" if arm["minus_reference"] is None else ""
+            rows.append(_row("ops", f"final loss, {arm['label']}{steps} - reference, equal additional FLOPs", "none",
+                             "-",
                              _over_seeds(per_seed, lambda f, k=k: f["ops_comparisons"]["rows"][k]
                                          ["minus_reference_at_equal_flops"])))
     return rows

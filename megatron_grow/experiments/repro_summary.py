@@ -138,8 +138,9 @@ ARMS = (("width_topk_fixed", "top-k fixed, uniform width x2 (experts x2, top-k k
 
 
 def _finding_ops(runs: dict, results: dict) -> dict:
-    """Each arm's final loss minus the reference's at equal steps, and at the arm's own additional FLOPs
-    (the reference's curve interpolated there: top-k fixed spends fewer FLOPs per step)."""
+    """Each arm's final loss minus the reference's at equal steps (when the arm trained as many), and at the
+    arm's own additional FLOPs (the reference's curve interpolated there: top-k fixed spends fewer FLOPs per
+    step, and an arm may have trained fewer steps)."""
     ref = runs[REFERENCE_ARM]
     rows = []
     for name, label in ARMS:
@@ -147,9 +148,12 @@ def _finding_ops(runs: dict, results: dict) -> dict:
             continue
         r = runs[name]
         ref_at = interpolate(ref["curve"], r["additional_flops"])
+        same_steps = r["counters"]["iteration"] == ref["counters"]["iteration"]
         rows.append({"run": name, "label": label, "start_loss": r["start_loss"], "final_loss": r["final_loss"],
+                     "steps": r["counters"]["iteration"] - r["from_iteration"],
                      "additional_flops": r["additional_flops"], "flops_ratio": r["additional_flops"] /
-                     ref["additional_flops"], "minus_reference": r["final_loss"] - ref["final_loss"],
+                     ref["additional_flops"],
+                     "minus_reference": r["final_loss"] - ref["final_loss"] if same_steps else None,
                      "minus_reference_at_equal_flops": None if ref_at is None else r["final_loss"] - ref_at})
     return {"reference": REFERENCE_ARM, "reference_final": ref["final_loss"], "reference_start": ref["start_loss"],
             "rows": rows}
