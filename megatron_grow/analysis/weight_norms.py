@@ -80,8 +80,12 @@ class NormProfile:
 def expert_keys(reader: CheckpointReader) -> tuple[str, str]:
     """The stacked routed-expert fc1/fc2 keys (4-D, under ``mlp.experts``, not shared experts)."""
     def pick(suffix: str) -> str:
+        # A training checkpoint also stores the optimizer's copies and moments of each weight under
+        # optimizer.state.*; the profile is of the weights themselves.
         found = [k for k in reader.find(lambda k: k.endswith(suffix) and keys.ROUTED_EXPERTS_MARKER in k
-                                        and "shared_experts" not in k) if len(reader.tensors[k].shape) == 4]
+                                        and "shared_experts" not in k
+                                        and not k.startswith(keys.OPTIMIZER_STATE_PREFIX))
+                 if len(reader.tensors[k].shape) == 4]
         if len(found) != 1:
             raise CheckpointError(f"{reader.ckpt_dir}: expected one stacked routed-expert tensor ending in "
                                   f"{suffix!r} with shape [layers, experts, ...], found {found or 'none'}")
@@ -175,6 +179,43 @@ def largest_drop(values: Sequence[float]) -> dict:
     typical = sorted(abs(d) for d in diffs)[len(diffs) // 2]
     ratio = -diffs[worst] / typical if typical > 0 else math.inf
     return {"layer": worst, "drop": -diffs[worst], "ratio": ratio}
+
+
+def depth_grown_profile(values: Sequence[float], mode: str, factor: int = 2) -> list:
+    """The per-layer profile a depth growth by ``factor`` makes of ``values`` when it copies layers unchanged
+    (zero noise): ``stack`` repeats the sequence (l1..ln, l1..ln), ``interposition`` each layer in place
+    (l1, l1, l2, l2, ...). Either way the grown layers' norms are the copied layers' norms."""
+    if mode == DepthMode.STACK:
+        return list(values) * factor
+    if mode == DepthMode.INTERPOSITION:
+        return [v for v in values for _ in range(factor)]
+    raise ValueError(f"unknown depth mode {mode!r}; expected one of {[m.value for m in DepthMode]}")
+
+
+def save_profile_record(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """The weight-norm profile of one base save as a JSON-able dict, for testing finding (b)'s explanation.
+
+    The paper explains stack's loss to interposition by the profile rising with depth: stacking then
+    joins the high-norm last layer to the low-norm first (a cliff). So next to the per-layer norms
+    (``experts``, ``attention``, ``per_projection``; :func:`norm_profile`) the record holds
+    ``rise_first_to_last`` (last layer's value minus the first's) and ``depth_x2``: for each mode, the
+    largest neighbour drop (:func:`largest_drop`) of the profile a x2 depth growth of this save makes
+    (:func:`depth_grown_profile`). Only values that depend on the tensors are kept (no path or timing),
+    so the same checkpoint gives the same record.
+    """
+    profile = norm_profile(path, max_bytes=max_bytes).as_dict()
+    record = {key: profile[key] for key in ("iteration", "num_layers", "experts", "attention", "per_projection")}
+    series = {name: values for name, values in (("experts", profile["experts"]), ("attention", profile["attention"]))
+              if values and None not in values}
+    record["rise_first_to_last"] = {name: values[-1] - values[0] for name, values in series.items()}
+    record["depth_x2"] = {mode.value: {name: _finite(largest_drop(depth_grown_profile(values, mode)))
+                                       for name, values in series.items()} for mode in DepthMode}
+    return record
+
+
+def _finite(drop: dict) -> dict:
+    """``largest_drop`` with an infinite ratio (a drop over a median step of 0) as None: JSON has no infinity."""
+    return {key: None if isinstance(v, float) and math.isinf(v) else v for key, v in drop.items()}
 
 
 def format_profiles(profiles: Sequence[NormProfile]) -> str:

@@ -4,6 +4,7 @@
 - ``tokenizer``: train a sentencepiece model; ``Tokenizer`` loads one.
 - ``preprocess``: tokenize documents in parallel into MCore ``.bin``/``.idx`` datasets.
 - ``datasets``: MCore ``GPTDataset``/``BlendedDataset`` splits and the resumable per-rank batch iterator.
+- ``heldout``: hold whole books of the shipped Bible out of the training text (for ``kjv_heldout_cloze``).
 - ``helpers``: make sure MCore's compiled dataset index helpers are importable.
 
 Heavy imports (torch, megatron.core) happen inside the functions that need them, so this

@@ -191,9 +191,14 @@ def write_recipe(recipe_dir: str, name: str, raw: dict) -> tuple[Recipe, str]:
     recipe = load_recipe(raw=raw)
     os.makedirs(recipe_dir, exist_ok=True)
     path = os.path.join(recipe_dir, f"{name}.yaml")
+    write_recipe_file(path, raw)
+    return recipe, path
+
+
+def write_recipe_file(path: str, raw: dict) -> None:
+    """``raw`` as YAML at ``path``, unvalidated (for a recipe naming a file an earlier step writes)."""
     with open(path, "w") as f:
         yaml.safe_dump(raw, f, sort_keys=False)
-    return recipe, path
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The reproduction's numbers for one seed: every run's curve and the four findings, each checked
-to compare runs that spent equal additional FLOPs (from the trainer's counters)."""
+"""The study's numbers for one seed: every run's curve, the four findings and the growth options, each
+checked to compare runs that spent equal additional FLOPs (from the trainer's counters; the continued
+base, which cannot match them exactly, is read on its curve at the grown run's budget)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,24 @@ from megatron_grow.experiments.common import check_same_validation, interpolate,
 from megatron_grow.models.params import count_params
 from megatron_grow.training.flops import chinchilla_flops
 
-ALPHAS = (0.0, 0.01, 0.1)
+ALPHAS = (0.0, 0.01)
+
+
+def _sunk(run: dict) -> float:
+    """The FLOPs spent before the run started: the base's at the save a grown or continued run starts
+    from (recorded in the checkpoint it loads), 0 for a run from random init."""
+    return run["start_counters"]["flops_so_far"] if run["start_counters"] else 0.0
 
 
 def _curve(run: dict, start_flops: float) -> list:
     """(additional FLOPs, validation loss), starting with the evaluation before the first step."""
-    sunk = run["counters"]["sunk_flops"]
+    sunk = _sunk(run)
     pts = [(start_flops - sunk, run["start_loss"])] if run["start_loss"] is not None else []
     return pts + [(f - sunk, loss) for _, loss, f in run["valid_losses"]]
 
 
 def _additional(run: dict) -> float:
-    return run["counters"]["flops_so_far"] - run["counters"]["sunk_flops"]
+    return run["counters"]["flops_so_far"] - _sunk(run)
 
 
 def check_equal_budgets(names: Sequence[str], results: dict) -> float:
@@ -37,13 +44,13 @@ def _run_summary(name: str, r: dict, m: dict, size, flops_per_step: float, base_
     start_flops = r["start_counters"]["flops_so_far"] if r["start_counters"] else 0.0
     if name != "base" and m["from_iteration"]:
         sunk_expected = flops_per_step * m["from_iteration"]
-        if not math.isclose(r["counters"]["sunk_flops"], sunk_expected, rel_tol=1e-9):
-            raise RuntimeError(f"{name}: sunk FLOPs {r['counters']['sunk_flops']:.4e} != the base's "
+        if not math.isclose(_sunk(r), sunk_expected, rel_tol=1e-9):
+            raise RuntimeError(f"{name}: sunk FLOPs {_sunk(r):.4e} != the base's "
                                f"{sunk_expected:.4e} at iteration {m['from_iteration']}")
     curve = _curve(r, start_flops) if name != "base" else base_curve
     return {
         "model": model_summary(m["model"], size.global_batch_size, size.seq_length), "growth": m["growth"],
-        "from_iteration": m["from_iteration"], "sunk_flops": r["counters"]["sunk_flops"],
+        "from_iteration": m["from_iteration"], "sunk_flops": _sunk(r),
         "additional_flops": _additional(r), "curve": curve, "start_loss": r["start_loss"],
         "final_loss": curve[-1][1], "train_losses": r["train_losses"], "counters": r["counters"],
         "valid_tokens_sha256": r["valid_tokens_sha256"], "downstream": r.get("downstream"),
@@ -55,26 +62,47 @@ def _acc(run: dict) -> float | None:
     return run["downstream"]["acc"] if run.get("downstream") else None
 
 
+def _acc_items(run: dict) -> list | None:
+    """The downstream task's per-question outcomes (1 right, 0 wrong), by question."""
+    return run["downstream"].get("acc_per_question") if run.get("downstream") else None
+
+
 def _pair(runs: dict, results: dict, grown: str, scratch: str, label: str) -> dict:
     extra = check_equal_budgets([grown, scratch], results)
     g, s = runs[grown]["curve"], runs[scratch]["curve"]
     g_final, s_final = runs[grown]["final_loss"], runs[scratch]["final_loss"]
     reach = next((f for f, loss in s if loss <= g_final), None)
     acc = (_acc(runs[grown]), _acc(runs[scratch]))
-    return {"label": label, "grown": grown, "scratch": scratch, "additional_flops": extra,
-            "grown_final": g_final, "scratch_final": s_final, "grown_minus_scratch": g_final - s_final,
-            "grown_acc": acc[0], "scratch_acc": acc[1],
-            "acc_grown_minus_scratch": acc[0] - acc[1] if None not in acc else None,
+    return {"label": label, "grown": grown, "other": scratch, "additional_flops": extra,
+            "grown_final": g_final, "other_final": s_final, "grown_minus_other": g_final - s_final,
+            "grown_acc": acc[0], "other_acc": acc[1], "acc_grown_minus_other": _minus(*acc),
+            "grown_acc_per_question": _acc_items(runs[grown]), "other_acc_per_question": _acc_items(runs[scratch]),
             "scratch_flops_to_reach_grown_final": reach,
             "rows": [{"additional_flops": f, "grown": loss, "scratch": interpolate(s, f)} for f, loss in g]}
 
 
 def _finding_a(runs: dict, results: dict, last: int) -> list:
-    a = [_pair(runs, results, f"interposition_at_{last}", "scratch_depth", "depth interposition x2")]
-    if "full" in results:
-        a.append(_pair(runs, results, "full", "scratch_full",
-                       "depth interposition x2, then width x2 (alpha 0.01, top-k x2)"))
+    """Grown vs the same architecture from scratch (equal additional FLOPs, exactly), and, when it ran, vs
+    the base trained on ("continue"): its final loss and, on its curve, the loss at the grown run's budget."""
+    grown = f"interposition_at_{last}"
+    a = [_pair(runs, results, grown, "scratch_depth", "depth interposition x2")]
+    if "continue_base" in results:
+        c = runs["continue_base"]
+        budget = runs[grown]["additional_flops"]
+        at_budget = interpolate(c["curve"], budget)
+        a.append({"label": "continue the base", "grown": grown, "other": "continue_base",
+                  "additional_flops": budget, "other_additional_flops": c["additional_flops"],
+                  "grown_final": runs[grown]["final_loss"], "other_final": c["final_loss"],
+                  "other_at_grown_budget": at_budget,
+                  "grown_minus_other": runs[grown]["final_loss"] - at_budget,
+                  "grown_acc": _acc(runs[grown]), "other_acc": _acc(c),
+                  "acc_grown_minus_other": _minus(_acc(runs[grown]), _acc(c)),
+                  "grown_acc_per_question": _acc_items(runs[grown]), "other_acc_per_question": _acc_items(c)})
     return a
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _finding_b(runs: dict, results: dict, saves: list, f_c: float) -> list:
@@ -95,9 +123,40 @@ def _finding_b(runs: dict, results: dict, saves: list, f_c: float) -> list:
 def _finding_c(runs: dict, results: dict, base_final: float) -> dict:
     names = [f"width_alpha_{alpha:g}" for alpha in ALPHAS]
     rows = [{"alpha": alpha, "run": n, "start_loss": runs[n]["start_loss"], "final_loss": runs[n]["final_loss"],
-             "acc": _acc(runs[n])} for alpha, n in zip(ALPHAS, names)]
-    return {"additional_flops": check_equal_budgets(names, results), "base_final_loss": base_final, "rows": rows,
-            "best_alpha": min(rows, key=lambda row: row["final_loss"])["alpha"]}
+             "acc": _acc(runs[n]), "acc_per_question": _acc_items(runs[n])} for alpha, n in zip(ALPHAS, names)]
+    return {"additional_flops": check_equal_budgets(names, results), "base_final_loss": base_final, "rows": rows}
+
+
+# The comparisons on one design: each arm against width x2 with alpha 0.01 (top-k x2, moments reset, no
+# LR re-warmup) grown from the same save, trained the same number of steps.
+REFERENCE_ARM = "width_alpha_0.01"
+ARMS = (("width_topk_fixed", "top-k fixed, uniform width x2 (experts x2, top-k kept)"),
+        ("upcycle_utility", "top-k fixed, upcycle by utility (experts x2, copies by routing share)"),
+        ("width_carry", "Adam moments carried (optimizer: carry)"),
+        ("width_policy", "best moment policy (copies' first moment reset, the rest carried)"),
+        ("width_rewarmup", "LR re-warmup after growth (training.lr_rewarmup_iters)"))
+
+
+def _finding_ops(runs: dict, results: dict) -> dict:
+    """Each arm's final loss minus the reference's at equal steps (when the arm trained as many), and at the
+    arm's own additional FLOPs (the reference's curve interpolated there: top-k fixed spends fewer FLOPs per
+    step, and an arm may have trained fewer steps)."""
+    ref = runs[REFERENCE_ARM]
+    rows = []
+    for name, label in ARMS:
+        if name not in runs:
+            continue
+        r = runs[name]
+        ref_at = interpolate(ref["curve"], r["additional_flops"])
+        same_steps = r["counters"]["iteration"] == ref["counters"]["iteration"]
+        rows.append({"run": name, "label": label, "start_loss": r["start_loss"], "final_loss": r["final_loss"],
+                     "steps": r["counters"]["iteration"] - r["from_iteration"],
+                     "additional_flops": r["additional_flops"], "flops_ratio": r["additional_flops"] /
+                     ref["additional_flops"],
+                     "minus_reference": r["final_loss"] - ref["final_loss"] if same_steps else None,
+                     "minus_reference_at_equal_flops": None if ref_at is None else r["final_loss"] - ref_at})
+    return {"reference": REFERENCE_ARM, "reference_final": ref["final_loss"], "reference_start": ref["start_loss"],
+            "rows": rows}
 
 
 def _finding_d(runs: dict, results: dict, saves: list, base_at: dict, f_c: float) -> dict:
@@ -123,12 +182,13 @@ def summarize_seed(size, meta: dict, results: dict, saves: list, seed: int,
     base_curve = [(0.0, base["start_loss"])] + [(f, loss) for _, loss, f in base["valid_losses"]]
     base_at = {it: (loss, f) for it, loss, f in base["valid_losses"]}
     flops_per_step = base["counters"]["flops_so_far"] / base["counters"]["iteration"]
-    runs = {name: _run_summary(name, r, meta[name], size, flops_per_step, base_curve) for name, r in results.items()}
+    runs = {name: _run_summary(name, r, meta[name], size, flops_per_step, base_curve) for name, r in results.items()
+            if name in meta}  # route_stats_* steps are no runs
     return {
-        "seed": seed, "validation_tokens_sha256": check_same_validation(results),
+        "seed": seed, "validation_tokens_sha256": check_same_validation({n: results[n] for n in runs}),
         "save_iterations": saves, "flops_per_base_step": flops_per_step,
         "base": {"activated_params": n_a, "chinchilla_flops": f_c, "final_loss": base_curve[-1][1],
-                 "acc": _acc(runs["base"]),
+                 "acc": _acc(runs["base"]), "norm_profiles": base.get("norm_profiles"),
                  "saves": [{"iteration": it, "sunk_flops": base_at[it][1], "sunk_over_fc": base_at[it][1] / f_c,
                             "valid_loss": base_at[it][0]} for it in saves]},
         "runs": runs,
@@ -136,7 +196,8 @@ def summarize_seed(size, meta: dict, results: dict, saves: list, seed: int,
             ("a", "a_grown_vs_scratch", lambda: _finding_a(runs, results, saves[-1])),
             ("b", "b_interposition_vs_stack", lambda: _finding_b(runs, results, saves, f_c)),
             ("c", "c_width_alpha", lambda: _finding_c(runs, results, base_curve[-1][1])),
-            ("d", "d_sunk_cost", lambda: _finding_d(runs, results, saves, base_at, f_c))) if letter in findings},
+            ("d", "d_sunk_cost", lambda: _finding_d(runs, results, saves, base_at, f_c)),
+            ("ops", "ops_comparisons", lambda: _finding_ops(runs, results))) if letter in findings},
     }
 
 

@@ -31,6 +31,7 @@ class TaskScore:
     value: float
     stderr: float | None
     samples: int
+    per_question: tuple[float, ...] | None = None  # the metric of each question in lm-eval's doc order, if asked for
 
 
 def shipped_tasks() -> list[str]:
@@ -80,19 +81,23 @@ def scores_from_results(results: dict, tasks: list[str]) -> list[TaskScore]:
     out = []
     for task, metrics in results["results"].items():
         n = int(results.get("n-samples", {}).get(task, {}).get("effective", 0))
+        # Present when lm-eval ran with log_samples: one record per question with each metric's value.
+        samples = sorted((results.get("samples") or {}).get(task, []), key=lambda record: record["doc_id"])
         for key, value in metrics.items():
             name, _, _filter = key.partition(",")
             if name.endswith("_stderr") or not isinstance(value, (int, float)) or name in ("alias", "sample_len"):
                 continue
             stderr = metrics.get(f"{name}_stderr,{_filter}")
-            out.append(TaskScore(task, name, float(value),
-                                 float(stderr) if isinstance(stderr, (int, float)) else None, n))
+            per_question = tuple(float(r[name]) for r in samples if r.get("filter") == _filter and name in r)
+            out.append(TaskScore(task, name, float(value), float(stderr) if isinstance(stderr, (int, float)) else None,
+                                 n, per_question or None))
     return out
 
 
 def evaluate_checkpoint(load: str, tasks: list[str], *, tokenizer: str | None = None, limit: int | None = None,
                         num_fewshot: int = 0, batch_size: int = 8, device: str = "cpu",
-                        architecture: str | None = None, progress: bool = True) -> list[TaskScore]:
+                        architecture: str | None = None, progress: bool = True,
+                        per_question: bool = False) -> list[TaskScore]:
     """Export ``load`` to a temporary HF directory and run lm-eval's HF backend on ``tasks``.
 
     Args:
@@ -105,6 +110,8 @@ def evaluate_checkpoint(load: str, tasks: list[str], *, tokenizer: str | None = 
         device: the torch device to evaluate on.
         architecture: the HF class to export as.
         progress: show progress.
+        per_question: also return each question's outcome (``TaskScore.per_question``, in document
+            order), for question-sampling errors of paired differences between models.
 
     Returns:
         The scores (:func:`scores_from_results`).
@@ -132,5 +139,5 @@ def evaluate_checkpoint(load: str, tasks: list[str], *, tokenizer: str | None = 
         results = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": hf_dir, "dtype": "float32", "device": device},
             tasks=list(tasks), num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
-            task_manager=manager, log_samples=False, bootstrap_iters=1000)
+            task_manager=manager, log_samples=per_question, bootstrap_iters=1000)
     return scores_from_results(results, tasks)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_grow.analysis.advice import advise_run, decay_start, lr_phase
-from megatron_grow.analysis.weight_norms import largest_drop, rms
+from megatron_grow.analysis.weight_norms import largest_drop, norm_profile, rms
 from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import build_manifest
 from megatron_grow.checkpoint.reader import CheckpointReader, checkpoint_name
@@ -200,3 +200,28 @@ def test_advise_megatron_lm_checkpoint_without_manifest(tmp_path):
     assert rep["rows"][0]["tokens"] == 100 * 8 * m.seq_length
     assert rep["rows"][1]["sunk_flops"] == pytest.approx(2.0 * FC) and not rep["rows"][1]["estimated"]
     assert rep["rows"][0]["chinchilla_flops"] == FC
+
+
+def test_norm_profile_of_a_training_checkpoint_reads_the_weights_not_the_optimizer_state(tmp_path):
+    """A training checkpoint also stores optimizer.state.{param,exp_avg,exp_avg_sq}.<weight key> with the
+    weight's shape; the profile is the weights' RMS (expected values from the definition, per layer the
+    mean over gate, up, down and the experts)."""
+    g = torch.Generator().manual_seed(0)
+    fc1_key = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    fc2_key = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+    weights = {fc1_key: torch.randn(2, 3, 8, 4, generator=g), fc2_key: torch.randn(2, 3, 4, 4, generator=g) * 2}
+    tensors = dict(weights)
+    for state in ("param", "exp_avg", "exp_avg_sq"):
+        for key, w in weights.items():
+            tensors[f"optimizer.state.{state}.{key}"] = w * 100.0
+    ckpt = _dcp_checkpoint(tmp_path, tensors)
+    torch.save({"iteration": 7}, os.path.join(ckpt, "common.pt"))  # Megatron-LM's non-sharded entries
+    profile = norm_profile(str(tmp_path), gated=True)
+
+    def rms_of(t):
+        return float(t.pow(2).mean().sqrt())
+
+    for layer in range(2):
+        per_proj = [sum(rms_of(part[layer, e]) for e in range(3)) / 3 for part in
+                    (weights[fc1_key][:, :, :4], weights[fc1_key][:, :, 4:], weights[fc2_key])]
+        assert profile.experts[layer] == pytest.approx(sum(per_proj) / 3, rel=1e-6)

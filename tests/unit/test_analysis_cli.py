@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from megatron_grow.__main__ import main
+from megatron_grow.analysis.weight_norms import save_profile_record
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ParallelConfig
 from megatron_grow.parallel.spawn import run_in_processes
@@ -317,3 +318,21 @@ def test_truncated_shard_is_a_clear_error(ckpts, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:100])
     assert main(["weight-norms", str(bad), "--quiet"]) == 2
     assert "truncated" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_save_profile_record_predicts_the_grown_checkpoints(ckpts, capsys):
+    record = save_profile_record(ckpts["src"])
+    assert json.loads(json.dumps(record, allow_nan=False)) == record == save_profile_record(ckpts["src"])
+    exp = ckpts["expected"]
+    assert record["iteration"] == GROW_FROM and record["num_layers"] == 4
+    assert record["experts"] == pytest.approx(exp["experts"], rel=1e-9)
+    assert record["rise_first_to_last"]["experts"] == pytest.approx(exp["experts"][-1] - exp["experts"][0], rel=1e-9)
+    # The drops predicted from the base's profile are those measured on the real grown checkpoints (which
+    # copy layers exactly: zero noise, so equal to the bit).
+    rep = cli_json(capsys, "weight-norms", ckpts["interposition"], "--compare", ckpts["stack"], "--quiet")
+    interp, stack = rep["profiles"]
+    for name in ("experts", "attention"):
+        assert record["depth_x2"]["stack"][name] == stack[f"{name}_jump"]
+        assert record["depth_x2"]["interposition"][name] == interp[f"{name}_jump"]
+    assert record["depth_x2"]["stack"]["experts"]["layer"] == 3

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+import yaml
 
 from megatron_grow.__main__ import main
 from megatron_grow.config.check import built_model, check_recipe
@@ -46,11 +47,13 @@ def test_demo_runs_share_validation_tokens(data, tmp_path):  # noqa: F811
 
 def test_repro_runs_share_validation_tokens(data, tmp_path):  # noqa: F811
     files = {"prefix": data["a"], "tokenizer_model": data["tok"].model_file}
+    tiny = repro.SIZES["tiny"]
+    tiny = dataclasses.replace(tiny, size=dataclasses.replace(tiny.size, vocab_size=512))  # the fixture's tokenizer
     recipes = {}
     for seed in (1234, 1235):  # runs of different seeds too: data.eval_seed fixes the validation order
-        steps, meta = repro.build_plan(str(tmp_path / str(seed)), repro.SIZES["tiny"], 2, files, seed=seed)
-        assert set(meta) == {s["name"] for s in steps}
-        first, last = repro.save_iterations(repro.SIZES["tiny"])[::3]
+        steps, meta = repro.build_plan(str(tmp_path / str(seed)), tiny, 2, files, seed=seed)
+        assert set(meta) == {s["name"] for s in steps if s["kind"] != "route_stats"}
+        first, last = repro.save_iterations(tiny)[::3]
         picked = ("base", f"interposition_at_{last}", "scratch_depth", f"stack_at_{first}")
         recipes.update({(seed, s["name"]): load_recipe(s["recipe"]) for s in steps if s["name"] in picked})
     assert len({r.training.seed for r in recipes.values()}) == 2
@@ -80,26 +83,37 @@ def test_eval_samples_must_cover_one_evaluation():
 
 
 def test_gpu_size_dry_run_writes_every_recipe(tmp_path, capsys):
-    """``repro --size gpu --dry-run``: the GPU plan is defined, its recipes validate, nothing trains."""
+    """``repro --size gpu --dry-run``: the GPU plan is defined, its recipes validate, nothing trains, and its
+    time under the stated GPU assumptions is within 30 minutes of one GPU."""
     assert main(["repro", "--size", "gpu", "--dry-run", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "dry run: 39 recipes written" in out and "nothing trained" in out
+    assert "dry run: 51 steps written" in out and "nothing trained" in out
     rsize = repro.SIZES["gpu"]
     saves = repro.save_iterations(rsize)
     for seed in rsize.seeds:
         recipes = sorted(p.name for p in (tmp_path / f"seed_{seed}" / "recipes").iterdir())
-        assert len(recipes) == 13 and f"stack_at_{saves[0]}.yaml" in recipes and "full.yaml" in recipes
+        assert len(recipes) == 16 and f"stack_at_{saves[0]}.yaml" in recipes and "upcycle_utility.yaml" in recipes
         base = load_recipe(str(tmp_path / f"seed_{seed}" / "recipes" / "base.yaml"))
         assert base.training.train_iters == saves[-1] and base.training.seed == seed and base.training.bf16
-        assert base.data.eval_seed == repro.EVAL_SEED and base.model.vocab_size == 4096
+        assert base.data.eval_seed == repro.EVAL_SEED and base.model.vocab_size == 1024
     assert not any((tmp_path / f"seed_{s}" / "runs").exists() for s in rsize.seeds)
+    files = {"prefix": "/nonexistent/corpus", "tokenizer_model": "/nonexistent/tok.model"}
+    plans = repro.plan_all(str(tmp_path / "again"), rsize, 1, files, rsize.seeds)
+    a = repro.GPU_ASSUMPTIONS  # the estimate's definition, written out: per step overhead + FLOPs at mfu x peak
+    seconds = a["downstream_s"] * sum(s["downstream"] for p in plans for s in p.steps)
+    for p in plans:
+        for m in p.meta.values():
+            steps = m["recipe"]["training"]["train_iters"] - (m["from_iteration"] or 0)
+            per_step = training_flops_per_step(m["model"], rsize.size.global_batch_size, rsize.size.seq_length)
+            seconds += steps * (a["step_overhead_s"] + per_step / (a["mfu"] * a["peak_flops"]))
+    assert repro.estimated_gpu_seconds(rsize, plans)["seconds"] == pytest.approx(seconds) and seconds <= 30 * 60
 
 
 @pytest.mark.parametrize("args,message", [
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--ranks", "0"], "--ranks must be >= 1"),
     (["--seeds", "7", "7"], "--seeds has repeats"),
-    (["--report-only"], "raw_results.json does not exist"),
+    (["--report-only"], "study.json does not exist"),
 ])
 def test_repro_bad_flags_are_one_line_exit_2(args, message, tmp_path, capsys):
     assert main(["repro", "--tiny", "--workdir", str(tmp_path), *args]) == 2
@@ -107,13 +121,28 @@ def test_repro_bad_flags_are_one_line_exit_2(args, message, tmp_path, capsys):
     assert len(err) == 1 and message in err[0], err
 
 
-def test_cpu4_plans_only_finding_b(tmp_path):
-    """``--size cpu4``: a 4-layer base and only the runs finding (b) compares."""
+def test_cpu_plan_controls_and_comparisons(tmp_path):
+    """``--size cpu``: every run of the study, the continued base's budget, top-k per arm, and the upcycle
+    reading the route statistics an earlier step writes."""
     files = {"prefix": "/nonexistent/corpus", "tokenizer_model": "/nonexistent/tok.model"}
-    rsize = repro.SIZES["cpu4"]
+    rsize = repro.SIZES["cpu"]
     steps, meta = repro.build_plan(str(tmp_path), rsize, 1, files, seed=1234)
-    first, last = repro.save_iterations(rsize)[::3]
-    assert [s["name"] for s in steps] == ["base", f"interposition_at_{first}", f"stack_at_{first}",
-                                          f"interposition_at_{last}", f"stack_at_{last}"]
-    assert meta["base"]["model"].num_layers == 4 and meta[f"stack_at_{last}"]["model"].num_layers == 8
-    assert not any(s["downstream"] for s in steps)
+    saves = repro.save_iterations(rsize)
+    names = [s["name"] for s in steps]
+    assert names.index(f"route_stats_{saves[-1]}") < names.index("upcycle_utility")
+    upcycle = next(s for s in steps if s["name"] == "upcycle_utility")
+    stats = next(s for s in steps if s["name"] == f"route_stats_{saves[-1]}")
+    assert meta["upcycle_utility"]["growth"]["upcycle"]["utility_stats"] == stats["out"]
+    with open(upcycle["recipe"]) as f:
+        assert yaml.safe_load(f)["growth"]["upcycle"]["utility_stats"] == stats["out"]
+    # The continued base spends at least what the depth-grown run spends after growth, within one evaluation.
+    size = rsize.size
+    grown = training_flops_per_step(meta[f"interposition_at_{saves[-1]}"]["model"], size.global_batch_size,
+                                    size.seq_length) * size.grown_iters
+    per_base_step = training_flops_per_step(meta["base"]["model"], size.global_batch_size, size.seq_length)
+    iters = meta["continue_base"]["recipe"]["training"]["train_iters"] - saves[-1]
+    assert grown <= iters * per_base_step < grown + size.eval_interval * per_base_step
+    assert meta["base"]["model"].moe_router_topk == 2 and meta["width_alpha_0"]["model"].moe_router_topk == 4
+    assert meta["width_topk_fixed"]["model"].moe_router_topk == 2 == meta["upcycle_utility"]["model"].moe_router_topk
+    p = count_params(meta["base"]["model"])
+    assert p.expert > 0.5 * p.total  # the routed experts carry most of the parameters
