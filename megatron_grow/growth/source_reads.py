@@ -110,7 +110,9 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
     templates: dict[str, Any] = {}
     for t in tasks:
         if t.kind == retarget.EXPERT and t.logical_key is not None:
-            templates.setdefault(t.logical_key, (t.target, t.request_id[0]))
+            # The source's name of the weight: a request id is (key, offset, shape), optimizer-state
+            # tasks prefix it with their state (optimizer_state._tasks_for).
+            templates.setdefault(t.logical_key, (t.target, t.request_id[-3]))
     keys = sorted(templates)
     # Every rank must agree on the key list: every rank must hold an MoE layer (always so when every
     # layer is MoE; a pipeline stage of dense layers only has no template to read with).
