@@ -26,12 +26,17 @@ print("world", ctx.world_size, "rank", ctx.rank)
 """
 
 
-@pytest.mark.slow
-def test_a_lone_process_binds_no_rendezvous_port():
+def _run_alone(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python started as a user would, alone: no rendezvous variables inherited."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", LONE_PROCESS], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_lone_process_binds_no_rendezvous_port():
+    run = _run_alone(LONE_PROCESS)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "world 1 rank 0" in run.stdout
 
@@ -54,10 +59,7 @@ print("threads", first, len(os.listdir(f"/proc/{os.getpid()}/task")))
 
 @pytest.mark.slow
 def test_initialising_again_keeps_no_earlier_groups():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", REINIT], capture_output=True, text=True, env=env, timeout=300)
+    run = _run_alone(REINIT)
     assert run.returncode == 0, run.stderr[-2000:]
     first, after = (int(x) for x in run.stdout.split("threads")[1].split())
     assert after == first, (first, after)   # before the fix: 65 -> 320
