@@ -27,7 +27,7 @@ group-limited by the group maximum) and is not covered here.
 from __future__ import annotations
 
 from megatron_grow.config.schema import ModelConfig
-from megatron_grow.interop.hf.families import base
+from megatron_grow.interop.hf.families import base, glm4_moe
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 # The few-hundred-kilobyte model of ``interop.hf.tiny``: MLA with a query latent, 4 groups of 2 experts
@@ -132,9 +132,7 @@ def write_config(model: ModelConfig) -> dict:
     return out
 
 
-FAMILY = base.Family(ARCHITECTURE, "deepseek_v3",
-                     base.Naming(router_bias="mlp.gate.e_score_correction_bias", shared_expert="mlp.shared_experts",
-                                 always_write_shared_expert=True),
+FAMILY = base.Family(ARCHITECTURE, "deepseek_v3", glm4_moe.NAMING,
                      read_config, write_config,
                      "multi-latent attention, sigmoid router + expert bias (+ scaling), grouped routing, "
                      "shared experts",

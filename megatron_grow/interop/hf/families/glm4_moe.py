@@ -72,9 +72,10 @@ def write_config(model: ModelConfig) -> dict:
     return out
 
 
-FAMILY = base.Family(ARCHITECTURE, "glm4_moe",
-                     base.Naming(router_bias="mlp.gate.e_score_correction_bias", shared_expert="mlp.shared_experts",
-                                 always_write_shared_expert=True),
+# GLM-4.5's on-disk names, which DeepSeek-V3 (its model code's origin) shares.
+NAMING = base.Naming(router_bias="mlp.gate.e_score_correction_bias", shared_expert="mlp.shared_experts",
+                     always_write_shared_expert=True)
+FAMILY = base.Family(ARCHITECTURE, "glm4_moe", NAMING,
                      read_config, write_config,
                      "the paper's router: sigmoid + expert bias (+ scaling), per-head QK-norm, GQA, "
                      "first_k_dense_replace, n_shared_experts",
