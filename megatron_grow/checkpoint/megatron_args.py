@@ -40,8 +40,10 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import re
 from typing import Any
 
+from megatron_grow.config.check import model_problems
 from megatron_grow.config.layout_rules import expert_tensor_parallel_size
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig, field_problem
 from megatron_grow.errors import CheckpointError
@@ -260,7 +262,16 @@ def model_config_from_args(args: Any, where: str = "Megatron-LM args in common.p
                 problems.append(f"{where}: {problem}")
     if problems:
         raise CheckpointError("\n  ".join(problems))
-    return ModelConfig(**picked)
+    model = ModelConfig(**picked)
+    problems = [f"{where}: {_in_args_terms(p)}" for p in model_problems(model)]
+    if problems:
+        raise CheckpointError("\n  ".join(problems))
+    return model
+
+
+def _in_args_terms(problem: str) -> str:
+    """A model-rule message with each ``model.<field>`` named as the Megatron-LM argument it came from."""
+    return re.sub(r"\bmodel\.(\w+)", lambda m: f"args.{_ARG_OF_FIELD.get(m.group(1), m.group(1))}", problem)
 
 
 def _architecture_args(model: ModelConfig, tp: int) -> dict:

@@ -25,7 +25,8 @@ def layout_problems(recipe: Recipe, parallel: ParallelConfig | None = None) -> l
     return model_layout_problems(built_model(recipe), parallel if parallel is not None else recipe.parallel)
 
 
-def _model_problems(m: ModelConfig) -> list[str]:
+def model_problems(m: ModelConfig) -> list[str]:
+    """The rules between the fields of one architecture, one line each naming its keys."""
     out = []
     if not m.multi_latent_attention and m.num_attention_heads % m.num_query_groups:
         out.append(f"model.num_query_groups ({m.num_query_groups}) must divide model.num_attention_heads "
@@ -57,7 +58,8 @@ def grouped_routing_problems(m: ModelConfig) -> list[str]:
     """What Megatron-Core's group-limited top-k (``moe_utils.group_limited_topk``) needs of the model."""
     groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
     if (groups is None) != (group_topk is None):
-        return ["model.moe_router_num_groups and model.moe_router_group_topk must be set together (or both null)"]
+        return [f"model.moe_router_num_groups ({groups}) and model.moe_router_group_topk ({group_topk}) must be set "
+                "together (or both null)"]
     if groups is None:
         return []
     if m.num_moe_experts % groups:
@@ -118,7 +120,7 @@ def _training_problems(recipe: Recipe) -> list[str]:
 
 def check_recipe(recipe: Recipe) -> list[str]:
     """Every cross-section problem of ``recipe``, one line each naming its key."""
-    out = _model_problems(recipe.model) + _training_problems(recipe)
+    out = model_problems(recipe.model) + _training_problems(recipe)
     if recipe.growth is not None:
         out.extend(growth_problems(recipe.growth, recipe.model))
     out.extend(layout_problems(recipe))

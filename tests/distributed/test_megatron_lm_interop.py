@@ -377,43 +377,58 @@ def test_train_resumes_a_te_named_grown_checkpoint(grown, kjv_dataset, tmp_path)
 # ------------------------------------------------------------------------------------------------
 # Unsupported Megatron-LM args: one line naming the argument and its value, exit 2
 
+# (id, the args written into common.pt, what the one error line must hold)
 UNSUPPORTED = [
-    ("multi_latent_attention", True), ("moe_layer_freq", [0, 1]), ("mtp_num_layers", 1),
-    ("position_embedding_type", "learned_absolute"), ("add_bias_linear", True), ("swiglu", False),
-    ("num_experts", None), ("moe_router_num_groups", 2),
-    ("moe_router_load_balancing_type", ["aux_loss", "seq_aux_loss"]),
-    ("normalization", "L2Norm"),
+    ("mla_default_rope", {"multi_latent_attention": True}, "args.rope_type=None"),  # MLA's default is YaRN
+    ("mla_yarn", {"multi_latent_attention": True, "rope_type": "yarn"}, "args.rope_type='yarn'"),
+    ("moe_layer_freq_length", {"moe_layer_freq": [0, 1, 1]}, "args.moe_layer_freq=[0, 1, 1]"),
+    ("moe_layer_freq_zero", {"moe_layer_freq": 0}, "args.moe_layer_freq=0"),
+    # a stacked (all-MoE) checkpoint whose args claim a dense first layer: the tensors disagree
+    ("moe_layer_freq_mismatch", {"moe_layer_freq": [0, 1]}, "source architecture disagrees"),
+    ("mtp_num_layers", {"mtp_num_layers": 1}, "args.mtp_num_layers=1"),
+    ("position_embedding_type", {"position_embedding_type": "learned_absolute"},
+     "args.position_embedding_type='learned_absolute'"),
+    ("add_bias_linear", {"add_bias_linear": True}, "args.add_bias_linear=True"),
+    ("swiglu", {"swiglu": False}, "args.swiglu=False"),
+    ("num_experts", {"num_experts": None}, "args.num_experts=None"),
+    ("groups_without_group_topk", {"moe_router_num_groups": 2}, "args.moe_router_group_topk (None)"),
+    ("groups_not_dividing", {"moe_router_num_groups": 3, "moe_router_group_topk": 1},
+     "args.moe_router_num_groups (3)"),
+    ("moe_router_load_balancing_type", {"moe_router_load_balancing_type": ["aux_loss", "seq_aux_loss"]},
+     "args.moe_router_load_balancing_type=['aux_loss', 'seq_aux_loss']"),
+    ("normalization", {"normalization": "L2Norm"}, "args.normalization: 'L2Norm' is not allowed"),
 ]
 
 
 @pytest.fixture(scope="module")
 def bad_args_sources(sources, tmp_path_factory):
-    """Copies of the EP=2 source whose common.pt args each carry one unsupported value."""
+    """Copies of the EP=2 source whose common.pt args each carry unsupported values."""
     from megatron_grow.checkpoint import paths
 
     out = {}
-    src_dir, _ = paths.resolve_checkpoint_dir(sources["local_ep2"])
-    for name, value in UNSUPPORTED:
-        root = str(tmp_path_factory.mktemp(f"bad_{name}") / "ckpt")
+    for case, overrides, _ in UNSUPPORTED:
+        root = str(tmp_path_factory.mktemp(f"bad_{case}") / "ckpt")
         shutil.copytree(sources["local_ep2"], root)
         common_path = os.path.join(paths.iteration_dir(root, ITERATION), "common.pt")
         common = torch.load(common_path, weights_only=False)
-        setattr(common["args"], name, value)
+        for name, value in overrides.items():
+            setattr(common["args"], name, value)
         torch.save(common, common_path)
-        out[name] = root
+        out[case] = root
     return out
 
 
-@pytest.mark.parametrize("name,value", UNSUPPORTED, ids=[n for n, _ in UNSUPPORTED])
-def test_unsupported_args_give_one_line_and_exit_2(bad_args_sources, recipe_path, tmp_path, name, value):
+@pytest.mark.parametrize("case,overrides,expected", UNSUPPORTED, ids=[c for c, _, _ in UNSUPPORTED])
+def test_unsupported_args_give_one_line_and_exit_2(bad_args_sources, recipe_path, tmp_path, case, overrides,
+                                                    expected):
     from megatron_grow.__main__ import main
 
     err = _io.StringIO()
     dst = str(tmp_path / "dst")
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(_io.StringIO()):
-        code = main(["grow", "--load", bad_args_sources[name], "--save", dst, "--recipe", recipe_path, "--quiet"])
+        code = main(["grow", "--load", bad_args_sources[case], "--save", dst, "--recipe", recipe_path, "--quiet"])
     lines = err.getvalue().strip().splitlines()
     assert code == 2
     assert len(lines) == 1, lines
-    assert lines[0].startswith("megatron-grow: error: ") and f"args.{name}" in lines[0] and repr(value) in lines[0]
+    assert lines[0].startswith("megatron-grow: error: ") and expected in lines[0], lines[0]
     assert not os.path.exists(dst)
