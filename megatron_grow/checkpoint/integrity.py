@@ -98,7 +98,10 @@ def damaged_checkpoint_error(ckpt_dir: str, storage_metadata, error: BaseExcepti
 
 def non_finite_counts(tensor: torch.Tensor) -> tuple[int, int]:
     """``(NaN count, ±inf count)`` of a floating-point tensor; ``(0, 0)`` for any other dtype."""
-    if not tensor.is_floating_point():
+    # A NaN or an infinity anywhere makes the sum non-finite, so a finite sum proves the tensor finite
+    # in one vectorised pass (bf16 5.7 G elements/s on one core, against 0.07 for the counts below);
+    # a sum that overflows merely falls through to the exact count.
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
         return 0, 0
     nan = int(torch.isnan(tensor).sum())
     return nan, int((~torch.isfinite(tensor)).sum()) - nan
@@ -110,11 +113,6 @@ def describe_non_finite(nan: int, inf: int) -> str:
 
 def check_finite(key: str, tensor: torch.Tensor, ckpt_dir: str, region: str = "") -> None:
     """A ``CheckpointError`` naming ``key`` when ``tensor`` (read from ``ckpt_dir``) holds NaN or ±inf."""
-    # A NaN or an infinity anywhere makes the sum non-finite, so a finite sum proves the tensor finite
-    # in one vectorised pass (bf16 5.7 G elements/s on one core, against 0.07 for the counts below);
-    # a sum that overflows merely falls through to the exact count.
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
-        return
     nan, inf = non_finite_counts(tensor)
     if nan or inf:
         raise CheckpointError(f"tensor {key}{region} of {ckpt_dir} holds non-finite values "

@@ -24,8 +24,8 @@ item  where MCore assumes CUDA                          what CPU mode does
       state and buffers
 10    checkpoint writer's results queue from a spawn    a fork Manager (startup cost only: ~7 s
       Manager                                           per process on 2 cores otherwise)
-11    ``torch.compile`` (MCore's ``jit_fuser``: MoE    off: those functions run eagerly
-      activations, router expert bias, dispatcher)      (``torch._dynamo.config.disable``)
+11    ``torch.compile`` (MCore's ``jit_fuser``: MoE    off: ``torch.compile`` returns the function,
+      activations, router expert bias, dispatcher)      set before MCore's first import
 12    MLA's ``HAVE_TE`` is True without TE (the        set to the TE extension's own ``HAVE_TE``
       extension imports with stand-in classes), so      (False); also on CUDA
       its ``isinstance(linear_proj, TELinear)`` raises
@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing as mp
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -420,15 +421,23 @@ def _patch_writer_results_queue() -> None:
 # 11: torch.compile
 
 
+def _eager_compile(model: Callable | None = None, **_options: Any) -> Callable:
+    """``torch.compile`` in CPU mode: the function itself (also used as ``@torch.compile(...)``)."""
+    return model if model is not None else (lambda fn: fn)
+
+
 def _disable_torch_compile() -> None:
     """Inductor on CPU builds C++ kernels at the first step, with g++ and probe processes that run
     in the rank's process group. A preemption signal forwarded to that group kills them: the rank
     crashes with a C++ compile error instead of saving (seen in CI). At this scale compiling also
     costs seconds per fresh machine for no gain. MCore wraps its fused functions with
-    ``torch.compile`` at import; with dynamo disabled those wrappers call the plain function."""
-    import torch._dynamo
-
-    torch._dynamo.config.disable = True
+    ``torch.compile`` (its ``jit_fuser``) as it imports, so this runs before MCore's first import:
+    they stay plain functions, and torch._dynamo and inductor are never imported (about 2 s of every
+    process's start-up on 2 cores). A function compiled before (dynamo already imported) runs eagerly
+    through dynamo's own switch."""
+    torch.compile = _eager_compile
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].config.disable = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,8 +460,11 @@ def apply_cpu_adaptations() -> bool:
     """Apply every CPU adaptation once. Returns True when CPU mode is active. The workarounds that
     depend on what is installed (:func:`apply_install_workarounds`) are applied with CUDA too."""
     global _applied
+    on_cpu = not cuda_present()
+    if on_cpu and not _applied:
+        _disable_torch_compile()  # item 11 goes first: before anything imports Megatron-Core
     apply_install_workarounds()  # with CUDA too: TE may be missing on a GPU machine
-    if cuda_present():
+    if not on_cpu:
         return False
     if _applied:
         return True

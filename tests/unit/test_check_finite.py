@@ -31,3 +31,34 @@ def test_finite_values_pass_even_when_their_sum_overflows(dtype):
     check_finite("w", big, "/ckpt")
     check_finite("w", torch.randn(5000).to(dtype), "/ckpt")
     check_finite("ids", torch.arange(10), "/ckpt")  # integers are never non-finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counts_are_exact_on_both_paths(dtype):
+    from megatron_grow.checkpoint.integrity import non_finite_counts
+
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)
+    assert non_finite_counts(big) == (0, 0)  # the sum overflows; the count decides
+    t = torch.randn(4096).to(dtype)
+    assert non_finite_counts(t) == (0, 0)
+    t[[1, 2, 3]] = float("nan")
+    t[[10, 4000]] = torch.tensor([float("inf"), float("-inf")], dtype=dtype)
+    assert non_finite_counts(t) == (3, 2)
+
+
+def test_fill_check_finds_a_nan_left_and_passes_infinities():
+    from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_sourced
+    from megatron_grow.errors import GrowthError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    poison_parameters([model])
+    with pytest.raises(GrowthError, match="4 tensors"):
+        verify_all_sourced([model])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+        model[0].weight[0, 0], model[0].weight[1, 1] = float("inf"), float("-inf")  # sum NaN, yet no NaN
+        verify_all_sourced([model])
+        model[1].bias[3] = float("nan")
+    with pytest.raises(GrowthError, match=r"1 tensors .*1\.bias"):
+        verify_all_sourced([model])

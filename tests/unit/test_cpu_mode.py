@@ -195,9 +195,10 @@ def test_no_op_when_cuda_is_available():
         "import torch\n"
         "torch.cuda.is_available = lambda: True\n"
         "from megatron_grow.platform import cpu\n"
-        "orig = torch.cuda.current_device\n"
+        "orig, orig_compile = torch.cuda.current_device, torch.compile\n"
         "assert cpu.apply_cpu_adaptations() is False\n"
         "assert torch.cuda.current_device is orig and torch.Tensor.type is cpu._real_tensor_type\n"
+        "assert torch.compile is orig_compile\n"
         "print('untouched')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -207,14 +208,17 @@ def test_no_op_when_cuda_is_available():
 
 def test_mcore_fused_functions_run_eagerly_without_building_kernels(tmp_path):
     """A fresh process in CPU mode calls an MCore ``@jit_fuser`` (torch.compile) function: the
-    value is the definition's, and inductor writes nothing (no g++ run) into a fresh cache."""
+    value is the definition's, inductor writes nothing (no g++ run) into a fresh cache, and neither
+    dynamo nor inductor is even imported (their import is ~2 s of every process's start-up)."""
     cache = tmp_path / "inductor"
     code = ("import torch\n"
             "from megatron_grow.platform import cpu\n"
             "cpu.apply_cpu_adaptations()\n"
             "from megatron.core.activations import squared_relu\n"
+            "import sys\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
             "print(squared_relu(torch.tensor([-2.0, 3.0])).tolist())\n")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[0.0, 9.0]"  # relu(x)^2
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "[0.0, 9.0]"]  # nothing compiled; relu(x)^2
     assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*")), sorted(cache.rglob("*"))
