@@ -494,10 +494,10 @@ def hf_phase(recipe_path: str, steps: int) -> dict:
     """Qwen3-MoE from ``transformers`` in bf16 (torch AdamW), fed the same micro batches as the trainer."""
     from transformers import Qwen3MoeForCausalLM
 
+    from megatron_grow.config.layout_rules import padded_vocab_size
     from megatron_grow.config.loader import load_recipe
     from megatron_grow.data.datasets import build_datasets, make_batch_iterator
     from megatron_grow.data.tokenizer import load_tokenizer
-    from megatron_grow.models.mcore_config import padded_vocab_size
     from megatron_grow.parallel.init import initialize_distributed
     from megatron_grow.training.peak_flops import current_device_peak
 

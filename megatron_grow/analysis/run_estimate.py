@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from megatron_grow.config.layout_rules import resolve_layout, sequence_parallel_enabled, world_layout_problems
+from megatron_grow.config.layout_rules import (
+    padded_vocab_size,
+    resolve_layout,
+    sequence_parallel_enabled,
+    world_layout_problems,
+)
 from megatron_grow.config.schema import Recipe
 from megatron_grow.errors import LayoutError
-from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params, memory_per_gpu
 from megatron_grow.training.flops import chinchilla_flops, training_flops_per_token
 from megatron_grow.training.peak_flops import DEFAULT_GPU, lookup_peak_tflops

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 
-from megatron.core import dist_checkpointing
-
 from megatron_grow.checkpoint import io, paths
 from megatron_grow.checkpoint.integrity import read_error_text
 from megatron_grow.checkpoint.megatron_args import model_config_from_args
@@ -58,6 +56,8 @@ def load_common_state(ckpt_dir: str) -> dict:
     Raises:
         CheckpointError: the file is unreadable.
     """
+    from megatron.core import dist_checkpointing  # here, not at import: the manifest path never needs it
+
     try:
         return dist_checkpointing.load_common_state_dict(ckpt_dir) or {}
     except Exception as e:  # torch.load raises many types for a damaged file

@@ -26,10 +26,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
-from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject, ShardedTensor, apply_factories
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+# Megatron-Core is imported inside the functions that use it: reading a manifest or the storage
+# metadata (export-hf, inspection) must not pay its import (seconds).
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -43,7 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-from megatron_grow.checkpoint import paths, streaming
+from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.integrity import damaged_checkpoint_error, read_error_text, root_cause
 from megatron_grow.errors import CheckpointError, UserInputError
 from megatron_grow.parallel.collectives import broadcast_object, rank
@@ -90,6 +89,8 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     Returns:
         The final ``iter_NNNNNNN`` directory.
     """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     final = paths.iteration_dir(root, iteration)
     staging = broadcast_object(f"{final}{paths.INCOMPLETE_MARK}{uuid.uuid4().hex[:8]}" if rank() == 0 else None)
     needed = _bytes_to_write(sharded_state_dict, manifest)
@@ -97,6 +98,8 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, manifes
     try:
         with _writer_thread_errors_kept():
             if produce is not None:
+                from megatron_grow.checkpoint import streaming
+
                 streaming.save_streaming(sharded_state_dict, staging, produce)
             else:
                 dist_checkpointing.save(sharded_state_dict, staging,
@@ -180,6 +183,8 @@ def _writer_thread_errors_kept():
     try:
         yield
     except BaseException:
+        from megatron_grow.checkpoint import streaming
+
         streaming.join_writer_threads(before)  # their errors land in the hook above, not on stderr
         raise
     finally:
@@ -241,6 +246,8 @@ def _bytes_to_write(sharded_state_dict: dict, manifest: dict | None = None) -> i
     ``.metadata`` (the real metadata classes, pickled), our manifest, and one filesystem block per
     file for the partly filled last block.
     """
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject, ShardedTensor, apply_factories
     probe = _copy_containers(sharded_state_dict)
     apply_factories(probe)
     sharded, common = extract_matching_values(probe, lambda v: isinstance(v, ShardedBase))
@@ -438,6 +445,7 @@ def read_common_state(ckpt_dir: str) -> dict:
     Returns:
         The common state dict.
     """
+    from megatron.core import dist_checkpointing
     path = os.path.join(ckpt_dir, "common.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file missing: {path}")
@@ -479,6 +487,7 @@ def iter_sharded_tensors(sharded_state_dict: Any) -> Iterable:
     Yields:
         Each ``ShardedTensor``, in order.
     """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     if isinstance(sharded_state_dict, ShardedTensor):
         yield sharded_state_dict
     elif isinstance(sharded_state_dict, dict):
@@ -500,6 +509,7 @@ def check_against_checkpoint(sharded_state_dict: dict, ckpt_dir: str, storage_me
     Raises:
         CheckpointError: the architecture differs.
     """
+    from megatron.core.dist_checkpointing.mapping import apply_factories
     md = storage_metadata or read_storage_metadata(ckpt_dir)
     stored = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     probe = _copy_containers(sharded_state_dict)  # apply_factories replaces entries in place: not the caller's
@@ -539,6 +549,7 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: dict, *, validate: bool =
     Returns:
         The loaded state dict.
     """
+    from megatron.core import dist_checkpointing
     md = read_storage_metadata(ckpt_dir)
     check_shard_files(ckpt_dir, md)
     check_against_checkpoint(sharded_state_dict, ckpt_dir, md)

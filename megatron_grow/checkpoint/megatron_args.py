@@ -44,10 +44,9 @@ import re
 from typing import Any
 
 from megatron_grow.config.check import model_problems
-from megatron_grow.config.layout_rules import expert_tensor_parallel_size
+from megatron_grow.config.layout_rules import expert_tensor_parallel_size, padded_vocab_size
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig, field_problem
 from megatron_grow.errors import CheckpointError
-from megatron_grow.models.mcore_config import padded_vocab_size
 
 # Megatron-LM's own checkpoint format version (``state_dict['checkpoint_version']``).
 CHECKPOINT_VERSION = 3.0

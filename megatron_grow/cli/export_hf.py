@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 COMMAND = "export-hf"
+INSTALLS_CPU_MODE = True  # never needed: it reads the files with torch alone, no Megatron-Core model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -131,3 +131,9 @@ def world_layout_problems(parallel: ParallelConfig, world_size: int,
             out.append(f"training.global_batch_size ({training.global_batch_size}) must be divisible by "
                        f"micro_batch_size x data-parallel size ({training.micro_batch_size} x {layout.dp} = {step})")
     return out
+
+
+def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
+    """Megatron-LM's padding: round up to a multiple of make_vocab_size_divisible_by x TP."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-model.vocab_size // multiple) * multiple

@@ -44,7 +44,7 @@ from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_so
 from megatron_grow.checkpoint.grown_start import GrownStart
 from megatron_grow.checkpoint.manifest import build_manifest, read_checkpoint_info
 from megatron_grow.checkpoint.megatron_args import common_state, megatron_args
-from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.layout_rules import model_layout_problems, padded_vocab_size
 from megatron_grow.config.schema import GrowthConfig, ModelConfig, ParallelConfig, is_mixed_stack, moe_layer_pattern
 from megatron_grow.errors import GrowthError
 from megatron_grow.growth import optimizer_state, retarget
@@ -54,7 +54,6 @@ from megatron_grow.growth.source_reads import expert_stats, layer_groups, read_r
 from megatron_grow.growth.streamed import GrownTensors, is_main_replica
 from megatron_grow.log import component_log
 from megatron_grow.models.builder import build_model_chunks
-from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.models.params import count_params
 from megatron_grow.models.specs import built_with_te
 from megatron_grow.parallel.collectives import all_reduce_host, rank

@@ -13,8 +13,9 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 
+from megatron_grow.config.layout_rules import padded_vocab_size
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
-from megatron_grow.models.mcore_config import padded_vocab_size, parameter_device, to_transformer_config
+from megatron_grow.models.mcore_config import parameter_device, to_transformer_config
 from megatron_grow.models.specs import decoder_block_spec
 
 

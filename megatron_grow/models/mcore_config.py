@@ -43,12 +43,6 @@ def _attention_config(model: ModelConfig) -> tuple[type, dict]:
     return MLATransformerConfig, fields
 
 
-def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
-    """Megatron-LM's padding: round up to a multiple of make_vocab_size_divisible_by x TP."""
-    multiple = model.make_vocab_size_divisible_by * tp
-    return -(-model.vocab_size // multiple) * multiple
-
-
 def parameter_device(config: TransformerConfig) -> torch.device | None:
     """Where MCore's own layers allocate their weights for ``config``, for our modules to follow:
     ``torch.cuda.current_device()`` on its GPU path; the ambient default device (``None``) with

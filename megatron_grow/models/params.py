@@ -48,11 +48,10 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_grow.config.layout_rules import Layout
+from megatron_grow.config.layout_rules import Layout, padded_vocab_size
 from megatron_grow.config.loader import load_recipe
 from megatron_grow.config.schema import ModelConfig, ParallelConfig, TrainingConfig, moe_layer_pattern
 from megatron_grow.models.builder import build_gpt_model
-from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.parallel.init import initialize_distributed
 from megatron_grow.platform import cpu
 

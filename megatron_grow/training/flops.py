@@ -41,8 +41,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from megatron_grow.config.layout_rules import padded_vocab_size
 from megatron_grow.config.schema import ModelConfig, moe_layer_pattern
-from megatron_grow.models.mcore_config import padded_vocab_size
 
 # fwd + bwd (data grad + weight grad) = 3 x forward.
 TRAINING_MULTIPLIER = 3

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from megatron_grow.checkpoint import paths
 from megatron_grow.checkpoint.manifest import read_checkpoint_info
+from megatron_grow.config.layout_rules import padded_vocab_size
 from megatron_grow.config.schema import ModelConfig, Recipe
 from megatron_grow.errors import CheckpointError
-from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.training.optimizer import build_scheduler
 
 ARCHITECTURE_FIELDS = (

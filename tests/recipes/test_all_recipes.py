@@ -33,13 +33,13 @@ def test_tiny_divides_small_layouts(name, tp, ep, pp):
     overrides = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.expert_model_parallel_size={ep}",
                  f"parallel.pipeline_model_parallel_size={pp}"]
     recipe = load_recipe(str(CONFIGS / "models" / f"{name}.yaml"), overrides)
-    from megatron_grow.models.mcore_config import padded_vocab_size
+    from megatron_grow.config.layout_rules import padded_vocab_size
 
     assert padded_vocab_size(recipe.model, tp) == recipe.model.vocab_size
 
 
 def test_paper_vocab_is_not_padded():
-    from megatron_grow.models.mcore_config import padded_vocab_size
+    from megatron_grow.config.layout_rules import padded_vocab_size
 
     for name in ("3b", "17b", "70b"):
         recipe = load_recipe(str(CONFIGS / "models" / f"{name}.yaml"))

@@ -23,7 +23,7 @@ from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_so
 from megatron_grow.checkpoint.integrity import describe_non_finite, non_finite_counts
 from megatron_grow.checkpoint.manifest import build_manifest, empty_counters
 from megatron_grow.checkpoint.megatron_args import common_state
-from megatron_grow.config.layout_rules import model_layout_problems
+from megatron_grow.config.layout_rules import model_layout_problems, padded_vocab_size
 from megatron_grow.config.schema import ModelConfig, ParallelConfig
 from megatron_grow.errors import InteropError
 from megatron_grow.interop.hf import tensor_map
@@ -31,7 +31,6 @@ from megatron_grow.interop.hf.families import family_for_hf_config
 from megatron_grow.interop.hf.families.base import Family
 from megatron_grow.interop.hf.safetensors_io import SafetensorsCheckpoint, read_hf_config
 from megatron_grow.models.builder import build_model_chunks
-from megatron_grow.models.mcore_config import padded_vocab_size
 from megatron_grow.parallel.collectives import rank
 from megatron_grow.parallel.init import initialize_distributed
 
