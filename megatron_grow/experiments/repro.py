@@ -589,7 +589,7 @@ def run_repro(workdir: str = "runs/repro", size: str = "auto", tiny: bool = Fals
          f"workdir {workdir}; load average {load_average()}")
     data = prepare_data(workdir, texts, rsize.size.vocab_size, say=_say)
     plans = plan_all(workdir, rsize, ranks, data, seeds)
-    _say_plan(rsize, plans[0])
+    _say_plan(rsize, plans[0], dataset_tokens(data["prefix"]))
     if dry_run:
         estimate = estimated_gpu_seconds(rsize, plans)
         _say(f"dry run: {sum(len(p.steps) for p in plans)} steps written under {workdir}/seed_*/recipes; "
@@ -680,7 +680,12 @@ def norm_profile_stats(per_seed: list) -> dict | None:
     return {"saves": saves}
 
 
-def _say_plan(rsize: ReproSize, plan: SeedPlan) -> None:
+# Past this many passes over the corpus, the base learns its text by heart: the growth comparisons
+# then measure memorisation (the default corpus is one book, ~1.3-1.9 M tokens).
+MAX_BASE_EPOCHS = 4.0
+
+
+def _say_plan(rsize: ReproSize, plan: SeedPlan, corpus_tokens: int) -> None:
     size = resolved_size(rsize)
     n_a = count_params(plan.meta["base"]["model"]).activated
     f_c, per_step = chinchilla_flops(n_a), base_flops_per_step(size)
@@ -690,6 +695,11 @@ def _say_plan(rsize: ReproSize, plan: SeedPlan) -> None:
          + ", ".join(f"{it * per_step / f_c:.2f}" for it in saves) + " F_c")
     _say(f"steps per seed ({len(plan.steps)}): " + ", ".join(s["name"] for s in plan.steps)
          + f"; {size.grown_iters} steps each after growth")
+    epochs = size.base_iters * size.global_batch_size * size.seq_length / max(corpus_tokens, 1)
+    _say(f"the base reads {epochs:.1f} passes over the {corpus_tokens:,}-token corpus by its last save")
+    if epochs > MAX_BASE_EPOCHS:
+        _say(f"warning: more than {MAX_BASE_EPOCHS:g} passes: the base memorises the text and the findings "
+             "measure that; pass a larger corpus with --text (.txt[.gz]/.jsonl[.gz]) for this size")
 
 
 def _label(raw_dir: str) -> str:

@@ -89,6 +89,11 @@ def test_gpu_size_dry_run_writes_every_recipe(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dry run: 51 steps written" in out and "nothing trained" in out
     rsize = repro.SIZES["gpu"]
+    size, tokens = repro.resolved_size(rsize), repro.dataset_tokens(str(next((tmp_path / "data").glob("*.bin")))[:-4])
+    passes = size.base_iters * size.global_batch_size * size.seq_length / tokens
+    assert passes > repro.MAX_BASE_EPOCHS  # the shipped text is too small for this size: said, not hidden
+    assert f"the base reads {passes:.1f} passes over the {tokens:,}-token corpus" in out
+    assert "warning: more than 4 passes" in out
     saves = repro.save_iterations(rsize)
     for seed in rsize.seeds:
         recipes = sorted(p.name for p in (tmp_path / f"seed_{seed}" / "recipes").iterdir())
