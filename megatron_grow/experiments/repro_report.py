@@ -75,6 +75,10 @@ def _md_header(r: dict) -> list:
         "megatron-grow repro --size gpu --dry-run     # the GPU plan (recipes written and validated)",
         "megatron-grow repro --tiny                   # CI: the machinery, not the science",
         "```",
+        "",
+        "The GPU plan (`--size gpu`) is planned and validated, not run here. With the shipped text its base "
+        "would read about 61 passes over the corpus, so it prints a warning: a GPU study needs a larger "
+        "corpus (`--text`).",
     ]
 
 
