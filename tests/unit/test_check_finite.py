@@ -62,3 +62,26 @@ def test_fill_check_finds_a_nan_left_and_passes_infinities():
         model[1].bias[3] = float("nan")
     with pytest.raises(GrowthError, match=r"1 tensors .*1\.bias"):
         verify_all_sourced([model])
+
+
+def test_regions_written_in_full_need_no_nan_proof_and_the_rest_is_still_checked():
+    from megatron_grow.checkpoint.fill_check import poison_parameters, verify_all_sourced
+    from megatron_grow.errors import GrowthError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    w1 = model[1].weight
+    written = [model[0].weight, w1[:4], w1[4:], model[1].bias[:3], model[0].bias[::2]]  # halves; a part; strided
+    poisoned = poison_parameters([model], written_in_full=written)
+    # covered: 0.weight (whole), 1.weight (two contiguous halves); not: a part of 1.bias, a strided view of 0.bias
+    assert sorted(name for _, name, _ in poisoned) == ["0.bias", "1.bias"]
+    assert not torch.isnan(model[0].weight).any() and torch.isnan(model[1].bias).all()
+    with pytest.raises(GrowthError, match="2 tensors"):
+        verify_all_sourced([model], poisoned)
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[1].bias[:3] = 0.0  # only the part the caller promised
+    with pytest.raises(GrowthError, match=r"1 tensors .*1\.bias"):
+        verify_all_sourced([model], poisoned)

@@ -152,7 +152,7 @@ def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: Safeten
     sd = io.model_sharded_state_dict(model_chunks)
     apply_factories(sd)
     tensors = list(io.iter_sharded_tensors(sd))
-    poison_parameters(model_chunks)
+    poisoned = poison_parameters(model_chunks, written_in_full=[st.data for st in tensors])
     read_before = ckpt.bytes_read
     bar = tqdm(tensors, desc="import-hf", unit="tensor", file=sys.stderr, disable=not progress or rank() != 0)
     for st in bar:
@@ -160,7 +160,7 @@ def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: Safeten
         offsets = tuple(st.global_offset[st.prepend_axis_num:])
         value = read_region(item, offsets, tuple(st.local_shape), ckpt, st.data.dtype)
         st.data.copy_(value)
-    verify_all_sourced(model_chunks)
+    verify_all_sourced(model_chunks, poisoned)
     return ckpt.bytes_read - read_before  # as stored in the files, not as converted
 
 
