@@ -29,10 +29,13 @@ item  where MCore assumes CUDA                          what CPU mode does
 12    MLA's ``HAVE_TE`` is True without TE (the        set to the TE extension's own ``HAVE_TE``
       extension imports with stand-in classes), so      (False); also on CUDA
       its ``isinstance(linear_proj, TELinear)`` raises
+13    MCore imports ``wandb`` as it loads (inference   MCore's first import sees it as absent:
+      context, timers) for writers we never pass        ours imports it itself; also on CUDA
+      (0.5 s of every process's start-up)
 ====  ===============================================  =========================================
 
 ``apply_cpu_adaptations()`` applies all of them once and is a no-op when CUDA is available,
-except items 4 and 12: they depend on what is installed, not on the device (a plain pip
+except items 4, 12 and 13: they depend on what is installed, not on the device (a plain pip
 environment on a GPU has no Transformer Engine either), so it is applied whenever TE is
 absent, with or without CUDA (:func:`apply_install_workarounds`).
 It is called explicitly by the entry points only (the CLI's ``main``, ranks started by
@@ -172,9 +175,26 @@ def _patch_mla_te_flag() -> None:
 
 
 def apply_install_workarounds() -> None:
-    """The workarounds that depend on what is installed rather than on the device (items 4 and 12)."""
+    """The workarounds that depend on what is installed rather than on the device (items 4, 12, 13)."""
+    _import_mcore_without_wandb()
     _patch_te_general_gemm()
     _patch_mla_te_flag()
+
+
+def _import_mcore_without_wandb() -> None:
+    """Item 13: Megatron-Core's inference context and timers import ``wandb`` when they load, for a
+    writer object we never hand them (our metrics import wandb themselves, when asked to log to it).
+    Its import is ~0.5 s of every process's start-up, so MCore's first import sees it as absent (a
+    ``None`` entry in ``sys.modules`` makes ``import wandb`` raise ImportError, which MCore catches);
+    the entry is removed at once, so a later ``import wandb`` works as usual."""
+    if "megatron.core" in sys.modules or "wandb" in sys.modules:
+        return
+    sys.modules["wandb"] = None
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        if "wandb" in sys.modules and sys.modules["wandb"] is None:
+            del sys.modules["wandb"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -222,3 +222,18 @@ def test_mcore_fused_functions_run_eagerly_without_building_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-2:] == ["[]", "[0.0, 9.0]"]  # nothing compiled; relu(x)^2
     assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*")), sorted(cache.rglob("*"))
+
+
+def test_megatron_core_loads_without_importing_wandb_which_stays_importable():
+    """Item 13: MCore's first import skips wandb (start-up time); our own ``import wandb`` still works."""
+    code = ("import sys\n"
+            "from megatron_grow.platform import cpu\n"
+            "cpu.apply_cpu_adaptations()\n"
+            "import megatron.core.timers as timers\n"
+            "from megatron.core.inference.contexts import dynamic_context\n"
+            "print('wandb' in sys.modules, timers.wandb, dynamic_context.HAVE_WANDB)\n"
+            "import wandb\n"
+            "print(type(wandb).__name__, hasattr(wandb, 'init'))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-2:] == ["False None False", "module True"]
