@@ -76,7 +76,7 @@ def describe_hf_model(hf_dir: str, seq_length: int | None = None) -> tuple[dict,
 
 
 def read_region(item: tensor_map.Item, offsets: tuple, sizes: tuple, ckpt: SafetensorsCheckpoint,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The region ``[offsets, offsets + sizes)`` of one item, read from the HF files.
 
     Args:
@@ -85,11 +85,12 @@ def read_region(item: tensor_map.Item, offsets: tuple, sizes: tuple, ckpt: Safet
         sizes: the region's size, per dim.
         ckpt: the HF files.
         dtype: the dtype of the result.
+        out: where to write it (shape ``sizes``, dtype ``dtype``); default a new tensor.
 
     Returns:
         The region (rows past the real vocabulary are zeros).
     """
-    out = torch.empty(sizes, dtype=dtype)
+    out = torch.empty(sizes, dtype=dtype) if out is None else out
     r0, n = offsets[0], sizes[0]
     rest = tuple(slice(o, o + s) for o, s in zip(offsets[1:], sizes[1:]))
     row = 0
@@ -158,8 +159,7 @@ def fill_from_hf(model_chunks, model: ModelConfig, family: Family, ckpt: Safeten
     for st in bar:
         item = _item_of(st, index)
         offsets = tuple(st.global_offset[st.prepend_axis_num:])
-        value = read_region(item, offsets, tuple(st.local_shape), ckpt, st.data.dtype)
-        st.data.copy_(value)
+        read_region(item, offsets, tuple(st.local_shape), ckpt, st.data.dtype, out=st.data)
     verify_all_sourced(model_chunks, poisoned)
     return ckpt.bytes_read - read_before  # as stored in the files, not as converted
 
