@@ -7,6 +7,7 @@ here through ``checkpoint.reader`` (torch DCP's reader, this rank only: no colle
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,13 +88,12 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
     """Noise stds per (logical key, source layer, source expert), from the full source expert tensors,
     and the full expert regions among ``wanted`` this rank read for them (collective).
 
-    Each full per-expert tensor ("unit") is measured by exactly one rank (:func:`_unit_owner`). A rank
-    reads the units it measures and the units it needs whole for writing (their request ids are in
-    ``wanted``), each once, and returns the needed ones (stored dtype) so that their copies are written
-    from this read: width growth reads a source expert once per rank that writes it, not once more for
-    the statistics (except where a rank measures an expert it does not write). Moments are summed across ranks
-    (exact: every entry is non-zero on one rank only) and combined in expert order, so every rank
-    derives the same stds whatever the layout.
+    Each full per-expert tensor ("unit") is measured by exactly one rank (:func:`_unit_owner`), which
+    alone reads it from storage; a rank that writes from a unit another rank measures receives it from
+    that rank (one broadcast per layer and measuring rank), and the needed units are returned (stored
+    dtype) so that their copies are written from them: every source expert is read once in all, for the
+    statistics and every copy. Moments are summed across ranks (exact: every entry is non-zero on one
+    rank only) and combined in expert order, so every rank derives the same stds whatever the layout.
 
     Args:
         tasks: this rank's growth tasks (their routed-expert tensors name the keys).
@@ -144,25 +144,91 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
 
 def _read_units(units: list, requests: list, owners: list, needed: list, reader: CheckpointReader,
                 shape: tuple) -> tuple[torch.Tensor, dict, str | None]:
-    """Read the units this rank measures or needs, each once: (moments of the measured ones, zero
-    elsewhere; the needed regions by request id, stored dtype; the first read error or None)."""
+    """Read the units this rank measures; the units it needs and another rank measures come from that
+    rank (:func:`_share_layer`), so every source expert is read from storage once in all. Returns (the
+    moments of the measured units, zero elsewhere; the needed regions by request id, stored dtype; the
+    first read error or None). Without a process group (one rank) a needed unit is read here."""
     moments = torch.zeros(*shape, 3, dtype=torch.float64)
     kept: dict = {}
-    for u, (k, ls, es) in enumerate(units):
-        if owners[u] != rank() and not needed[u]:
+    error = None
+    sharing = torch.distributed.is_initialized() and world_size() > 1
+    if sharing:
+        elsewhere = _needed_elsewhere(needed, owners, getattr(reader, "buffer_device", "cpu") == "meta")
+    by_layer: dict[int, list[int]] = {}
+    for u, (_, ls, _) in enumerate(units):
+        by_layer.setdefault(ls, []).append(u)
+    for ls, layer_units in by_layer.items():
+        read: dict[int, torch.Tensor] = {}
+        for u in layer_units:
+            if error is None and (owners[u] == rank() or (needed[u] and not sharing)):
+                try:  # non-finite values are checked by the caller, from the moments, on every rank alike
+                    read[u] = _read_unit(requests[u], reader)
+                except CheckpointError as e:  # a damaged shard: every rank leaves the collective the same way
+                    error = str(e)
+        for u, data in read.items():
+            if owners[u] == rank():  # a rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero
+                k, _, es = units[u]
+                moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta
+                                                  else (data.numel(), 0, 0), dtype=torch.float64)
+        if sharing:
+            read.update(_share_layer(layer_units, requests, owners, needed, elsewhere, read, reader))
+        for u in layer_units:
+            if needed[u] and u in read:
+                r = requests[u]
+                kept[(r.key, tuple(r.global_offset), tuple(r.local_shape))] = read[u]
+    return moments, kept, error
+
+
+def _read_unit(request, reader: CheckpointReader) -> torch.Tensor:
+    sizes = (1,) * request.prepend_axis_num + tuple(request.local_shape)
+    return reader.read(request.key, tuple(request.global_offset), sizes).reshape(request.local_shape)
+
+
+def _needed_elsewhere(needed: list, owners: list, meta: bool) -> list:
+    """Per unit: does a rank other than the one measuring it need it whole (collective, one all-gather of
+    the needed flags; a rehearsal's fake process group moves nothing, so there: nothing)."""
+    mine = torch.tensor(needed, dtype=torch.uint8)
+    every = [torch.zeros_like(mine) for _ in range(world_size())]
+    if not meta:
+        torch.distributed.all_gather(every, mine)
+    return [any(int(every[r][u]) for r in range(world_size()) if r != owners[u]) for u in range(len(needed))]
+
+
+def _share_layer(layer_units: list, requests: list, owners: list, needed: list, elsewhere: list, read: dict,
+                 reader: CheckpointReader) -> dict:
+    """This rank's needed units of one layer that other ranks read (collective: one broadcast per
+    measuring rank with units another rank needs, the same sequence on every rank, all sizes known
+    from the metadata). A unit whose read failed is sent as zeros (the error is raised everywhere
+    after). In a rehearsal (regions on ``meta``) nothing moves: the needed units are meta tensors."""
+    out: dict[int, torch.Tensor] = {}
+    meta = getattr(reader, "buffer_device", "cpu") == "meta"
+    for owner in sorted({owners[u] for u in layer_units}):
+        if meta:
+            if owner != rank():
+                for u in layer_units:
+                    if owners[u] == owner and needed[u]:
+                        r = requests[u]
+                        out[u] = torch.empty(tuple(r.local_shape), dtype=reader.stored(r.key).dtype, device="meta")
             continue
-        request = requests[u]
-        sizes = (1,) * request.prepend_axis_num + tuple(request.local_shape)
-        try:  # non-finite values are checked by the caller, from the moments, on every rank alike
-            data = reader.read(request.key, tuple(request.global_offset), sizes).reshape(request.local_shape)
-        except CheckpointError as e:  # a damaged shard: every rank must leave the collective the same way
-            return moments, kept, str(e)
-        if owners[u] == rank():  # a rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero
-            moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta else (data.numel(), 0, 0),
-                                              dtype=torch.float64)
-        if needed[u]:
-            kept[(request.key, tuple(request.global_offset), tuple(request.local_shape))] = data
-    return moments, kept, None
+        sent = [u for u in layer_units if owners[u] == owner and elsewhere[u]]
+        if not sent:
+            continue
+        dtypes = [reader.stored(requests[u].key).dtype for u in sent]
+        shapes = [tuple(requests[u].local_shape) for u in sent]
+        sizes = [math.prod(sh) * dt.itemsize for sh, dt in zip(shapes, dtypes)]
+        buf = torch.zeros(sum(sizes), dtype=torch.uint8)
+        at = 0
+        for u, n in zip(sent, sizes):
+            if owner == rank() and u in read:
+                buf[at:at + n] = read[u].reshape(-1).view(torch.uint8)
+            at += n
+        torch.distributed.broadcast(buf, src=owner)
+        at = 0
+        for u, n, sh, dt in zip(sent, sizes, shapes, dtypes):
+            if owner != rank() and needed[u]:
+                out[u] = buf[at:at + n].clone().view(dt).reshape(sh)
+            at += n
+    return out
 
 
 def _unit_owner(ls: int, es: int, num_layers: int, num_experts: int) -> int:
