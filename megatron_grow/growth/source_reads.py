@@ -125,10 +125,11 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
         return _whole_expert_request(st, source_key, L, E, ls, es)
 
     requests = [expert_request(*u) for u in units]
-    needed = [wanted is not None and (r.key, tuple(r.global_offset), tuple(r.local_shape)) in wanted
-              for r in requests]
+    parts = _parts_within_units(requests, wanted or {})
+    needed = [u in parts for u in range(len(units))]
     owners = [_unit_owner(ls, es, L, E) for _, ls, es in units]
-    moments, kept, error = _read_units(units, requests, owners, needed, reader, (len(keys), L, E))
+    moments, held, error = _read_units(units, requests, owners, needed, reader, (len(keys), L, E))
+    kept = {rid: held[u][region] for u, found in parts.items() if u in held for rid, region in found}
     _raise_on_every_rank(error)
     if torch.distributed.is_initialized():
         all_reduce_host(moments)
@@ -146,8 +147,8 @@ def _read_units(units: list, requests: list, owners: list, needed: list, reader:
                 shape: tuple) -> tuple[torch.Tensor, dict, str | None]:
     """Read the units this rank measures; the units it needs and another rank measures come from that
     rank (:func:`_share_layer`), so every source expert is read from storage once in all. Returns (the
-    moments of the measured units, zero elsewhere; the needed regions by request id, stored dtype; the
-    first read error or None). Without a process group (one rank) a needed unit is read here."""
+    moments of the measured units, zero elsewhere; the needed units by index, stored dtype; the first
+    read error or None). Without a process group (one rank) a needed unit is read here."""
     moments = torch.zeros(*shape, 3, dtype=torch.float64)
     kept: dict = {}
     error = None
@@ -174,9 +175,32 @@ def _read_units(units: list, requests: list, owners: list, needed: list, reader:
             read.update(_share_layer(layer_units, requests, owners, needed, elsewhere, read, reader))
         for u in layer_units:
             if needed[u] and u in read:
-                r = requests[u]
-                kept[(r.key, tuple(r.global_offset), tuple(r.local_shape))] = read[u]
+                kept[u] = read[u]
     return moments, kept, error
+
+
+def _parts_within_units(units: list, wanted: dict) -> dict:
+    """Per unit index, the wanted requests inside that whole source expert and their region in it: a
+    whole expert, or a part of one (Megatron-Core stores a gated fc1 as two halves, each its own request).
+
+    Args:
+        units: whole-expert requests.
+        wanted: source requests by id.
+
+    Returns:
+        ``{unit index: [(request id, slices into the unit), ...]}``.
+    """
+    index = {(r.key, tuple(r.global_offset[:r.prepend_axis_num])): u for u, r in enumerate(units)}
+    parts: dict = {}
+    for rid, req in wanted.items():
+        u = index.get((req.key, tuple(req.global_offset[:req.prepend_axis_num])))
+        if u is None or units[u].prepend_axis_num != req.prepend_axis_num:
+            continue
+        p = req.prepend_axis_num
+        start = [o - uo for o, uo in zip(req.global_offset[p:], units[u].global_offset[p:])]
+        if all(0 <= a and a + n <= full for a, n, full in zip(start, req.local_shape, units[u].local_shape)):
+            parts.setdefault(u, []).append((rid, tuple(slice(a, a + n) for a, n in zip(start, req.local_shape))))
+    return parts
 
 
 def _read_unit(request, reader: CheckpointReader) -> torch.Tensor:

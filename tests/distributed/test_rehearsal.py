@@ -126,3 +126,24 @@ def test_rehearsal_predicts_the_source_dtype_for_the_grown_checkpoint():
     bias = target.num_layers * target.num_moe_experts
     weights = fp32 // 4 - bias
     assert bf16 == 2 * weights + 4 * bias, (fp32, bf16)
+
+
+def _stored_tensor_bytes(ckpt_root: str) -> int:
+    """The source's tensor bytes, from its DCP metadata (what reading every stored tensor once costs)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    it_dir = sorted(p for p in Path(ckpt_root).iterdir() if p.name.startswith("iter_"))[-1]
+    md = FileSystemReader(str(it_dir)).read_metadata()
+    return sum(torch.Size(m.size).numel() * m.properties.dtype.itemsize
+               for m in md.state_dict_metadata.values() if isinstance(m, TensorStorageMetadata))
+
+
+def test_width_growth_on_ep2_reads_every_source_byte_once(source, tmp_path):
+    """Depth x2 then width x2 (noise statistics of every source expert) into EP=2 with the append
+    layout, where both ranks write from every source expert: each expert is read by the rank that
+    measures it and sent to the other, so all ranks together read the source exactly once (before: the
+    statistics' reads plus one read per writing rank, ~2x)."""
+    real = run_in_processes(grow_counted, 2, (source, str(tmp_path / "grown"), GROWTH,
+                                               ParallelConfig(expert_model_parallel_size=2), 1))
+    assert sum(r["bytes_read"] for r in real) == _stored_tensor_bytes(source)
