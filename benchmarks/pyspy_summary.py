@@ -20,6 +20,7 @@ CATS = [  # checked from the leaf up: the deepest matching frame decides
     ("noise: add + round", "expert_tensor (megatron_grow/growth/operators/width.py"),
     ("finite check of reads", "check_finite"),
     ("stats: moments", "tensor_moments"),
+    ("stats: experts sent between ranks", "_share_layer"),
     ("stats pass (reads, moments, all-reduce)", "expert_st"),
     ("read: DCP read_data + torch.load", "read_data"),
     ("read: region matching, casts", "_source (megatron_grow/growth/streamed.py"),
