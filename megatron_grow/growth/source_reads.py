@@ -127,7 +127,7 @@ def expert_stats(tasks: list, plan: GrowthPlan, reader: CheckpointReader,
     requests = [expert_request(*u) for u in units]
     parts = _parts_within_units(requests, wanted or {})
     needed = [u in parts for u in range(len(units))]
-    owners = [_unit_owner(ls, es, L, E) for _, ls, es in units]
+    owners = [_unit_owner(es, E) for _, _, es in units]
     moments, held, error = _read_units(units, requests, owners, needed, reader, (len(keys), L, E))
     kept = {rid: held[u][region] for u, found in parts.items() if u in held for rid, region in found}
     _raise_on_every_rank(error)
@@ -255,12 +255,13 @@ def _share_layer(layer_units: list, requests: list, owners: list, needed: list, 
     return out
 
 
-def _unit_owner(ls: int, es: int, num_layers: int, num_experts: int) -> int:
-    """The rank that measures source expert ``es`` of layer ``ls``: contiguous blocks of (layer, expert)
-    per rank, the same on every rank without communication (so the rehearsal, which simulates ranks one
-    at a time, predicts the same reads). Pipeline stages and expert-parallel ranks follow the same order,
-    so a rank mostly measures experts it writes anyway and reads them once for both."""
-    return (ls * num_experts + es) * world_size() // (num_layers * num_experts)
+def _unit_owner(es: int, num_experts: int) -> int:
+    """The rank that reads and measures source expert ``es`` (of any layer): each layer's experts in
+    contiguous blocks over the ranks, the same on every rank without communication (so the rehearsal,
+    which simulates ranks one at a time, predicts the same reads). Every rank reads a share of every
+    layer, so the layer-by-layer exchange (:func:`_share_layer`) keeps all ranks reading; expert-parallel
+    ranks hold the same blocks, so a rank mostly measures experts it writes anyway."""
+    return es * world_size() // num_experts
 
 
 def _whole_expert_request(st, source_key: str, L: int, E: int, ls: int, es: int):
