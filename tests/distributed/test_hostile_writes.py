@@ -196,10 +196,18 @@ def test_overwrite_whose_verify_fails_keeps_the_old_save(source, tmp_path):
     assert _left_beside(dst) == [], where
 
 
+# A terminal starts a command with SIGINT at its default and no signal blocked. The test process may
+# have changed either (a library loaded into pytest), and a child inherits both across exec: a SIGINT
+# blocked or ignored there would never reach the command under test. This wrapper clears both, then
+# becomes the command (exec keeps the pid, so the signal goes to the command itself).
+_AS_FROM_A_SHELL = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, []); "
+                    "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def _interrupt_when(argv: list[str], pattern: str) -> subprocess.CompletedProcess:
-    """Start ``argv``; SIGINT it (what Ctrl-C sends) as soon as ``pattern`` matches a path."""
-    proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    """Start ``argv`` as a shell would; SIGINT it (what Ctrl-C sends) as soon as ``pattern`` matches a path."""
+    proc = subprocess.Popen([sys.executable, "-c", _AS_FROM_A_SHELL, *argv], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + CLI_TIMEOUT
     while not glob.glob(pattern) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
