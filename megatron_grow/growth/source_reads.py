@@ -153,8 +153,9 @@ def _read_units(units: list, requests: list, owners: list, needed: list, reader:
     kept: dict = {}
     error = None
     sharing = torch.distributed.is_initialized() and world_size() > 1
+    meta = reader.buffer_device == "meta"  # a rehearsal: regions without data, a fake process group
     if sharing:
-        elsewhere = _needed_elsewhere(needed, owners, getattr(reader, "buffer_device", "cpu") == "meta")
+        elsewhere = _needed_elsewhere(needed, owners, meta)
     by_layer: dict[int, list[int]] = {}
     for u, (_, ls, _) in enumerate(units):
         by_layer.setdefault(ls, []).append(u)
@@ -172,7 +173,7 @@ def _read_units(units: list, requests: list, owners: list, needed: list, reader:
                 moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta
                                                   else (data.numel(), 0, 0), dtype=torch.float64)
         if sharing:
-            read.update(_share_layer(layer_units, requests, owners, needed, elsewhere, read, reader))
+            read.update(_share_layer(layer_units, requests, owners, needed, elsewhere, read, reader, meta))
         for u in layer_units:
             if needed[u] and u in read:
                 kept[u] = read[u]
@@ -219,13 +220,12 @@ def _needed_elsewhere(needed: list, owners: list, meta: bool) -> list:
 
 
 def _share_layer(layer_units: list, requests: list, owners: list, needed: list, elsewhere: list, read: dict,
-                 reader: CheckpointReader) -> dict:
+                 reader: CheckpointReader, meta: bool) -> dict:
     """This rank's needed units of one layer that other ranks read (collective: one broadcast per
     measuring rank with units another rank needs, the same sequence on every rank, all sizes known
     from the metadata). A unit whose read failed is sent as zeros (the error is raised everywhere
     after). In a rehearsal (regions on ``meta``) nothing moves: the needed units are meta tensors."""
     out: dict[int, torch.Tensor] = {}
-    meta = getattr(reader, "buffer_device", "cpu") == "meta"
     for owner in sorted({owners[u] for u in layer_units}):
         if meta:
             if owner != rank():
