@@ -333,6 +333,7 @@ def parse_summary(text: str) -> dict:
     return {
         "bytes_read": grab(r"bytes read \(all ranks\)\s+([\d,.]+) MiB") * MiB,
         "bytes_written": grab(r"bytes written\s+([\d,.]+) MiB") * MiB,
+        "bytes_sent_between_ranks": (grab(r"and ([\d,.]+) MiB of it sent between ranks") or 0.0) * MiB,
         "seconds": float(m.group(1)), "stats_seconds": float(m.group(2)),
         "load_seconds": float(m.group(3)), "save_seconds": float(m.group(4)),
     }
@@ -385,7 +386,8 @@ def fmt_table(rows: list[dict], headers: tuple) -> str:
 
 
 TABLE_HEADERS = ("grown GiB", "growth", "source", "method", "ranks", "wall s", "grow s", "load 1m",
-                 "read MiB", "read / source", "written MiB", "peak RSS/rank MiB", "share/rank MiB",
+                 "read MiB", "read / source", "sent between ranks MiB", "written MiB", "peak RSS/rank MiB",
+                 "share/rank MiB",
                  "RSS / (1.5 share + 300 MB)", "peak PSS all procs MiB", "grow s / cp s", "wall s / cp s")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 # The goals of issue 26 (2 ranks): grow phase and whole command against cp -r + sync of the grown
@@ -533,6 +535,8 @@ def table_rows(d: dict) -> list[dict]:
             "method": label, "ranks": str(n), "wall s": f"{run['wall_s']:.1f}", "grow s": f"{grow_s:.2f}",
             "load 1m": f"{run['load']:.2f}", "read MiB": f"{read / MiB:.0f}",
             "read / source": f"{read / src_bytes:.2f}",
+            "sent between ranks MiB": (f"{run['summary']['bytes_sent_between_ranks'] / MiB:.0f}"
+                                       if run["method"] == "grow" else "-"),
             "written MiB": f"{written / MiB:.0f}", "peak RSS/rank MiB": f"{peak / MiB:.0f}",
             "share/rank MiB": f"{share / MiB:.0f}",
             "RSS / (1.5 share + 300 MB)": f"{peak / (GOAL_RSS_SHARE * share + GOAL_RSS_MB):.2f}",

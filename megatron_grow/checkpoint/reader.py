@@ -105,6 +105,7 @@ class CheckpointReader:
     """
 
     buffer_device = "cpu"  # where read regions are allocated ("meta" in the growth rehearsal: no data)
+    bytes_received = 0  # source bytes another rank read and sent to this one (growth.source_reads)
 
     def __init__(self, path: str, iteration: int | None = None,
                  progress: Callable[[str], None] | None = None, storage_metadata=None):

@@ -447,6 +447,8 @@ def streaming_target(source: GrowthSource, built: ModelConfig, parallel: Paralle
     targets = list(io.iter_sharded_tensors(state))
     for st in targets:  # buffers MCore creates on an explicit device (expert_bias) are grown too
         st.data = st.data.to("meta")
+    # Each rank writes the copies of the source experts it reads (any rank may write any chunk).
+    retarget.assign_expert_writers(targets, source.plan, parallel.expert_model_parallel_size)
     tasks, requests, expert_std, kept = plan_reads(targets, chunks, source, stats, keep_regions=True)
     grown = GrownTensors(tasks, requests, source.plan, source.reader, expert_std, progress, compute=compute,
                          preloaded=kept)
@@ -459,20 +461,21 @@ def _summary(source: GrowthSource, final: str, grown: GrownTensors, stats: LoadS
     total = time.perf_counter() - t0
     bytes_written = io.checkpoint_bytes(final) if rank() == 0 else 0
     # Every read of SRC this rank made (statistics pass, regions written, optimizer state), in stored bytes.
-    totals = torch.tensor([source.reader.bytes_read], dtype=torch.float64)
+    totals = torch.tensor([source.reader.bytes_read, source.reader.bytes_received], dtype=torch.float64)
     if torch.distributed.is_initialized():
         all_reduce_host(totals)
     return {
         "source": source.ckpt_dir, "grown": final, "iteration": source.info.counters["iteration"],
         "source_model": source.plan.source, "source_spec": source.source_spec,
         "params_before": before, "params_after": after,
-        "bytes_read": int(totals[0].item()), "bytes_written": bytes_written,
+        "bytes_read": int(totals[0].item()), "bytes_received": int(totals[1].item()), "bytes_written": bytes_written,
         # load: reading and growing inside the save, summed over the writer threads of rank 0
         "load_seconds": grown.seconds, "stats_seconds": stats.stats_seconds, "save_seconds": save_seconds,
         "seconds": total, "world_size": ctx.world_size,
         "throughput_gib_s": (bytes_written / 2**30) / total if total > 0 else 0.0,
         # This rank's own I/O and streaming buffers, as the growth rehearsal predicts them.
-        "rank_io": {"bytes_read": source.reader.bytes_read, "bytes_produced": grown.bytes_produced,
+        "rank_io": {"bytes_read": source.reader.bytes_read, "bytes_received": source.reader.bytes_received,
+                    "bytes_produced": grown.bytes_produced,
                     "peak_held_bytes": grown.peak_held_bytes},
     }
 
@@ -538,7 +541,9 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
         ("iteration", summary["iteration"]),
         ("parameters", f"{summary['params_before']:,} -> {summary['params_after']:,} "
                        f"({summary['params_after'] / max(summary['params_before'], 1):.2f}x)"),
-        ("bytes read (all ranks)", f"{summary['bytes_read'] / 2**20:,.1f} MiB"),
+        ("bytes read (all ranks)", f"{summary['bytes_read'] / 2**20:,.1f} MiB"
+                                   + (f" (and {summary['bytes_received'] / 2**20:,.1f} MiB of it sent between ranks)"
+                                      if summary.get("bytes_received") else "")),
         ("bytes written", f"{summary['bytes_written'] / 2**20:,.1f} MiB ({summary.get('dtype', '?')} weights)"),
         ("ranks", summary["world_size"]),
         ("time", f"{summary['seconds']:.2f}s (stats {summary['stats_seconds']:.2f}s, load "

@@ -89,3 +89,42 @@ def compose(maps: Sequence[IndexMap], final_size: int) -> ComposedMap:
         copies = [c if c else m.copy_index[i] for c, i in zip(copies, current)]
         current = [m.source[i] for i in current]
     return ComposedMap(tuple(current), tuple(copies), tuple(reversed(after)))
+
+
+def writer_slots(source: Sequence[int], num_sources: int, blocks: int) -> tuple[int, ...]:
+    """Which output entry each writing slot produces, so that each block of slots copies its own block
+    of inputs as far as the counts allow.
+
+    Slots ``0 .. n-1`` fall into ``blocks`` contiguous equal blocks (a layout's expert-parallel ranks:
+    block ``b`` holds slots ``b*n/blocks ..``), and so do the inputs (``i*blocks // num_sources``). Block
+    ``b``'s slots take, in order, the outputs whose input lies in input block ``b``; outputs left over
+    (a block with more copies of its inputs than slots) fill the free slots in order. A map under which
+    every block already copies its own inputs (identity, interleaved copies) is returned unchanged.
+
+    Why: any rank may write any chunk of a sharded checkpoint (a load finds each by its global offset),
+    so an offline growth lets the rank that reads an input write all of its copies, instead of following
+    the layout (where appended copies of every input land on the last ranks, which must then receive
+    every input and draw all the noise).
+
+    Args:
+        source: output entry -> input entry (``IndexMap.source`` of one layer).
+        num_sources: the number of input entries.
+        blocks: the number of writer blocks (it divides ``len(source)``).
+
+    Returns:
+        ``entry[s]``: the output entry slot ``s`` writes; a permutation of ``range(len(source))``.
+    """
+    n = len(source)
+    if blocks <= 1 or n % blocks:
+        return tuple(range(n))
+    per_block = n // blocks
+    wanted = [[j for j in range(n) if source[j] * blocks // num_sources == b] for b in range(blocks)]
+    entry: list[int | None] = [None] * n
+    leftover: list[int] = []
+    for b, outputs in enumerate(wanted):
+        entry[b * per_block:b * per_block + min(per_block, len(outputs))] = outputs[:per_block]
+        leftover += outputs[per_block:]
+    free = [s for s in range(n) if entry[s] is None]
+    for s, j in zip(free, sorted(leftover)):
+        entry[s] = j
+    return tuple(entry)

@@ -32,7 +32,7 @@ import torch
 
 from megatron_grow.checkpoint import keys
 from megatron_grow.errors import GrowthError
-from megatron_grow.growth import noise, transforms
+from megatron_grow.growth import mapping, noise, transforms
 from megatron_grow.growth.plan import GrowthPlan
 
 # Kinds of target slices.
@@ -117,6 +117,40 @@ def _layer_axes(st) -> int:
     """1 when ``st`` is stacked over layers (an all-MoE stack), 0 when its key names its layer (a mixed
     dense/MoE stack, ``keys.per_layer_storage_key``)."""
     return 0 if keys.split_per_layer_key(st.key) else 1
+
+
+def assign_expert_writers(targets: Iterable, plan: GrowthPlan, expert_blocks: int) -> int:
+    """Let each writing rank of an offline growth produce the copies of the source experts it reads:
+    every routed-expert slice's expert offset is moved through ``mapping.writer_slots`` (in place).
+
+    The grown checkpoint holds the same tensors at the same global offsets either way (a load finds each
+    chunk by its offset, whatever rank wrote it); only which rank writes which chunk changes. With the
+    paper's appended copies on EP=2 the layout's own assignment gives the second rank a copy of every
+    source expert: it would receive them all from the first rank and draw all the noise. Only for a
+    checkpoint being written: a model that is run must hold its own experts (growth on load keeps them).
+
+    Args:
+        targets: this rank's sharded tensors of the grown model (after ``apply_factories``).
+        plan: the growth plan.
+        expert_blocks: the target layout's expert-parallel size.
+
+    Returns:
+        How many slices now write another expert than the layout's.
+    """
+    slots = {j: mapping.writer_slots(src, plan.source.num_moe_experts, expert_blocks)
+             for j, src in enumerate(plan.expert_source)}
+    moved = 0
+    for st in targets:
+        if classify(st) != EXPERT:
+            continue
+        per_layer = keys.split_per_layer_key(st.key)
+        rest = 0 if per_layer else 1
+        j = per_layer[0] if per_layer else st.global_offset[0]
+        e = slots[j][st.global_offset[rest]]
+        if e != st.global_offset[rest]:
+            st.global_offset = st.global_offset[:rest] + (e,) + st.global_offset[rest + 1:]
+            moved += 1
+    return moved
 
 
 def _request(st, offset: tuple, global_shape: tuple, local_shape: tuple, key: str | None = None):

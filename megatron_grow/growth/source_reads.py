@@ -251,6 +251,7 @@ def _share_layer(layer_units: list, requests: list, owners: list, needed: list, 
         for u, n, sh, dt in zip(sent, sizes, shapes, dtypes):
             if owner != rank() and needed[u]:
                 out[u] = buf[at:at + n].clone().view(dt).reshape(sh)
+                reader.bytes_received += n
             at += n
     return out
 

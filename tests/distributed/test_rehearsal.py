@@ -128,6 +128,16 @@ def test_rehearsal_predicts_the_source_dtype_for_the_grown_checkpoint():
     assert bf16 == 2 * weights + 4 * bias, (fp32, bf16)
 
 
+def _expert_writers(ckpt_root: Path, key: str) -> dict:
+    """(layer, expert) -> the ``.distcp`` file holding that chunk of ``key``, from the DCP metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    it_dir = sorted(p for p in Path(ckpt_root).iterdir() if p.name.startswith("iter_"))[-1]
+    md = FileSystemReader(str(it_dir)).read_metadata()
+    return {tuple(index.offset[:2]): info.relative_path for index, info in md.storage_data.items()
+            if index.fqn == key}
+
+
 def _stored_tensor_bytes(ckpt_root: str) -> int:
     """The source's tensor bytes, from its DCP metadata (what reading every stored tensor once costs)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -141,9 +151,20 @@ def _stored_tensor_bytes(ckpt_root: str) -> int:
 
 def test_width_growth_on_ep2_reads_every_source_byte_once(source, tmp_path):
     """Depth x2 then width x2 (noise statistics of every source expert) into EP=2 with the append
-    layout, where both ranks write from every source expert: each expert is read by the rank that
-    measures it and sent to the other, so all ranks together read the source exactly once (before: the
-    statistics' reads plus one read per writing rank, ~2x)."""
-    real = run_in_processes(grow_counted, 2, (source, str(tmp_path / "grown"), GROWTH,
+    layout, where the layout puts a copy of every source expert on the second rank: each rank instead
+    writes the original and the copy of the source experts it reads (a chunk is found by its offset,
+    whoever wrote it), so all ranks together read the source exactly once (before: the statistics'
+    reads plus one read per writing rank, ~2x) and no expert is sent between ranks (before: half of
+    them were)."""
+    grown = tmp_path / "grown"
+    real = run_in_processes(grow_counted, 2, (source, str(grown), GROWTH,
                                                ParallelConfig(expert_model_parallel_size=2), 1))
     assert sum(r["bytes_read"] for r in real) == _stored_tensor_bytes(source)
+    assert [r["bytes_received"] for r in real] == [0, 0]
+    # Who wrote each grown expert: E source experts -> 2E, appended (target e + E copies source e).
+    E = MODEL.num_moe_experts
+    writer = _expert_writers(grown, "decoder.layers.mlp.experts.experts.linear_fc2.weight")
+    assert len(writer) == 2 * E * 2 * MODEL.num_layers  # every (layer, expert) chunk of the grown model
+    for (layer, e), file in writer.items():
+        source_block = (e % E) * 2 // E
+        assert file.startswith(f"__{source_block}_"), (layer, e, file)

@@ -104,3 +104,31 @@ def test_width_interleave_m3():
 def test_width_rejects_unknown_layout():
     with pytest.raises(ValueError):
         build_width_map(4, 2, "shuffle")
+
+
+def test_writer_slots_give_each_block_the_copies_of_its_own_inputs():
+    from megatron_grow.growth.mapping import writer_slots
+
+    # 4 inputs appended twice (outputs 0-3 originals, 4-7 copies), 2 blocks: block 0 (slots 0-3) holds
+    # inputs 0, 1 and their copies 4, 5; block 1 inputs 2, 3 and copies 6, 7.
+    assert writer_slots([0, 1, 2, 3, 0, 1, 2, 3], 4, 2) == (0, 1, 4, 5, 2, 3, 6, 7)
+    # Interleaved copies and the identity already match their blocks: unchanged.
+    assert writer_slots([0, 0, 1, 1, 2, 2, 3, 3], 4, 2) == tuple(range(8))
+    assert writer_slots([0, 1, 2, 3], 4, 4) == (0, 1, 2, 3)
+    # Uneven copies (input 0 copied 4 times): block 0 takes 4 of its 5 outputs, the fifth fills block 1's
+    # free slot.
+    assert writer_slots([0, 0, 0, 0, 1, 2, 3, 3], 4, 2) == (0, 1, 2, 3, 5, 6, 7, 4)
+    # One block, or blocks that do not divide the outputs: the layout's own order.
+    assert writer_slots([0, 1, 0, 1], 2, 1) == (0, 1, 2, 3)
+    assert writer_slots([0, 1, 2, 0, 1, 2], 3, 4) == tuple(range(6))
+
+
+def test_writer_slots_are_a_permutation_for_every_operator_shape():
+    import itertools
+
+    from megatron_grow.growth.mapping import writer_slots
+
+    for n_in, factor, blocks in itertools.product((2, 3, 4, 8), (1, 2, 3), (1, 2, 4)):
+        for source in ([i % n_in for i in range(n_in * factor)], [i // factor for i in range(n_in * factor)]):
+            slots = writer_slots(source, n_in, blocks)
+            assert sorted(slots) == list(range(len(source))), (source, blocks)
