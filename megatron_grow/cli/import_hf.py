@@ -4,11 +4,11 @@
     torchrun --nproc-per-node 2 -m megatron_grow import-hf --hf-dir HF_DIR --save ROOT \\
         --expert-model-parallel-size 2
 
-The supported classes are listed below (``interop/hf/families``; GLM-4.5 restricted to the
-paper's architecture); anything a class has that our model cannot reproduce exactly is refused
-with the reason. Every rank reads only the slices of the HF tensors it holds; ROOT/iter_0000000
-appears only once complete, with megatron_grow.json recording the architecture and where it came
-from (docs/interop.md).
+The supported classes are listed below (``interop/hf/families``; dense layers, shared experts,
+multi-latent attention and grouped routing where the class has them); anything a class has that
+our model cannot reproduce exactly is refused with the reason. Every rank reads only the slices
+of the HF tensors it holds; ROOT/iter_0000000 appears only once complete, with megatron_grow.json
+recording the architecture and where it came from (docs/interop.md).
 """
 
 from __future__ import annotations

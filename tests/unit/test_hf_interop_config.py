@@ -100,6 +100,9 @@ def test_mla_and_grouped_models_export_only_where_they_map():
     ("MixtralForCausalLM", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
     ("OlmoeForCausalLM", {"clip_qkv": 8.0}, "clip_qkv"),
     ("DeepseekV3ForCausalLM", {"num_nextn_predict_layers": 1}, "num_nextn_predict_layers=1"),
+    ("Qwen3MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=True"),
+    ("Qwen2MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=True"),
+    ("MixtralForCausalLM", {"sliding_window": 16}, "sliding_window=16"),
     ("DeepseekV3ForCausalLM", {"first_k_dense_replace": 4}, "every layer is dense"),
     ("DeepseekV3ForCausalLM", {"rope_interleave": False}, "rope_interleave=False"),
     ("DeepseekV3ForCausalLM", {"attention_bias": True}, "attention_bias=True"),
@@ -198,6 +201,7 @@ def _drop_shard(d):
     ("unknown_arch", lambda d: (_edit_config("architectures", ["LlamaForCausalLM"])(d),
                                 _edit_config("model_type", "llama")(d)), "unknown architecture"),
     ("shape_mismatch", _edit_config("moe_intermediate_size", 48), "shape mismatch"),
+    ("sliding_window", _edit_config("use_sliding_window", True), "use_sliding_window=True"),
 ])
 def test_import_bad_input_is_one_line_exit_2(case, edit, needle, qwen_dir, tmp_path, capsys):
     bad = broken_copy(qwen_dir, str(tmp_path / case), edit)

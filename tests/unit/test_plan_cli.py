@@ -59,6 +59,30 @@ def test_tiny_values_and_overrides(capsys):
     assert plan["layout"]["ep"] == 4 and plan["layout"]["world_size"] == 8  # one node of 8 by default
 
 
+def test_mixed_stack_with_shared_expert_and_mla_by_hand(capsys):
+    # DeepSeek-V3 style tiny: layers [dense, MoE, MoE, MoE], dense MLP D 80; MoE layers: 8 experts of F 32 (top-2),
+    # router [8, 64], a shared expert S 48 with a [1, 64] gate; MLA in every layer: 4 heads, query latent 24,
+    # key/value latent 16, per head 8 + 8 (RoPE) query/key and 12 value; H 64, vocab 256 untied, s 64.
+    plan = plan_json(capsys, "--config", TINY, "model.moe_layer_freq=[0,1,1,1]", "model.ffn_hidden_size=80",
+                     "model.moe_shared_expert_intermediate_size=48", "model.moe_shared_expert_gate=true",
+                     "model.multi_latent_attention=true", "model.q_lora_rank=24", "model.kv_lora_rank=16",
+                     "model.qk_head_dim=8", "model.qk_pos_emb_head_dim=8", "model.v_head_dim=12",
+                     "model.moe_router_num_groups=4", "model.moe_router_group_topk=2")
+    mla = 64 * 24 + 24 * 4 * 16 + 64 * (16 + 8) + 16 * 4 * (8 + 12) + 4 * 12 * 64   # q down/up, kv down/up, out
+    norms = 2 * 64 + 24 + 16                 # input and pre-MLP norms, the two latent norms
+    expert = 64 * 2 * 32 + 32 * 64           # SwiGLU fc1 [2F, H] and fc2 [H, F]
+    dense_layer = mla + norms + 64 * 2 * 80 + 80 * 64
+    moe_layer = mla + norms + 8 * 64 + 8 * expert + (64 * 2 * 48 + 48 * 64) + 64
+    total = dense_layer + 3 * moe_layer + 2 * 256 * 64 + 64   # embedding, output layer, final norm
+    assert plan["total_params"] == total == 261_536
+    assert plan["active_params"] == total - 3 * 6 * expert   # 6 of 8 routed experts idle in each MoE layer
+    # Forward matmul FLOPs per token (2 per multiply-add), full attention over s = 64 keys; training = 3 x.
+    attention = 4 * (2 * mla + 2 * 64 * 4 * 16 + 2 * 64 * 4 * 12)   # projections, Q K^T, A V
+    moe = 3 * (2 * 64 * 8 + 2 * 3 * 2 * 64 * 32 + 3 * 2 * 64 * 48)  # router, 2 experts, shared expert
+    dense = 3 * 2 * 64 * 80
+    assert plan["flops_per_token"] == 3 * (attention + moe + dense + 2 * 64 * 256) == 973_824
+
+
 def test_default_world_for_pipeline_recipe(capsys):
     # 35b: pp 4 x ep 8 needs 32 GPUs for the expert layout: 4 nodes.
     plan = plan_json(capsys, "--config", str(ROOT / "configs" / "models" / "35b.yaml"))

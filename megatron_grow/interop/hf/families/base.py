@@ -139,8 +139,11 @@ def common_read(hf: dict, where: str) -> dict:
         raise refuse(where, f"hidden_act {act!r}: only SwiGLU (silu) experts are supported")
     if hf.get("use_sliding_window") or (hf.get("sliding_window") and hf.get("use_sliding_window", True)
                                         and hf.get("model_type") == "mixtral"):
-        raise refuse(where, f"sliding-window attention (sliding_window={hf.get('sliding_window')}) is not "
-                            "supported: Megatron-Core's local attention here is full causal attention")
+        setting = f"sliding_window={hf.get('sliding_window')}"
+        if hf.get("use_sliding_window"):
+            setting = f"use_sliding_window={hf['use_sliding_window']} ({setting})"
+        raise refuse(where, f"{setting}: sliding-window attention is not supported: Megatron-Core's local "
+                            "attention here is full causal attention")
     if hf.get("attention_dropout"):
         raise refuse(where, "attention_dropout must be 0 for an exact conversion")
     heads = int(get(hf, "num_attention_heads", where, required=True))
