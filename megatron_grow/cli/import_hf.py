@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="the checkpoint's weights dtype (default auto: bf16 for bf16 safetensors, else fp32; "
                              "so import -> export-hf returns the same bytes)")
+    parser.add_argument("--drop-mtp", action="store_true",
+                        help="import without the multi-token-prediction layers the files store past "
+                             "num_hidden_layers (GLM-4.5, DeepSeek-V3); refused otherwise, since they cannot be "
+                             "represented and would be left behind")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --save directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_layout_arguments(parser)
@@ -45,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     parallel = layout_from_args(args, ParallelConfig())
     try:
         summary = import_hf(args.hf_dir, args.save, parallel, seq_length=args.seq_length,
-                            overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype)
+                            overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype,
+                            drop_mtp=args.drop_mtp)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             m = summary["model"]
             print("import-hf summary")
@@ -57,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
                               f"vocab {m.vocab_size}"),
                     ("layout", f"{summary['layout']} ({summary['world_size']} ranks)"),
                     ("bytes read", f"{summary['bytes_read'] / 2**20:,.1f} MiB (all ranks)"),
+                    ("left out", f"multi-token-prediction layer(s) {summary['dropped_layers']} (--drop-mtp)"
+                                 if summary["dropped_layers"] else "nothing"),
                     ("time", f"{summary['seconds']:.2f}s")):
                 print(f"  {key:<11} {value}")
     finally:

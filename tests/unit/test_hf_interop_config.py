@@ -99,7 +99,6 @@ def test_mla_and_grouped_models_export_only_where_they_map():
                                                  "original_max_position_embeddings": 64}}, "yarn"),
     ("MixtralForCausalLM", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
     ("OlmoeForCausalLM", {"clip_qkv": 8.0}, "clip_qkv"),
-    ("DeepseekV3ForCausalLM", {"num_nextn_predict_layers": 1}, "num_nextn_predict_layers=1"),
     ("Qwen3MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=True"),
     ("Qwen2MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=True"),
     ("MixtralForCausalLM", {"sliding_window": 16}, "sliding_window=16"),
@@ -242,3 +241,38 @@ def test_sentencepiece_tokenizer_converts_exactly(tmp_path):
     uncovered = [line for line in lines if 0 in sp.encode(line)]
     assert all([t for t in sp.encode(line) if t != 0] == hf.encode(line, add_special_tokens=False)
                for line in uncovered)
+
+
+def _add_mtp_layer(hf_dir: str) -> int:
+    """Store a multi-token-prediction layer as the hub's GLM-4.5 / DeepSeek-V3 checkpoints do: tensors of
+    layer ``num_hidden_layers`` in their own shard, listed in the index (``save_pretrained`` never writes
+    them; written here with safetensors' own ``save_file``). Returns that layer's index."""
+    import torch
+    from safetensors.torch import save_file
+
+    layer = json.load(open(os.path.join(hf_dir, "config.json")))["num_hidden_layers"]
+    mtp = {f"model.layers.{layer}.eh_proj.weight": torch.randn(64, 128),
+           f"model.layers.{layer}.enorm.weight": torch.ones(64)}
+    save_file(mtp, os.path.join(hf_dir, "model-mtp.safetensors"), metadata={"format": "pt"})
+    index_path = os.path.join(hf_dir, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    index["weight_map"].update({name: "model-mtp.safetensors" for name in mtp})
+    json.dump(index, open(index_path, "w"))
+    return layer
+
+
+def test_mtp_layers_in_the_files_are_refused_unless_dropped(tmp_path, capsys):
+    """``num_nextn_predict_layers`` 1 with no such tensors (what ``save_pretrained`` writes) maps: nothing is
+    lost. With the layer stored in the files: one line naming the field and the layer, exit 2, nothing
+    written; ``--drop-mtp`` imports without it and says so."""
+    assert to_model("DeepseekV3ForCausalLM", num_nextn_predict_layers=1).multi_latent_attention
+    hf_dir = save_tiny_model("DeepseekV3ForCausalLM", str(tmp_path / "deepseek"), num_nextn_predict_layers=1)
+    layer = _add_mtp_layer(hf_dir)
+    out = str(tmp_path / "out")
+    rc, errors = run_cli(["import-hf", "--hf-dir", hf_dir, "--save", out], capsys)
+    assert rc == 2 and len(errors) == 1, errors
+    assert "num_nextn_predict_layers=1" in errors[0] and f"[{layer}]" in errors[0] and "--drop-mtp" in errors[0]
+    assert not os.path.exists(out)
+    assert main(["import-hf", "--hf-dir", hf_dir, "--save", out, "--drop-mtp", "--quiet"]) == 0
+    assert f"multi-token-prediction layer(s) [{layer}] (--drop-mtp)" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "latest_checkpointed_iteration.txt"))

@@ -28,7 +28,7 @@ from megatron_grow.config.schema import ModelConfig, ParallelConfig
 from megatron_grow.errors import InteropError
 from megatron_grow.interop.hf import tensor_map
 from megatron_grow.interop.hf.families import family_for_hf_config
-from megatron_grow.interop.hf.families.base import Family
+from megatron_grow.interop.hf.families.base import Family, check_layers_beyond_the_stack
 from megatron_grow.interop.hf.safetensors_io import SafetensorsCheckpoint, read_hf_config
 from megatron_grow.models.builder import build_model_chunks
 from megatron_grow.parallel.collectives import rank
@@ -181,7 +181,8 @@ def _check_destination(save: str, overwrite: bool) -> None:
 
 
 def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: int | None = None,
-              overwrite: bool = False, progress: bool = True, seed: int = 1234, dtype: str = "auto") -> dict:
+              overwrite: bool = False, progress: bool = True, seed: int = 1234, dtype: str = "auto",
+              drop_mtp: bool = False) -> dict:
     """Convert ``hf_dir`` into a checkpoint under ``save`` laid out as ``parallel`` (collective).
 
     Args:
@@ -194,6 +195,8 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
         seed: the seed of the model's (poisoned, then filled) initialisation.
         dtype: the checkpoint's weights dtype (``IMPORT_DTYPES``); ``auto``: bf16 when the HF weights are
             stored in bf16, else fp32 (so a bf16 model imports and exports back byte for byte).
+        drop_mtp: import without the multi-token-prediction layers the files hold past the stack (refused
+            otherwise: ``families.base.check_layers_beyond_the_stack``).
 
     Returns:
         A summary: ``hf_dir``, ``architecture``, ``checkpoint``, ``model``, ``world_size``, ``layout``,
@@ -203,6 +206,7 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
     paths.check_destination(save, "--save", [("the --hf-dir model", hf_dir)], InteropError)
     hf, family, model = describe_hf_model(hf_dir, seq_length)
     ckpt = SafetensorsCheckpoint(hf_dir)
+    dropped = check_layers_beyond_the_stack(hf, ckpt.weight_map, os.path.join(hf_dir, "config.json"), drop_mtp)
     tp = parallel.tensor_model_parallel_size
     ckpt.check_shapes(tensor_map.hf_tensor_shapes(tensor_map.all_items(model, family, padded_vocab_size(model, tp))))
     problems = model_layout_problems(model, parallel)
@@ -230,4 +234,4 @@ def import_hf(hf_dir: str, save: str, parallel: ParallelConfig, *, seq_length: i
             "model": model, "world_size": ctx.world_size,
             "layout": f"TP={ctx.layout.tp} PP={ctx.layout.pp} EP={ctx.layout.ep} DP={ctx.layout.dp}",
             "bytes_read": int(totals.item()), "seconds": time.perf_counter() - t0,
-            "tracker": paths.TRACKER_FILENAME}
+            "tracker": paths.TRACKER_FILENAME, "dropped_layers": dropped}

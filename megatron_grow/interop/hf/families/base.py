@@ -7,6 +7,7 @@ back (``write_config``); both raise :class:`InteropError` naming the setting tha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -389,3 +390,33 @@ def refuse_dense_layers(hf: dict, model: ModelConfig | None, where: str) -> None
         raise refuse(where, f"decoder_sparse_step={hf['decoder_sparse_step']}: this class has no dense layers")
     if model is not None and dense_layers(model):
         raise refuse(where, f"model.moe_layer_freq: dense layers {dense_layers(model)}; this class has none")
+
+
+LAYER_TENSOR_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layers_beyond_the_stack(hf: dict, tensor_names, where: str, drop: bool) -> list[int]:
+    """Tensors of layers past ``num_hidden_layers``: the multi-token-prediction layers GLM-4.5 and
+    DeepSeek-V3 checkpoints store there (``num_nextn_predict_layers``), which no supported class runs and
+    which this model cannot represent. Refused unless ``drop`` (``import-hf --drop-mtp``): importing without
+    them would silently leave weights behind. A config that names such layers while the files hold none
+    (``save_pretrained`` never writes them) loses nothing and is accepted.
+
+    Args:
+        hf: the ``config.json`` dict.
+        tensor_names: every tensor name in the safetensors files.
+        where: named in the refusal.
+        drop: import without them.
+
+    Returns:
+        The layer indices left out (empty when none are stored).
+    """
+    num_layers = int(hf.get("num_hidden_layers") or 0)
+    extra = sorted({int(m.group(1)) for n in tensor_names if (m := LAYER_TENSOR_RE.match(n))
+                    and int(m.group(1)) >= num_layers})
+    if extra and not drop:
+        raise refuse(where, f"num_nextn_predict_layers={hf.get('num_nextn_predict_layers')}: the files hold layer(s) "
+                            f"{extra} past num_hidden_layers {num_layers} (multi-token-prediction layers, which this "
+                            "model cannot represent); import-hf --drop-mtp imports without them, as transformers' "
+                            "forward runs without them")
+    return extra

@@ -17,8 +17,8 @@ How each part maps onto Megatron-Core (0.16.1):
   ``k > 1``.
 * dense first layers (``first_k_dense_replace``, an MLP ``intermediate_size`` wide) and ``n_shared_experts``:
   ``base.first_k_dense_read``/``n_shared_experts_read``, the mapping GLM-4.5 shares.
-* not represented, refused in one line: multi-token-prediction layers (``num_nextn_predict_layers > 0``),
-  attention biases.
+* not represented, refused in one line: attention biases; multi-token-prediction layers stored in the files
+  (``base.check_layers_beyond_the_stack``, at import: ``--drop-mtp`` leaves them out).
 
 DeepSeek-V2 (``DeepseekV2ForCausalLM``) is a different class (softmax router, ``topk_method`` greedy or
 group-limited by the group maximum) and is not covered here.
@@ -41,8 +41,7 @@ HF_GROUP_SCORE_EXPERTS = 2
 
 
 def _refuse_unmapped(hf: dict, where: str) -> None:
-    checks = (("num_nextn_predict_layers", 0, "multi-token-prediction layers are not represented"),
-              ("attention_bias", False, "MCore's multi-latent attention has no projection biases"),
+    checks = (("attention_bias", False, "MCore's multi-latent attention has no projection biases"),
               ("rope_interleave", True, "only DeepSeek's interleaved RoPE layout maps onto MCore's MLA"),
               ("scoring_func", "sigmoid", "only the sigmoid router maps"),
               ("topk_method", "noaux_tc", "only the expert-bias (noaux_tc) top-k maps"))

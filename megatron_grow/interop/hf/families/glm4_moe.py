@@ -13,8 +13,9 @@ Per-head QK-norm (``use_qk_norm``), no attention bias. The dense-first-layers an
 mapping is ``base.first_k_dense_read``/``n_shared_experts_read``, which DeepSeek-V2/V3 configs share.
 ``partial_rotary_factor`` maps onto
 ``rotary_percent`` (both rotate the leading fraction of each head with the same frequencies).
-The multi-token-prediction layers (``num_nextn_predict_layers``) are not loaded by transformers'
-causal-LM class and are neither imported nor exported.
+The multi-token-prediction layers (``num_nextn_predict_layers``) are not run by transformers' causal-LM
+class and are not represented: stored in the files, they are refused at import unless ``--drop-mtp``
+(``base.check_layers_beyond_the_stack``); export writes ``num_nextn_predict_layers`` 0.
 """
 
 from __future__ import annotations
