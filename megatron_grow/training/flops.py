@@ -91,7 +91,8 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int | None = None, *
         attention_scores=n * scores,
         router=n_moe * 2 * h * model.num_moe_experts if include_router else 0,
         experts=n_moe * model.moe_router_topk * matmuls * 2 * h * model.moe_ffn_hidden_size,
-        shared_expert=n_moe * matmuls * 2 * h * shared,
+        # the shared expert's MLP and, when gated, its [1, H] sigmoid gate
+        shared_expert=n_moe * (matmuls * 2 * h * shared + (2 * h if shared and model.moe_shared_expert_gate else 0)),
         lm_head=2 * h * padded_vocab_size(model, tp),
         dense_mlp=(n - n_moe) * matmuls * 2 * h * (model.ffn_hidden_size or model.moe_ffn_hidden_size),
     )

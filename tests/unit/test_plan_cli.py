@@ -78,9 +78,9 @@ def test_mixed_stack_with_shared_expert_and_mla_by_hand(capsys):
     assert plan["active_params"] == total - 3 * 6 * expert   # 6 of 8 routed experts idle in each MoE layer
     # Forward matmul FLOPs per token (2 per multiply-add), full attention over s = 64 keys; training = 3 x.
     attention = 4 * (2 * mla + 2 * 64 * 4 * 16 + 2 * 64 * 4 * 12)   # projections, Q K^T, A V
-    moe = 3 * (2 * 64 * 8 + 2 * 3 * 2 * 64 * 32 + 3 * 2 * 64 * 48)  # router, 2 experts, shared expert
+    moe = 3 * (2 * 64 * 8 + 2 * 3 * 2 * 64 * 32 + 3 * 2 * 64 * 48 + 2 * 64)  # router, 2 experts, shared expert, gate
     dense = 3 * 2 * 64 * 80
-    assert plan["flops_per_token"] == 3 * (attention + moe + dense + 2 * 64 * 256) == 973_824
+    assert plan["flops_per_token"] == 3 * (attention + moe + dense + 2 * 64 * 256) == 974_976
 
 
 def test_default_world_for_pipeline_recipe(capsys):
