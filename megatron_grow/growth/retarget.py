@@ -41,6 +41,9 @@ LAYER = "layer"           # a per-layer tensor moved with its layer (norms, atte
 EXPERT = "expert"         # one routed expert's slice (EP/TP-local)
 ROUTER = "router"         # [E, H] of one layer, grown as a whole
 EXPERT_BIAS = "expert_bias"
+# Kinds whose grown values are the same bits computed from the stored dtype as from fp32 when the stored dtype
+# is the target's (copies; experts: the operators add noise in fp32 and round to their input's dtype once).
+STORED_DTYPE_KINDS = (UNCHANGED, LAYER, EXPERT)
 
 
 @dataclass
@@ -261,4 +264,4 @@ def grown_slice(task: SliceTask, source: torch.Tensor, plan: GrowthPlan,
     if transforms.needs_expert_stats(plan):
         std = expert_std[(task.logical_key, task.source_layer, task.source_expert)]
     return transforms.grow_expert_tensor(plan, task.logical_key, task.target_layer, task.target_expert, source, std,
-                                    full_shape=task.full_shape, region=task.region)
+                                         full_shape=task.full_shape, region=task.region, may_alias=True)

@@ -39,7 +39,7 @@ def target_sharded_tensors(model_chunks: Sequence[torch.nn.Module]) -> list:
     return list(io.iter_sharded_tensors(sd))
 
 
-def read_requests(requests: dict, reader: CheckpointReader, require_finite: bool = True) -> int:
+def read_requests(requests: dict, reader: CheckpointReader, require_finite: bool = True, cast: bool = True) -> int:
     """Read this rank's requests (each a ShardedTensor naming a source region) into their ``data``.
 
     A region holding NaN or ±inf is a CheckpointError naming the tensor (growth would copy it into
@@ -52,6 +52,8 @@ def read_requests(requests: dict, reader: CheckpointReader, require_finite: bool
     Args:
         requests: ShardedTensors by request id.
         reader: SRC's region reader.
+        require_finite: check every region for NaN and ±inf.
+        cast: cast to the request's dtype; False keeps the stored dtype (the caller casts where it computes).
 
     Returns:
         The bytes read (in the stored dtype).
@@ -64,7 +66,9 @@ def read_requests(requests: dict, reader: CheckpointReader, require_finite: bool
         if require_finite and not stored.is_meta:  # a rehearsal (growth.rehearsal) reads no values
             check_finite(st.key, stored, reader.ckpt_dir, f" (offsets {offsets}, sizes {sizes})")
         nbytes += stored.numel() * stored.element_size()
-        st.data = stored.reshape(st.local_shape).to(st.dtype)
+        st.data = stored.reshape(st.local_shape)
+        if cast:
+            st.data = st.data.to(st.dtype)
     return nbytes
 
 

@@ -75,6 +75,12 @@ class GrownTensors:
             raise GrowthError(f"{st.key} at {tuple(st.global_offset)}: no growth task produces this tensor")
         t0 = time.perf_counter()
         source = self._source(task.request_id)
+        # Growth computes in the request's dtype (fp32 for a bf16 target: noise is added in fp32 and rounded
+        # once). A copy, or an expert whose operators add in fp32 and round to their input's dtype, gives the
+        # same bits from the stored dtype when that is the target's: then no fp32 round trip, and a region
+        # copied unchanged is handed to the writer as it was read.
+        if not (source.dtype == st.dtype and task.kind in retarget.STORED_DTYPE_KINDS):
+            source = source.to(self.requests[task.request_id].dtype)
         value = self.compute(task, source, self.plan, self.expert_std).to(st.dtype)
         nbytes = value.numel() * value.element_size()
         self._hold(nbytes)
@@ -96,13 +102,13 @@ class GrownTensors:
                 value = self.loaded.get(request_id)
             if value is None:
                 request = self.requests[request_id]
-                nbytes = read_requests({request_id: request}, self.reader)
+                nbytes = read_requests({request_id: request}, self.reader, cast=False)
                 value, request.data = request.data, None
                 with self.lock:
                     self.loaded[request_id] = value
                     self.bytes_read += nbytes
                 self._hold(value.numel() * value.element_size())
-        return value.to(self.requests[request_id].dtype)  # a preloaded region is in the stored dtype
+        return value  # in the stored dtype, like a preloaded region
 
     def _hold(self, nbytes: int) -> None:
         with self.lock:

@@ -75,7 +75,7 @@ def _region(region: tuple | None, ndim: int) -> tuple:
 def grow_expert_tensor(plan: GrowthPlan, logical_key: str, target_layer: int, target_expert: int,
                        source_expert_tensor: torch.Tensor, std: float, *,
                        full_shape: Sequence[int] | None = None,
-                       region: tuple | None = None) -> torch.Tensor:
+                       region: tuple | None = None, may_alias: bool = False) -> torch.Tensor:
     """The target tensor of one expert, from its source expert's tensor (same dtype).
 
     Args:
@@ -90,9 +90,11 @@ def grow_expert_tensor(plan: GrowthPlan, logical_key: str, target_layer: int, ta
         full_shape: the full per-expert shape when ``source_expert_tensor`` is a region.
         region: a tuple of slices into the full tensor; the result is then exactly ``region`` of
             the full result, because noise is always generated over the full shape.
+        may_alias: the caller copies the result (into a parameter, or to the writer): an unchanged
+            expert may be returned as ``source_expert_tensor`` itself, without a clone.
 
     Returns:
-        A new tensor (never ``source_expert_tensor`` itself).
+        A new tensor (``source_expert_tensor`` itself only when unchanged and ``may_alias``).
     """
     if logical_key not in EXPERT_KEYS:
         raise ValueError(f"not a per-expert logical key: {logical_key!r} (expected one of {EXPERT_KEYS})")
@@ -107,7 +109,7 @@ def grow_expert_tensor(plan: GrowthPlan, logical_key: str, target_layer: int, ta
     for op in plan.operators:
         out = op.expert_tensor(plan, out, logical_key=logical_key, target_layer=target_layer,
                                target_expert=target_expert, std=std, full_shape=full_shape, region=reg)
-    return src.clone() if out is src else out
+    return src.clone() if out is src and not may_alias else out
 
 
 def grow_router(plan: GrowthPlan, target_layer: int, source_router_EH: torch.Tensor) -> torch.Tensor:
