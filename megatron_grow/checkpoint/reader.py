@@ -30,6 +30,7 @@ is ``[L, E, 2F, H]``).
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import sys
@@ -182,6 +183,9 @@ class CheckpointReader:
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, self._candidates(key, offsets, sizes), [chunk])
         covered = sum(math.prod(item.lengths) for item in items)
+        if covered != buffer.numel():  # chunks not on a grid: match against all of them
+            items = create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            covered = sum(math.prod(item.lengths) for item in items)
         if covered != buffer.numel():
             raise CheckpointError(f"{self.ckpt_dir}: the stored chunks of {key} cover {covered} of the "
                                   f"{buffer.numel()} elements requested (offsets {offsets}, sizes {sizes}); "
@@ -219,8 +223,21 @@ class CheckpointReader:
             for c in md.chunks:
                 for row in range(c.offsets[0], c.offsets[0] + c.sizes[0]):
                     rows.setdefault(row, []).append(c)
+            for found in rows.values():  # by second-dim start: a layer's experts, each its own chunk
+                found.sort(key=lambda c: tuple(c.offsets[1:]))
             self._chunks_by_row[key] = rows
-        chunks = {id(c): c for row in range(offsets[0], offsets[0] + sizes[0]) for c in rows.get(row, [])}
+        chunks: dict = {}
+        for row in range(offsets[0], offsets[0] + sizes[0]):
+            found = rows.get(row, [])
+            if len(offsets) > 1 and len(found) > 1:
+                # Only chunks starting before the request's end in dim 1; of those starting at or before its
+                # start, only the last start (on a grid the earlier ones end before it). DCP checks overlaps.
+                starts = [c.offsets[1] for c in found]
+                hi = bisect.bisect_left(starts, offsets[1] + sizes[1])
+                at = bisect.bisect_right(starts, offsets[1]) - 1
+                lo = bisect.bisect_left(starts, starts[at]) if at >= 0 else 0
+                found = found[lo:hi]
+            chunks.update((id(c), c) for c in found)
         return TensorStorageMetadata(md.properties, md.size, list(chunks.values()))
 
     def slab_extent(self, key: str, lead_dims: int, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
