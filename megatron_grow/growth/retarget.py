@@ -122,7 +122,7 @@ def _layer_axes(st) -> int:
     return 0 if keys.split_per_layer_key(st.key) else 1
 
 
-def assign_expert_writers(targets: Iterable, plan: GrowthPlan, expert_blocks: int) -> int:
+def assign_expert_writers(targets: Iterable, plan: GrowthPlan, expert_blocks: int) -> None:
     """Let each writing rank of an offline growth produce the copies of the source experts it reads:
     every routed-expert slice's expert offset is moved through ``mapping.writer_slots`` (in place).
 
@@ -136,13 +136,9 @@ def assign_expert_writers(targets: Iterable, plan: GrowthPlan, expert_blocks: in
         targets: this rank's sharded tensors of the grown model (after ``apply_factories``).
         plan: the growth plan.
         expert_blocks: the target layout's expert-parallel size.
-
-    Returns:
-        How many slices now write another expert than the layout's.
     """
     slots = {j: mapping.writer_slots(src, plan.source.num_moe_experts, expert_blocks)
              for j, src in enumerate(plan.expert_source)}
-    moved = 0
     for st in targets:
         if classify(st) != EXPERT:
             continue
@@ -150,10 +146,7 @@ def assign_expert_writers(targets: Iterable, plan: GrowthPlan, expert_blocks: in
         rest = 0 if per_layer else 1
         j = per_layer[0] if per_layer else st.global_offset[0]
         e = slots[j][st.global_offset[rest]]
-        if e != st.global_offset[rest]:
-            st.global_offset = st.global_offset[:rest] + (e,) + st.global_offset[rest + 1:]
-            moved += 1
-    return moved
+        st.global_offset = st.global_offset[:rest] + (e,) + st.global_offset[rest + 1:]
 
 
 def _request(st, offset: tuple, global_shape: tuple, local_shape: tuple, key: str | None = None):
