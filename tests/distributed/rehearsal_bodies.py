@@ -43,7 +43,7 @@ def grow_counted(source_root: str, grown_root: str, growth: GrowthConfig, parall
     mine = f"__{torch.distributed.get_rank()}_"
     files = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt)
                 if f.startswith(mine) and f.endswith(".distcp"))
-    return {**summary["rank_io"], "file_bytes": files, "bytes_received_all": summary["bytes_received"]}
+    return {**summary["rank_io"], "file_bytes": files}
 
 
 def rehearse(model: ModelConfig, growth: GrowthConfig, source_parallel: ParallelConfig, source_world: int,

@@ -128,25 +128,26 @@ def test_rehearsal_predicts_the_source_dtype_for_the_grown_checkpoint():
     assert bf16 == 2 * weights + 4 * bias, (fp32, bf16)
 
 
-def _expert_writers(ckpt_root: Path, key: str) -> dict:
-    """(layer, expert) -> the ``.distcp`` file holding that chunk of ``key``, from the DCP metadata."""
+def _dcp_metadata(ckpt_root) -> object:
+    """The DCP ``Metadata`` of a run root's last ``iter_N`` directory."""
     from torch.distributed.checkpoint import FileSystemReader
 
     it_dir = sorted(p for p in Path(ckpt_root).iterdir() if p.name.startswith("iter_"))[-1]
-    md = FileSystemReader(str(it_dir)).read_metadata()
-    return {tuple(index.offset[:2]): info.relative_path for index, info in md.storage_data.items()
+    return FileSystemReader(str(it_dir)).read_metadata()
+
+
+def _expert_writers(ckpt_root: Path, key: str) -> dict:
+    """(layer, expert) -> the ``.distcp`` file holding that chunk of ``key``, from the DCP metadata."""
+    return {tuple(index.offset[:2]): info.relative_path for index, info in _dcp_metadata(ckpt_root).storage_data.items()
             if index.fqn == key}
 
 
 def _stored_tensor_bytes(ckpt_root: str) -> int:
     """The source's tensor bytes, from its DCP metadata (what reading every stored tensor once costs)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    it_dir = sorted(p for p in Path(ckpt_root).iterdir() if p.name.startswith("iter_"))[-1]
-    md = FileSystemReader(str(it_dir)).read_metadata()
     return sum(torch.Size(m.size).numel() * m.properties.dtype.itemsize
-               for m in md.state_dict_metadata.values() if isinstance(m, TensorStorageMetadata))
+               for m in _dcp_metadata(ckpt_root).state_dict_metadata.values() if isinstance(m, TensorStorageMetadata))
 
 
 def test_width_growth_on_ep2_reads_every_source_byte_once(source, tmp_path):
