@@ -13,7 +13,8 @@ The result is what ``dist_checkpointing.save`` writes (stock Megatron-Core loads
 the sharded part goes through Megatron-Core's own conversion (``mcore_to_pyt_state_dict``, main
 replicas only) and save planner, the common part to ``common.pt`` through Megatron-Core's
 common strategy, and ``metadata.json`` through ``save_config``. Files are written without a
-per-file fsync; every rank fsyncs its own files once at the end (the caller still fsyncs the
+per-file fsync, past the page cache where the filesystem allows it (``checkpoint.direct_io``); every
+rank fsyncs its own files once at the end (the caller still fsyncs the
 tree and renames it into place, ``checkpoint.io``).
 """
 
@@ -50,6 +51,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from megatron_grow.checkpoint.direct_io import DirectFileSystem
 from megatron_grow.errors import CheckpointError
 
 DEFAULT_WRITER_THREADS = 2
@@ -99,6 +101,7 @@ def save_streaming(sharded_state_dict: dict, checkpoint_dir: str, produce: Calla
     common, pyt_state_dict, planner, lazy_count = streaming_save_plan(sharded_state_dict, produce)
     get_default_save_common_strategy().save_common(common, checkpoint_dir)
     writer = FileSystemWriter(checkpoint_dir, thread_count=threads or DEFAULT_WRITER_THREADS, sync_files=False)
+    writer.fs = DirectFileSystem()  # the same files, written past the page cache (checkpoint.direct_io)
     before = set(threading.enumerate())
     save_error = None
     try:
