@@ -15,7 +15,9 @@
    --no-verify --quiet`` for each N in ``--ranks``, target layout EP=N when N divides the grown
    expert count (DP=N otherwise), polling every worker's RSS (psutil, every 50 ms) and parsing
    the summary the CLI prints.
-3. Times ``cp -r`` of the grown checkpoint directory followed by ``sync`` after each grow.
+3. Times ``cp -r`` of the grown checkpoint directory followed by ``sync`` after each grow, then the
+   disk's floor: the same number of bytes written by as many processes as the grow had ranks, from
+   one reused buffer with ``O_DIRECT`` (as the grow writes) and fsync, no CPU work.
 4. Naive baseline: one process builds the whole source model, loads it with
    ``io.load_checkpoint``, grows its plain ``state_dict`` with ``reference.grow_state_dict``,
    builds the whole target model, ``load_state_dict`` and saves with ``io.save_checkpoint``.
@@ -361,6 +363,42 @@ def time_cp(src_dir: str, dst_dir: str) -> float:
     return seconds
 
 
+def disk_write_main(directory: str, nbytes: str) -> None:
+    """One process of the disk floor: ``nbytes`` from one reused page-aligned 16 MiB buffer, ``O_DIRECT``
+    (as the grow writes; plain writes where the filesystem refuses), then fsync."""
+    import mmap
+
+    buf = mmap.mmap(-1, 16 * MiB)
+    buf.write(b"\1" * len(buf))
+    path = os.path.join(directory, f"floor_{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT, 0o644)
+    except OSError:
+        fd = os.open(path, flags, 0o644)
+    left = int(nbytes)
+    with memoryview(buf) as view:
+        while left > 0:
+            left -= os.write(fd, view[:min(len(view), -(-left // 4096) * 4096)])
+    os.fsync(fd)
+    os.close(fd)
+
+
+def time_disk_write(directory: str, nbytes: int, procs: int) -> float:
+    """Seconds for ``procs`` processes to write ``nbytes`` in all the way the grow writes (no CPU work):
+    the disk's floor for the grown checkpoint, measured right after its ``cp``."""
+    os.makedirs(directory, exist_ok=True)
+    subprocess.run(["sync"], check=True)
+    t0 = time.perf_counter()
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "_disk_write", directory,
+                                 str(nbytes // procs)]) for _ in range(procs)]
+    if any(w.wait() for w in workers):
+        raise RuntimeError("the disk-write floor failed")
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(directory)
+    return seconds
+
+
 def torchrun() -> str:
     cand = os.path.join(os.path.dirname(sys.executable), "torchrun")
     return cand if os.path.exists(cand) else "torchrun"
@@ -388,7 +426,8 @@ def fmt_table(rows: list[dict], headers: tuple) -> str:
 TABLE_HEADERS = ("grown GiB", "growth", "source", "method", "ranks", "wall s", "grow s", "load 1m",
                  "read MiB", "read / source", "sent between ranks MiB", "written MiB", "peak RSS/rank MiB",
                  "share/rank MiB",
-                 "RSS / (1.5 share + 300 MB)", "peak PSS all procs MiB", "grow s / cp s", "wall s / cp s")
+                 "RSS / (1.5 share + 300 MB)", "peak PSS all procs MiB", "grow s / cp s", "wall s / cp s",
+                 "disk write s", "grow s / disk s")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 # The goals of issue 26 (2 ranks): grow phase and whole command against cp -r + sync of the grown
 # checkpoint, peak RSS per rank against its budget, bytes read against the source's bytes.
@@ -468,11 +507,13 @@ def grow_runs(args, wd: str, src_root: str, recipe_path: str, n_experts: int, ta
             run["load"] = max(load, os.getloadavg()[0])
             run["cp_s"] = time_cp(dst, os.path.join(wd, "cp_copy"))
             run["cp_load"] = os.getloadavg()[0]
+            run["disk_s"] = time_disk_write(os.path.join(wd, "disk_floor"), run["grown_bytes"], n)
             cp_times.append((run["cp_s"], run["cp_load"]))
             peaks = ", ".join(f"r{k}={v / MiB:.0f}" for k, v in sorted(run["peak_rss_by_rank"].items()))
             print(f"  wall {run['wall_s']:.1f}s, grow {run['summary']['seconds']:.1f}s (load {run['load']:.2f}); "
                   f"peak RSS/rank {peaks}"
-                  + f" MiB; cp -r + sync of the result {run['cp_s']:.2f}s (load {run['cp_load']:.2f})", flush=True)
+                  + f" MiB; cp -r + sync of the result {run['cp_s']:.2f}s (load {run['cp_load']:.2f}); the same bytes "
+                  f"written by {n} process(es), O_DIRECT + fsync: {run['disk_s']:.2f}s", flush=True)
             runs.append(run)
             if best is None or run["summary"]["seconds"] < best["summary"]["seconds"]:
                 best = run
@@ -541,7 +582,9 @@ def table_rows(d: dict) -> list[dict]:
             "share/rank MiB": f"{share / MiB:.0f}",
             "RSS / (1.5 share + 300 MB)": f"{peak / (GOAL_RSS_SHARE * share + GOAL_RSS_MB):.2f}",
             "peak PSS all procs MiB": f"{run['peak_pss_total'] / MiB:.0f}",
-            "grow s / cp s": f"{grow_s / cp_s:.2f}", "wall s / cp s": f"{run['wall_s'] / cp_s:.2f}"}))
+            "grow s / cp s": f"{grow_s / cp_s:.2f}", "wall s / cp s": f"{run['wall_s'] / cp_s:.2f}",
+            "disk write s": f"{run['disk_s']:.2f}" if "disk_s" in run else "-",
+            "grow s / disk s": f"{grow_s / run['disk_s']:.2f}" if "disk_s" in run else "-"}))
     return rows
 
 
@@ -561,7 +604,8 @@ def goal_lines(d: dict) -> list[str]:
     return [f"goals ({d['grown_bytes'] / GiB:.1f} GiB {d['growth']}, {d['dtype']} source, 2 ranks): grow phase "
             f"{grow_x:.2f}x cp (<= {GOAL_GROW_X}: {verdict(grow_x <= GOAL_GROW_X)}); whole command {wall_x:.2f}x cp "
             f"{wall_goal}; peak RSS/rank {rss:.2f}x (1.5 share + 300 MB) (<= 1: {verdict(rss <= 1)}); bytes read "
-            f"{read_x:.2f}x source (<= {GOAL_READ_X}: {verdict(read_x <= GOAL_READ_X)}); load average "
+            f"{read_x:.2f}x source (<= {GOAL_READ_X}: {verdict(read_x <= GOAL_READ_X)}); grow phase "
+            f"{two['summary']['seconds'] / two['disk_s']:.2f}x the disk's floor ({two['disk_s']:.1f} s); load average "
             f"{two['load']:.2f} (grow), {d['cp_load']:.2f} (cp)"]
 
 
@@ -745,6 +789,9 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_naive":
         naive_main(*sys.argv[2:6])
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "_disk_write":
+        disk_write_main(*sys.argv[2:4])
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "_hf_make":
         hf_make(sys.argv[2])
