@@ -34,6 +34,7 @@ import bisect
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class CheckpointReader:
 
     buffer_device = "cpu"  # where read regions are allocated ("meta" in the growth rehearsal: no data)
     bytes_received = 0  # source bytes another rank read and sent to this one (growth.source_reads)
+    _count_lock = threading.Lock()
 
     def __init__(self, path: str, iteration: int | None = None,
                  progress: Callable[[str], None] | None = None, storage_metadata=None):
@@ -191,7 +193,8 @@ class CheckpointReader:
                                   f"{buffer.numel()} elements requested (offsets {offsets}, sizes {sizes}); "
                                   "the metadata is inconsistent")
         self._read_items(key, items, buffer)
-        self.bytes_read += buffer.numel() * buffer.element_size()
+        with self._count_lock:  # reads run in several threads; ``+=`` on an attribute is not atomic
+            self.bytes_read += buffer.numel() * buffer.element_size()
         return buffer
 
     def _read_items(self, key: str, items: list, buffer: torch.Tensor) -> None:

@@ -112,7 +112,9 @@ def tensor_moments(t: torch.Tensor) -> Moments:
         return Moments(0, 0.0, 0.0)
     t64 = t.detach().to(device="cpu", dtype=torch.float64)
     mean = t64.mean().item()
-    return Moments(n, mean, ((t64 - mean) ** 2).sum().item())
+    # In place on the float64 copy (one buffer, not three); the same operations, so the same bits.
+    deviations = t64.sub_(mean) if t64.data_ptr() != t.data_ptr() else t64 - mean
+    return Moments(n, mean, deviations.pow_(2).sum().item())
 
 
 def combine_moments(parts: Sequence[Moments]) -> Moments:
