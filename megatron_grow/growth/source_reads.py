@@ -7,7 +7,6 @@ here through ``checkpoint.reader`` (torch DCP's reader, this rank only: no colle
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +18,6 @@ from megatron_grow.checkpoint import io
 from megatron_grow.checkpoint import keys as ckpt_keys
 from megatron_grow.checkpoint.integrity import check_finite
 from megatron_grow.checkpoint.reader import CheckpointReader
-from megatron_grow.checkpoint.streaming import DEFAULT_WRITER_THREADS
 from megatron_grow.config.schema import moe_layer_pattern
 from megatron_grow.errors import CheckpointError, GrowthError
 from megatron_grow.growth import noise, retarget, transforms
@@ -165,37 +163,24 @@ def _read_units(units: list, requests: list, owners: list, needed: list, reader:
     by_layer: dict[int, list[int]] = {}
     for u, (_, ls, _) in enumerate(units):
         by_layer.setdefault(ls, []).append(u)
-
-    def read_and_measure(u: int) -> tuple:
-        try:  # non-finite values are checked by the caller, from the moments, on every rank alike
-            data = _read_unit(requests[u], reader)
-        except CheckpointError as e:  # a damaged shard: every rank leaves the collective the same way
-            return None, None, str(e)
-        # A rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero.
-        measured = None if owners[u] != rank() else (noise.tensor_moments(data) if not data.is_meta
-                                                     else (data.numel(), 0, 0))
-        return data, measured, None
-
-    # Units are read and measured by a few threads (reads wait on storage, moments on the CPU); a
-    # rehearsal's counting reader is read by one. The results are taken in unit order.
-    threads = 1 if meta else DEFAULT_WRITER_THREADS
-    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-        for ls, layer_units in by_layer.items():
-            mine = [u for u in layer_units if owners[u] == rank() or (needed[u] and not sharing)]
-            read: dict[int, torch.Tensor] = {}
-            for u, (data, measured, failed) in zip(mine, pool.map(read_and_measure, mine) if error is None else ()):
-                error = error or failed
-                if data is None:
-                    continue
-                read[u] = data
-                if measured is not None:
-                    k, _, es = units[u]
-                    moments[k, ls, es] = torch.tensor(measured, dtype=torch.float64)
-            if sharing:
-                read.update(_share_layer(layer_units, requests, owners, needed, elsewhere, read, reader, meta))
-            for u in layer_units:
-                if needed[u] and u in read:
-                    kept[u] = read[u]
+    for ls, layer_units in by_layer.items():
+        read: dict[int, torch.Tensor] = {}
+        for u in layer_units:
+            if error is None and (owners[u] == rank() or (needed[u] and not sharing)):
+                try:  # non-finite values are checked by the caller, from the moments, on every rank alike
+                    read[u] = _read_unit(requests[u], reader)
+                except CheckpointError as e:  # a damaged shard: every rank leaves the collective the same way
+                    error = str(e)
+        for u, data in read.items():
+            if owners[u] == rank():  # a rehearsal (growth.rehearsal) reads meta tensors: no values, moments zero
+                k, _, es = units[u]
+                moments[k, ls, es] = torch.tensor(noise.tensor_moments(data) if not data.is_meta
+                                                  else (data.numel(), 0, 0), dtype=torch.float64)
+        if sharing:
+            read.update(_share_layer(layer_units, requests, owners, needed, elsewhere, read, reader, meta))
+        for u in layer_units:
+            if needed[u] and u in read:
+                kept[u] = read[u]
     return moments, kept, error
 
 
