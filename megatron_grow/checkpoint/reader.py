@@ -126,7 +126,6 @@ class CheckpointReader:
         self.progress = progress
         self.bytes_read = 0
         self._chunks_by_row: dict[str, dict[int, list]] = {}
-        self._chunk_sizes: dict[str, dict[tuple, tuple]] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
@@ -210,40 +209,6 @@ class CheckpointReader:
         except Exception as e:  # a damaged archive: name the shard and byte range, in one line
             raise damaged_checkpoint_error(self.ckpt_dir, self.metadata, e, f"reading {key} from",
                                            fqns=[key]) from None
-        self._release_pages(key, plan.items)
-
-    def _release_pages(self, key: str, items: list) -> None:
-        """Let the kernel drop the page cache of the stored chunks just read whole.
-
-        A chunk read whole is not read again by this reader (its reads are by region, and a growth
-        keeps what it reads until its last copy is written), so its cached pages only push other
-        memory out: on a machine whose free memory is slow to take (a VM backing it on first touch),
-        reading a checkpoint that is not cached runs at half the speed when every read takes fresh
-        pages instead of the ones just released (``docs/benchmarks.md``). Chunks read in part keep
-        their pages: another region may need them.
-        """
-        if not hasattr(os, "posix_fadvise"):
-            return
-        sizes = self._chunk_sizes.get(key)
-        if sizes is None:
-            sizes = {tuple(c.offsets): tuple(c.sizes) for c in self.metadata.state_dict_metadata[key].chunks}
-            self._chunk_sizes[key] = sizes
-        ranges: dict[str, list] = {}
-        for item in items:
-            whole = not any(item.storage_offsets) and tuple(item.lengths) == sizes.get(tuple(item.storage_index.offset))
-            if whole:
-                info = self._reader.storage_data[item.storage_index]
-                ranges.setdefault(info.relative_path, []).append((info.offset, info.length))
-        for relative_path, spans in ranges.items():
-            try:
-                fd = os.open(os.path.join(self.ckpt_dir, relative_path), os.O_RDONLY)
-            except OSError:
-                continue  # only advice: the read itself succeeded
-            try:
-                for offset, length in spans:
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
     def _candidates(self, key: str, offsets: tuple, sizes: tuple):
         """The key's metadata with only the stored chunks in the request's first-dim rows.
