@@ -225,3 +225,16 @@ def test_identity_init_names_and_zeroing():
     assert torch.equal(grow_expert_tensor(p, FC2_KEY, 0, 1, src, 0.05), src)       # original layer
     assert torch.equal(grow_expert_tensor(p, FC2_KEY, 1, 1, src, 0.05), torch.zeros(16, 8))  # copy
     assert torch.equal(grow_expert_tensor(p, FC1_KEY, 1, 1, src, 0.05), src)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_moments_leave_their_input_alone_and_follow_the_definition(dtype):
+    t = (src_tensor((40, 25)) * 3 + 1).to(dtype)
+    before = t.clone()
+    n, mean, m2 = tensor_moments(t)
+    assert torch.equal(t, before)  # a float64 input is not worked on in place
+    values = [float(v) for v in t.flatten().tolist()]
+    exact_mean = math.fsum(values) / len(values)
+    assert n == 1000
+    assert math.isclose(mean, exact_mean, rel_tol=1e-12)
+    assert math.isclose(m2, math.fsum((v - exact_mean) ** 2 for v in values), rel_tol=1e-12)
